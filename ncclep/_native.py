@@ -1,0 +1,29 @@
+"""The compiled extension, when this install has one."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+_C: ModuleType | None
+try:
+    from . import _C  # type: ignore[attr-defined, no-redef]
+
+    IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pure-Python install, or built without CUDA
+    _C = None
+    IMPORT_ERROR = exc
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def module() -> ModuleType:
+    if _C is None:
+        raise RuntimeError(f"ncclep's CUDA extension is not available: {IMPORT_ERROR}")
+    return _C
+
+
+def has_kernels(mode: str) -> bool:
+    """Whether the extension carries the dispatch/combine kernels of ``mode``."""
+    return _C is not None and mode in getattr(_C, "KERNEL_MODES", ())

@@ -1,0 +1,62 @@
+"""FP8 (e4m3) quantisation with one scale per 128 channels.
+
+The arithmetic is spelled out step by step in fp32 so that the CUDA kernels can reproduce it
+bit for bit (IEEE division, no fast-math):
+
+* fp32 scales: ``amax = max(|x|, 1e-4)`` over the block, ``q = sat(x * (448 / amax))``,
+  ``scale = amax / 448``; dequantised value ``q * scale``.
+* UE8M0 scales: ``scale = 2**e`` with ``e`` the smallest integer such that ``amax / 448 <= 2**e``,
+  found from the bits of ``amax / 448`` (no ``log2``); ``q = sat(x * 2**-e)``. Scales are returned
+  as ``torch.float8_e8m0fnu`` (one byte: the biased exponent).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+UE8M0_DTYPE = torch.float8_e8m0fnu
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+BLOCK = 128
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"fp8 needs a hidden size divisible by {BLOCK}, got {x.shape[-1]}")
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+
+
+def _pow2_from_biased_exponent(biased: torch.Tensor) -> torch.Tensor:
+    return (biased.to(torch.int32) << 23).view(torch.float32)
+
+
+def quantize(x: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x [..., H]`` (H divisible by 128) to e4m3; returns ``(q [..., H], scales [..., H/128])``."""
+    blocks = _blocks(x)
+    amax = blocks.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    ratio = amax / FP8_MAX
+    if ue8m0:
+        bits = ratio.view(torch.int32)
+        biased = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        multiplier = _pow2_from_biased_exponent(254 - biased)
+        scales = biased.to(torch.uint8).view(UE8M0_DTYPE)
+    else:
+        multiplier = FP8_MAX / amax
+        scales = ratio
+    scaled = (blocks * multiplier.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
+    q = scaled.to(FP8_DTYPE).reshape(x.shape)
+    return q, scales
+
+
+def scales_to_float(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 view of scales in either format."""
+    if scales.dtype == UE8M0_DTYPE:
+        return _pow2_from_biased_exponent(scales.view(torch.uint8))
+    return scales.float()
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 values of ``q [..., H]`` with ``scales [..., H/128]``."""
+    blocks = q.float().reshape(*q.shape[:-1], q.shape[-1] // BLOCK, BLOCK)
+    return (blocks * scales_to_float(scales).unsqueeze(-1)).reshape(q.shape)

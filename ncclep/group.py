@@ -1,0 +1,388 @@
+"""``ncclep.Group``: one expert-parallel communicator and the four ops on it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from . import _native, validate
+from .bootstrap import init_from_mpi, is_mpi_comm
+from .config import GroupConfig
+from .errors import InvalidArgument, NcclepError
+from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
+from .reference import ReferenceHT, ReferenceLL
+
+T = TypeVar("T")
+BACKENDS = ("auto", "reference", "cuda")
+MODE_IDS = {"ll": 0, "ht": 1}
+
+_groups: dict[int, Group] = {}
+_ids = itertools.count(1)
+_lock = threading.Lock()
+
+
+def get_group(group_id: int) -> Group:
+    """The open group with this id (ops carry groups as integers)."""
+    try:
+        return _groups[group_id]
+    except KeyError:
+        raise NcclepError(f"no open ncclep group has id {group_id}") from None
+
+
+class Pending(Generic[T]):
+    """The receive half of a ``send_only`` call: ``wait()`` (or calling it) finishes it once."""
+
+    def __init__(self, finish: Callable[[], T]) -> None:
+        self._finish: Callable[[], T] | None = finish
+        self._result: T | None = None
+
+    def wait(self) -> T:
+        if self._finish is not None:
+            self._result = self._finish()
+            self._finish = None
+        return self._result  # type: ignore[return-value]
+
+    __call__ = wait
+
+
+def _virtual_nodes() -> int:
+    value = os.environ.get("NCCLEP_VIRTUAL_NODES", "1")
+    try:
+        nodes = int(value)
+    except ValueError:
+        raise InvalidArgument(f"NCCLEP_VIRTUAL_NODES must be an integer, got {value!r}") from None
+    if nodes < 1:
+        raise InvalidArgument(f"NCCLEP_VIRTUAL_NODES must be at least 1, got {nodes}")
+    return nodes
+
+
+class Group:
+    """An expert-parallel group over a torch.distributed process group or an mpi4py communicator.
+
+    Args:
+        num_experts: experts in the whole model; divisible by the world size. Rank r holds experts
+            ``[r*L, (r+1)*L)`` with ``L = num_experts / world_size``.
+        max_tokens_per_rank: the most tokens any rank passes to one dispatch (T); output shapes
+            are sized from it.
+        hidden: the largest hidden size the group will move.
+        mode: ``"ll"`` (decode, low latency) or ``"ht"`` (prefill and training).
+        process_group: a torch.distributed group (default WORLD) or an mpi4py communicator.
+        max_topk: the largest top-k the group accepts.
+        num_sms: SMs the kernels may use (None: the mode's default).
+        timeout_s: deadline of every device-side wait.
+        backend: ``"auto"`` (CUDA kernels where this install has them for ``mode``, else the
+            reference), ``"reference"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        max_tokens_per_rank: int,
+        hidden: int,
+        mode: str = "ll",
+        process_group: Any = None,
+        max_topk: int = 8,
+        num_sms: int | None = None,
+        timeout_s: float = 100.0,
+        backend: str = "auto",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._mpi_comm = process_group if is_mpi_comm(process_group) else None
+        if self._mpi_comm is not None:
+            process_group = init_from_mpi(self._mpi_comm, "nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_initialized():
+            raise NcclepError(
+                "torch.distributed is not initialised: call init_process_group first, "
+                "or pass an mpi4py communicator"
+            )
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.process_group)
+        self.world_size = dist.get_world_size(self.process_group)
+        self.config = GroupConfig(
+            num_experts=num_experts,
+            max_tokens_per_rank=max_tokens_per_rank,
+            hidden=hidden,
+            mode=mode,
+            world_size=self.world_size,
+            max_topk=max_topk,
+            num_sms=num_sms,
+            timeout_s=timeout_s,
+        )
+        self.device = self._pick_device()
+        self.backend = self._pick_backend(backend)
+        self._native: Any = None
+        self._native_info: dict[str, Any] = {}
+        if self.device.type == "cuda" and _native.available():
+            self._open_native()
+        self._local_ranks, self._nodes = self._topology()
+        self._ll = ReferenceLL(self.config, self.rank, self.process_group)
+        self._ht = ReferenceHT(self.config, self.rank, self.process_group)
+        with _lock:
+            self.id = next(_ids)
+            _groups[self.id] = self
+
+    # ----------------------------------------------------------------------------- set-up
+
+    def _pick_device(self) -> torch.device:
+        pg_backend = str(dist.get_backend(self.process_group))
+        if "nccl" in pg_backend and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _pick_backend(self, requested: str) -> str:
+        kernels = self.device.type == "cuda" and _native.has_kernels(self.config.mode)
+        if requested == "cuda" and not kernels:
+            why = (
+                "the group is not on CUDA devices"
+                if self.device.type != "cuda"
+                else f"this build of ncclep has no {self.config.mode.upper()} kernels"
+                f" ({_native.IMPORT_ERROR or 'extension present'})"
+            )
+            raise NcclepError(f"backend='cuda' is not available: {why}")
+        if requested == "auto":
+            return "cuda" if kernels else "reference"
+        return requested
+
+    def _broadcast_from_rank0(self, value: Any) -> Any:
+        if self._mpi_comm is not None:
+            return self._mpi_comm.bcast(value, root=0)
+        box = [value]
+        dist.broadcast_object_list(
+            box, src=dist.get_global_rank(self.process_group, 0), group=self.process_group
+        )
+        return box[0]
+
+    def _open_native(self) -> None:
+        c = _native.module()
+        cfg = self.config
+        unique_id = self._broadcast_from_rank0(c.get_unique_id() if self.rank == 0 else None)
+        self._native = c.Communicator(
+            unique_id,
+            self.world_size,
+            self.rank,
+            self.device.index,
+            MODE_IDS[cfg.mode],
+            cfg.num_experts,
+            cfg.max_tokens_per_rank,
+            cfg.hidden,
+            cfg.max_topk,
+            cfg.num_sms or 0,
+            cfg.timeout_s,
+        )
+        self._native_info = dict(self._native.info())
+
+    def _topology(self) -> tuple[int, int]:
+        """(ranks per node, nodes), with NCCLEP_VIRTUAL_NODES splitting each host."""
+        virtual = _virtual_nodes()
+        if self._native_info:
+            per_host = int(self._native_info["lsa_size"])
+            hosts = int(self._native_info["n_lsa_teams"])
+        else:
+            names: list[Any] = [None] * self.world_size
+            dist.all_gather_object(names, socket.gethostname(), group=self.process_group)
+            per_host = names.count(socket.gethostname())
+            hosts = len(set(names))
+        if per_host % virtual:
+            raise InvalidArgument(
+                f"NCCLEP_VIRTUAL_NODES={virtual} does not divide the {per_host} ranks of a host"
+            )
+        return per_host // virtual, hosts * virtual
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.config.num_local_experts
+
+    @property
+    def max_tokens_per_rank(self) -> int:
+        return self.config.max_tokens_per_rank
+
+    @property
+    def hidden(self) -> int:
+        return self.config.hidden
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self._local_ranks
+
+    @property
+    def num_nodes(self) -> int:
+        return self._nodes
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Device memory the group holds between calls (the reference backend holds none)."""
+        return int(self._native_info.get("window_bytes", 0)) if self.backend == "cuda" else 0
+
+    @property
+    def native_info(self) -> dict[str, Any]:
+        """What the CUDA extension reported at creation (empty without it): LSA team, Device API."""
+        return dict(self._native_info)
+
+    def check_lsa(self) -> bool:
+        """Run the extension's LSA store/barrier self-check (a device-side round trip to each peer)."""
+        if self._native is None:
+            raise NcclepError("check_lsa needs the CUDA extension and a group on CUDA devices")
+        return bool(self._native.check_lsa(torch.cuda.current_stream(self.device).cuda_stream))
+
+    @property
+    def closed(self) -> bool:
+        return self.id not in _groups
+
+    def close(self) -> None:
+        with _lock:
+            _groups.pop(self.id, None)
+        if self._native is not None:
+            self._native.close()
+            self._native = None
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (
+            f"ncclep.Group(id={self.id}, mode={cfg.mode!r}, backend={self.backend!r}, rank={self.rank}/"
+            f"{self.world_size}, experts={cfg.num_experts}, T={cfg.max_tokens_per_rank}, "
+            f"hidden={cfg.hidden})"
+        )
+
+    def _require(self, mode: str) -> None:
+        if self.closed:
+            raise NcclepError(f"group {self.id} is closed")
+        if self.config.mode != mode:
+            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}")
+
+    # ----------------------------------------------------------------------------- LL
+
+    def ll_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        use_fp8: bool = False,
+        ue8m0: bool = False,
+        send_only: bool = False,
+    ) -> LLDispatchOutput | Pending[LLDispatchOutput]:
+        """Send each token to the ranks of its top-k experts; returns expert-major rows.
+
+        Returns ``(x [L, R*T, H], scales [L, R*T, H/128] | None, expert_counts [L], handle)``.
+        Rows of expert e are ordered by source rank, then token index; rows past
+        ``expert_counts[e]`` are padding. With ``send_only`` a :class:`Pending` is returned whose
+        ``wait()`` gives that tuple.
+        """
+        self._require("ll")
+        validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
+        if ue8m0 and not use_fp8:
+            raise InvalidArgument("ue8m0 scales need use_fp8=True")
+        if send_only:
+            state = self._ll.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
+            return Pending(lambda: self._ll.dispatch_recv(state))
+        outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
+        return ll_output(outs, use_fp8)
+
+    def ll_combine(
+        self,
+        expert_out: torch.Tensor,
+        handle: LLHandle,
+        out: torch.Tensor | None = None,
+        send_only: bool = False,
+    ) -> torch.Tensor | Pending[torch.Tensor]:
+        """Weighted sum over each token's experts: ``out[b] = Σ_k w[b,k] · expert_out(b, k)``."""
+        self._require("ll")
+        validate.validate_ll_combine(self.config, self.device, expert_out)
+        tokens = handle.send_slots.shape[0]
+        if out is not None:
+            validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+        if send_only:
+            state = self._ll.combine_send(expert_out, handle)
+            return Pending(lambda: self._ll.combine_recv(state, out))
+        if out is not None:
+            torch.ops.ncclep.ll_combine_out(self.id, expert_out, *handle.tensors(), out)
+            return out
+        return torch.ops.ncclep.ll_combine(self.id, expert_out, *handle.tensors())
+
+    # ----------------------------------------------------------------------------- HT
+
+    def ht_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None = None,
+        x_scales: torch.Tensor | None = None,
+        layout: str = "flat",
+        alignment: int = 1,
+        send_only: bool = False,
+    ) -> HTDispatchOutput | Pending[HTDispatchOutput]:
+        """Send each token once to every rank holding one of its experts.
+
+        Returns ``(x [N, H], scales, topk_idx [N, K] (local ids, -1 elsewhere), topk_weights,
+        num_recv [1], expert_counts [L], handle)`` with N the worst case for ``layout``.
+        """
+        self._require("ht")
+        validate.validate_ht_dispatch(
+            self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
+        )
+        if send_only:
+            state = self._ht.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
+            return Pending(lambda: self._ht.dispatch_recv(state))
+        outs = torch.ops.ncclep.ht_dispatch(self.id, x, x_scales, topk_idx, topk_weights, layout, alignment)
+        return ht_output(outs, x_scales is not None, topk_weights is not None)
+
+    def ht_combine(
+        self,
+        x: torch.Tensor,
+        handle: HTHandle,
+        topk_weights: torch.Tensor | None = None,
+        send_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | Pending[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Sum, for each token, the rows that came from it; returns ``(out [B, H], weights [B, K] | None)``.
+
+        ``topk_weights [N, K]`` (e.g. their gradients in a backward pass) are summed the same way.
+        """
+        self._require("ht")
+        rows, topk = handle.recv_topk_idx.shape
+        validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+        if send_only:
+            state = self._ht.combine_send(x, handle, topk_weights)
+            return Pending(lambda: self._ht.combine_recv(state))
+        out, weights = torch.ops.ncclep.ht_combine(self.id, x, *handle.tensors(), topk_weights)
+        return out, (weights if topk_weights is not None else None)
+
+
+def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool) -> LLDispatchOutput:
+    recv_x, scales, counts, *handle = outs
+    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, LLHandle(*handle))
+
+
+def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool) -> HTDispatchOutput:
+    recv_x, scales, idx, weights, num_recv, counts, send_pos, recv_slot, recv_counts = outs
+    return HTDispatchOutput(
+        recv_x,
+        scales if has_scales else None,
+        idx,
+        weights if has_weights else None,
+        num_recv,
+        counts,
+        HTHandle(send_pos, recv_slot, recv_counts, idx),
+    )

@@ -1,0 +1,77 @@
+"""Handles: what a dispatch leaves for its combine (and for the backward pass).
+
+Every field is a tensor whose shape follows from the group's sizes and the dispatch inputs, so
+handles can cross ``torch.compile`` graphs and CUDA graphs. Both backends fill them identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class LLHandle:
+    """Routing of one LL dispatch.
+
+    send_slots [B, R] int32: slot of token b in rank d's receive area from this rank, -1 if b did
+        not go to d. Slots are numbered in token order.
+    recv_rows [R, T, Kmax] int32: for the token in slot j from rank r, the flattened output row
+        (``expert * R*T + position``) of its k-th choice when that expert is local, else -1.
+    recv_weights [R, T, Kmax] float32: its top-k weights (0 where recv_rows is -1).
+    recv_slot_counts [R] int32: how many slots each rank filled.
+    """
+
+    send_slots: torch.Tensor
+    recv_rows: torch.Tensor
+    recv_weights: torch.Tensor
+    recv_slot_counts: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts)
+
+
+@dataclass(frozen=True)
+class HTHandle:
+    """Routing of one HT dispatch.
+
+    send_pos [B, R] int32: slot of token b among the tokens this rank sent to rank d, -1 if none.
+    recv_slot [N] int32: ``src_rank * T + slot`` of the token each output row holds, -1 on
+        padding rows.
+    recv_counts [R] int32: tokens received from each rank.
+    recv_topk_idx [N, K]: local expert ids of each row (-1 where the expert is elsewhere).
+    """
+
+    send_pos: torch.Tensor
+    recv_slot: torch.Tensor
+    recv_counts: torch.Tensor
+    recv_topk_idx: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx)
+
+
+class LLDispatchOutput(NamedTuple):
+    x: torch.Tensor
+    """[L, R*T, H] bf16 or fp8 e4m3, expert-major; rows past expert_counts[e] are padding."""
+    scales: torch.Tensor | None
+    """[L, R*T, H/128] fp32 or float8_e8m0fnu; None for bf16."""
+    expert_counts: torch.Tensor
+    """[L] int32, on the device."""
+    handle: LLHandle
+
+
+class HTDispatchOutput(NamedTuple):
+    x: torch.Tensor
+    """[N, H] bf16 or fp8; N is the worst case unless exact shapes were asked for."""
+    scales: torch.Tensor | None
+    topk_idx: torch.Tensor
+    """[N, K] local expert ids, -1 where the choice is on another rank."""
+    topk_weights: torch.Tensor | None
+    num_recv: torch.Tensor
+    """[1] int32: rows in use (flat: tokens received; expert_major: padded segments)."""
+    expert_counts: torch.Tensor
+    """[L] int32: rows of each local expert, before alignment padding."""
+    handle: HTHandle

@@ -1,0 +1,182 @@
+"""Reference LL dispatch and combine: pure PyTorch over torch.distributed.
+
+Dispatch sends each token once to every rank holding one of its experts, with its local expert
+ids and weights; the receiver copies it into each chosen expert's rows, ordered by source rank and
+then token index. Combine reduces a token's local experts (fp32, weighted) on the expert rank,
+sends one bf16 row back per (token, rank), and the owner sums those in rank order in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import fp8
+from ..config import GroupConfig
+from ..handles import LLDispatchOutput, LLHandle
+from .exchange import PendingRows, exchange_counts, exchange_rows, pack_rows, unpack_rows
+from .routing import (
+    destination_mask,
+    local_choices,
+    message_source,
+    positions_within_expert,
+    rejected,
+    sender_order,
+    slots_from_mask,
+)
+
+
+@dataclass
+class LLDispatchInFlight:
+    rows: PendingRows
+    recv_counts: list[int]
+    send_slots: torch.Tensor
+    hidden: int
+    use_fp8: bool
+    ue8m0: bool
+
+
+@dataclass
+class LLCombineInFlight:
+    rows: PendingRows
+    back_counts: list[int]
+    send_slots: torch.Tensor
+    hidden: int
+
+
+def _pad_columns(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)
+
+
+class ReferenceLL:
+    def __init__(self, cfg: GroupConfig, rank: int, group: dist.ProcessGroup | None) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.group = group
+
+    def dispatch_send(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        use_fp8: bool,
+        ue8m0: bool,
+    ) -> LLDispatchInFlight:
+        cfg = self.cfg
+        problem = rejected(cfg, topk_idx)
+        if problem is not None:
+            zeros = torch.zeros(cfg.world_size, dtype=torch.int64, device=x.device)
+            exchange_counts(zeros, self.group, phase="ll_dispatch", problem=problem)
+        idx = topk_idx.long()
+        mask = destination_mask(idx, cfg.num_local_experts, cfg.world_size)
+        token, dest, send_counts = sender_order(mask)
+        local = local_choices(idx[token], dest, cfg.num_local_experts)
+        weights = torch.where(local >= 0, topk_weights[token], 0.0)
+        if use_fp8:
+            q, scales = fp8.quantize(x, ue8m0)
+            payload = [q[token], scales[token]]
+        else:
+            payload = [x[token]]
+        rows = pack_rows(
+            [
+                *payload,
+                _pad_columns(local, cfg.max_topk, -1),
+                _pad_columns(weights, cfg.max_topk, 0.0),
+            ]
+        )
+        counts = torch.tensor(send_counts, dtype=torch.int64, device=x.device)
+        recv_counts = exchange_counts(counts, self.group, phase="ll_dispatch")
+        return LLDispatchInFlight(
+            rows=exchange_rows(rows, send_counts, recv_counts, self.group),
+            recv_counts=recv_counts,
+            send_slots=slots_from_mask(mask),
+            hidden=x.shape[1],
+            use_fp8=use_fp8,
+            ue8m0=ue8m0,
+        )
+
+    def dispatch_recv(self, state: LLDispatchInFlight) -> LLDispatchOutput:
+        cfg = self.cfg
+        hidden, kmax = state.hidden, cfg.max_topk
+        rows = state.rows.wait()
+        device = rows.device
+        specs: list[tuple[torch.dtype, tuple[int, ...]]]
+        if state.use_fp8:
+            scale_dtype = fp8.UE8M0_DTYPE if state.ue8m0 else torch.float32
+            specs = [(fp8.FP8_DTYPE, (hidden,)), (scale_dtype, (hidden // fp8.BLOCK,))]
+        else:
+            specs = [(torch.bfloat16, (hidden,))]
+        specs += [(torch.int32, (kmax,)), (torch.float32, (kmax,))]
+        *payload, local, weights = unpack_rows(rows, specs)
+
+        positions, counts = positions_within_expert(local, cfg.num_local_experts)
+        rows_per_expert = cfg.ll_rows_per_expert
+        valid = local >= 0
+        message = torch.arange(local.shape[0], device=device).unsqueeze(1).expand_as(local)[valid]
+        expert = local[valid].long()
+        position = positions[valid]
+
+        outputs = []
+        for part in payload:
+            out = torch.empty(
+                (cfg.num_local_experts, rows_per_expert, part.shape[1]), dtype=part.dtype, device=device
+            )
+            out[expert, position] = part[message]
+            outputs.append(out)
+
+        src, slot = message_source(state.recv_counts, device)
+        flat_rows = torch.where(valid, local.long() * rows_per_expert + positions, -1)
+        recv_rows = torch.full(
+            (cfg.world_size, cfg.max_tokens_per_rank, kmax), -1, dtype=torch.int32, device=device
+        )
+        recv_weights = torch.zeros(
+            (cfg.world_size, cfg.max_tokens_per_rank, kmax), dtype=torch.float32, device=device
+        )
+        recv_rows[src, slot] = flat_rows.to(torch.int32)
+        recv_weights[src, slot] = weights
+        handle = LLHandle(
+            send_slots=state.send_slots,
+            recv_rows=recv_rows,
+            recv_weights=recv_weights,
+            recv_slot_counts=torch.tensor(state.recv_counts, dtype=torch.int32, device=device),
+        )
+        return LLDispatchOutput(
+            x=outputs[0],
+            scales=outputs[1] if state.use_fp8 else None,
+            expert_counts=counts.to(torch.int32),
+            handle=handle,
+        )
+
+    def combine_send(self, expert_out: torch.Tensor, handle: LLHandle) -> LLCombineInFlight:
+        hidden = expert_out.shape[2]
+        slot_counts = handle.recv_slot_counts.tolist()
+        src, slot = message_source(slot_counts, expert_out.device)
+        rows = handle.recv_rows[src, slot].long()
+        weights = handle.recv_weights[src, slot]
+        flat = expert_out.reshape(-1, hidden)
+        gathered = flat[rows.clamp_min(0)].float()
+        weights = torch.where(rows >= 0, weights, 0.0)
+        partial = (gathered * weights.unsqueeze(-1)).sum(dim=1).to(torch.bfloat16)
+        back_counts = (handle.send_slots >= 0).sum(dim=0).tolist()
+        pending = exchange_rows(partial.view(torch.uint8), slot_counts, back_counts, self.group)
+        return LLCombineInFlight(pending, back_counts, handle.send_slots, hidden)
+
+    def combine_recv(self, state: LLCombineInFlight, out: torch.Tensor | None = None) -> torch.Tensor:
+        back = state.rows.wait().view(torch.bfloat16).reshape(-1, state.hidden)
+        send_slots = state.send_slots
+        tokens = send_slots.shape[0]
+        total = torch.zeros((tokens, state.hidden), dtype=torch.float32, device=back.device)
+        start = 0
+        for d, count in enumerate(state.back_counts):
+            chosen = send_slots[:, d] >= 0
+            total[chosen] += back[start + send_slots[chosen, d].long()].float()
+            start += count
+        if out is None:
+            return total.to(torch.bfloat16)
+        out.copy_(total)
+        return out

@@ -1,0 +1,103 @@
+"""A pool of long-lived worker processes joined in a gloo group, so tests pay the start-up once.
+
+``pool.run(fn, *args)`` runs ``fn(*args)`` on every rank (``fn`` must be importable by module
+and name) and returns the per-rank results, or raises with the failing ranks' tracebacks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException as exc:
+            results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    dist.destroy_process_group()
+
+
+class DistPool:
+    def __init__(self, world_size: int, timeout_s: float = 180.0) -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self._procs: list[Any] = []
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, self.world_size, port, self._tasks[r], self._results),
+                daemon=True,
+            )
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        if not all(p.is_alive() for p in self._procs):
+            self.close()
+            self._start()
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        out: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        try:
+            for _ in range(self.world_size):
+                rank, ok, value = self._results.get(timeout=self.timeout_s)
+                (out if ok else failures)[rank] = value
+        except queue.Empty:
+            self.close()
+            raise TimeoutError(f"{fn.__name__} did not finish on every rank in {self.timeout_s}s") from None
+        if failures:
+            detail = "\n".join(f"--- rank {r}:\n{tb}" for r, tb in sorted(failures.items()))
+            raise AssertionError(f"{fn.__name__} failed on ranks {sorted(failures)}:\n{detail}")
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        self._procs = []
