@@ -23,16 +23,26 @@ class RankInputs:
     topk_weights: torch.Tensor | None
 
 
+def gather_tensor(group: dist.ProcessGroup | None, t: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Every rank's ``t`` on the CPU. Travels as bytes: pickling fp8 tensors is not supported."""
+    packed = None
+    if t is not None:
+        packed = (t.detach().cpu().contiguous().view(torch.uint8), t.dtype, tuple(t.shape))
+    world: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(world, packed, group=group)
+    return [None if p is None else p[0].view(p[1]).reshape(p[2]) for p in world]
+
+
 def gather_inputs(
     group: dist.ProcessGroup | None,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor | None,
 ) -> list[RankInputs]:
-    mine = RankInputs(x.cpu(), topk_idx.cpu().long(), None if topk_weights is None else topk_weights.cpu())
-    world: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(world, mine, group=group)
-    return world
+    xs = gather_tensor(group, x)
+    idxs = gather_tensor(group, topk_idx.long())
+    ws = gather_tensor(group, topk_weights)
+    return [RankInputs(a, b, c) for a, b, c in zip(xs, idxs, ws, strict=True)]  # type: ignore[arg-type]
 
 
 def _owner(expert: int, cfg: GroupConfig) -> int:

@@ -6,6 +6,7 @@ collective moves payload and metadata together.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from ..errors import CommError
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """[n, ...] -> [n, nbytes] uint8 view of each row."""
-    flat = t.reshape(t.shape[0], -1)
+    flat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
     return flat.contiguous().view(torch.uint8)
 
 

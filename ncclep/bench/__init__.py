@@ -1,0 +1,1 @@
+"""The ncclep benchmark: ``python -m ncclep.bench --help``."""

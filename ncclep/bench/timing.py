@@ -1,0 +1,109 @@
+"""Timing per BENCHMARKS.md: device events around each op, a barrier before every step, medians.
+
+A *step* runs one or more ops back to back (dispatch then combine, as a MoE layer does) and calls
+``mark()`` at each boundary; phase k's time is between marks k and k+1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+Mark = Callable[[], None]
+
+
+@dataclass
+class Timing:
+    median_us: float
+    p90_us: float
+    samples: int
+
+
+def summarize(samples_us: list[float]) -> Timing:
+    ordered = sorted(samples_us)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return Timing(statistics.median(ordered), p90, len(ordered))
+
+
+def time_steps(
+    step: Callable[[int, Mark], Any],
+    phases: int,
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+) -> list[Timing]:
+    """Run ``step(i, mark)`` ``warmup`` times untimed, then ``iters`` times timed."""
+    for i in range(warmup):
+        step(i, lambda: None)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize(device)
+        stream = torch.cuda.current_stream(device)
+    runs: list[list[Any]] = []
+    for i in range(iters):
+        dist.barrier(group=group)
+        marks: list[Any] = []
+
+        def mark(marks: list[Any] = marks) -> None:
+            if on_gpu:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record(stream)
+                marks.append(event)
+            else:
+                marks.append(time.perf_counter())
+
+        step(warmup + i, mark)
+        if len(marks) != phases + 1:
+            raise RuntimeError(f"a step must mark {phases + 1} times, it marked {len(marks)}")
+        runs.append(marks)
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    per_phase: list[list[float]] = [[] for _ in range(phases)]
+    for marks in runs:
+        for k in range(phases):
+            a, b = marks[k], marks[k + 1]
+            per_phase[k].append(a.elapsed_time(b) * 1e3 if on_gpu else (b - a) * 1e6)
+    return [summarize(samples) for samples in per_phase]
+
+
+def time_graph_replays(
+    capture: Callable[[], Any],
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+) -> Timing:
+    """Capture ``capture()`` once in a CUDA graph and time its replays."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        capture()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        capture()
+
+    def replay(_i: int, mark: Mark) -> None:
+        mark()
+        graph.replay()
+        mark()
+
+    return time_steps(replay, 1, warmup=warmup, iters=iters, device=device, group=group)[0]
+
+
+def slowest(timing: Timing | None, group: dist.ProcessGroup | None) -> Timing | None:
+    """The timing of the rank with the largest median: the one every rank waits for."""
+    world: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(world, timing, group=group)
+    if any(t is None for t in world):
+        return None
+    return max(world, key=lambda t: t.median_us)
