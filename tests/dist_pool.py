@@ -1,4 +1,5 @@
-"""A pool of long-lived worker processes joined in a gloo group, so tests pay the start-up once.
+"""A pool of long-lived worker processes joined in one process group (gloo on CPU, NCCL with one
+GPU per rank), so tests pay the start-up once.
 
 ``pool.run(fn, *args)`` runs ``fn(*args)`` on every rank (``fn`` must be importable by module
 and name) and returns the per-rank results, or raises with the failing ranks' tracebacks.
@@ -22,18 +23,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, tasks: Any, results: Any) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    extra: dict[str, Any] = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        extra["device_id"] = torch.device("cuda", rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=120),
+        **extra,
     )
     while True:
         task = tasks.get()
@@ -48,8 +55,9 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
 
 
 class DistPool:
-    def __init__(self, world_size: int, timeout_s: float = 180.0) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 180.0) -> None:
         self.world_size = world_size
+        self.backend = backend
         self.timeout_s = timeout_s
         self._procs: list[Any] = []
         self._start()
@@ -62,7 +70,7 @@ class DistPool:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, self.world_size, port, self._tasks[r], self._results),
+                args=(r, self.world_size, port, self.backend, self._tasks[r], self._results),
                 daemon=True,
             )
             for r in range(self.world_size)

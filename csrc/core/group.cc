@@ -1,0 +1,366 @@
+// Group lifecycle: NCCL communicator, symmetric window, device communicator.
+#include "core/group.h"
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "core/buffer_plan.h"
+#include "core/config.h"
+#include "core/errors.h"
+
+namespace ncclep {
+
+namespace {
+
+// Since CUDA 12, cudaSetDevice creates the device's primary context: restoring
+// a previous device that was never used would put a stray context on it (e.g.
+// on GPU 0 in every rank's process). cuDevicePrimaryCtxGetState tells.
+bool primaryContextActive(int device) {
+  using GetState = int (*)(int device, unsigned int* flags, int* active);  // CUresult, CUdevice
+  static GetState fn = []() -> GetState {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &p, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return nullptr;
+    return reinterpret_cast<GetState>(p);
+  }();
+  if (fn == nullptr) return true;
+  unsigned int flags = 0;
+  int active = 0;
+  if (fn(device, &flags, &active) != 0) return true;
+  return active != 0;
+}
+
+}  // namespace
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0 && previous_ != current_ && primaryContextActive(previous_)) cudaSetDevice(previous_);
+}
+
+ncclepResult_t DeviceGuard::set(int device) {
+  if (previous_ < 0) {
+    int prev = -1;
+    // Fails only without any usable device; then there is nothing to restore.
+    if (cudaGetDevice(&prev) == cudaSuccess) previous_ = prev;
+  }
+  NCCLEP_CUDA_CHECK(cudaSetDevice(device), "cudaSetDevice(%d)", device);
+  current_ = device;
+  return ncclepSuccess;
+}
+
+namespace {
+
+static_assert(sizeof(ncclepUniqueId) == sizeof(ncclUniqueId), "ncclepUniqueId must wrap ncclUniqueId");
+
+// Provisional GIN resources for multi-node groups, until the network transport sizes them.
+constexpr int kGinSignalCount = 64;
+
+ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
+                               const ncclepGroupConfig_t* config, size_t* windowBytes) {
+  if (out == nullptr) return setError(ncclepInvalidArgument, "ncclepGroupCreate: group is NULL");
+  if (nRanks < 1) return setError(ncclepInvalidArgument, "ncclepGroupCreate: nRanks = %d: must be >= 1", nRanks);
+  if (rank < 0 || rank >= nRanks)
+    return setError(ncclepInvalidArgument, "ncclepGroupCreate: rank = %d: must be in [0, nRanks=%d)", rank, nRanks);
+  if (cudaDevice < 0)
+    return setError(ncclepInvalidArgument, "ncclepGroupCreate: cudaDevice = %d: must be >= 0", cudaDevice);
+  NCCLEP_CHECK(validateConfig(config, nRanks));
+
+  BufferPlan plan;
+  NCCLEP_CHECK(planBuffers(*config, nRanks, &plan));
+  if (config->windowBytes == 0) {
+    *windowBytes = plan.totalBytes;
+  } else {
+    if (config->windowBytes < plan.totalBytes)
+      return setError(ncclepInvalidArgument,
+                      "invalid ncclepGroupConfig_t.windowBytes = %zu: smaller than the buffer plan's %zu bytes",
+                      config->windowBytes, plan.totalBytes);
+    if (config->windowBytes > SIZE_MAX - kWindowGranularity)
+      return setError(ncclepInvalidArgument, "invalid ncclepGroupConfig_t.windowBytes = %zu: too large",
+                      config->windowBytes);
+    *windowBytes = (config->windowBytes + kWindowGranularity - 1) / kWindowGranularity * kWindowGranularity;
+  }
+
+  int count = 0;
+  NCCLEP_CUDA_CHECK(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (cudaDevice >= count)
+    return setError(ncclepInvalidArgument, "ncclepGroupCreate: cudaDevice = %d but only %d CUDA device(s) are visible",
+                    cudaDevice, count);
+  return ncclepSuccess;
+}
+
+// The device API's structs are specific to the NCCL release the kernels were
+// compiled against; a different major.minor at run time is refused.
+bool ncclRuntimeMatchesHeaders(std::string* why) {
+  int runtime = 0;
+  if (ncclGetVersion(&runtime) != ncclSuccess) {
+    *why = "ncclGetVersion failed";
+    return false;
+  }
+  if (runtime / 100 == NCCL_VERSION_CODE / 100) return true;
+  char buf[256];
+  std::snprintf(buf, sizeof(buf),
+                "ncclep was built against NCCL %d.%d.%d headers but NCCL version code %d is loaded; "
+                "rebuild ncclep against the loaded NCCL to use the device API",
+                NCCL_MAJOR, NCCL_MINOR, NCCL_PATCH, runtime);
+  *why = buf;
+  return false;
+}
+
+// Creates the device communicator. Its failure is not an error of the group:
+// the group reports deviceApiAvailable = 0 and keeps the reason.
+void createDeviceComm(ncclepGroup* g) {
+  std::string why;
+  if (!ncclRuntimeMatchesHeaders(&why)) {
+    g->deviceApiError = why;
+    return;
+  }
+  // NCCL's device runtime is initialised by now (window registration); if it is
+  // unusable, ncclTeamLsa returns an empty team instead of an error.
+  ncclTeam_t lsa = ncclTeamLsa(g->comm);
+  if (lsa.nRanks <= 0 || g->nRanks % lsa.nRanks != 0 || lsa.rank < 0 || lsa.rank >= lsa.nRanks) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf), "ncclTeamLsa returned an unusable team (nRanks=%d, rank=%d) for a %d-rank comm",
+                  lsa.nRanks, lsa.rank, g->nRanks);
+    g->deviceApiError = buf;
+    return;
+  }
+  g->lsaSize = lsa.nRanks;
+  g->lsaRank = lsa.rank;
+  g->nLsaTeams = g->nRanks / lsa.nRanks;
+
+  ncclDevCommRequirements reqs;
+  std::memset(&reqs, 0, sizeof(reqs));  // 2.28 has no NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
+  reqs.lsaBarrierCount = kernels::kLsaCheckBlocks;
+  // GIN only when some peer is off our LSA team: asking for it on a NIC-less
+  // host makes ncclDevCommCreate fail altogether.
+  if (g->nLsaTeams > 1) {
+    reqs.ginForceEnable = true;
+    reqs.railGinBarrierCount = kernels::kLsaCheckBlocks;
+    reqs.ginSignalCount = kGinSignalCount;
+  }
+  ncclResult_t res = ncclDevCommCreate(g->comm, &reqs, &g->devComm);
+  if (res != ncclSuccess) {
+    ncclFailure(res, g->comm, "ncclDevCommCreate(lsaBarrierCount=%d, gin=%s, nLsaTeams=%d)",
+                reqs.lsaBarrierCount, g->nLsaTeams > 1 ? "requested" : "not requested", g->nLsaTeams);
+    g->deviceApiError = ncclepGetLastError();
+    std::memset(&g->devComm, 0, sizeof(g->devComm));
+    return;
+  }
+  if (g->devComm.lsaSize != g->lsaSize || g->devComm.lsaRank != g->lsaRank) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "device comm LSA team (size %d, rank %d) differs from ncclTeamLsa (size %d, rank %d)",
+                  g->devComm.lsaSize, g->devComm.lsaRank, g->lsaSize, g->lsaRank);
+    g->deviceApiError = buf;
+    ncclDevCommDestroy(g->comm, &g->devComm);
+    std::memset(&g->devComm, 0, sizeof(g->devComm));
+    return;
+  }
+  g->devCommCreated = true;
+  g->ginEnabled = g->devComm.ginContextCount > 0;
+}
+
+ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+
+  // Local resources first, so that no failure after here leaves peers waiting
+  // in a collective we never join, except failures of the collectives themselves.
+  NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
+                    "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
+  NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+
+  ncclUniqueId id;
+  std::memcpy(&id, &uniqueId, sizeof(id));
+  ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+  cfg.blocking = 1;
+  cfg.commName = "ncclep";
+  ncclComm_t comm = nullptr;
+  NCCLEP_NCCL_CHECK(ncclCommInitRankConfig(&comm, g->nRanks, id, g->rank, &cfg), nullptr,
+                    "ncclCommInitRankConfig(nRanks=%d, rank=%d, cudaDevice=%d)", g->nRanks, g->rank,
+                    g->cudaDevice);
+  g->comm = comm;
+
+  void* ptr = nullptr;
+  NCCLEP_NCCL_CHECK(ncclMemAlloc(&ptr, g->windowBytes), g->comm, "ncclMemAlloc(%zu)", g->windowBytes);
+  g->windowPtr = ptr;
+  // Zero before registering: peers can reach the window only after registration,
+  // and no stale pattern or flag may survive from an earlier user of the memory.
+  NCCLEP_CUDA_CHECK(cudaMemset(g->windowPtr, 0, g->windowBytes), "cudaMemset(window, 0, %zu)", g->windowBytes);
+  NCCLEP_CUDA_CHECK(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the window");
+
+  ncclWindow_t win = nullptr;
+  NCCLEP_NCCL_CHECK(ncclCommWindowRegister(g->comm, g->windowPtr, g->windowBytes, &win, NCCL_WIN_COLL_SYMMETRIC),
+                    g->comm, "ncclCommWindowRegister(%zu bytes, NCCL_WIN_COLL_SYMMETRIC)", g->windowBytes);
+  g->window = win;
+
+  createDeviceComm(g);
+  return ncclepSuccess;
+}
+
+// Collective teardown in reverse order of creation. `graceful` is false when
+// creation failed part-way (peers may not join a collective): the comm is
+// aborted instead, which also drops its registrations.
+ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
+  ncclepResult_t first = ncclepSuccess;
+  std::string firstMsg;
+  auto note = [&](ncclepResult_t r) {
+    if (r != ncclepSuccess && first == ncclepSuccess) {
+      first = r;
+      firstMsg = ncclepGetLastError();
+    }
+  };
+
+  if (g->broken) {
+    // A kernel of this group may still spin on a barrier: anything that
+    // synchronises the device (cudaFree, comm teardown) could hang forever.
+    setError(ncclepSuccess, "group destroyed after a timeout: its device resources were leaked on purpose");
+    return ncclepSuccess;
+  }
+
+  DeviceGuard guard;
+  if (g->cudaDevice >= 0) note(guard.set(g->cudaDevice));
+
+  if (graceful && g->comm != nullptr) {
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) note(cudaFailure(e, "cudaDeviceSynchronize before destroying the group"));
+    if (g->devCommCreated) {
+      ncclResult_t r = ncclDevCommDestroy(g->comm, &g->devComm);
+      if (r != ncclSuccess) note(ncclFailure(r, g->comm, "ncclDevCommDestroy"));
+      g->devCommCreated = false;
+    }
+    if (g->window != nullptr) {
+      ncclResult_t r = ncclCommWindowDeregister(g->comm, g->window);
+      if (r != ncclSuccess) note(ncclFailure(r, g->comm, "ncclCommWindowDeregister"));
+      g->window = nullptr;
+    }
+  }
+  if (g->windowPtr != nullptr && graceful) {
+    ncclResult_t r = ncclMemFree(g->windowPtr);
+    if (r != ncclSuccess) note(ncclFailure(r, g->comm, "ncclMemFree"));
+    g->windowPtr = nullptr;
+  }
+  if (g->comm != nullptr) {
+    bool destroyed = false;
+    if (graceful) {
+      ncclResult_t r = ncclCommFinalize(g->comm);
+      if (r != ncclSuccess) {
+        note(ncclFailure(r, g->comm, "ncclCommFinalize"));
+      } else {
+        r = ncclCommDestroy(g->comm);
+        if (r != ncclSuccess) note(ncclFailure(r, g->comm, "ncclCommDestroy"));
+        destroyed = true;
+      }
+    }
+    if (!destroyed) {
+      ncclResult_t r = ncclCommAbort(g->comm);
+      if (r != ncclSuccess) note(ncclFailure(r, nullptr, "ncclCommAbort"));
+    }
+    g->comm = nullptr;
+  }
+  // After the abort, NCCL holds no reference to the window memory any more.
+  if (g->windowPtr != nullptr) {
+    ncclResult_t r = ncclMemFree(g->windowPtr);
+    if (r != ncclSuccess) note(ncclFailure(r, nullptr, "ncclMemFree"));
+    g->windowPtr = nullptr;
+  }
+  if (g->checkDone != nullptr) {
+    cudaError_t e = cudaEventDestroy(g->checkDone);
+    if (e != cudaSuccess) note(cudaFailure(e, "cudaEventDestroy"));
+    g->checkDone = nullptr;
+  }
+  if (g->checkResult != nullptr) {
+    cudaError_t e = cudaFree(g->checkResult);
+    if (e != cudaSuccess) note(cudaFailure(e, "cudaFree(LSA check result)"));
+    g->checkResult = nullptr;
+  }
+  if (first != ncclepSuccess) setError(first, "%s", firstMsg.c_str());
+  return first;
+}
+
+}  // namespace
+}  // namespace ncclep
+
+using ncclep::setError;
+
+extern "C" ncclepResult_t ncclepGetVersion(int* version) {
+  if (version == nullptr) return setError(ncclepInvalidArgument, "ncclepGetVersion: version is NULL");
+  *version = NCCLEP_VERSION_CODE;
+  return ncclepSuccess;
+}
+
+extern "C" ncclepResult_t ncclepGetUniqueId(ncclepUniqueId* uniqueId) {
+  NCCLEP_API_TRY
+  if (uniqueId == nullptr) return setError(ncclepInvalidArgument, "ncclepGetUniqueId: uniqueId is NULL");
+  ncclUniqueId id;
+  NCCLEP_NCCL_CHECK(ncclGetUniqueId(&id), nullptr, "ncclGetUniqueId");
+  std::memcpy(uniqueId, &id, sizeof(id));
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}
+
+extern "C" ncclepResult_t ncclepGroupCreate(ncclepGroup_t* out, ncclepUniqueId uniqueId, int nRanks, int rank,
+                                            int cudaDevice, const ncclepGroupConfig_t* config) {
+  NCCLEP_API_TRY
+  if (out != nullptr) *out = nullptr;
+  size_t windowBytes = 0;
+  NCCLEP_CHECK(ncclep::checkCreateArgs(out, nRanks, rank, cudaDevice, config, &windowBytes));
+
+  std::unique_ptr<ncclepGroup> g(new ncclepGroup());
+  g->rank = rank;
+  g->nRanks = nRanks;
+  g->cudaDevice = cudaDevice;
+  g->config = *config;
+  g->windowBytes = windowBytes;
+
+  ncclepResult_t res = ncclep::createGroup(g.get(), uniqueId);
+  if (res != ncclepSuccess) {
+    std::string msg = ncclepGetLastError();
+    ncclep::destroyGroup(g.get(), /*graceful=*/false);
+    return setError(res, "%s", msg.c_str());
+  }
+  if (!g->devCommCreated) setError(ncclepSuccess, "NCCL device API unavailable: %s", g->deviceApiError.c_str());
+  *out = g.release();
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}
+
+extern "C" ncclepResult_t ncclepGroupDestroy(ncclepGroup_t group) {
+  if (group == nullptr) return ncclepSuccess;
+  ncclepResult_t res = ncclepInternalError;
+  try {
+    res = ncclep::destroyGroup(group, /*graceful=*/true);
+  } catch (...) {
+    res = setError(ncclepInternalError, "ncclepGroupDestroy: unexpected exception");
+  }
+  delete group;
+  return res;
+}
+
+extern "C" ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t g, ncclepGroupInfo_t* info) {
+  if (g == nullptr) return setError(ncclepInvalidArgument, "ncclepGroupGetInfo: group is NULL");
+  if (info == nullptr) return setError(ncclepInvalidArgument, "ncclepGroupGetInfo: info is NULL");
+  if (info->version != NCCLEP_GROUP_INFO_VERSION || info->size != sizeof(ncclepGroupInfo_t))
+    return setError(ncclepInvalidArgument,
+                    "ncclepGroupGetInfo: info.size = %zu, info.version = %u (expected %zu, %u): initialise "
+                    "it with NCCLEP_GROUP_INFO_INITIALIZER",
+                    info->size, info->version, sizeof(ncclepGroupInfo_t), NCCLEP_GROUP_INFO_VERSION);
+  int ncclVersion = 0;
+  if (ncclGetVersion(&ncclVersion) != ncclSuccess) ncclVersion = 0;
+  info->rank = g->rank;
+  info->nRanks = g->nRanks;
+  info->cudaDevice = g->cudaDevice;
+  info->lsaRank = g->lsaRank;
+  info->lsaSize = g->lsaSize;
+  info->nLsaTeams = g->nLsaTeams;
+  info->deviceApiAvailable = g->devCommCreated ? 1 : 0;
+  info->ginEnabled = g->ginEnabled ? 1 : 0;
+  info->windowBytes = g->windowBytes;
+  info->ncclVersion = ncclVersion;
+  return ncclepSuccess;
+}

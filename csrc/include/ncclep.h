@@ -1,0 +1,170 @@
+/*
+ * ncclep — expert-parallel MoE dispatch/combine on NCCL's Device API.
+ *
+ * C API. Usable from C (C99) and C++ without torch or Python. Every function
+ * returns an ncclepResult_t; on failure a detailed message is available from
+ * ncclepGetLastError() in the calling thread. No function exits, aborts or
+ * throws on bad input.
+ */
+#ifndef NCCLEP_H_
+#define NCCLEP_H_
+
+#include <stddef.h>
+#include <cuda_runtime_api.h>
+
+#define NCCLEP_MAJOR 0
+#define NCCLEP_MINOR 1
+#define NCCLEP_PATCH 0
+#define NCCLEP_VERSION(X, Y, Z) ((X) * 10000 + (Y) * 100 + (Z))
+#define NCCLEP_VERSION_CODE NCCLEP_VERSION(NCCLEP_MAJOR, NCCLEP_MINOR, NCCLEP_PATCH)
+
+#if defined(__GNUC__)
+#define NCCLEP_API __attribute__((visibility("default")))
+#else
+#define NCCLEP_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  ncclepSuccess = 0,
+  ncclepInvalidArgument = 1, /* bad argument or config field; the group (if any) is unchanged */
+  ncclepCudaError = 2,       /* a CUDA runtime call failed */
+  ncclepNcclError = 3,       /* an NCCL call failed */
+  ncclepInternalError = 4,   /* a bug in ncclep */
+  ncclepUnsupported = 5,     /* not available here (e.g. no NCCL Device API on this comm) */
+  ncclepTimeout = 6,         /* a wait passed its deadline; the group is no longer usable */
+  ncclepOutOfMemory = 7,     /* device or host allocation failed */
+  ncclepInvalidUsage = 8,    /* call not allowed in this state (closed/broken group, stream capture) */
+  ncclepDeviceError = 9,     /* reserved: error recorded by a kernel in the group's error word */
+  ncclepNumResults = 10
+} ncclepResult_t;
+
+#define NCCLEP_MODE_LL 0 /* low latency (decode) */
+#define NCCLEP_MODE_HT 1 /* high throughput (training, prefill) */
+
+/* Opaque id shared by all ranks of a group (same size as ncclUniqueId). */
+#define NCCLEP_UNIQUE_ID_BYTES 128
+typedef struct {
+  char internal[NCCLEP_UNIQUE_ID_BYTES];
+} ncclepUniqueId;
+
+/* A group belongs to one CUDA device; use it from one thread at a time. */
+typedef struct ncclepGroup* ncclepGroup_t;
+
+/*
+ * Group configuration. Always start from NCCLEP_GROUP_CONFIG_INITIALIZER; the
+ * leading size/magic/version let later releases extend the struct. A config
+ * whose size, magic or version this library does not know is rejected.
+ * All ranks of a group must pass the same values.
+ */
+#define NCCLEP_GROUP_CONFIG_MAGIC 0x6e63eb01u
+#define NCCLEP_GROUP_CONFIG_VERSION 1u
+
+typedef struct ncclepGroupConfig_v1 {
+  size_t size;          /* sizeof(ncclepGroupConfig_t) */
+  unsigned int magic;   /* NCCLEP_GROUP_CONFIG_MAGIC */
+  unsigned int version; /* NCCLEP_GROUP_CONFIG_VERSION */
+  int mode;             /* NCCLEP_MODE_LL or NCCLEP_MODE_HT */
+  int numExperts;       /* total experts; a positive multiple of nRanks */
+  int maxTokensPerRank; /* most tokens any rank passes to one dispatch */
+  int hidden;           /* hidden size (bf16 elements); a positive multiple of 8 */
+  int maxTopk;          /* largest top-k used; 1..numExperts */
+  int numSms;           /* SMs the kernels may use; 0 = library default */
+  double timeoutSeconds;/* deadline of every device-side (and host-side) wait; > 0 */
+  size_t windowBytes;   /* symmetric window size; 0 = the buffer plan's; else >= the plan, rounded up to 2 MiB */
+  int virtualNodes;     /* 0 or 1 = off; n > 1 reserved for the emulated network transport */
+} ncclepGroupConfig_t;
+
+#define NCCLEP_GROUP_CONFIG_INITIALIZER {                                  \
+  sizeof(ncclepGroupConfig_t), /* size */                                  \
+  NCCLEP_GROUP_CONFIG_MAGIC,   /* magic */                                 \
+  NCCLEP_GROUP_CONFIG_VERSION, /* version */                               \
+  NCCLEP_MODE_LL,              /* mode */                                  \
+  0,                           /* numExperts (must be set) */              \
+  0,                           /* maxTokensPerRank (must be set) */        \
+  0,                           /* hidden (must be set) */                  \
+  8,                           /* maxTopk */                               \
+  0,                           /* numSms */                                \
+  100.0,                       /* timeoutSeconds */                        \
+  0,                           /* windowBytes */                           \
+  0                            /* virtualNodes */                          \
+}
+
+/*
+ * Group information. Initialise with NCCLEP_GROUP_INFO_INITIALIZER (the
+ * library checks size and version) before calling ncclepGroupGetInfo.
+ */
+#define NCCLEP_GROUP_INFO_VERSION 1u
+
+typedef struct ncclepGroupInfo_v1 {
+  size_t size;            /* sizeof(ncclepGroupInfo_t) */
+  unsigned int version;   /* NCCLEP_GROUP_INFO_VERSION */
+  int rank;
+  int nRanks;
+  int cudaDevice;
+  int lsaRank;            /* rank inside our LSA (NVLink load/store) team; -1 if unknown */
+  int lsaSize;            /* ranks in our LSA team; 0 if unknown (device API unavailable) */
+  int nLsaTeams;          /* number of LSA teams (= nodes); 0 if unknown */
+  int deviceApiAvailable; /* 1 if the NCCL device communicator was created */
+  int ginEnabled;         /* 1 if GIN (network) resources were created (nLsaTeams > 1 only) */
+  size_t windowBytes;     /* bytes of the symmetric window on every rank */
+  int ncclVersion;        /* ncclGetVersion() of the loaded NCCL */
+} ncclepGroupInfo_t;
+
+#define NCCLEP_GROUP_INFO_INITIALIZER \
+  { sizeof(ncclepGroupInfo_t), NCCLEP_GROUP_INFO_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+
+/* NCCLEP_VERSION_CODE of the library (may differ from the header's). */
+NCCLEP_API ncclepResult_t ncclepGetVersion(int* version);
+
+/* Static name-like description of a status code; never NULL. */
+NCCLEP_API const char* ncclepGetErrorString(ncclepResult_t result);
+
+/* Detailed message of the last failure in this thread ("" if none). The
+ * pointer stays valid until the next ncclep call in this thread. */
+NCCLEP_API const char* ncclepGetLastError(void);
+
+/* Fresh id, to be created by one rank and sent to all others. */
+NCCLEP_API ncclepResult_t ncclepGetUniqueId(ncclepUniqueId* uniqueId);
+
+/* Bytes of the symmetric window the buffer plan asks for (a multiple of 2 MiB). */
+NCCLEP_API ncclepResult_t ncclepComputeWindowBytes(const ncclepGroupConfig_t* config, int nRanks,
+                                                   size_t* bytes);
+
+/*
+ * Collective over all nRanks ranks: creates the NCCL communicator on
+ * cudaDevice, the symmetric window and the NCCL device communicator.
+ * If only the device communicator cannot be created, the group is still
+ * created (ncclepSuccess) with deviceApiAvailable = 0, and the reason is left
+ * in ncclepGetLastError(). On any failure everything created is torn down and
+ * *group is NULL. The calling thread's current CUDA device is preserved.
+ */
+NCCLEP_API ncclepResult_t ncclepGroupCreate(ncclepGroup_t* group, ncclepUniqueId uniqueId,
+                                            int nRanks, int rank, int cudaDevice,
+                                            const ncclepGroupConfig_t* config);
+
+/* Collective. Releases everything; NULL is a no-op. The handle is invalid
+ * afterwards even if an error is returned. */
+NCCLEP_API ncclepResult_t ncclepGroupDestroy(ncclepGroup_t group);
+
+NCCLEP_API ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t group, ncclepGroupInfo_t* info);
+
+/*
+ * Collective bring-up check of LSA (NVLink load/store) transfers: every rank
+ * stores a call-specific pattern into each LSA peer's window, an LSA barrier
+ * orders them, and every rank verifies what its peers wrote. Synchronises
+ * `stream`. *ok = 1 if every word matched; otherwise *ok = 0 and the first
+ * mismatch is described in ncclepGetLastError() (the call itself succeeds).
+ * Waits at most timeoutSeconds; on timeout returns ncclepTimeout and the group
+ * can only be destroyed.
+ */
+NCCLEP_API ncclepResult_t ncclepGroupCheckLsa(ncclepGroup_t group, cudaStream_t stream, int* ok);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* NCCLEP_H_ */

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One whole round on a GPU machine: build the extension, run the GPU tests, run a benchmark.
+# Usage: scripts/gpu_check.sh OUT_DIR [bench args...]   (logs and results go to OUT_DIR)
+# Writes at most 8 files: env.log build.log gpu_tests.log mpi.log bench.log results.json plot.png
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [bench args...]}
+shift
+mkdir -p "$OUT"
+# NVLink multicast stays off: a program that uses it can take the host's shared GPUs down.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+status=0
+step() { echo "=== $1 ($(date +%T))"; }
+
+{
+  step env
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  nvidia-smi topo -m
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
+  $PY -c "import nvidia.nccl, os; print('nccl wheel', nvidia.nccl.__path__[0])"
+} >"$OUT/env.log" 2>&1
+
+step build
+if ! $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  echo "build FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1
+fi
+$PY -c "import ncclep, ncclep._C as c; print('extension', c.version(), 'nccl', c.nccl_version())" | tee -a "$OUT/build.log"
+
+step "gpu tests"
+$PY -m pytest tests -m gpu -v -p no:cacheprovider --timeout=600 >"$OUT/gpu_tests.log" 2>&1 || status=1
+tail -15 "$OUT/gpu_tests.log"
+
+step "mpirun bootstrap"
+if command -v mpirun >/dev/null; then
+  mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED -x PYTHONPATH=$(pwd) \
+    $PY -m ncclep.bench --mode ll --tokens 8 --dtype bf16 --iters 5 --warmup 2 --validate \
+    --json "$OUT/mpi_results.json" >"$OUT/mpi.log" 2>&1 || status=1
+  rm -f "$OUT/mpi_results.json"
+  tail -6 "$OUT/mpi.log"
+fi
+
+step benchmark
+$PY -m ncclep.bench --validate --json "$OUT/results.json" --plot "$OUT/plot.png" "$@" >"$OUT/bench.log" 2>&1 || status=1
+grep -v '^\[\|^    ' "$OUT/bench.log" | tail -60
+step "done (status $status)"
+exit $status

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: sets up, lints, runs the whole pytest suite (GPU tests skip without GPUs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
+$PY -m ruff check ncclep tests examples
+$PY -m ruff format --check ncclep tests examples
+exec $PY -m pytest tests "$@"
