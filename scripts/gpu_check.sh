@@ -38,7 +38,10 @@ if command -v mpirun >/dev/null; then
     $PY -m ncclep.bench --mode ll --tokens 8 --dtype bf16 --iters 5 --warmup 2 --validate \
     --json "$OUT/mpi_results.json" >"$OUT/mpi.log" 2>&1 || status=1
   rm -f "$OUT/mpi_results.json"
-  tail -6 "$OUT/mpi.log"
+  { echo "--- C API example"; make -s -C examples/c_api -j8 && \
+    mpirun --allow-run-as-root -np 4 -x NCCL_NVLS_ENABLE examples/c_api/build/bringup /tmp/ncclep_id.$$; } \
+    >>"$OUT/mpi.log" 2>&1 || status=1
+  tail -12 "$OUT/mpi.log"
 fi
 
 step benchmark
