@@ -27,7 +27,9 @@ def gather_tensor(group: dist.ProcessGroup | None, t: torch.Tensor | None) -> li
     """Every rank's ``t`` on the CPU. Travels as bytes: pickling fp8 tensors is not supported."""
     packed = None
     if t is not None:
-        packed = (t.detach().cpu().contiguous().view(torch.uint8), t.dtype, tuple(t.shape))
+        # a fresh tensor: "contiguous" tensors with a size-0/1 dim may have strides view() rejects
+        dense = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())
+        packed = (dense.view(torch.uint8), t.dtype, tuple(t.shape))
     world: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(world, packed, group=group)
     return [None if p is None else p[0].view(p[1]).reshape(p[2]) for p in world]

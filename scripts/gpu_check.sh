@@ -11,6 +11,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
+NGPU=$(nvidia-smi -L | wc -l)
 status=0
 step() { echo "=== $1 ($(date +%T))"; }
 
@@ -39,7 +40,7 @@ if command -v mpirun >/dev/null; then
     --json "$OUT/mpi_results.json" >"$OUT/mpi.log" 2>&1 || status=1
   rm -f "$OUT/mpi_results.json"
   { echo "--- C API example"; make -s -C examples/c_api -j8 && \
-    mpirun --allow-run-as-root -np 4 -x NCCL_NVLS_ENABLE examples/c_api/build/bringup /tmp/ncclep_id.$$; } \
+    mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE examples/c_api/build/bringup /tmp/ncclep_id.$$; } \
     >>"$OUT/mpi.log" 2>&1 || status=1
   tail -12 "$OUT/mpi.log"
 fi

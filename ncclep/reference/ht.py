@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import fp8
 from ..config import GroupConfig
 from ..handles import HTDispatchOutput, HTHandle
 from .exchange import PendingRows, exchange_counts, exchange_rows, pack_rows, unpack_rows
@@ -135,7 +136,11 @@ class ReferenceHT:
                 out = torch.empty(shape, dtype=src_rows.dtype, device=device)
             else:
                 out = torch.full(shape, fill, dtype=src_rows.dtype, device=device)
-            out[row_of_message] = src_rows[message_of_row]
+            # index_put has no float8_e8m0fnu kernel: scatter UE8M0 scales as bytes
+            raw = src_rows.dtype == fp8.UE8M0_DTYPE
+            (out.view(torch.uint8) if raw else out)[row_of_message] = (
+                src_rows[message_of_row].view(torch.uint8) if raw else src_rows[message_of_row]
+            )
             return out
 
         recv_x = scatter(parts[0], None)

@@ -126,7 +126,11 @@ class ReferenceLL:
             out = torch.empty(
                 (cfg.num_local_experts, rows_per_expert, part.shape[1]), dtype=part.dtype, device=device
             )
-            out[expert, position] = part[message]
+            # index_put has no float8_e8m0fnu kernel: scatter UE8M0 scales as bytes
+            raw = part.dtype == fp8.UE8M0_DTYPE
+            (out.view(torch.uint8) if raw else out)[expert, position] = (
+                part[message].view(torch.uint8) if raw else part[message]
+            )
             outputs.append(out)
 
         src, slot = message_source(state.recv_counts, device)
