@@ -15,6 +15,7 @@ import torch.distributed as dist
 from . import _native, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import GroupConfig
+from .cuda_ll import CudaLL
 from .errors import InvalidArgument, NcclepError
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 from .reference import ReferenceHT, ReferenceLL
@@ -22,6 +23,7 @@ from .reference import ReferenceHT, ReferenceLL
 T = TypeVar("T")
 BACKENDS = ("auto", "reference", "cuda")
 MODE_IDS = {"ll": 0, "ht": 1}
+LL_KERNEL_MAX_TOPK = 16
 
 _groups: dict[int, Group] = {}
 _ids = itertools.count(1)
@@ -117,13 +119,17 @@ class Group:
             timeout_s=timeout_s,
         )
         self.device = self._pick_device()
-        self.backend = self._pick_backend(backend)
         self._native: Any = None
         self._native_info: dict[str, Any] = {}
         if self.device.type == "cuda" and _native.available():
             self._open_native()
+        self.backend = self._pick_backend(backend)
         self._local_ranks, self._nodes = self._topology()
-        self._ll = ReferenceLL(self.config, self.rank, self.process_group)
+        self._ll: ReferenceLL | CudaLL
+        if self.backend == "cuda" and mode == "ll":
+            self._ll = CudaLL(self.config, self.rank, self._native)
+        else:
+            self._ll = ReferenceLL(self.config, self.rank, self.process_group)
         self._ht = ReferenceHT(self.config, self.rank, self.process_group)
         with _lock:
             self.id = next(_ids)
@@ -137,15 +143,27 @@ class Group:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def _cuda_unavailable(self) -> str | None:
+        """Why the CUDA kernels cannot serve this group, or None."""
+        cfg = self.config
+        if self.device.type != "cuda":
+            return "the group is not on CUDA devices"
+        if not _native.has_kernels(cfg.mode):
+            detail = _native.IMPORT_ERROR or "extension present"
+            return f"this build of ncclep has no {cfg.mode.upper()} kernels ({detail})"
+        info = self._native_info
+        if not info.get("device_api"):
+            return f"the NCCL device API is unavailable: {self._native.device_api_error}"
+        if info.get("n_lsa_teams") != 1:
+            return "peers off the NVLink (LSA) team need the GIN transport, which is not built yet"
+        if cfg.max_topk > LL_KERNEL_MAX_TOPK:
+            return f"the LL kernels take max_topk <= {LL_KERNEL_MAX_TOPK}, got {cfg.max_topk}"
+        return None
+
     def _pick_backend(self, requested: str) -> str:
-        kernels = self.device.type == "cuda" and _native.has_kernels(self.config.mode)
+        why = self._cuda_unavailable()
+        kernels = why is None
         if requested == "cuda" and not kernels:
-            why = (
-                "the group is not on CUDA devices"
-                if self.device.type != "cuda"
-                else f"this build of ncclep has no {self.config.mode.upper()} kernels"
-                f" ({_native.IMPORT_ERROR or 'extension present'})"
-            )
             raise NcclepError(f"backend='cuda' is not available: {why}")
         if requested == "auto":
             return "cuda" if kernels else "reference"
@@ -242,6 +260,14 @@ class Group:
             raise NcclepError("check_lsa needs the CUDA extension and a group on CUDA devices")
         return bool(self._native.check_lsa(torch.cuda.current_stream(self.device).cuda_stream))
 
+    def check(self) -> None:
+        """Wait for this group's work on the current stream, then raise what a kernel reported."""
+        if self.backend == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+            for backend in (self._ll,):
+                if isinstance(backend, CudaLL):
+                    backend.raise_device_error()
+
     @property
     def closed(self) -> bool:
         return self.id not in _groups
@@ -315,7 +341,7 @@ class Group:
         if out is not None:
             validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
         if send_only:
-            state = self._ll.combine_send(expert_out, handle)
+            state = self._ll.combine_send(expert_out, handle, out)
             return Pending(lambda: self._ll.combine_recv(state, out))
         if out is not None:
             torch.ops.ncclep.ll_combine_out(self.id, expert_out, *handle.tensors(), out)

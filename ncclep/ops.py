@@ -32,8 +32,7 @@ def ll_dispatch(
 ) -> LLDispatchTensors:
     """-> (x, scales (empty without fp8), expert_counts, send_slots, recv_rows, recv_weights,
     recv_slot_counts)"""
-    backend = get_group(group)._ll
-    out = backend.dispatch_recv(backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0))
+    out = get_group(group)._ll.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0)
     return (out.x, _none_as_empty(out.scales, x), out.expert_counts, *out.handle.tensors())
 
 
@@ -61,8 +60,7 @@ def _(group: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bo
 
 
 def _ll_combine(group: int, expert_out: Tensor, handle: LLHandle, out: Tensor | None) -> Tensor:
-    backend = get_group(group)._ll
-    return backend.combine_recv(backend.combine_send(expert_out, handle), out)
+    return get_group(group)._ll.combine(expert_out, handle, out)
 
 
 @torch.library.custom_op("ncclep::ll_combine", mutates_args=())

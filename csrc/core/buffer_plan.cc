@@ -28,6 +28,10 @@ ncclepResult_t planBuffers(const ncclepGroupConfig_t& c, int nRanks, BufferPlan*
   ok = ok && addOk(p.dispatchOffset, p.dispatchBytes, &p.combineOffset) &&
        addOk(p.combineOffset, p.combineBytes, &total) &&
        addOk(total, kWindowGranularity - 1, &total);
+  if (ok && c.mode == NCCLEP_MODE_LL) {
+    ok = planLLLayout(kControlBytes, nRanks, c.maxTokensPerRank, c.numExperts / nRanks, c.maxTopk, c.hidden, &p.ll) &&
+         addOk(p.ll.end, kWindowGranularity - 1, &total);
+  }
   if (!ok)
     return setError(ncclepInvalidArgument,
                     "buffer plan overflows size_t (nRanks=%d, maxTokensPerRank=%d, hidden=%d, maxTopk=%d)",

@@ -1,14 +1,14 @@
-// Layout of the symmetric window (first plan; expected to change with the kernels).
+// Layout of the symmetric window.
 //
-//   [0, kControlBytes)                 flags, counters, error word, bring-up check area
-//   [kControlBytes, +dispatchBytes)    LL dispatch receive slots: 2 parities x nRanks x maxTokensPerRank
-//   [.., +combineBytes)                LL combine receive slots: same shape, hidden*2 bytes per slot
-//
-// HT uses the same shape for now: PROVISIONAL, a placeholder until the HT kernels exist.
+//   [0, kControlBytes)                 bring-up check area (upper half), spare
+//   LL: [kControlBytes, ll.end)        the LL protocol's regions (kernels/ll/ll_layout.h)
+//   HT: [kControlBytes, ...)           PROVISIONAL placeholder (dispatch and combine slots of LL's
+//                                      shape) until the HT kernels exist
 #pragma once
 
 #include <cstddef>
 
+#include "kernels/ll/ll_layout.h"
 #include "ncclep.h"
 
 namespace ncclep {
@@ -26,6 +26,7 @@ struct BufferPlan {
   size_t combineMsgBytes;   // one combined token: hidden*2, rounded to 16
   size_t dispatchOffset, dispatchBytes;
   size_t combineOffset, combineBytes;
+  LLLayout ll;              // LL mode only
   size_t totalBytes;        // rounded up to kWindowGranularity
 };
 

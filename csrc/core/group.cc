@@ -61,7 +61,7 @@ static_assert(sizeof(ncclepUniqueId) == sizeof(ncclUniqueId), "ncclepUniqueId mu
 constexpr int kGinSignalCount = 64;
 
 ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
-                               const ncclepGroupConfig_t* config, size_t* windowBytes) {
+                               const ncclepGroupConfig_t* config, size_t* windowBytes, BufferPlan* planOut) {
   if (out == nullptr) return setError(ncclepInvalidArgument, "ncclepGroupCreate: group is NULL");
   if (nRanks < 1) return setError(ncclepInvalidArgument, "ncclepGroupCreate: nRanks = %d: must be >= 1", nRanks);
   if (rank < 0 || rank >= nRanks)
@@ -72,6 +72,7 @@ ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cud
 
   BufferPlan plan;
   NCCLEP_CHECK(planBuffers(*config, nRanks, &plan));
+  *planOut = plan;
   if (config->windowBytes == 0) {
     *windowBytes = plan.totalBytes;
   } else {
@@ -174,6 +175,14 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
                     "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
   NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->numSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
+                    "cudaDeviceGetAttribute(multiProcessorCount)");
+  if (g->config.numSms > 0 && g->config.numSms < g->numSms) g->numSms = g->config.numSms;
+  NCCLEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&g->errorHost), sizeof(DeviceError), cudaHostAllocMapped),
+                    "cudaHostAlloc(error word)");
+  std::memset(g->errorHost, 0, sizeof(DeviceError));
+  NCCLEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&g->errorDevice), g->errorHost, 0),
+                    "cudaHostGetDevicePointer(error word)");
 
   ncclUniqueId id;
   std::memcpy(&id, &uniqueId, sizeof(id));
@@ -274,6 +283,11 @@ ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
     if (e != cudaSuccess) note(cudaFailure(e, "cudaEventDestroy"));
     g->checkDone = nullptr;
   }
+  if (g->errorHost != nullptr) {
+    cudaError_t e = cudaFreeHost(g->errorHost);
+    if (e != cudaSuccess) note(cudaFailure(e, "cudaFreeHost(error word)"));
+    g->errorHost = g->errorDevice = nullptr;
+  }
   if (g->checkResult != nullptr) {
     cudaError_t e = cudaFree(g->checkResult);
     if (e != cudaSuccess) note(cudaFailure(e, "cudaFree(LSA check result)"));
@@ -309,7 +323,8 @@ extern "C" ncclepResult_t ncclepGroupCreate(ncclepGroup_t* out, ncclepUniqueId u
   NCCLEP_API_TRY
   if (out != nullptr) *out = nullptr;
   size_t windowBytes = 0;
-  NCCLEP_CHECK(ncclep::checkCreateArgs(out, nRanks, rank, cudaDevice, config, &windowBytes));
+  ncclep::BufferPlan plan;
+  NCCLEP_CHECK(ncclep::checkCreateArgs(out, nRanks, rank, cudaDevice, config, &windowBytes, &plan));
 
   std::unique_ptr<ncclepGroup> g(new ncclepGroup());
   g->rank = rank;
@@ -317,6 +332,7 @@ extern "C" ncclepResult_t ncclepGroupCreate(ncclepGroup_t* out, ncclepUniqueId u
   g->cudaDevice = cudaDevice;
   g->config = *config;
   g->windowBytes = windowBytes;
+  g->plan = plan;
 
   ncclepResult_t res = ncclep::createGroup(g.get(), uniqueId);
   if (res != ncclepSuccess) {

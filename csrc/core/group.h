@@ -9,6 +9,8 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include "common/device_error.h"
+#include "core/buffer_plan.h"
 #include "kernels/bringup/lsa_check.h"
 #include "ncclep.h"
 
@@ -34,6 +36,12 @@ struct ncclepGroup {
   ncclep::kernels::LsaCheckResult* checkResult = nullptr;  // device memory
   cudaEvent_t checkDone = nullptr;
   uint32_t checkCalls = 0;
+
+  ncclep::BufferPlan plan{};
+  int numSms = 0;
+  // The error word: pinned host memory the kernels write through its device mapping.
+  ncclep::DeviceError* errorHost = nullptr;
+  ncclep::DeviceError* errorDevice = nullptr;
 
   // A kernel of this group may still be running (a wait timed out): the
   // collective teardown and the window free are skipped, the comm is aborted.

@@ -163,6 +163,74 @@ NCCLEP_API ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t group, ncclepGroupInf
  */
 NCCLEP_API ncclepResult_t ncclepGroupCheckLsa(ncclepGroup_t group, cudaStream_t stream, int* ok);
 
+/* ------------------------------------------------------------------------------------------
+ * LL mode (low latency): dispatch and combine kernels. Every call is collective over the group
+ * and enqueued on `stream` without host synchronisation (CUDA-graph capturable). A call may be
+ * split into its send half and its receive half (phases), launched separately; the receive half
+ * of call n must follow its send half, and calls of one kind follow each other in order.
+ * ------------------------------------------------------------------------------------------ */
+#define NCCLEP_PHASE_SEND 1
+#define NCCLEP_PHASE_RECV 2
+#define NCCLEP_PHASE_ALL 3
+#define NCCLEP_LL_ARGS_VERSION 1u
+
+typedef struct ncclepLLDispatchArgs_v1 {
+  size_t size;              /* sizeof(ncclepLLDispatchArgs_t) */
+  unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
+  int phases;               /* NCCLEP_PHASE_* */
+  int numTokens;            /* B <= maxTokensPerRank (0 allowed) */
+  int hidden;               /* H: a multiple of 128, <= the group's hidden */
+  int topk;                 /* K: 1..min(maxTopk, 16) */
+  const void* x;            /* bf16 [B, H] */
+  const void* topkIdx;      /* [B, K] expert ids, -1 = none */
+  int topkIdxBits;          /* 32 or 64 */
+  const float* topkWeights; /* [B, K] */
+  int useFp8;               /* payload: 0 bf16, 1 fp8 e4m3 with one scale per 128 channels */
+  int ue8m0;                /* with useFp8: power-of-two scales as UE8M0 bytes instead of fp32 */
+  void* recvX;              /* out: [L, R*T, H] bf16 or fp8 */
+  void* recvScales;         /* out (fp8): [L, R*T, H/128] fp32 or uint8 */
+  int* expertCounts;        /* out: [L] */
+  int* sendSlots;           /* out (handle): [B, R] */
+  int* recvRows;            /* out (handle): [R, T, maxTopk] */
+  float* recvWeights;       /* out (handle): [R, T, maxTopk] */
+  int* recvSlotCounts;      /* out (handle): [R] */
+} ncclepLLDispatchArgs_t;
+
+typedef struct ncclepLLCombineArgs_v1 {
+  size_t size;              /* sizeof(ncclepLLCombineArgs_t) */
+  unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
+  int phases;               /* NCCLEP_PHASE_* */
+  int numTokens;            /* B of the matching dispatch */
+  int hidden;               /* a multiple of 128, <= the group's hidden */
+  const void* expertOut;    /* bf16 [L, R*T, hidden] */
+  const int* sendSlots;     /* the dispatch's handle */
+  const int* recvRows;
+  const float* recvWeights;
+  const int* recvSlotCounts;
+  void* out;                /* out: bf16 [B, hidden] */
+} ncclepLLCombineArgs_t;
+
+/* What a kernel reported instead of trapping: code 0 = nothing. Codes: 1 a wait timed out (phase,
+ * peer), 2 an expert id out of range (value), 3 a token named one expert twice (value = token),
+ * 4 a protocol error. Phases: 1 LL dispatch send, 2 LL dispatch receive, 3 LL combine send,
+ * 4 LL combine receive. Read without synchronising; see ncclepGroupGetDeviceError. */
+typedef struct ncclepDeviceError_v1 {
+  int code;
+  int phase;
+  int peer;
+  int value;
+} ncclepDeviceError_t;
+
+NCCLEP_API ncclepResult_t ncclepLLDispatch(ncclepGroup_t group, const ncclepLLDispatchArgs_t* args,
+                                           cudaStream_t stream);
+NCCLEP_API ncclepResult_t ncclepLLCombine(ncclepGroup_t group, const ncclepLLCombineArgs_t* args,
+                                          cudaStream_t stream);
+
+/* Copies the group's error word. Bad-input codes (2, 3) are cleared by the read (the group stays
+ * usable); a timeout or protocol error stays, and every later call returns ncclepTimeout or
+ * ncclepInvalidUsage: the group can only be destroyed. */
+NCCLEP_API ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t group, ncclepDeviceError_t* error);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -140,6 +140,65 @@ class Communicator {
     check(res);
   }
 
+  // The LL calls take raw device pointers (ints) and a raw cudaStream_t; ncclep/ops.py owns the
+  // tensors and their checks.
+  void llDispatch(int phases, int numTokens, int hidden, int topk, uintptr_t x, uintptr_t topkIdx, int topkIdxBits,
+                  uintptr_t topkWeights, bool useFp8, bool ue8m0, uintptr_t recvX, uintptr_t recvScales,
+                  uintptr_t expertCounts, uintptr_t sendSlots, uintptr_t recvRows, uintptr_t recvWeights,
+                  uintptr_t recvSlotCounts, uintptr_t stream) {
+    ncclepLLDispatchArgs_t a;
+    std::memset(&a, 0, sizeof(a));
+    a.size = sizeof(a);
+    a.version = NCCLEP_LL_ARGS_VERSION;
+    a.phases = phases;
+    a.numTokens = numTokens;
+    a.hidden = hidden;
+    a.topk = topk;
+    a.x = reinterpret_cast<const void*>(x);
+    a.topkIdx = reinterpret_cast<const void*>(topkIdx);
+    a.topkIdxBits = topkIdxBits;
+    a.topkWeights = reinterpret_cast<const float*>(topkWeights);
+    a.useFp8 = useFp8;
+    a.ue8m0 = ue8m0;
+    a.recvX = reinterpret_cast<void*>(recvX);
+    a.recvScales = reinterpret_cast<void*>(recvScales);
+    a.expertCounts = reinterpret_cast<int*>(expertCounts);
+    a.sendSlots = reinterpret_cast<int*>(sendSlots);
+    a.recvRows = reinterpret_cast<int*>(recvRows);
+    a.recvWeights = reinterpret_cast<float*>(recvWeights);
+    a.recvSlotCounts = reinterpret_cast<int*>(recvSlotCounts);
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepLLDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+  }
+
+  void llCombine(int phases, int numTokens, int hidden, uintptr_t expertOut, uintptr_t sendSlots, uintptr_t recvRows,
+                 uintptr_t recvWeights, uintptr_t recvSlotCounts, uintptr_t out, uintptr_t stream) {
+    ncclepLLCombineArgs_t a;
+    std::memset(&a, 0, sizeof(a));
+    a.size = sizeof(a);
+    a.version = NCCLEP_LL_ARGS_VERSION;
+    a.phases = phases;
+    a.numTokens = numTokens;
+    a.hidden = hidden;
+    a.expertOut = reinterpret_cast<const void*>(expertOut);
+    a.sendSlots = reinterpret_cast<const int*>(sendSlots);
+    a.recvRows = reinterpret_cast<const int*>(recvRows);
+    a.recvWeights = reinterpret_cast<const float*>(recvWeights);
+    a.recvSlotCounts = reinterpret_cast<const int*>(recvSlotCounts);
+    a.out = reinterpret_cast<void*>(out);
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepLLCombine(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+  }
+
+  // None, or (code, phase, peer, value) of the error word; bad-input codes are cleared by the read.
+  py::object deviceError() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ncclepDeviceError_t e;
+    check(ncclepGroupGetDeviceError(openGroup(), &e));
+    if (e.code == 0) return py::none();
+    return py::make_tuple(e.code, e.phase, e.peer, e.value);
+  }
+
   py::object deviceApiError() const {
     if (deviceApiError_.empty()) return py::none();
     return py::str(deviceApiError_);
@@ -174,7 +233,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MODE_LL") = NCCLEP_MODE_LL;
   m.attr("MODE_HT") = NCCLEP_MODE_HT;
   m.attr("UNIQUE_ID_BYTES") = NCCLEP_UNIQUE_ID_BYTES;
-  m.attr("KERNEL_MODES") = py::tuple();  // modes with dispatch/combine kernels: none yet
+  m.attr("KERNEL_MODES") = py::make_tuple("ll");  // modes with dispatch/combine kernels
+  m.attr("PHASE_SEND") = NCCLEP_PHASE_SEND;
+  m.attr("PHASE_RECV") = NCCLEP_PHASE_RECV;
+  m.attr("PHASE_ALL") = NCCLEP_PHASE_ALL;
 
   m.def("last_error", []() { return std::string(ncclepGetLastError()); },
         "ncclepGetLastError() of this thread, e.g. why check_lsa returned False");
@@ -218,5 +280,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("info", &Communicator::info)
       .def("check_lsa", &Communicator::checkLsa, py::arg("stream") = py::none())
       .def("close", &Communicator::close)
+      .def("ll_dispatch", &Communicator::llDispatch)
+      .def("ll_combine", &Communicator::llCombine)
+      .def("device_error", &Communicator::deviceError)
       .def_property_readonly("device_api_error", &Communicator::deviceApiError);
 }

@@ -62,23 +62,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _backends(args: argparse.Namespace, modes: list[str], gpu: bool, say: Any) -> list[str]:
+    """Backends to run; a case whose mode has no CUDA kernels runs the reference only."""
     if args.backend == "reference":
         return ["reference"]
-    have = gpu and all(_native.has_kernels(m) for m in modes)
-    if not have:
-        why = (
-            "no GPU"
-            if not gpu
-            else (
-                f"the CUDA extension is not built ({_native.IMPORT_ERROR})"
-                if not _native.available()
-                else "this build has no kernels for "
-                + ", ".join(m for m in modes if not _native.has_kernels(m))
-            )
-        )
-        if args.backend == "cuda":
+    with_kernels = [m for m in modes if gpu and _native.has_kernels(m)]
+    without = [m for m in modes if m not in with_kernels]
+    if without:
+        if not gpu:
+            why = "no GPU"
+        elif not _native.available():
+            why = f"the CUDA extension is not built ({_native.IMPORT_ERROR})"
+        else:
+            why = "this build has no kernels for " + ", ".join(without)
+        if args.backend == "cuda" and not with_kernels:
             raise SystemExit(f"--backend cuda is not available: {why}")
-        say(f"ncclep CUDA backend not available ({why}): running the reference backend only")
+        say(f"ncclep CUDA backend not available for {', '.join(without)} ({why}): reference only there")
+    if not with_kernels:
         return ["reference"]
     return ["cuda"] if args.backend == "cuda" else ["cuda", "reference"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import fp8
+from .. import _native, fp8
 from ..errors import NcclepError
 from ..group import Group
 from ..workloads import make_routing
@@ -196,6 +196,8 @@ def run_case(
     volume = {k: _mean_over_ranks(v, pg) for k, v in traffic(case, inputs, rank, world).items()}
     rows: list[Row] = []
     for backend in settings.backends:
+        if backend == "cuda" and not _native.has_kernels(case.mode):
+            continue
         made = _make_group(case, backend, pg)
         if isinstance(made, str):
             progress(f"  skipped backend {backend}: {made}")

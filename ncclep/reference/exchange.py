@@ -37,7 +37,9 @@ def unpack_rows(
         for s in shape:
             count *= s
         width = count * torch.empty((), dtype=dtype).element_size()
-        part = rows[:, offset : offset + width].contiguous().view(dtype)
+        # a copy, not .contiguous(): a one-row slice is already contiguous but may start at an
+        # offset that is not a multiple of dtype's size (e.g. after 1-byte UE8M0 scales)
+        part = rows[:, offset : offset + width].clone(memory_format=torch.contiguous_format).view(dtype)
         out.append(part.reshape(rows.shape[0], *shape))
         offset += width
     return out

@@ -44,6 +44,7 @@ class LLCombineInFlight:
     back_counts: list[int]
     send_slots: torch.Tensor
     hidden: int
+    out: torch.Tensor | None
 
 
 def _pad_columns(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
@@ -156,21 +157,36 @@ class ReferenceLL:
             handle=handle,
         )
 
-    def combine_send(self, expert_out: torch.Tensor, handle: LLHandle) -> LLCombineInFlight:
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, use_fp8: bool, ue8m0: bool
+    ) -> LLDispatchOutput:
+        return self.dispatch_recv(self.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0))
+
+    def combine(
+        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.combine_recv(self.combine_send(expert_out, handle, out))
+
+    def combine_send(
+        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
+    ) -> LLCombineInFlight:
         hidden = expert_out.shape[2]
         slot_counts = handle.recv_slot_counts.tolist()
         src, slot = message_source(slot_counts, expert_out.device)
         rows = handle.recv_rows[src, slot].long()
         weights = handle.recv_weights[src, slot]
         flat = expert_out.reshape(-1, hidden)
-        gathered = flat[rows.clamp_min(0)].float()
-        weights = torch.where(rows >= 0, weights, 0.0)
-        partial = (gathered * weights.unsqueeze(-1)).sum(dim=1).to(torch.bfloat16)
+        # where(), not a zero weight: the row read for an empty choice may be padding, and
+        # 0 * NaN (uninitialised padding) would poison the token's sum
+        weighted = flat[rows.clamp_min(0)].float() * weights.unsqueeze(-1)
+        weighted = torch.where((rows >= 0).unsqueeze(-1), weighted, 0.0)
+        partial = weighted.sum(dim=1).to(torch.bfloat16)
         back_counts = (handle.send_slots >= 0).sum(dim=0).tolist()
         pending = exchange_rows(partial.view(torch.uint8), slot_counts, back_counts, self.group)
-        return LLCombineInFlight(pending, back_counts, handle.send_slots, hidden)
+        return LLCombineInFlight(pending, back_counts, handle.send_slots, hidden, out)
 
     def combine_recv(self, state: LLCombineInFlight, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = state.out if out is None else out
         back = state.rows.wait().view(torch.bfloat16).reshape(-1, state.hidden)
         send_slots = state.send_slots
         tokens = send_slots.shape[0]

@@ -132,7 +132,9 @@ def _run(world: int, target) -> dict[int, Any]:
                         errors.append(f"rank {rank} raised:\n{err}")
                     else:
                         results[rank] = payload
-                errors += [f"rank {r} died with exit code {procs[r].exitcode}" for r in dead if r not in results]
+                errors += [
+                    f"rank {r} died with exit code {procs[r].exitcode}" for r in dead if r not in results
+                ]
             continue
         if err:
             errors.append(f"rank {rank} raised:\n{err}")  # peers may now hang in a collective
@@ -171,8 +173,12 @@ def test_lsa_bringup(world: int) -> None:
         assert info["n_lsa_teams"] == 1, info
         assert info["gin"] is False, info  # single node: GIN must not be requested
         assert info["window_bytes"] == _C.window_bytes(
-            _CONFIG["mode"], _CONFIG["num_experts"], _CONFIG["max_tokens_per_rank"], _CONFIG["hidden"],
-            _CONFIG["max_topk"], world,
+            _CONFIG["mode"],
+            _CONFIG["num_experts"],
+            _CONFIG["max_tokens_per_rank"],
+            _CONFIG["hidden"],
+            _CONFIG["max_topk"],
+            world,
         )
         assert info["nccl_version"] == _C.nccl_version()
         assert r["checks"] == [True] * 4, f"rank {rank}: {r['errors']}"

@@ -1,0 +1,42 @@
+// Memory-order helpers for flags shared between GPUs over NVLink.
+//
+// Payload stores are plain; a writer publishes them with a release store of a flag at system scope
+// (the peer is another GPU), and a reader acquires that flag before reading. Reads of buffers that
+// peers write go through L2 (ld.global.cg): L1 is not coherent with NVLink writes.
+#pragma once
+
+#include <cstdint>
+
+namespace ncclep {
+namespace device {
+
+__device__ __forceinline__ void storeRelease(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t loadAcquire(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void fenceSystem() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// Counts blocks that finished a phase; true in exactly one (the last) block's caller thread.
+// Acquire-release at GPU scope, so the last block sees everything the others did before arriving.
+__device__ __forceinline__ bool arriveLast(unsigned int* counter, unsigned int expected) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+  return old == expected - 1;
+}
+
+__device__ __forceinline__ int4 loadCg(const int4* ptr) { return __ldcg(ptr); }
+
+__device__ __forceinline__ uint64_t globalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+}  // namespace device
+}  // namespace ncclep

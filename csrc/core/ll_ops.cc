@@ -1,0 +1,179 @@
+// Host side of the LL calls: argument checks, the group's state, kernel launch.
+#include <cstring>
+
+#include "core/errors.h"
+#include "core/group.h"
+#include "kernels/ll/ll_params.h"
+
+namespace ncclep {
+namespace {
+
+// Refuses calls on a group whose protocol state can no longer be trusted (a wait timed out).
+ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
+  if (g == nullptr) return setError(ncclepInvalidArgument, "%s: group is NULL", call);
+  if (g->broken) return setError(ncclepInvalidUsage, "%s: the group is broken (an earlier wait timed out)", call);
+  const volatile DeviceError* word = g->errorHost;
+  const DeviceError e{word->code, word->phase, word->peer, word->value};
+  if (e.code == kDeviceTimeout || e.code == kDeviceProtocol) {
+    g->broken = true;
+    return setError(ncclepTimeout, "%s: an earlier call's wait timed out (phase %d, peer %d): the group can only be destroyed",
+                    call, e.phase, e.peer);
+  }
+  if (g->config.mode != NCCLEP_MODE_LL)
+    return setError(ncclepInvalidUsage, "%s: the group was created for HT mode", call);
+  if (!g->devCommCreated)
+    return setError(ncclepUnsupported, "%s: the NCCL device API is unavailable on this group: %s", call,
+                    g->deviceApiError.c_str());
+  if (g->nLsaTeams != 1)
+    return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need the GIN transport, not built yet",
+                    call);
+  if (g->nRanks > kLLMaxRanks || g->config.numExperts > kLLMaxExperts)
+    return setError(ncclepUnsupported, "%s: LL kernels take at most %d ranks and %d experts", call, kLLMaxRanks,
+                    kLLMaxExperts);
+  return ncclepSuccess;
+}
+
+ncclepResult_t checkHidden(const ncclepGroup* g, int hidden, const char* call) {
+  if (hidden <= 0 || hidden % 128 != 0 || hidden > g->config.hidden)
+    return setError(ncclepInvalidArgument, "%s: hidden = %d: must be a positive multiple of 128 up to the group's %d",
+                    call, hidden, g->config.hidden);
+  return ncclepSuccess;
+}
+
+ncclepResult_t checkPhases(int phases, const char* call) {
+  if (phases < 1 || phases > NCCLEP_PHASE_ALL)
+    return setError(ncclepInvalidArgument, "%s: phases = %d: must be a non-empty set of NCCLEP_PHASE_*", call, phases);
+  return ncclepSuccess;
+}
+
+LLCommon common(const ncclepGroup* g) {
+  LLCommon c{};
+  c.window = g->window;
+  c.local = static_cast<char*>(g->windowPtr);
+  c.layout = g->plan.ll;
+  c.rank = g->rank;
+  c.nRanks = g->nRanks;
+  c.numExperts = g->config.numExperts;
+  c.timeoutNs = uint64_t(g->config.timeoutSeconds * 1e9);
+  c.error = g->errorDevice;
+  return c;
+}
+
+#define NCCLEP_REQUIRE(cond, ...) \
+  do {                            \
+    if (!(cond)) return ncclep::setError(ncclepInvalidArgument, __VA_ARGS__); \
+  } while (0)
+
+}  // namespace
+}  // namespace ncclep
+
+using namespace ncclep;
+
+extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispatchArgs_t* a, cudaStream_t stream) {
+  NCCLEP_API_TRY
+  const char* call = "ncclepLLDispatch";
+  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
+  NCCLEP_REQUIRE(a->size == sizeof(ncclepLLDispatchArgs_t) && a->version == NCCLEP_LL_ARGS_VERSION,
+                 "%s: args.size/version = %zu/%u, expected %zu/%u", call, a->size, a->version,
+                 sizeof(ncclepLLDispatchArgs_t), NCCLEP_LL_ARGS_VERSION);
+  NCCLEP_CHECK(checkPhases(a->phases, call));
+  NCCLEP_CHECK(checkHidden(g, a->hidden, call));
+  NCCLEP_REQUIRE(a->numTokens >= 0 && a->numTokens <= g->config.maxTokensPerRank,
+                 "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a->numTokens,
+                 g->config.maxTokensPerRank);
+  const int maxK = g->config.maxTopk < kLLMaxTopk ? g->config.maxTopk : kLLMaxTopk;
+  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= maxK, "%s: topk = %d: must be in [1, %d]", call, a->topk, maxK);
+  NCCLEP_REQUIRE(g->config.maxTopk <= kLLMaxTopk, "%s: the group's maxTopk (%d) exceeds the LL kernels' %d", call,
+                 g->config.maxTopk, kLLMaxTopk);
+  NCCLEP_REQUIRE(a->topkIdxBits == 32 || a->topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
+                 a->topkIdxBits);
+  NCCLEP_REQUIRE(!a->ue8m0 || a->useFp8, "%s: ue8m0 needs useFp8", call);
+  if (a->phases & NCCLEP_PHASE_SEND) {
+    NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->topkIdx && a->topkWeights),
+                   "%s: x, topkIdx and topkWeights are required", call);
+    NCCLEP_REQUIRE(a->numTokens == 0 || a->sendSlots, "%s: sendSlots is required", call);
+  }
+  if (a->phases & NCCLEP_PHASE_RECV)
+    NCCLEP_REQUIRE(a->recvX && a->expertCounts && a->recvRows && a->recvWeights && a->recvSlotCounts &&
+                       (!a->useFp8 || a->recvScales),
+                   "%s: an output pointer is NULL", call);
+
+  LLDispatchParams p{};
+  p.c = common(g);
+  p.phases = a->phases;
+  p.x = a->x;
+  p.topkIdx = a->topkIdx;
+  p.topkIdx64 = a->topkIdxBits == 64;
+  p.topkWeights = a->topkWeights;
+  p.numTokens = a->numTokens;
+  p.hidden = a->hidden;
+  p.topk = a->topk;
+  p.useFp8 = a->useFp8;
+  p.ue8m0 = a->ue8m0;
+  p.recvX = a->recvX;
+  p.recvScales = a->recvScales;
+  p.expertCounts = a->expertCounts;
+  p.sendSlots = a->sendSlots;
+  p.recvRows = a->recvRows;
+  p.recvWeights = a->recvWeights;
+  p.recvSlotCounts = a->recvSlotCounts;
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+  NCCLEP_CUDA_CHECK(cudaError_t(launchLLDispatch(p, g->numSms, stream)), "launching the LL dispatch kernel");
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}
+
+extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombineArgs_t* a, cudaStream_t stream) {
+  NCCLEP_API_TRY
+  const char* call = "ncclepLLCombine";
+  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
+  NCCLEP_REQUIRE(a->size == sizeof(ncclepLLCombineArgs_t) && a->version == NCCLEP_LL_ARGS_VERSION,
+                 "%s: args.size/version = %zu/%u, expected %zu/%u", call, a->size, a->version,
+                 sizeof(ncclepLLCombineArgs_t), NCCLEP_LL_ARGS_VERSION);
+  NCCLEP_CHECK(checkPhases(a->phases, call));
+  NCCLEP_CHECK(checkHidden(g, a->hidden, call));
+  NCCLEP_REQUIRE(a->numTokens >= 0 && a->numTokens <= g->config.maxTokensPerRank,
+                 "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a->numTokens,
+                 g->config.maxTokensPerRank);
+  if (a->phases & NCCLEP_PHASE_SEND)
+    NCCLEP_REQUIRE(a->expertOut && a->recvRows && a->recvWeights && a->recvSlotCounts,
+                   "%s: expertOut and the handle are required", call);
+  if (a->phases & NCCLEP_PHASE_RECV)
+    NCCLEP_REQUIRE(a->numTokens == 0 || (a->sendSlots && a->out), "%s: sendSlots and out are required", call);
+
+  LLCombineParams p{};
+  p.c = common(g);
+  p.phases = a->phases;
+  p.expertOut = a->expertOut;
+  p.hidden = a->hidden;
+  p.numTokens = a->numTokens;
+  p.sendSlots = a->sendSlots;
+  p.recvRows = a->recvRows;
+  p.recvWeights = a->recvWeights;
+  p.recvSlotCounts = a->recvSlotCounts;
+  p.out = a->out;
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+  NCCLEP_CUDA_CHECK(cudaError_t(launchLLCombine(p, g->numSms, stream)), "launching the LL combine kernel");
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}
+
+extern "C" ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t g, ncclepDeviceError_t* out) {
+  if (g == nullptr || out == nullptr)
+    return setError(ncclepInvalidArgument, "ncclepGroupGetDeviceError: group or error is NULL");
+  static_assert(sizeof(ncclepDeviceError_t) == sizeof(DeviceError), "error word layout");
+  volatile DeviceError* word = g->errorHost;
+  DeviceError e{word->code, word->phase, word->peer, word->value};
+  std::memcpy(out, &e, sizeof(e));
+  if (e.code == kDeviceBadExpert || e.code == kDeviceDuplicateExpert) {
+    word->phase = 0;
+    word->peer = 0;
+    word->value = 0;
+    word->code = 0;
+  }
+  return ncclepSuccess;
+}

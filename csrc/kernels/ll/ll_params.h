@@ -1,0 +1,72 @@
+// Launch parameters of the LL kernels (host and device).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include "common/device_error.h"
+#include "kernels/ll/ll_layout.h"
+
+namespace ncclep {
+
+constexpr int kLLMaxTopk = 16;
+constexpr int kLLMaxRanks = 128;
+constexpr int kLLMaxExperts = 4096;
+constexpr int kLLThreads = 512;
+
+enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
+
+struct LLCommon {
+  ncclWindow_t window;
+  char* local;  // our window's base address
+  LLLayout layout;
+  int rank;
+  int nRanks;
+  int numExperts;
+  uint64_t timeoutNs;
+  DeviceError* error;  // device-mapped host memory
+};
+
+struct LLDispatchParams {
+  LLCommon c;
+  int phases;
+  // inputs
+  const void* x;  // bf16 [numTokens, hidden]
+  const void* topkIdx;
+  int topkIdx64;
+  const float* topkWeights;
+  int numTokens;
+  int hidden;
+  int topk;
+  int useFp8;
+  int ue8m0;
+  // outputs
+  void* recvX;         // [L, R*T, hidden] bf16 or fp8
+  void* recvScales;    // [L, R*T, hidden/128] fp32 or ue8m0 bytes (fp8 only)
+  int* expertCounts;   // [L]
+  int* sendSlots;      // [numTokens, R]
+  int* recvRows;       // [R, T, maxTopk]
+  float* recvWeights;  // [R, T, maxTopk]
+  int* recvSlotCounts; // [R]
+};
+
+struct LLCombineParams {
+  LLCommon c;
+  int phases;
+  const void* expertOut;  // bf16 [L, R*T, hidden]
+  int hidden;
+  int numTokens;
+  const int* sendSlots;
+  const int* recvRows;
+  const float* recvWeights;
+  const int* recvSlotCounts;
+  void* out;  // bf16 [numTokens, hidden]
+};
+
+// Host launchers (ll_dispatch.cu, ll_combine.cu): return the cudaError_t of the launch.
+int launchLLDispatch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream);
+int launchLLCombine(const LLCombineParams& p, int numBlocks, cudaStream_t stream);
+
+}  // namespace ncclep

@@ -1,0 +1,223 @@
+"""GPU: the LL kernels against the reference backend, on the same inputs, in one NCCL group."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import gpu_pool
+
+import ncclep
+from ncclep.workloads import make_routing
+
+pytestmark = pytest.mark.gpu
+
+EXPERTS, T, HIDDEN = 64, 64, 7168
+
+
+def _groups(max_topk: int = 16) -> tuple[ncclep.Group, ncclep.Group]:
+    cuda = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="cuda")
+    ref = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="reference")
+    return cuda, ref
+
+
+def _inputs(g: torch.Generator, tokens: int, hidden: int, topk: int, routing: str, dev: torch.device):
+    world = dist.get_world_size()
+    x = (torch.randn(tokens, hidden, generator=g) * 3).to(torch.bfloat16)
+    masked = 3 if routing == "random" else 0
+    idx, w = make_routing(
+        routing, tokens, EXPERTS, topk, world_size=world, generator=g, masked=masked, hot_rank=1
+    )
+    return x.to(dev), idx.to(dev), w.to(dev)
+
+
+def _same_dispatch(a: ncclep.LLDispatchOutput, b: ncclep.LLDispatchOutput) -> str | None:
+    if not torch.equal(a.expert_counts, b.expert_counts):
+        return f"expert_counts {a.expert_counts.tolist()} != {b.expert_counts.tolist()}"
+    for e, n in enumerate(b.expert_counts.tolist()):
+        if not torch.equal(a.x[e, :n].view(torch.uint8), b.x[e, :n].view(torch.uint8)):
+            return f"expert {e}: payload differs"
+        if b.scales is not None and not torch.equal(
+            a.scales[e, :n].view(torch.uint8), b.scales[e, :n].view(torch.uint8)
+        ):
+            return f"expert {e}: scales differ"
+    for name in ("send_slots", "recv_rows", "recv_weights", "recv_slot_counts"):
+        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
+            return f"handle.{name} differs"
+    return None
+
+
+def _combine_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (out.float() - ref.float()).norm()
+    return float(diff / ref.float().norm().clamp_min(1e-20))
+
+
+def _matrix(seed: int) -> list[str]:
+    """Every routing / top-k / hidden / payload combination, dispatch bit-exact and combine close."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(seed * 131 + rank)
+    cuda, ref = _groups()
+    problems = []
+    cases = []
+    for routing in ("random", "skewed", "hot"):
+        for topk in (1, 8, 16):
+            for hidden in (2048, 4096, 7168):
+                for payload in ("bf16", "fp8", "ue8m0"):
+                    cases.append((routing, topk, hidden, payload))
+    for i, (routing, topk, hidden, payload) in enumerate(cases):
+        if routing == "hot" and topk > EXPERTS // dist.get_world_size():
+            continue
+        tokens = [T, 0, 17, 1][(i + rank) % 4]
+        x, idx, w = _inputs(g, tokens, hidden, topk, routing, dev)
+        use_fp8, ue8m0 = payload != "bf16", payload == "ue8m0"
+        a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0)
+        b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0)
+        problem = _same_dispatch(a, b)
+        if problem:
+            problems.append(f"{routing} k={topk} h={hidden} {payload} B={tokens}: {problem}")
+            continue
+        y = (torch.randn(a.x.shape, generator=g) * 2).to(torch.bfloat16).to(dev)
+        out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)
+        if tokens and _combine_error(out_a, out_b) > 1e-2:
+            problems.append(
+                f"{routing} k={topk} h={hidden} B={tokens}: combine error {_combine_error(out_a, out_b):.3g}"
+            )
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ll_matches_reference(world: int) -> None:
+    for problems in gpu_pool(world).run(_matrix, world):
+        assert problems == []
+
+
+def _many_iterations(count: int) -> list[str]:
+    """Consecutive dispatch/combine pairs with token counts and routing changing every call."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(7 + rank)
+    cuda, ref = _groups(max_topk=8)
+    problems = []
+    for i in range(count):
+        tokens = int(torch.randint(0, T + 1, (1,), generator=g))
+        routing = ("random", "skewed", "hot")[i % 3]
+        x, idx, w = _inputs(g, tokens, HIDDEN, 8, routing, dev)
+        use_fp8 = i % 2 == 1
+        a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8)
+        b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8)
+        problem = _same_dispatch(a, b)
+        y = torch.randn(a.x.shape, device=dev).to(torch.bfloat16)
+        err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)) if tokens else 0.0
+        if problem or err > 1e-2:
+            problems.append(f"iteration {i}: {problem or f'combine error {err:.3g}'}")
+            break
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+def test_ll_1000_iterations() -> None:
+    for problems in gpu_pool(2).run(_many_iterations, 1000):
+        assert problems == []
+
+
+def _send_only_and_graph(replays: int) -> list[str]:
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(99 + rank)
+    cuda, ref = _groups(max_topk=8)
+    problems = []
+    # send_only: two micro-batches in flight, receive halves later
+    batches = [_inputs(g, T - 3 * k, HIDDEN, 8, "random", dev) for k in range(2)]
+    pending = [cuda.ll_dispatch(*b, use_fp8=True, send_only=True) for b in batches]
+    outs = [p.wait() for p in pending]
+    for b, out in zip(batches, outs, strict=True):
+        problem = _same_dispatch(out, ref.ll_dispatch(*b, use_fp8=True))
+        if problem:
+            problems.append(f"send_only dispatch: {problem}")
+    ys = [torch.randn(o.x.shape, device=dev).to(torch.bfloat16) for o in outs]
+    combined = [cuda.ll_combine(y, o.handle, send_only=True) for y, o in zip(ys, outs, strict=True)]
+    for k, c in enumerate(combined):
+        expected = ref.ll_combine(ys[k], ref.ll_dispatch(*batches[k], use_fp8=True).handle)
+        if _combine_error(c.wait(), expected) > 1e-2:
+            problems.append(f"send_only combine {k}")
+
+    # CUDA graph: dispatch -> stand-in experts -> combine, captured once, replayed with new inputs
+    static_x, static_idx, static_w = _inputs(g, T, HIDDEN, 8, "random", dev)
+    scale = torch.linspace(0.5, 1.5, EXPERTS // dist.get_world_size(), device=dev).view(-1, 1, 1)
+
+    def step() -> torch.Tensor:
+        d = cuda.ll_dispatch(static_x, static_idx, static_w)
+        return cuda.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for i in range(replays):
+        x, idx, w = _inputs(g, T, HIDDEN, 8, ("random", "skewed", "hot")[i % 3], dev)
+        static_x.copy_(x)
+        static_idx.copy_(idx)
+        static_w.copy_(w)
+        graph.replay()
+        if i % 50 == 0 or i == replays - 1:
+            d = ref.ll_dispatch(x, idx, w)
+            expected = ref.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
+            err = _combine_error(static_out, expected)
+            if err > 1e-2:
+                problems.append(f"graph replay {i}: error {err:.3g}")
+                break
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+def test_ll_send_only_and_cuda_graph() -> None:
+    for problems in gpu_pool(2).run(_send_only_and_graph, 1000):
+        assert problems == []
+
+
+def _skipped_call() -> str:
+    """Rank 1 skips a dispatch: rank 0 must raise CommError naming it, within the timeout."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    group = ncclep.Group(EXPERTS, T, 1024, mode="ll", backend="cuda", timeout_s=2.0)
+    g = torch.Generator().manual_seed(rank)
+    x, idx, w = _inputs(g, 8, 1024, 4, "random", dev)
+    group.ll_dispatch(x, idx, w)
+    group.check()  # a complete call first
+    if rank == 1:
+        return "skipped"
+    group.ll_dispatch(x, idx, w)
+    try:
+        group.check()
+    except ncclep.CommError as exc:
+        return f"CommError peer={exc.peer} phase={exc.phase}"
+    return "no error"
+
+
+def test_ll_timeout_names_the_peer() -> None:
+    from dist_pool import DistPool
+
+    if torch.cuda.device_count() < 2 or not ncclep.cuda_extension_available():
+        pytest.skip("needs 2 GPUs and the extension")
+    pool = DistPool(2, "nccl")  # its own processes: the group is left broken
+    try:
+        results = pool.run(_skipped_call)
+    finally:
+        pool.close()
+    assert results[1] == "skipped"
+    assert results[0].startswith("CommError peer=1"), results[0]
+    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
