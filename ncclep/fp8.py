@@ -3,11 +3,14 @@
 The arithmetic is spelled out step by step in fp32 so that the CUDA kernels can reproduce it
 bit for bit (IEEE division, no fast-math):
 
-* fp32 scales: ``amax = max(|x|, 1e-4)`` over the block, ``q = sat(x * (448 / amax))``,
-  ``scale = amax / 448``; dequantised value ``q * scale``.
-* UE8M0 scales: ``scale = 2**e`` with ``e`` the smallest integer such that ``amax / 448 <= 2**e``,
-  found from the bits of ``amax / 448`` (no ``log2``); ``q = sat(x * 2**-e)``. Scales are returned
-  as ``torch.float8_e8m0fnu`` (one byte: the biased exponent).
+* fp32 scales: ``amax = max(|x|, 1e-4)`` over the block, ``q = sat(x * (rcp(amax) * 448))``,
+  ``scale = amax * fp32(1/448)``; dequantised value ``q * scale``. Reciprocal and products are
+  each rounded to fp32: there is no division, because PyTorch itself evaluates ``c / t`` as
+  ``reciprocal(t) * c`` and, on CUDA, ``t / c`` as ``t * (1/c)``.
+* UE8M0 scales: ``scale = 2**e`` with ``e`` the smallest integer such that
+  ``amax * fp32(1/448) <= 2**e``, found from the bits of that product (no ``log2``);
+  ``q = sat(x * 2**-e)``. Scales are returned as ``torch.float8_e8m0fnu`` (one byte: the biased
+  exponent).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 UE8M0_DTYPE = torch.float8_e8m0fnu
 FP8_MAX = 448.0
+INV_FP8_MAX = 1.0 / 448.0  # rounded to fp32 where it multiplies an fp32 tensor
 AMAX_FLOOR = 1e-4
 BLOCK = 128
 
@@ -35,14 +39,14 @@ def quantize(x: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.
     """Quantise ``x [..., H]`` (H divisible by 128) to e4m3; returns ``(q [..., H], scales [..., H/128])``."""
     blocks = _blocks(x)
     amax = blocks.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    ratio = amax / FP8_MAX
+    ratio = amax * INV_FP8_MAX
     if ue8m0:
         bits = ratio.view(torch.int32)
         biased = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
         multiplier = _pow2_from_biased_exponent(254 - biased)
         scales = biased.to(torch.uint8).view(UE8M0_DTYPE)
     else:
-        multiplier = FP8_MAX / amax
+        multiplier = torch.reciprocal(amax) * FP8_MAX
         scales = ratio
     scaled = (blocks * multiplier.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
     q = scaled.to(FP8_DTYPE).reshape(x.shape)

@@ -6,6 +6,7 @@ import itertools
 import os
 import socket
 import threading
+import zlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -132,7 +133,10 @@ class Group:
             self._ll = ReferenceLL(self.config, self.rank, self.process_group)
         self._ht = ReferenceHT(self.config, self.rank, self.process_group)
         with _lock:
-            self.id = next(_ids)
+            # Compiled graphs hold the id as a constant and the fake kernels read the sizes through
+            # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
+            # graph) from handing a graph traced for one configuration to a group with another.
+            self.id = (zlib.crc32(repr(self.config).encode()) << 20) | (next(_ids) & 0xFFFFF)
             _groups[self.id] = self
 
     # ----------------------------------------------------------------------------- set-up

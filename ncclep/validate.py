@@ -101,6 +101,8 @@ def validate_ll_dispatch(
     check_tokens(cfg, x)
     if x.shape[1] % BLOCK:
         raise InvalidArgument(f"LL dispatch needs hidden divisible by {BLOCK}, got {x.shape[1]}")
+    if topk_weights is None:  # optional in HT (check_routing lets None through), required here
+        raise InvalidArgument("topk_weights must be a torch.Tensor [B, K] float32 for LL dispatch, got None")
     check_routing(cfg, x.shape[0], topk_idx, topk_weights, device)
 
 

@@ -55,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, tasks: Any, res
 
 
 class DistPool:
-    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 180.0) -> None:
+    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 150.0) -> None:
         self.world_size = world_size
         self.backend = backend
         self.timeout_s = timeout_s
@@ -79,7 +79,7 @@ class DistPool:
             p.start()
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
-        if not all(p.is_alive() for p in self._procs):
+        if not self._procs or not all(p.is_alive() for p in self._procs):
             self.close()
             self._start()
         for q in self._tasks:

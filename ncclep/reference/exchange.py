@@ -19,6 +19,8 @@ from ..errors import CommError
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """[n, ...] -> [n, nbytes] uint8 view of each row."""
     flat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    if flat.stride(-1) != 1:  # a size-1 or empty last dim may carry any stride; view() needs 1
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return flat.contiguous().view(torch.uint8)
 
 

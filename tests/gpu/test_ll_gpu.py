@@ -18,7 +18,7 @@ EXPERTS, T, HIDDEN = 64, 64, 7168
 
 
 def _groups(max_topk: int = 16) -> tuple[ncclep.Group, ncclep.Group]:
-    cuda = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="cuda")
+    cuda = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="cuda", timeout_s=20.0)
     ref = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="reference")
     return cuda, ref
 
@@ -114,9 +114,9 @@ def _many_iterations(count: int) -> list[str]:
         problem = _same_dispatch(a, b)
         y = torch.randn(a.x.shape, device=dev).to(torch.bfloat16)
         err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)) if tokens else 0.0
-        if problem or err > 1e-2:
+        # no break: every rank must make the same collective calls
+        if (problem or err > 1e-2) and len(problems) < 5:
             problems.append(f"iteration {i}: {problem or f'combine error {err:.3g}'}")
-            break
     cuda.check()
     cuda.close()
     ref.close()
@@ -175,9 +175,8 @@ def _send_only_and_graph(replays: int) -> list[str]:
             d = ref.ll_dispatch(x, idx, w)
             expected = ref.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
             err = _combine_error(static_out, expected)
-            if err > 1e-2:
+            if err > 1e-2 and len(problems) < 5:
                 problems.append(f"graph replay {i}: error {err:.3g}")
-                break
     cuda.check()
     cuda.close()
     ref.close()

@@ -46,7 +46,8 @@ __device__ __forceinline__ void quantizeGroup(const uint16_t* src, int lane, boo
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   amax = fmaxf(amax, 1e-4f);
-  const float ratio = __fdiv_rn(amax, 448.0f);
+  // The arithmetic of ncclep/fp8.py, operation for operation (no division: see there).
+  const float ratio = __fmul_rn(amax, 1.0f / 448.0f);
   float mult;
   if (ue8m0) {
     const uint32_t bits = __float_as_uint(ratio);
@@ -54,7 +55,7 @@ __device__ __forceinline__ void quantizeGroup(const uint16_t* src, int lane, boo
     mult = __uint_as_float((254u - biased) << 23);
     *scaleByte = uint8_t(biased);
   } else {
-    mult = __fdiv_rn(448.0f, amax);
+    mult = __fmul_rn(__frcp_rn(amax), 448.0f);
     *scale = ratio;
   }
   uint32_t out = 0;
