@@ -44,7 +44,7 @@ struct Lsa {
   // Waits until the word at `ptr` (ours or a peer's) has `epoch` in its upper 32 bits; returns the
   // word, or reports a timeout (phase, peer) and returns 0. Epochs start at 1, so 0 never matches.
   __device__ __forceinline__ uint64_t waitEpoch(const uint64_t* ptr, uint32_t epoch, uint64_t timeoutNs,
-                                                DeviceError* err, int phase, int peer) const {
+                                                const device::ErrorSink& err, int phase, int peer) const {
     uint64_t start = device::globalTimerNs();
     while (true) {
       uint64_t v = device::loadAcquire(ptr);
@@ -59,7 +59,7 @@ struct Lsa {
 
   // Waits until the counter at `ptr` reaches at least `target` (acknowledgements).
   __device__ __forceinline__ bool waitAtLeast(const uint64_t* ptr, uint64_t target, uint64_t timeoutNs,
-                                              DeviceError* err, int phase, int peer) const {
+                                              const device::ErrorSink& err, int phase, int peer) const {
     uint64_t start = device::globalTimerNs();
     while (device::loadAcquire(ptr) < target) {
       if (device::hasError(err)) return false;

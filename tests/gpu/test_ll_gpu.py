@@ -113,7 +113,8 @@ def _many_iterations(count: int) -> list[str]:
         b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8)
         problem = _same_dispatch(a, b)
         y = torch.randn(a.x.shape, device=dev).to(torch.bfloat16)
-        err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)) if tokens else 0.0
+        out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)  # every rank calls
+        err = _combine_error(out_a, out_b) if tokens else 0.0
         # no break: every rank must make the same collective calls
         if (problem or err > 1e-2) and len(problems) < 5:
             problems.append(f"iteration {i}: {problem or f'combine error {err:.3g}'}")

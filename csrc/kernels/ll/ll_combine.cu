@@ -48,6 +48,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   const LLLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
+  const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineSendSeq);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk;
@@ -56,7 +57,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   if (seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x) {
       const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(LLState, combineRecvDone));
-      lsa.waitAtLeast(done, seq - 1, c.timeoutNs, c.error, kPhaseLLCombineSend, d);
+      lsa.waitAtLeast(done, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend, d);
     }
   }
   if (tid == 0) {
@@ -114,6 +115,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   const LLLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
+  const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineRecvSeq);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens;
@@ -121,10 +123,10 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
 
   for (int r = tid; r < R; r += blockDim.x) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.local + l.combineFlags + (size_t(parity) * R + r) * 8);
-    lsa.waitEpoch(flag, seq + 1, c.timeoutNs, c.error, kPhaseLLCombineRecv, r);
+    lsa.waitEpoch(flag, seq + 1, c.timeoutNs, err, kPhaseLLCombineRecv, r);
   }
   __syncthreads();
-  if (device::hasError(c.error)) return;
+  if (device::hasError(err)) return;
 
   const int chunks = p.hidden / 8;
   const char* slots = c.local + l.combineSlots + size_t(parity) * R * T * l.combineMsgBytes;

@@ -73,6 +73,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   const LLLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
+  const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchSendSeq);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
@@ -82,7 +83,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   if (seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x) {
       const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(LLState, dispatchRecvDone));
-      lsa.waitAtLeast(done, seq - 1, c.timeoutNs, c.error, kPhaseLLDispatchSend, d);
+      lsa.waitAtLeast(done, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend, d);
     }
     __syncthreads();
   }
@@ -91,7 +92,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   for (int b = blockIdx.x; b < p.numTokens; b += gridDim.x) {
     if (tid == 0) {
       int e[kLLMaxTopk];
-      ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, c.error, true, kPhaseLLDispatchSend);
+      ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, err, true, kPhaseLLDispatchSend);
       int n = 0;
       for (int k = 0; k < kLLMaxTopk; ++k) {
         s.experts[k] = e[k];
@@ -124,7 +125,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
     for (int k = 0; k < kLLMaxTopk; ++k) destHits[k] = expertHits[k] = 0;
     for (int prev = tid; prev < b; prev += blockDim.x) {
       int e[kLLMaxTopk];
-      ll::loadTokenExperts(p.topkIdx, p.topkIdx64, prev, K, c.numExperts, e, c.error, false, 0);
+      ll::loadTokenExperts(p.topkIdx, p.topkIdx64, prev, K, c.numExperts, e, err, false, 0);
 #pragma unroll
       for (int j = 0; j < kLLMaxTopk; ++j) {
         bool toDest = false, sameExpert = false;
@@ -228,7 +229,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   __syncthreads();
   for (int b = tid; b < p.numTokens; b += blockDim.x) {
     int e[kLLMaxTopk];
-    ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, c.error, false, 0);
+    ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, err, false, 0);
 #pragma unroll
     for (int k = 0; k < kLLMaxTopk; ++k) {
       if (e[k] < 0) continue;
@@ -271,6 +272,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
   const LLLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
+  const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchRecvSeq);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk;
@@ -279,11 +281,11 @@ __device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
 
   for (int r = tid; r < R; r += blockDim.x) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.local + l.dispatchFlags + (size_t(parity) * R + r) * 8);
-    const uint64_t v = lsa.waitEpoch(flag, seq + 1, c.timeoutNs, c.error, kPhaseLLDispatchRecv, r);
+    const uint64_t v = lsa.waitEpoch(flag, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv, r);
     s.count[r] = int(uint32_t(v));
   }
   __syncthreads();
-  if (device::hasError(c.error)) return;
+  if (device::hasError(err)) return;
   if (tid == 0) {
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + s.count[r];

@@ -37,6 +37,8 @@ struct LLState {
   uint32_t blocksDone[4];     // one arrival counter per phase
   uint64_t dispatchRecvDone;  // receives completed; a sender reuses parity p only after ours caught up
   uint64_t combineRecvDone;
+  uint32_t aborted;           // set with the error word: waiters poll this (device memory), not the
+                              // host-mapped word, whose PCIe reads would slow every spin
 };
 
 struct LLLayout {

@@ -16,7 +16,7 @@ __device__ __forceinline__ int64_t loadExpert(const void* idx, int idx64, int64_
 // Expert ids of token b, checked: out-of-range ids and repeats become -1 (so every rank still
 // finishes the protocol) and are reported once through the error word when `report` is set.
 __device__ __forceinline__ void loadTokenExperts(const void* idx, int idx64, int b, int topk, int numExperts,
-                                                 int (&experts)[kLLMaxTopk], DeviceError* err, bool report,
+                                                 int (&experts)[kLLMaxTopk], const device::ErrorSink& err, bool report,
                                                  int phase) {
 #pragma unroll
   for (int k = 0; k < kLLMaxTopk; ++k) {
