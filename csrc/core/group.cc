@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -178,6 +179,7 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->numSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
   if (g->config.numSms > 0 && g->config.numSms < g->numSms) g->numSms = g->config.numSms;
+  if (const char* v = std::getenv("NCCLEP_LL_SEND_BLOCKS")) g->llSendBlocks = std::atoi(v);
   NCCLEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&g->errorHost), sizeof(DeviceError), cudaHostAllocMapped),
                     "cudaHostAlloc(error word)");
   std::memset(g->errorHost, 0, sizeof(DeviceError));

@@ -39,6 +39,7 @@ struct ncclepGroup {
 
   ncclep::BufferPlan plan{};
   int numSms = 0;
+  int llSendBlocks = 0;  // NCCLEP_LL_SEND_BLOCKS (tuning; 0 = every block)
   // The error word: pinned host memory the kernels write through its device mapping.
   ncclep::DeviceError* errorHost = nullptr;
   ncclep::DeviceError* errorDevice = nullptr;

@@ -111,6 +111,7 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   p.topk = a->topk;
   p.useFp8 = a->useFp8;
   p.ue8m0 = a->ue8m0;
+  p.sendBlocks = g->llSendBlocks > 0 ? g->llSendBlocks : g->numSms;
   p.recvX = a->recvX;
   p.recvScales = a->recvScales;
   p.expertCounts = a->expertCounts;

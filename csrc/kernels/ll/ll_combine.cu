@@ -94,7 +94,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
 
   __syncthreads();
   if (tid == 0) {
-    device::fenceSystem();
+    if (int(blockIdx.x) < total) device::fenceSystem();  // only blocks that stored to peers
     s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
   }
   __syncthreads();

@@ -79,8 +79,10 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
 
+  const int sendBlocks = p.sendBlocks < int(gridDim.x) ? p.sendBlocks : int(gridDim.x);
+  const bool sends = int(blockIdx.x) < sendBlocks && int(blockIdx.x) < p.numTokens;
   // Parity `parity` of a destination's area still holds our call seq-2 until it has received it.
-  if (seq >= 2) {
+  if (sends && seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x) {
       const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(LLState, dispatchRecvDone));
       lsa.waitAtLeast(done, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend, d);
@@ -89,7 +91,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   }
 
   const uint32_t payloadOffset = l.headerBytes;
-  for (int b = blockIdx.x; b < p.numTokens; b += gridDim.x) {
+  for (int b = blockIdx.x; sends && b < p.numTokens; b += sendBlocks) {
     if (tid == 0) {
       int e[kLLMaxTopk];
       ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, err, true, kPhaseLLDispatchSend);
@@ -126,13 +128,18 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
     for (int prev = tid; prev < b; prev += blockDim.x) {
       int e[kLLMaxTopk];
       ll::loadTokenExperts(p.topkIdx, p.topkIdx64, prev, K, c.numExperts, e, err, false, 0);
+      int dest[kLLMaxTopk];
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k) dest[k] = e[k] >= 0 ? e[k] / L : -1;
 #pragma unroll
       for (int j = 0; j < kLLMaxTopk; ++j) {
         bool toDest = false, sameExpert = false;
+        const int dj = j < numDests ? s.dests[j] : -2;
+        const int ej = s.experts[j];
 #pragma unroll
         for (int k = 0; k < kLLMaxTopk; ++k) {
-          toDest |= e[k] >= 0 && j < numDests && e[k] / L == s.dests[j];
-          sameExpert |= e[k] >= 0 && e[k] == s.experts[j];
+          toDest |= dest[k] == dj;
+          sameExpert |= e[k] >= 0 && e[k] == ej;
         }
         destHits[j] += toDest;
         expertHits[j] += sameExpert;
@@ -213,10 +220,11 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
     __syncthreads();
   }
 
-  // Completion: every block publishes its stores, the last one sends counts and flags.
+  // Completion: blocks that stored to peers publish them at system scope (an expensive fence, so
+  // only they do); the last block to arrive sends counts and flags.
   __syncthreads();
   if (tid == 0) {
-    device::fenceSystem();
+    if (sends) device::fenceSystem();
     s.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
   }
   __syncthreads();

@@ -42,6 +42,7 @@ struct LLDispatchParams {
   int topk;
   int useFp8;
   int ue8m0;
+  int sendBlocks;  // blocks that send tokens (the rest only take part in the protocol)
   // outputs
   void* recvX;         // [L, R*T, hidden] bf16 or fp8
   void* recvScales;    // [L, R*T, hidden/128] fp32 or ue8m0 bytes (fp8 only)
