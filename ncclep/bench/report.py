@@ -93,8 +93,6 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         series.setdefault(key, []).append(r)
     fig, (lat, bw) = plt.subplots(1, 2, figsize=(13, 5))
     for key, members in sorted(series.items()):
-        if len(members) < 2:
-            continue  # single-size extras (other hidden / top-k / routings) stay in the table
         members.sort(key=lambda r: r.case["tokens"])
         tokens = [r.case["tokens"] for r in members]
         mode, op, dtype, backend = key[:4]
@@ -110,7 +108,8 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     lat.set_yscale("log")
-    lat.legend(fontsize=7)
+    if lat.get_legend_handles_labels()[0]:
+        lat.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
