@@ -9,7 +9,7 @@ Quick start::
     y = group.ll_combine(expert_out, handle)
 """
 
-from . import ops  # registers torch.ops.ncclep.*
+from . import autograd, ops  # registers torch.ops.ncclep.* and the HT backward
 from ._native import available as cuda_extension_available
 from .config import GroupConfig
 from .errors import CommError, InvalidArgument, NcclepError
@@ -30,6 +30,7 @@ __all__ = [
     "NcclepError",
     "Pending",
     "__version__",
+    "autograd",
     "cuda_extension_available",
     "get_group",
     "ops",

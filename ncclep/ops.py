@@ -185,3 +185,18 @@ def _(group, x, send_pos, recv_slot, recv_counts, recv_topk_idx, topk_weights): 
     if topk_weights is None:
         return out, x.new_empty((0,), dtype=torch.float32)
     return out, x.new_empty((send_pos.shape[0], topk_weights.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ncclep::ht_dispatch_cached", mutates_args=())
+def ht_dispatch_cached(
+    group: int, x: Tensor, send_pos: Tensor, recv_slot: Tensor, recv_counts: Tensor
+) -> Tensor:
+    """Route ``x [B, ...]`` along an earlier HT dispatch (its handle): ``[N, ...]``, zeros on rows
+    that hold no token. The backward of ``ht_combine``."""
+    handle = HTHandle(send_pos, recv_slot, recv_counts, recv_slot.new_empty((0, 0)))
+    return get_group(group)._ht.dispatch_cached(x, handle)
+
+
+@ht_dispatch_cached.register_fake
+def _(group, x, send_pos, recv_slot, recv_counts):  # type: ignore[no-untyped-def]
+    return x.new_empty((recv_slot.shape[0], *x.shape[1:]))

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .. import fp8
 from ..config import GroupConfig
 from ..handles import HTDispatchOutput, HTHandle
-from .exchange import PendingRows, exchange_counts, exchange_rows, pack_rows, unpack_rows
+from .exchange import PendingRows, as_bytes, exchange_counts, exchange_rows, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
@@ -163,6 +163,25 @@ class ReferenceHT:
             expert_counts=expert_counts.to(torch.int32),
             handle=handle,
         )
+
+    def dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
+        """Route ``x [B, ...]`` (e.g. gradients) along an earlier dispatch: ``[N, ...]``, zeros on
+        rows that hold no token. No counts are exchanged: the handle has them."""
+        cfg = self.cfg
+        mask = handle.send_pos >= 0
+        _, token = mask.t().nonzero(as_tuple=True)  # by destination, then slot (= token) order
+        send_counts = mask.sum(dim=0).tolist()
+        recv_counts = handle.recv_counts.tolist()
+        rest = tuple(x.shape[1:])
+        rows = exchange_rows(as_bytes(x[token]), send_counts, recv_counts, self.group).wait()
+        messages = rows.view(x.dtype).reshape(rows.shape[0], *rest)
+        starts = torch.cumsum(handle.recv_counts.long(), 0) - handle.recv_counts.long()
+        used = handle.recv_slot >= 0
+        slot_id = handle.recv_slot[used].long()
+        message = starts[slot_id // cfg.max_tokens_per_rank] + slot_id % cfg.max_tokens_per_rank
+        out = torch.zeros((handle.recv_slot.shape[0], *rest), dtype=x.dtype, device=x.device)
+        out[used] = messages[message]
+        return out
 
     def combine_send(
         self, x: torch.Tensor, handle: HTHandle, topk_weights: torch.Tensor | None
