@@ -1,6 +1,6 @@
 """Where the LL time goes: GPU time of each kernel phase, launches queued behind a sleep kernel so
-host gaps do not count. Run on each rank, e.g. ``torchrun --nproc-per-node 2 bench/ll_phases.py``
-or by itself (spawns one process per GPU)."""
+host gaps do not count. Spawns one process per GPU. ``PHASE_TOKENS=8,128 PHASE_DTYPES=bf16`` pick
+the cases; ``PHASE_TRACE=1`` instead records per-block timestamps inside one dispatch kernel."""
 
 from __future__ import annotations
 
@@ -66,6 +66,66 @@ def measure(tokens: int, use_fp8: bool, reps: int = 30) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
+STEPS = [
+    "send_start",
+    "acked",
+    "routed",
+    "counted",
+    "addressed",
+    "sent",
+    "arrived",
+    "counts",
+    "signaled",
+    "recv_start",
+    "flags_seen",
+    "copied",
+]
+
+
+def trace(tokens: int, use_fp8: bool) -> str:
+    """One fused dispatch with per-block timestamps (ncclep/cuda_ll.py's trace buffer): where a
+    block's time goes, in µs from the earliest block's start."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(rank)
+    group = ncclep.Group(256, max(tokens, 1), 7168, mode="ll", backend="cuda")
+    x = torch.randn(tokens, 7168, generator=g).to(torch.bfloat16).to(dev)
+    idx, w = make_routing("random", tokens, 256, 8, world_size=world, generator=g, masked=10)
+    idx, w = idx.to(dev), w.to(dev)
+    blocks = group.config.num_sms or torch.cuda.get_device_properties(dev).multi_processor_count
+    for _ in range(10):
+        group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
+    buf = torch.zeros(blocks, 16, dtype=torch.int64, device=dev)
+    group._ll.trace = buf  # type: ignore[union-attr]
+    dist.barrier()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
+    torch.cuda.synchronize()
+    group._ll.trace = None  # type: ignore[union-attr]
+    group.close()
+    t = buf.cpu().double()
+    t0 = t[:, 0][t[:, 0] > 0].min()
+
+    def rel(step: int, rows: torch.Tensor) -> torch.Tensor:
+        return (t[rows, step] - t0) / 1e3
+
+    senders = (t[:, 2] > 0).nonzero().flatten()
+    last = (t[:, 8] > 0).nonzero().flatten()
+    everyone = torch.arange(blocks)
+    parts = []
+    if senders.numel():
+        for a, b in ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)):
+            delta = (t[senders, b] - t[senders, a]) / 1e3
+            parts.append(f"{STEPS[a]}->{STEPS[b]} {delta.median():.1f}")
+        parts.append(f"slowest sender arrived at {rel(6, senders).max():.1f}")
+    if last.numel():
+        parts.append(f"last block: counts at {rel(7, last)[0]:.1f}, signaled at {rel(8, last)[0]:.1f}")
+    parts.append(f"flags seen (median block) at {rel(10, everyone).median():.1f}")
+    parts.append(f"copies done (last block) at {rel(11, everyone).max():.1f}")
+    return f"rank {rank} tokens={tokens}: " + "; ".join(parts)
+
+
 def run(rank: int, world: int, port: int) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.set_device(rank)
@@ -76,6 +136,14 @@ def run(rank: int, world: int, port: int) -> None:
         world_size=world,
         device_id=torch.device("cuda", rank),
     )
+    if os.environ.get("PHASE_TRACE"):
+        for tokens in [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,128").split(",")]:
+            lines: list = [None] * world
+            dist.all_gather_object(lines, trace(tokens, False))
+            if rank == 0:
+                print("\n".join(lines), flush=True)
+        dist.destroy_process_group()
+        return
     dtypes = [d == "fp8" for d in os.environ.get("PHASE_DTYPES", "bf16,fp8").split(",")]
     sizes = [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,32,128,256").split(",")]
     for use_fp8 in dtypes:

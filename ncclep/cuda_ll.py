@@ -97,8 +97,11 @@ class CudaLL:
         counts = torch.empty((experts,), dtype=torch.int32, device=dev)
         return LLDispatchOutput(recv_x, scales, counts, handle)
 
+    trace: torch.Tensor | None = None
+    """Set to an int64 CUDA tensor [blocks, 16] to record per-block step times (bench/ll_phases.py)."""
+
     def _launch_dispatch(self, phases: int, args: tuple[Any, ...], device: torch.device) -> None:
-        self.comm.ll_dispatch(phases, *args, self._stream(device))
+        self.comm.ll_dispatch(phases, *args, self._stream(device), _ptr(self.trace))
 
     def _dispatch_args(
         self,

@@ -119,6 +119,7 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   p.recvRows = a->recvRows;
   p.recvWeights = a->recvWeights;
   p.recvSlotCounts = a->recvSlotCounts;
+  p.trace = a->trace;
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   NCCLEP_CUDA_CHECK(cudaError_t(launchLLDispatch(p, g->numSms, stream)), "launching the LL dispatch kernel");

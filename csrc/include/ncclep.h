@@ -194,6 +194,8 @@ typedef struct ncclepLLDispatchArgs_v1 {
   int* recvRows;            /* out (handle): [R, T, maxTopk] */
   float* recvWeights;       /* out (handle): [R, T, maxTopk] */
   int* recvSlotCounts;      /* out (handle): [R] */
+  unsigned long long* trace;/* optional, for profiling: [numBlocks][16] %globaltimer stamps (ns)
+                               of protocol steps per block, see kernels/ll/ll_params.h; NULL = off */
 } ncclepLLDispatchArgs_t;
 
 typedef struct ncclepLLCombineArgs_v1 {

@@ -145,7 +145,7 @@ class Communicator {
   void llDispatch(int phases, int numTokens, int hidden, int topk, uintptr_t x, uintptr_t topkIdx, int topkIdxBits,
                   uintptr_t topkWeights, bool useFp8, bool ue8m0, uintptr_t recvX, uintptr_t recvScales,
                   uintptr_t expertCounts, uintptr_t sendSlots, uintptr_t recvRows, uintptr_t recvWeights,
-                  uintptr_t recvSlotCounts, uintptr_t stream) {
+                  uintptr_t recvSlotCounts, uintptr_t stream, uintptr_t trace) {
     ncclepLLDispatchArgs_t a;
     std::memset(&a, 0, sizeof(a));
     a.size = sizeof(a);
@@ -167,6 +167,7 @@ class Communicator {
     a.recvRows = reinterpret_cast<int*>(recvRows);
     a.recvWeights = reinterpret_cast<float*>(recvWeights);
     a.recvSlotCounts = reinterpret_cast<int*>(recvSlotCounts);
+    a.trace = reinterpret_cast<unsigned long long*>(trace);
     std::lock_guard<std::mutex> lock(mu_);
     check(ncclepLLDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
   }
@@ -280,7 +281,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("info", &Communicator::info)
       .def("check_lsa", &Communicator::checkLsa, py::arg("stream") = py::none())
       .def("close", &Communicator::close)
-      .def("ll_dispatch", &Communicator::llDispatch)
+      .def("ll_dispatch", &Communicator::llDispatch, "phases, tokens, hidden, topk, pointers..., stream, trace=0",
+           py::arg("phases"), py::arg("num_tokens"), py::arg("hidden"), py::arg("topk"), py::arg("x"),
+           py::arg("topk_idx"), py::arg("topk_idx_bits"), py::arg("topk_weights"), py::arg("use_fp8"),
+           py::arg("ue8m0"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("expert_counts"),
+           py::arg("send_slots"), py::arg("recv_rows"), py::arg("recv_weights"), py::arg("recv_slot_counts"),
+           py::arg("stream"), py::arg("trace") = 0)
       .def("ll_combine", &Communicator::llCombine)
       .def("device_error", &Communicator::deviceError)
       .def_property_readonly("device_api_error", &Communicator::deviceApiError);

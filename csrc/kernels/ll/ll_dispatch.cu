@@ -34,6 +34,12 @@ struct SendShared {
   bool last;
 };
 
+// Optional profiling: thread 0 of each block stamps %globaltimer at protocol steps (LLTraceStep).
+__device__ __forceinline__ void stamp(const LLDispatchParams& p, int step) {
+  if (p.trace != nullptr && threadIdx.x == 0)
+    p.trace[size_t(blockIdx.x) * kLLTraceSteps + step] = device::globalTimerNs();
+}
+
 __device__ __forceinline__ float bf16ToFloat(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
 
 // fp8 per 128 channels, the arithmetic of ncclep/fp8.py: a warp per group, 4 channels per lane.
@@ -81,6 +87,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
 
   const int sendBlocks = p.sendBlocks < int(gridDim.x) ? p.sendBlocks : int(gridDim.x);
   const bool sends = int(blockIdx.x) < sendBlocks && int(blockIdx.x) < p.numTokens;
+  stamp(p, kTraceSendStart);
   // Parity `parity` of a destination's area still holds our call seq-2 until it has received it.
   if (sends && seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x) {
@@ -89,6 +96,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
     }
     __syncthreads();
   }
+  stamp(p, kTraceAcked);
 
   const uint32_t payloadOffset = l.headerBytes;
   for (int b = blockIdx.x; sends && b < p.numTokens; b += sendBlocks) {
@@ -118,6 +126,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
       s.pos[tid] = 0;
     }
     __syncthreads();
+    if (b == int(blockIdx.x)) stamp(p, kTraceRouted);
     const int numDests = s.numDests;
 
     // Slots and rows come from our earlier tokens: count, per destination of b, the earlier
@@ -159,6 +168,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
       }
     }
     __syncthreads();
+    if (b == int(blockIdx.x)) stamp(p, kTraceCounted);
 
     for (int d = tid; d < R; d += blockDim.x) {
       int slot = -1;
@@ -173,6 +183,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
       s.msg[tid] = lsa.peerPtr<char>(d, at);
     }
     __syncthreads();
+    if (b == int(blockIdx.x)) stamp(p, kTraceAddressed);
 
     // Header words: token index, then (local expert, row, weight) per choice, for each destination.
     const int headerWords = 1 + 3 * KM;
@@ -223,11 +234,13 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   // Completion: blocks that stored to peers publish them at system scope (an expensive fence, so
   // only they do); the last block to arrive sends counts and flags.
   __syncthreads();
+  stamp(p, kTraceSent);
   if (tid == 0) {
     if (sends) device::fenceSystem();
     s.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
   }
   __syncthreads();
+  stamp(p, kTraceArrived);
   if (!s.last) return;
 
   __shared__ int expertTotals[kLLMaxExperts];
@@ -255,6 +268,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
     *lsa.peerPtr<int32_t>(d, at) = expertTotals[i];
   }
   __syncthreads();
+  stamp(p, kTraceCounts);
   const uint64_t epoch = uint64_t(seq) + 1;
   for (int d = tid; d < R; d += blockDim.x) {
     device::fenceSystem();
@@ -264,6 +278,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
     state->blocksDone[0] = 0;
     state->dispatchSendSeq = seq + 1;
   }
+  stamp(p, kTraceSignaled);
 }
 
 struct RecvShared {
@@ -287,12 +302,14 @@ __device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
   const int tid = threadIdx.x;
   const int rowsPerExpert = R * T;
 
+  stamp(p, kTraceRecvStart);
   for (int r = tid; r < R; r += blockDim.x) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.local + l.dispatchFlags + (size_t(parity) * R + r) * 8);
     const uint64_t v = lsa.waitEpoch(flag, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv, r);
     s.count[r] = int(uint32_t(v));
   }
   __syncthreads();
+  stamp(p, kTraceFlagsSeen);
   if (device::hasError(err)) return;
   if (tid == 0) {
     s.start[0] = 0;
@@ -366,6 +383,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
   }
 
   __syncthreads();
+  stamp(p, kTraceCopied);
   if (tid == 0) {
     __threadfence();
     s.last = device::arriveLast(&state->blocksDone[1], gridDim.x);

@@ -18,6 +18,24 @@ constexpr int kLLThreads = 512;
 
 enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 
+// Steps stamped per block when a trace buffer is given ([numBlocks][kLLTraceSteps] uint64 ns;
+// steps a block does not reach stay as they were). First token = the block's first token.
+enum LLTraceStep : int {
+  kTraceSendStart = 0,
+  kTraceAcked,      // after waiting for the destinations to free this parity
+  kTraceRouted,     // first token: its experts and destinations known
+  kTraceCounted,    // first token: slots and rows counted over earlier tokens
+  kTraceAddressed,  // first token: message addresses known
+  kTraceSent,       // all the block's tokens stored
+  kTraceArrived,    // after the system fence and the arrival count
+  kTraceCounts,     // last block: per-expert counts stored to every destination
+  kTraceSignaled,   // last block: flags stored
+  kTraceRecvStart,
+  kTraceFlagsSeen,  // every source's flag acquired
+  kTraceCopied,     // the block's messages copied into the outputs
+  kLLTraceSteps = 16,
+};
+
 struct LLCommon {
   ncclWindow_t window;
   char* local;  // our window's base address
@@ -43,6 +61,7 @@ struct LLDispatchParams {
   int useFp8;
   int ue8m0;
   int sendBlocks;  // blocks that send tokens (the rest only take part in the protocol)
+  unsigned long long* trace;  // optional [numBlocks][kLLTraceSteps] timestamps, nullptr = off
   // outputs
   void* recvX;         // [L, R*T, hidden] bf16 or fp8
   void* recvScales;    // [L, R*T, hidden/128] fp32 or ue8m0 bytes (fp8 only)
