@@ -78,14 +78,15 @@ def check_expert_ids(cfg: GroupConfig, topk_idx: torch.Tensor) -> None:
     if topk_idx.numel() == 0:
         return
     bad = (topk_idx < -1) | (topk_idx >= cfg.num_experts)
-    if bool(bad.any()):
+    ordered = topk_idx.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    any_bad, any_repeated = torch.stack([bad.any(), repeated.any()]).tolist()  # one host sync
+    if any_bad:
         value = int(topk_idx[bad][0])
         raise InvalidArgument(
             f"topk_idx holds expert id {value}; ids must be -1 (none) or in [0, {cfg.num_experts})"
         )
-    ordered = topk_idx.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if bool(repeated.any()):
+    if any_repeated:
         row = int(repeated.any(dim=1).nonzero()[0])
         raise InvalidArgument(f"topk_idx row {row} names the same expert twice")
 

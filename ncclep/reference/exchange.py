@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -47,17 +48,25 @@ def unpack_rows(
     return out
 
 
+class Counts(NamedTuple):
+    """Row counts per peer, on the host (for the all-to-all's splits) and on the device."""
+
+    host: list[int]
+    device: torch.Tensor
+
+
 def exchange_counts(
     send_counts: torch.Tensor,
     group: dist.ProcessGroup | None,
     *,
     phase: str,
     problem: Exception | None = None,
-) -> list[int]:
+) -> Counts:
     """Row counts per peer, each with a status word so one rank's bad input fails every rank.
 
     A rank whose input was rejected still takes part (sending zero rows) and then raises
     ``problem``; its peers raise CommError naming it, instead of waiting for rows that never come.
+    One host sync.
     """
     status = torch.full_like(send_counts, 0 if problem is None else 1)
     send = torch.stack([send_counts, status], dim=1)
@@ -65,7 +74,8 @@ def exchange_counts(
     dist.all_to_all_single(recv, send, group=group)
     if problem is not None:
         raise problem
-    peers = recv[:, 1].tolist()
+    pairs = recv.tolist()
+    peers = [p[1] for p in pairs]
     if any(peers):
         peer = peers.index(1)
         rank = dist.get_rank(group)
@@ -75,7 +85,7 @@ def exchange_counts(
             rank=rank,
             peer=peer,
         )
-    return recv[:, 0].tolist()
+    return Counts([p[0] for p in pairs], recv[:, 0])
 
 
 @dataclass

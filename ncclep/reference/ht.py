@@ -14,25 +14,26 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import fp8
 from ..config import GroupConfig
 from ..handles import HTDispatchOutput, HTHandle
-from .exchange import PendingRows, as_bytes, exchange_counts, exchange_rows, pack_rows, unpack_rows
+from .exchange import Counts, PendingRows, as_bytes, exchange_counts, exchange_rows, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
     message_source,
     positions_within_expert,
     rejected,
+    scatter_rows,
     sender_order,
     slots_from_mask,
+    sum_over_ranks,
 )
 
 
 @dataclass
 class HTDispatchInFlight:
     rows: PendingRows
-    recv_counts: list[int]
+    recv_counts: Counts
     send_pos: torch.Tensor
     x_dtype: torch.dtype
     scales_dtype: torch.dtype | None
@@ -46,7 +47,7 @@ class HTDispatchInFlight:
 @dataclass
 class HTCombineInFlight:
     rows: PendingRows
-    back_counts: list[int]
+    back_counts: torch.Tensor
     send_pos: torch.Tensor
     hidden: int
     topk: int | None
@@ -74,7 +75,7 @@ class ReferenceHT:
             exchange_counts(zeros, self.group, phase="ht_dispatch", problem=problem)
         idx = topk_idx.long()
         mask = destination_mask(idx, cfg.num_local_experts, cfg.world_size)
-        token, dest, send_counts = sender_order(mask)
+        token, dest, send_counts, send_counts_device = sender_order(mask)
         local = local_choices(idx[token], dest, cfg.num_local_experts)
         parts = [x[token]]
         if x_scales is not None:
@@ -82,10 +83,9 @@ class ReferenceHT:
         parts.append(local)
         if topk_weights is not None:
             parts.append(torch.where(local >= 0, topk_weights[token], 0.0))
-        counts = torch.tensor(send_counts, dtype=torch.int64, device=x.device)
-        recv_counts = exchange_counts(counts, self.group, phase="ht_dispatch")
+        recv_counts = exchange_counts(send_counts_device, self.group, phase="ht_dispatch")
         return HTDispatchInFlight(
-            rows=exchange_rows(pack_rows(parts), send_counts, recv_counts, self.group),
+            rows=exchange_rows(pack_rows(parts), send_counts, recv_counts.host, self.group),
             recv_counts=recv_counts,
             send_pos=slots_from_mask(mask),
             x_dtype=x.dtype,
@@ -111,47 +111,33 @@ class ReferenceHT:
         parts = unpack_rows(rows, specs)
         local = parts[1 + (state.scales_dtype is not None)]
         messages = local.shape[0]
-        src, slot = message_source(state.recv_counts, device)
+        src, slot = message_source(state.recv_counts.device, messages)
         slot_id = (src * cfg.max_tokens_per_rank + slot).to(torch.int32)
         num_rows = cfg.ht_num_rows(topk, state.layout, state.alignment)
 
+        positions, expert_counts = positions_within_expert(local, cfg.num_local_experts)
         if state.layout == "flat":
-            expert_counts = torch.bincount(local[local >= 0].long(), minlength=cfg.num_local_experts)
-            row_of_message = torch.arange(messages, device=device)
-            message_of_row = row_of_message
-            used = messages
+            target = torch.arange(messages, device=device).unsqueeze(1)
+            used = state.recv_counts.device.sum().reshape(1)
         else:
-            positions, expert_counts = positions_within_expert(local, cfg.num_local_experts)
             align = state.alignment
             padded = (expert_counts + align - 1) // align * align
             starts = torch.cumsum(padded, 0) - padded
-            valid = local >= 0
-            row_of_message = (starts[local.long().clamp_min(0)] + positions)[valid]
-            message_of_row = torch.arange(messages, device=device).unsqueeze(1).expand_as(local)[valid]
-            used = int(padded.sum())
+            target = torch.where(local >= 0, starts[local.long().clamp_min(0)] + positions, -1)
+            used = padded.sum().reshape(1)
 
-        def scatter(src_rows: torch.Tensor, fill: float | None) -> torch.Tensor:
-            shape = (num_rows, *src_rows.shape[1:])
-            if fill is None:
-                out = torch.empty(shape, dtype=src_rows.dtype, device=device)
-            else:
-                out = torch.full(shape, fill, dtype=src_rows.dtype, device=device)
-            # index_put has no float8_e8m0fnu kernel: scatter UE8M0 scales as bytes
-            raw = src_rows.dtype == fp8.UE8M0_DTYPE
-            (out.view(torch.uint8) if raw else out)[row_of_message] = (
-                src_rows[message_of_row].view(torch.uint8) if raw else src_rows[message_of_row]
-            )
-            return out
+        def scatter(part: torch.Tensor, fill: float | None) -> torch.Tensor:
+            return scatter_rows(part, target, num_rows, fill)
 
         recv_x = scatter(parts[0], None)
         recv_scales = scatter(parts[1], None) if state.scales_dtype is not None else None
         recv_idx = scatter(local, -1)
         recv_weights = scatter(parts[-1], 0.0) if state.has_weights else None
-        recv_slot = scatter(slot_id, -1)
+        recv_slot = scatter(slot_id.unsqueeze(1), -1).squeeze(1)
         handle = HTHandle(
             send_pos=state.send_pos,
             recv_slot=recv_slot,
-            recv_counts=torch.tensor(state.recv_counts, dtype=torch.int32, device=device),
+            recv_counts=state.recv_counts.device.to(torch.int32),
             recv_topk_idx=recv_idx,
         )
         return HTDispatchOutput(
@@ -159,54 +145,55 @@ class ReferenceHT:
             scales=recv_scales,
             topk_idx=recv_idx,
             topk_weights=recv_weights,
-            num_recv=torch.tensor([used], dtype=torch.int32, device=device),
+            num_recv=used.to(torch.int32),
             expert_counts=expert_counts.to(torch.int32),
             handle=handle,
         )
 
+    def _message_of_rows(self, handle: HTHandle, messages: int) -> torch.Tensor:
+        """Index of the message each row holds; ``messages`` (a spare) for rows holding none."""
+        t = self.cfg.max_tokens_per_rank
+        counts = handle.recv_counts.long()
+        starts = torch.cumsum(counts, 0) - counts
+        slot_id = handle.recv_slot.long()
+        message = starts[(slot_id // t).clamp(0, counts.numel() - 1)] + slot_id % t
+        return torch.where(slot_id >= 0, message, messages)
+
     def dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
         """Route ``x [B, ...]`` (e.g. gradients) along an earlier dispatch: ``[N, ...]``, zeros on
         rows that hold no token. No counts are exchanged: the handle has them."""
-        cfg = self.cfg
         mask = handle.send_pos >= 0
-        _, token = mask.t().nonzero(as_tuple=True)  # by destination, then slot (= token) order
-        send_counts = mask.sum(dim=0).tolist()
-        recv_counts = handle.recv_counts.tolist()
+        counts = torch.cat([mask.sum(dim=0).to(torch.int32), handle.recv_counts]).tolist()  # one sync
+        ranks = handle.recv_counts.numel()
+        send_counts, recv_counts = counts[:ranks], counts[ranks:]
+        pairs = torch.nonzero_static(mask.t(), size=sum(send_counts))  # by destination, then slot
         rest = tuple(x.shape[1:])
-        rows = exchange_rows(as_bytes(x[token]), send_counts, recv_counts, self.group).wait()
+        rows = exchange_rows(as_bytes(x[pairs[:, 1]]), send_counts, recv_counts, self.group).wait()
         messages = rows.view(x.dtype).reshape(rows.shape[0], *rest)
-        starts = torch.cumsum(handle.recv_counts.long(), 0) - handle.recv_counts.long()
-        used = handle.recv_slot >= 0
-        slot_id = handle.recv_slot[used].long()
-        message = starts[slot_id // cfg.max_tokens_per_rank] + slot_id % cfg.max_tokens_per_rank
-        out = torch.zeros((handle.recv_slot.shape[0], *rest), dtype=x.dtype, device=x.device)
-        out[used] = messages[message]
-        return out
+        spare = torch.zeros((1, *rest), dtype=x.dtype, device=x.device)  # rows holding no token
+        return torch.cat([messages, spare])[self._message_of_rows(handle, messages.shape[0])]
 
     def combine_send(
         self, x: torch.Tensor, handle: HTHandle, topk_weights: torch.Tensor | None
     ) -> HTCombineInFlight:
-        cfg = self.cfg
         hidden = x.shape[1]
-        slot_counts = handle.recv_counts.tolist()
-        starts = torch.cumsum(handle.recv_counts.long(), 0) - handle.recv_counts.long()
+        back_counts = (handle.send_pos >= 0).sum(dim=0).to(torch.int32)
+        counts = torch.cat([handle.recv_counts, back_counts]).tolist()  # the one host sync
+        ranks = handle.recv_counts.numel()
+        slot_counts, back_host = counts[:ranks], counts[ranks:]
         messages = sum(slot_counts)
-        used = handle.recv_slot >= 0
-        slot_id = handle.recv_slot[used].long()
-        message = starts[slot_id // cfg.max_tokens_per_rank] + slot_id % cfg.max_tokens_per_rank
-        partial = torch.zeros((messages, hidden), dtype=torch.float32, device=x.device)
-        partial.index_add_(0, message, x[used].float())
-        parts = [partial.to(torch.bfloat16)]
+        message = self._message_of_rows(handle, messages)  # rows holding none add into a spare
+        partial = torch.zeros((messages + 1, hidden), dtype=torch.float32, device=x.device)
+        partial.index_add_(0, message, x.float())
+        parts = [partial[:messages].to(torch.bfloat16)]
         topk = None
         if topk_weights is not None:
             topk = topk_weights.shape[1]
-            local = handle.recv_topk_idx >= 0
-            masked = torch.where(local, topk_weights, 0.0)[used]
-            partial_w = torch.zeros((messages, topk), dtype=torch.float32, device=x.device)
+            masked = torch.where(handle.recv_topk_idx >= 0, topk_weights, 0.0)
+            partial_w = torch.zeros((messages + 1, topk), dtype=torch.float32, device=x.device)
             partial_w.index_add_(0, message, masked)
-            parts.append(partial_w)
-        back_counts = (handle.send_pos >= 0).sum(dim=0).tolist()
-        pending = exchange_rows(pack_rows(parts), slot_counts, back_counts, self.group)
+            parts.append(partial_w[:messages])
+        pending = exchange_rows(pack_rows(parts), slot_counts, back_host, self.group)
         return HTCombineInFlight(pending, back_counts, handle.send_pos, hidden, topk)
 
     def combine_recv(self, state: HTCombineInFlight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,18 +201,8 @@ class ReferenceHT:
         if state.topk is not None:
             specs.append((torch.float32, (state.topk,)))
         parts = unpack_rows(state.rows.wait(), specs)
-        send_pos = state.send_pos
-        tokens = send_pos.shape[0]
-        total = torch.zeros((tokens, state.hidden), dtype=torch.float32, device=send_pos.device)
+        total = sum_over_ranks(parts[0], state.send_pos, state.back_counts)
         total_w = None
         if state.topk is not None:
-            total_w = torch.zeros((tokens, state.topk), dtype=torch.float32, device=send_pos.device)
-        start = 0
-        for d, count in enumerate(state.back_counts):
-            chosen = send_pos[:, d] >= 0
-            rows = start + send_pos[chosen, d].long()
-            total[chosen] += parts[0][rows].float()
-            if total_w is not None:
-                total_w[chosen] += parts[1][rows]
-            start += count
+            total_w = sum_over_ranks(parts[1], state.send_pos, state.back_counts)
         return total.to(torch.bfloat16), total_w

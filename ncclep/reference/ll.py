@@ -16,22 +16,24 @@ import torch.distributed as dist
 from .. import fp8
 from ..config import GroupConfig
 from ..handles import LLDispatchOutput, LLHandle
-from .exchange import PendingRows, exchange_counts, exchange_rows, pack_rows, unpack_rows
+from .exchange import Counts, PendingRows, exchange_counts, exchange_rows, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
     message_source,
     positions_within_expert,
     rejected,
+    scatter_rows,
     sender_order,
     slots_from_mask,
+    sum_over_ranks,
 )
 
 
 @dataclass
 class LLDispatchInFlight:
     rows: PendingRows
-    recv_counts: list[int]
+    recv_counts: Counts
     send_slots: torch.Tensor
     hidden: int
     use_fp8: bool
@@ -41,7 +43,7 @@ class LLDispatchInFlight:
 @dataclass
 class LLCombineInFlight:
     rows: PendingRows
-    back_counts: list[int]
+    back_counts: torch.Tensor
     send_slots: torch.Tensor
     hidden: int
     out: torch.Tensor | None
@@ -75,7 +77,7 @@ class ReferenceLL:
             exchange_counts(zeros, self.group, phase="ll_dispatch", problem=problem)
         idx = topk_idx.long()
         mask = destination_mask(idx, cfg.num_local_experts, cfg.world_size)
-        token, dest, send_counts = sender_order(mask)
+        token, dest, send_counts, send_counts_device = sender_order(mask)
         local = local_choices(idx[token], dest, cfg.num_local_experts)
         weights = torch.where(local >= 0, topk_weights[token], 0.0)
         if use_fp8:
@@ -90,10 +92,9 @@ class ReferenceLL:
                 _pad_columns(weights, cfg.max_topk, 0.0),
             ]
         )
-        counts = torch.tensor(send_counts, dtype=torch.int64, device=x.device)
-        recv_counts = exchange_counts(counts, self.group, phase="ll_dispatch")
+        recv_counts = exchange_counts(send_counts_device, self.group, phase="ll_dispatch")
         return LLDispatchInFlight(
-            rows=exchange_rows(rows, send_counts, recv_counts, self.group),
+            rows=exchange_rows(rows, send_counts, recv_counts.host, self.group),
             recv_counts=recv_counts,
             send_slots=slots_from_mask(mask),
             hidden=x.shape[1],
@@ -118,37 +119,24 @@ class ReferenceLL:
         positions, counts = positions_within_expert(local, cfg.num_local_experts)
         rows_per_expert = cfg.ll_rows_per_expert
         valid = local >= 0
-        message = torch.arange(local.shape[0], device=device).unsqueeze(1).expand_as(local)[valid]
-        expert = local[valid].long()
-        position = positions[valid]
-
-        outputs = []
-        for part in payload:
-            out = torch.empty(
-                (cfg.num_local_experts, rows_per_expert, part.shape[1]), dtype=part.dtype, device=device
-            )
-            # index_put has no float8_e8m0fnu kernel: scatter UE8M0 scales as bytes
-            raw = part.dtype == fp8.UE8M0_DTYPE
-            (out.view(torch.uint8) if raw else out)[expert, position] = (
-                part[message].view(torch.uint8) if raw else part[message]
-            )
-            outputs.append(out)
-
-        src, slot = message_source(state.recv_counts, device)
         flat_rows = torch.where(valid, local.long() * rows_per_expert + positions, -1)
-        recv_rows = torch.full(
-            (cfg.world_size, cfg.max_tokens_per_rank, kmax), -1, dtype=torch.int32, device=device
-        )
-        recv_weights = torch.zeros(
-            (cfg.world_size, cfg.max_tokens_per_rank, kmax), dtype=torch.float32, device=device
-        )
+        experts = cfg.num_local_experts
+        outputs = [
+            scatter_rows(part, flat_rows, experts * rows_per_expert, None).view(experts, rows_per_expert, -1)
+            for part in payload
+        ]
+
+        src, slot = message_source(state.recv_counts.device, local.shape[0])
+        shape = (cfg.world_size, cfg.max_tokens_per_rank, kmax)
+        recv_rows = torch.full(shape, -1, dtype=torch.int32, device=device)
+        recv_weights = torch.zeros(shape, dtype=torch.float32, device=device)
         recv_rows[src, slot] = flat_rows.to(torch.int32)
         recv_weights[src, slot] = weights
         handle = LLHandle(
             send_slots=state.send_slots,
             recv_rows=recv_rows,
             recv_weights=recv_weights,
-            recv_slot_counts=torch.tensor(state.recv_counts, dtype=torch.int32, device=device),
+            recv_slot_counts=state.recv_counts.device.to(torch.int32),
         )
         return LLDispatchOutput(
             x=outputs[0],
@@ -171,8 +159,11 @@ class ReferenceLL:
         self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
     ) -> LLCombineInFlight:
         hidden = expert_out.shape[2]
-        slot_counts = handle.recv_slot_counts.tolist()
-        src, slot = message_source(slot_counts, expert_out.device)
+        back_counts = (handle.send_slots >= 0).sum(dim=0).to(torch.int32)
+        counts = torch.cat([handle.recv_slot_counts, back_counts]).tolist()  # the one host sync
+        ranks = handle.recv_slot_counts.numel()
+        slot_counts, back_host = counts[:ranks], counts[ranks:]
+        src, slot = message_source(handle.recv_slot_counts, sum(slot_counts))
         rows = handle.recv_rows[src, slot].long()
         weights = handle.recv_weights[src, slot]
         flat = expert_out.reshape(-1, hidden)
@@ -181,21 +172,13 @@ class ReferenceLL:
         weighted = flat[rows.clamp_min(0)].float() * weights.unsqueeze(-1)
         weighted = torch.where((rows >= 0).unsqueeze(-1), weighted, 0.0)
         partial = weighted.sum(dim=1).to(torch.bfloat16)
-        back_counts = (handle.send_slots >= 0).sum(dim=0).tolist()
-        pending = exchange_rows(partial.view(torch.uint8), slot_counts, back_counts, self.group)
+        pending = exchange_rows(partial.view(torch.uint8), slot_counts, back_host, self.group)
         return LLCombineInFlight(pending, back_counts, handle.send_slots, hidden, out)
 
     def combine_recv(self, state: LLCombineInFlight, out: torch.Tensor | None = None) -> torch.Tensor:
         out = state.out if out is None else out
         back = state.rows.wait().view(torch.bfloat16).reshape(-1, state.hidden)
-        send_slots = state.send_slots
-        tokens = send_slots.shape[0]
-        total = torch.zeros((tokens, state.hidden), dtype=torch.float32, device=back.device)
-        start = 0
-        for d, count in enumerate(state.back_counts):
-            chosen = send_slots[:, d] >= 0
-            total[chosen] += back[start + send_slots[chosen, d].long()].float()
-            start += count
+        total = sum_over_ranks(back, state.send_slots, state.back_counts)
         if out is None:
             return total.to(torch.bfloat16)
         out.copy_(total)

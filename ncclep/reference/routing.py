@@ -21,12 +21,11 @@ def rejected(cfg: GroupConfig, topk_idx: torch.Tensor) -> InvalidArgument | None
 def destination_mask(topk_idx: torch.Tensor, experts_per_rank: int, world_size: int) -> torch.Tensor:
     """[B, R] bool: token b has at least one expert on rank d."""
     tokens = topk_idx.shape[0]
-    mask = torch.zeros((tokens, world_size), dtype=torch.bool, device=topk_idx.device)
-    valid = topk_idx >= 0
-    ranks = torch.where(valid, topk_idx // experts_per_rank, 0)
-    rows = torch.arange(tokens, device=topk_idx.device).unsqueeze(1).expand_as(ranks)
-    mask[rows[valid], ranks[valid]] = True
-    return mask
+    idx = topk_idx.long()
+    ranks = torch.where(idx >= 0, idx // experts_per_rank, world_size)  # column R collects the -1s
+    mask = torch.zeros((tokens, world_size + 1), dtype=torch.bool, device=topk_idx.device)
+    mask.scatter_(1, ranks, True)
+    return mask[:, :world_size].contiguous()
 
 
 def slots_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -35,14 +34,16 @@ def slots_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, slots, torch.full_like(slots, -1))
 
 
-def sender_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def sender_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
     """Messages grouped by destination rank, tokens ascending within each.
 
-    Returns (token index of each message, destination of each message, count per destination).
+    Returns (token index of each message, destination of each message, count per destination on
+    the host and on the device). One host sync: the counts, which the all-to-all needs anyway.
     """
-    dest, token = mask.t().nonzero(as_tuple=True)
-    counts = mask.sum(dim=0).tolist()
-    return token, dest, counts
+    counts = mask.sum(dim=0)
+    host = counts.tolist()
+    pairs = torch.nonzero_static(mask.t(), size=sum(host))
+    return pairs[:, 1], pairs[:, 0], host, counts
 
 
 def local_choices(topk_idx: torch.Tensor, dest: torch.Tensor, experts_per_rank: int) -> torch.Tensor:
@@ -58,29 +59,66 @@ def positions_within_expert(
     """Row of each (message, choice) inside its expert, messages in arrival order.
 
     local_ids [M, K] int32 with -1 for none. Returns (positions [M, K] int64 with -1 for none,
-    counts [L] int64).
+    counts [L] int64). No host sync: empty choices go to an extra bucket L, sorted last.
     """
     messages, topk = local_ids.shape
     valid = local_ids >= 0
-    experts = local_ids.long()
-    counts = torch.bincount(experts[valid], minlength=num_local_experts)
+    experts = torch.where(valid, local_ids.long(), num_local_experts)
+    counts = torch.bincount(experts.reshape(-1), minlength=num_local_experts + 1)
     # Experts are distinct within a message, so (expert, message) orders the pairs uniquely.
     message_of = torch.arange(messages, device=local_ids.device).unsqueeze(1).expand(messages, topk)
-    keys = experts * max(messages, 1) + message_of
-    keys = torch.where(valid, keys, torch.iinfo(torch.int64).max)
-    order = keys.reshape(-1).argsort()
+    order = (experts * max(messages, 1) + message_of).reshape(-1).argsort()
     starts = torch.cumsum(counts, 0) - counts
-    n_valid = int(valid.sum())
-    ranked = torch.arange(n_valid, device=local_ids.device) - starts[experts.reshape(-1)[order[:n_valid]]]
-    positions = torch.full((messages * topk,), -1, dtype=torch.int64, device=local_ids.device)
-    positions[order[:n_valid]] = ranked
-    return positions.reshape(messages, topk), counts
+    ranked = torch.arange(messages * topk, device=local_ids.device) - starts[experts.reshape(-1)[order]]
+    positions = torch.empty(messages * topk, dtype=torch.int64, device=local_ids.device)
+    positions[order] = ranked
+    return torch.where(valid, positions.reshape(messages, topk), -1), counts[:num_local_experts]
 
 
-def message_source(recv_counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source rank, slot) of each received message; messages arrive grouped by source."""
-    counts = torch.tensor(recv_counts, dtype=torch.int64, device=device)
-    src = torch.repeat_interleave(torch.arange(len(recv_counts), device=device), counts)
+def message_source(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source rank, slot) of each of ``total`` received messages, grouped by source.
+
+    ``counts`` [R] are the messages from each source, on the device (no host sync).
+    """
+    counts = counts.long()
+    src = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=total
+    )
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(src.numel(), device=device) - starts[src]
+    slot = torch.arange(total, device=counts.device) - starts[src]
     return src, slot
+
+
+def scatter_rows(rows: torch.Tensor, target: torch.Tensor, num_rows: int, fill: float | None) -> torch.Tensor:
+    """out[target[i, k]] = rows[i] for every target >= 0, out [num_rows, ...]; no host sync.
+
+    Entries with target -1 land in a spare row past the end, which is cut off.
+    """
+    width = rows.shape[1:]
+    shape = (num_rows + 1, *width)
+    raw = rows.dtype == torch.float8_e8m0fnu  # index_put has no kernel for it: move bytes
+    data = rows.view(torch.uint8) if raw else rows
+    if fill is None:
+        out = torch.empty(shape, dtype=data.dtype, device=rows.device)
+    else:
+        out = torch.full(shape, fill, dtype=data.dtype, device=rows.device)
+    copies = target.shape[1]
+    index = torch.where(target >= 0, target, num_rows).reshape(-1)
+    source = data.unsqueeze(1).expand(data.shape[0], copies, *data.shape[1:]).reshape(-1, *data.shape[1:])
+    out[index] = source
+    out = out[:num_rows]
+    return out.view(rows.dtype) if raw else out
+
+
+def sum_over_ranks(rows: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """fp32 ``out[b] = Σ_d rows[start_d + positions[b, d]]`` over d with positions >= 0, in rank
+    order; ``rows`` arrive grouped by rank, ``counts[d]`` each. No host sync."""
+    counts = counts.long()
+    starts = torch.cumsum(counts, 0) - counts
+    spare = rows.shape[0]  # a zero row for the ranks a token did not go to
+    padded = torch.cat([rows, rows.new_zeros((1, *rows.shape[1:]))])
+    index = torch.where(positions >= 0, starts.unsqueeze(0) + positions.long(), spare)
+    total = torch.zeros((positions.shape[0], *rows.shape[1:]), dtype=torch.float32, device=rows.device)
+    for d in range(positions.shape[1]):
+        total += padded[index[:, d]].float()
+    return total
