@@ -63,6 +63,42 @@ def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
     return scales.contiguous().view(torch.uint8).view(torch.int32)
 
 
+def weight_and_reduce(
+    fused_expert_output: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    apply_router_weight_on_input: bool,
+    impl: mk.TopKWeightAndReduce,
+) -> torch.Tensor:
+    """``[M, K, H]`` (or ``[M*K, H]``) expert outputs -> ``[M, H]`` weighted sums, as DeepEP HT's finalize.
+
+    Experts that leave the reduction to the prepare/finalize get vLLM's
+    ``TopKWeightAndReduceContiguous`` on GPUs (its ``moe_sum`` is a CUDA op) and the same sum in
+    PyTorch elsewhere.
+    """
+    if not isinstance(impl, TopKWeightAndReduceDelegate):
+        return impl.apply(
+            output=None,
+            fused_expert_output=fused_expert_output,
+            topk_weights=topk_weights,
+            topk_ids=topk_ids,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+        )
+    if fused_expert_output.is_cuda:
+        return TopKWeightAndReduceContiguous().apply(
+            output=None,
+            fused_expert_output=fused_expert_output,
+            topk_weights=topk_weights,
+            topk_ids=topk_ids,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+        )
+    rows, topk = topk_ids.shape
+    values = fused_expert_output.reshape(rows, topk, -1).float()
+    if not apply_router_weight_on_input:
+        values = values * topk_weights.reshape(rows, topk, 1).float()
+    return values.sum(dim=1).to(fused_expert_output.dtype)
+
+
 class NcclepLLPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     """Prepare/finalize over ncclep LL (``Group(mode="ll")``); replaces ``DeepEPLLPrepareAndFinalize``."""
 
@@ -168,10 +204,11 @@ class NcclepLLPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             a1 = a1 * topk_weights.to(a1.dtype)
             weights = torch.ones_like(weights)  # combine must not weight them again
 
+        # ncclep takes contiguous inputs (no copy when they already are; vLLM's may be views).
         pending = self.group.ll_dispatch(
-            a1,
-            self._map_global_to_physical_ids(topk_ids),
-            weights,
+            a1.contiguous(),
+            self._map_global_to_physical_ids(topk_ids).contiguous(),
+            weights.contiguous(),
             use_fp8=self.use_fp8_dispatch,
             ue8m0=self.use_ue8m0_dispatch,
             send_only=True,
@@ -370,7 +407,12 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             a1_post_scale = quant_config.a1_gscale if nvfp4 else quant_config.a1_scale
 
         pending = self.group.ht_dispatch(
-            a1q, topk_ids, topk_weights.float(), x_scales=a1q_scale, layout="flat", send_only=True
+            a1q.contiguous(),
+            topk_ids.contiguous(),
+            topk_weights.float().contiguous(),
+            x_scales=None if a1q_scale is None else a1q_scale.contiguous(),
+            layout="flat",
+            send_only=True,
         )
         assert isinstance(pending, Pending)
         a2a_idx = dbo_current_ubatch_id()
@@ -454,14 +496,12 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         handle, rows = state
         # Experts may leave [n, K, H] unreduced or [n, H]; with no rows here there is nothing to do.
         if fused_expert_output.numel() != 0:
-            if isinstance(weight_and_reduce_impl, TopKWeightAndReduceDelegate):
-                weight_and_reduce_impl = TopKWeightAndReduceContiguous()
-            fused_expert_output = weight_and_reduce_impl.apply(
-                output=None,
-                fused_expert_output=fused_expert_output,
-                topk_weights=topk_weights,
-                topk_ids=topk_ids,
-                apply_router_weight_on_input=apply_router_weight_on_input,
+            fused_expert_output = weight_and_reduce(
+                fused_expert_output,
+                topk_weights,
+                topk_ids,
+                apply_router_weight_on_input,
+                weight_and_reduce_impl,
             )
         hidden = output.shape[-1]
         n = fused_expert_output.shape[0] if fused_expert_output.numel() != 0 else 0
