@@ -14,7 +14,11 @@ from importlib.metadata import entry_points
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed: run scripts/test_vllm.sh (separate venv)")
+# Not plain "vllm": with tests/ on sys.path, this very folder would import as a namespace package.
+pytest.importorskip(
+    "vllm.model_executor.layers.fused_moe",
+    reason="vLLM is not installed: run scripts/test_vllm.sh (separate venv)",
+)
 
 PROBE = r"""
 import json, logging, io
