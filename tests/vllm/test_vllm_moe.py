@@ -29,3 +29,8 @@ def test_ll_in_modular_kernel_matches_naive(world2):
 def test_ht_in_modular_kernel_matches_naive(world2):
     per_rank = world2.run(vllm_workers.ht_kernel_worker)
     assert len(per_rank[0]) == len(vllm_workers.CASES)
+
+
+def test_ll_fp8_dispatch_format(world2):
+    rows = [r["rows"] for r in world2.run(vllm_workers.ll_fp8_prepare_worker)]
+    assert sum(rows) > 0

@@ -390,3 +390,48 @@ def ht_kernel_worker() -> list[dict[str, float]]:
     finally:
         manager.destroy()
     return results
+
+
+def ll_fp8_prepare_worker() -> dict[str, Any]:
+    """fp8 block quantisation ([128, 128], as DEEPEP_QUANT_BLOCK_SHAPE): ncclep quantises in the dispatch
+    and prepare hands the experts e4m3 rows with fp32 scales [E_local, T*R, H/128], token-major."""
+    from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+    from vllm.platforms import current_platform
+
+    from ncclep import fp8
+
+    setup_rank()
+    local = EXPERTS // dist.get_world_size()
+    quant = fp8_w8a8_moe_quant_config(
+        w1_scale=torch.ones(EXPERTS, 2 * INTER // 128, HIDDEN // 128),
+        w2_scale=torch.ones(EXPERTS, HIDDEN // 128, INTER // 128),
+        block_shape=[128, 128],
+    )
+    assert quant.quant_dtype == current_platform.fp8_dtype()
+    manager = NcclepLLAll2AllManager.for_process_group()
+    pf = maybe_make_prepare_finalize(
+        moe_config("deepep_low_latency", ep=True), quant, all2all_manager=manager
+    )
+    try:
+        assert pf.use_fp8_dispatch
+        x, ids, w = inputs(0)
+        rows, scales, meta, _, _ = pf.prepare(x, w, ids, EXPERTS, None, False, quant)
+        assert rows.dtype == fp8.FP8_DTYPE and rows.shape == (local, 2 * MAX_TOKENS, HIDDEN)
+        assert scales.dtype == torch.float32 and scales.shape == (local, 2 * MAX_TOKENS, HIDDEN // 128)
+        assert scales.stride(1) == 1, scales.stride()  # token-major, as DeepEP returns them
+        # Every received row dequantises to a token some rank sent to this expert.
+        sent = [torch.zeros(MAX_TOKENS, HIDDEN, dtype=torch.bfloat16) for _ in range(2)]
+        padded = torch.zeros(MAX_TOKENS, HIDDEN, dtype=torch.bfloat16)
+        padded[: x.shape[0]] = x
+        dist.all_gather(sent, padded)
+        candidates = torch.cat(sent).float()
+        checked = 0
+        for e, n in enumerate(meta.expert_num_tokens.tolist()):
+            values = fp8.dequantize(rows[e, :n], scales[e, :n])
+            for row in values:
+                err = (candidates - row).abs().amax(dim=1).min()
+                assert float(err) <= float(row.abs().max()) / 8, float(err)
+                checked += 1
+        return {"rows": checked}
+    finally:
+        manager.destroy()
