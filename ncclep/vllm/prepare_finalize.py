@@ -431,8 +431,9 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         quant_config: FusedMoEQuantConfig,
         defer_input_quant: bool,
     ) -> mk.PrepareResultType:
-        # Like DeepEP HT, hand the experts exactly the received rows: one host read of the count.
-        n = int(out.num_recv.item())
+        # Like DeepEP HT, hand the experts exactly the received rows: one host read of the row
+        # count and the per-expert counts together.
+        n, *expert_counts = torch.cat([out.num_recv, out.expert_counts]).tolist()
         self.handles[a2a_idx] = (out.handle, out.x.shape[0])
         expert_x = out.x[:n]
         expert_x_scale = None if out.scales is None else out.scales[:n]
@@ -443,7 +444,7 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         expert_topk_ids = torch.where(local_ids == -1, elsewhere, local_ids + self.rank_expert_offset)
         assert out.topk_weights is not None
         expert_topk_weights = out.topk_weights[:n]
-        meta = mk.ExpertTokensMetadata.make_from_list(out.expert_counts.tolist(), device=expert_x.device)
+        meta = mk.ExpertTokensMetadata.make_from_list(expert_counts, device=expert_x.device)
 
         if not quant_config.is_block_quantized and not defer_input_quant:
             expert_x_scale = None
