@@ -17,8 +17,6 @@ non-zero on FAIL.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,15 +24,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 try:
     import ncclep
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ncclep
-from ncclep import bootstrap
 from ncclep.bench.timing import slowest, time_steps
+from ncclep.launch import launch
 from ncclep.moe import DenseMoE, EPMoE
 
 CPU_NOTICE = "no GPU found: running the reference backend on {n} CPU processes (gloo)"
@@ -334,53 +331,9 @@ def run_rank(args: argparse.Namespace, pg: dist.ProcessGroup | None, device: tor
     return 0 if ok else 1
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, gpu: bool) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if gpu:
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        device = torch.device("cpu")
-    dist.init_process_group(
-        "nccl" if gpu else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=600),
-        **({"device_id": device} if gpu else {}),
-    )
-    try:
-        code = run_rank(args, dist.group.WORLD, device)
-    finally:
-        dist.destroy_process_group()
-    if code:
-        raise SystemExit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if bootstrap.launcher() is not None:  # torchrun or mpirun
-        gpu = torch.cuda.is_available()
-        if gpu:
-            torch.cuda.set_device(bootstrap.local_rank() % torch.cuda.device_count())
-        pg = bootstrap.init_from_env("nccl" if gpu else "gloo")
-        device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
-        try:
-            return run_rank(args, pg, device)
-        finally:
-            dist.destroy_process_group()
-    gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    world = args.nprocs or (torch.cuda.device_count() if gpu else 2)
-    if gpu and world > torch.cuda.device_count():
-        raise SystemExit(f"--nprocs {world} exceeds the {torch.cuda.device_count()} visible GPUs")
-    try:
-        mp.spawn(_spawned, args=(world, bootstrap.free_port(), args, gpu), nprocs=world, join=True)
-    except mp.ProcessExitedException as exc:
-        print(f"a process failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return launch(run_rank, args, args.nprocs, "MoE example")
 
 
 if __name__ == "__main__":

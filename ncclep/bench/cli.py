@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .. import _native, bootstrap
+from .. import _native
+from ..launch import launch
 from . import report
 from .runner import Row, Settings, run_case
 from .workloads import default_cases
@@ -152,54 +152,9 @@ def run_rank(args: argparse.Namespace, pg: dist.ProcessGroup | None, device: tor
     return 1 if failed else 0
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, gpu: bool) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if gpu:
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        device = torch.device("cpu")
-    dist.init_process_group(
-        "nccl" if gpu else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=600),
-        **({"device_id": device} if gpu else {}),
-    )
-    try:
-        code = run_rank(args, dist.group.WORLD, device)
-    finally:
-        dist.destroy_process_group()
-    if code:
-        raise SystemExit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    kind = bootstrap.launcher()
-    if kind is not None:
-        gpu = torch.cuda.is_available()
-        if gpu:
-            torch.cuda.set_device(bootstrap.local_rank() % torch.cuda.device_count())
-        pg = bootstrap.init_from_env("nccl" if gpu else "gloo")
-        device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
-        try:
-            return run_rank(args, pg, device)
-        finally:
-            dist.destroy_process_group()
-    gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    world = args.nprocs or (torch.cuda.device_count() if gpu else 2)
-    if gpu and world > torch.cuda.device_count():
-        raise SystemExit(f"--nprocs {world} exceeds the {torch.cuda.device_count()} visible GPUs")
-    try:
-        mp.spawn(_spawned, args=(world, bootstrap.free_port(), args, gpu), nprocs=world, join=True)
-    except mp.ProcessExitedException as exc:
-        print(f"a benchmark process failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return launch(run_rank, args, args.nprocs, "benchmark")
 
 
 if __name__ == "__main__":
