@@ -352,7 +352,7 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         self.num_dispatchers_ = num_dispatchers
         self.dp_size = dp_size
         self.rank_expert_offset = rank_expert_offset
-        self.handles: list[tuple[Any, int] | None] = [None, None]
+        self.handles: list[tuple[Any, torch.Tensor] | None] = [None, None]
 
     def num_dispatchers(self) -> int:
         return self.num_dispatchers_
@@ -434,7 +434,7 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         # Like DeepEP HT, hand the experts exactly the received rows: one host read of the row
         # count and the per-expert counts together.
         n, *expert_counts = torch.cat([out.num_recv, out.expert_counts]).tolist()
-        self.handles[a2a_idx] = (out.handle, out.x.shape[0])
+        self.handles[a2a_idx] = (out.handle, out.x)
         expert_x = out.x[:n]
         expert_x_scale = None if out.scales is None else out.scales[:n]
         local_ids = out.topk_idx[:n].to(ids_dtype)
@@ -494,7 +494,7 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     ) -> Callable | None:
         state = self.handles[dbo_current_ubatch_id()]
         assert state is not None, "finalize without a prepare"
-        handle, rows = state
+        handle, dispatched = state
         # Experts may leave [n, K, H] unreduced or [n, H]; with no rows here there is nothing to do.
         if fused_expert_output.numel() != 0:
             fused_expert_output = weight_and_reduce(
@@ -506,8 +506,12 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             )
         hidden = output.shape[-1]
         n = fused_expert_output.shape[0] if fused_expert_output.numel() != 0 else 0
-        # ncclep's combine takes the dispatch's worst-case rows; rows past n are padding.
-        full = torch.zeros((rows, hidden), dtype=torch.bfloat16, device=output.device)
+        # ncclep's combine takes the dispatch's worst-case rows [N, H]; it ignores rows past n. The
+        # dispatch's bf16 rows are free by now (the experts are done with them): reuse them.
+        if dispatched.dtype == torch.bfloat16 and dispatched.shape[1] == hidden:
+            full = dispatched
+        else:
+            full = torch.empty((dispatched.shape[0], hidden), dtype=torch.bfloat16, device=output.device)
         if n:
             full[:n] = fused_expert_output.reshape(n, hidden)
         combining = self.group.ht_combine(full, handle, send_only=do_async)
