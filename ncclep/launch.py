@@ -38,6 +38,9 @@ def _spawned(rank: int, world: int, port: int, rank_main: RankMain, args: Any, g
     )
     try:
         code = rank_main(args, dist.group.WORLD, device)
+        # Every rank is done with the group before any tears it down: a rank destroying its gloo
+        # group while a peer still closes its own has aborted the peer ("terminate called").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if code:
@@ -54,7 +57,9 @@ def launch(rank_main: RankMain, args: Any, nprocs: int | None, what: str) -> int
         pg = bootstrap.init_from_env("nccl" if gpu else "gloo")
         device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         try:
-            return rank_main(args, pg, device)
+            code = rank_main(args, pg, device)
+            dist.barrier()  # as in _spawned
+            return code
         finally:
             dist.destroy_process_group()
     gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
