@@ -61,6 +61,26 @@ def routing(
     return (idx.to(torch.int32) if int32 else idx), w
 
 
+def routing_for_call(
+    call: dict[str, Any], tokens: int, num_experts: int, g: torch.Generator, row_stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing a test case dict asks for, then ``masked_rows`` whole tokens set to -1 (their
+    weights stay nonzero and must be ignored), picked every ``row_stride`` tokens."""
+    idx, w = routing(
+        call["routing"],
+        tokens,
+        num_experts,
+        call["topk"],
+        g,
+        masked=call.get("masked", 0),
+        hot_rank=call.get("hot_rank", 0),
+        int32=call.get("int32", False),
+    )
+    for b in range(min(call.get("masked_rows", 0), tokens)):
+        idx[(b * row_stride) % tokens] = -1
+    return idx, w
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of ``t`` (so NaNs, -0.0 and fp8 compare bit for bit)."""
     return t.contiguous().view(torch.uint8)

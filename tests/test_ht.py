@@ -13,7 +13,7 @@ from helpers import (
     generator,
     random_x,
     rank_and_world,
-    routing,
+    routing_for_call,
     step,
     tokens_to,
 )
@@ -69,18 +69,7 @@ def make_inputs(call: dict[str, Any], num_experts: int, ue8m0: bool | None, salt
     g = generator(salt)
     tokens = call["tokens"][rank]
     x = random_x(tokens, call["hidden"], g)
-    idx, w = routing(
-        call["routing"],
-        tokens,
-        num_experts,
-        call["topk"],
-        g,
-        masked=call.get("masked", 0),
-        hot_rank=call.get("hot_rank", 0),
-        int32=call.get("int32", False),
-    )
-    for b in range(min(call.get("masked_rows", 0), tokens)):
-        idx[(b * 3) % tokens] = -1
+    idx, w = routing_for_call(call, tokens, num_experts, g, row_stride=3)
     scales = None
     if ue8m0 is not None:
         x, scales = fp8.quantize(x, ue8m0)

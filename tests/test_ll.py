@@ -16,7 +16,7 @@ from helpers import (
     owner,
     random_x,
     rank_and_world,
-    routing,
+    routing_for_call,
     step,
     tokens_to,
 )
@@ -77,20 +77,10 @@ def make_inputs(call: dict[str, Any], num_experts: int, salt: int) -> tuple[torc
     x = random_x(tokens, call["hidden"], g)
     if call["routing"] == "no-expert0":
         idx, w = routing_avoiding_first_local_expert(tokens, num_experts, call["topk"], g, call["masked"])
+        for b in range(min(call.get("masked_rows", 0), tokens)):
+            idx[(b * 5) % tokens] = -1
     else:
-        idx, w = routing(
-            call["routing"],
-            tokens,
-            num_experts,
-            call["topk"],
-            g,
-            masked=call.get("masked", 0),
-            hot_rank=call.get("hot_rank", 0),
-            int32=call.get("int32", False),
-        )
-    # whole tokens masked out (every entry -1); their weights stay nonzero and must be ignored
-    for b in range(min(call.get("masked_rows", 0), tokens)):
-        idx[(b * 5) % tokens] = -1
+        idx, w = routing_for_call(call, tokens, num_experts, g, row_stride=5)
     return x, idx, w
 
 
