@@ -70,16 +70,14 @@ STEPS = [
     "send_start",
     "acked",
     "routed",
-    "counted",
-    "addressed",
     "sent",
     "arrived",
-    "counts",
     "signaled",
     "recv_start",
     "flags_seen",
     "copied",
 ]
+SENT, ARRIVED, SIGNALED, FLAGS_SEEN, COPIED = 3, 4, 5, 7, 8
 
 
 def trace(tokens: int, use_fp8: bool) -> str:
@@ -110,19 +108,19 @@ def trace(tokens: int, use_fp8: bool) -> str:
     def rel(step: int, rows: torch.Tensor) -> torch.Tensor:
         return (t[rows, step] - t0) / 1e3
 
-    senders = (t[:, 2] > 0).nonzero().flatten()
-    last = (t[:, 8] > 0).nonzero().flatten()
     everyone = torch.arange(blocks)
+    senders = everyone[:tokens]
+    last = (t[:, SIGNALED] > 0).nonzero().flatten()
     parts = []
     if senders.numel():
-        for a, b in ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)):
-            delta = (t[senders, b] - t[senders, a]) / 1e3
-            parts.append(f"{STEPS[a]}->{STEPS[b]} {delta.median():.1f}")
-        parts.append(f"slowest sender arrived at {rel(6, senders).max():.1f}")
+        for a in range(ARRIVED):
+            delta = (t[senders, a + 1] - t[senders, a]) / 1e3
+            parts.append(f"{STEPS[a]}->{STEPS[a + 1]} {delta.median():.1f}")
+        parts.append(f"slowest sender arrived at {rel(ARRIVED, senders).max():.1f}")
     if last.numel():
-        parts.append(f"last block: counts at {rel(7, last)[0]:.1f}, signaled at {rel(8, last)[0]:.1f}")
-    parts.append(f"flags seen (median block) at {rel(10, everyone).median():.1f}")
-    parts.append(f"copies done (last block) at {rel(11, everyone).max():.1f}")
+        parts.append(f"last block signaled at {rel(SIGNALED, last)[0]:.1f}")
+    parts.append(f"flags seen (median block) at {rel(FLAGS_SEEN, everyone).median():.1f}")
+    parts.append(f"copies done (last block) at {rel(COPIED, everyone).max():.1f}")
     return f"rank {rank} tokens={tokens}: " + "; ".join(parts)
 
 
@@ -154,11 +152,7 @@ def run(rank: int, world: int, port: int) -> None:
             if rank == 0:
                 worst = {n: max(m[n] for m in meds) for n in med}
                 cells = "  ".join(f"{n} {v:7.1f}" for n, v in worst.items())
-                blocks = os.environ.get("NCCLEP_LL_SEND_BLOCKS", "all")
-                print(
-                    f"send_blocks={blocks} {'fp8 ' if use_fp8 else 'bf16'} tokens={tokens:4d}  {cells}",
-                    flush=True,
-                )
+                print(f"{'fp8 ' if use_fp8 else 'bf16'} tokens={tokens:4d}  {cells}", flush=True)
     dist.destroy_process_group()
 
 

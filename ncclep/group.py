@@ -25,6 +25,7 @@ T = TypeVar("T")
 BACKENDS = ("auto", "reference", "cuda")
 MODE_IDS = {"ll": 0, "ht": 1}
 LL_KERNEL_MAX_TOPK = 16
+LL_KERNEL_MAX_ENTRIES = 16384  # max_tokens_per_rank * max_topk (kLLMaxEntries)
 
 _groups: dict[int, Group] = {}
 _ids = itertools.count(1)
@@ -158,10 +159,15 @@ class Group:
         info = self._native_info
         if not info.get("device_api"):
             return f"the NCCL device API is unavailable: {self._native.device_api_error}"
-        if info.get("n_lsa_teams") != 1:
-            return "peers off the NVLink (LSA) team need the GIN transport, which is not built yet"
-        if cfg.max_topk > LL_KERNEL_MAX_TOPK:
+        if info.get("n_lsa_teams", 0) > 1 and not info.get("gin"):
+            return "peers off the NVLink (LSA) team need GIN, which NCCL did not enable"
+        if cfg.mode == "ll" and cfg.max_topk > LL_KERNEL_MAX_TOPK:
             return f"the LL kernels take max_topk <= {LL_KERNEL_MAX_TOPK}, got {cfg.max_topk}"
+        if cfg.mode == "ll" and cfg.max_tokens_per_rank * cfg.max_topk > LL_KERNEL_MAX_ENTRIES:
+            return (
+                f"the LL kernels take max_tokens_per_rank * max_topk <= {LL_KERNEL_MAX_ENTRIES}, "
+                f"got {cfg.max_tokens_per_rank} * {cfg.max_topk}"
+            )
         return None
 
     def _pick_backend(self, requested: str) -> str:

@@ -20,6 +20,11 @@ __device__ __forceinline__ uint64_t loadAcquire(const uint64_t* ptr) {
   return value;
 }
 
+// Adds to a counter another GPU reads; ordered after this thread's earlier stores (release).
+__device__ __forceinline__ void addRelease(uint64_t* ptr, uint64_t value) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
 __device__ __forceinline__ void fenceSystem() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 // Counts blocks that finished a phase; true in exactly one (the last) block's caller thread.

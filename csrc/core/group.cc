@@ -11,6 +11,7 @@
 #include "core/buffer_plan.h"
 #include "core/config.h"
 #include "core/errors.h"
+#include "kernels/ll/ll_layout.h"
 
 namespace ncclep {
 
@@ -57,9 +58,6 @@ ncclepResult_t DeviceGuard::set(int device) {
 namespace {
 
 static_assert(sizeof(ncclepUniqueId) == sizeof(ncclUniqueId), "ncclepUniqueId must wrap ncclUniqueId");
-
-// Provisional GIN resources for multi-node groups, until the network transport sizes them.
-constexpr int kGinSignalCount = 64;
 
 ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
                                const ncclepGroupConfig_t* config, size_t* windowBytes, BufferPlan* planOut) {
@@ -134,6 +132,13 @@ void createDeviceComm(ncclepGroup* g) {
   g->lsaSize = lsa.nRanks;
   g->lsaRank = lsa.rank;
   g->nLsaTeams = g->nRanks / lsa.nRanks;
+  if (g->nLsaTeams == 1 && g->lsaSize % g->virtualNodes != 0) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf), "NCCLEP_VIRTUAL_NODES=%d does not divide the %d ranks of the NVLink team",
+                  g->virtualNodes, g->lsaSize);
+    g->deviceApiError = buf;
+    return;
+  }
 
   ncclDevCommRequirements reqs;
   std::memset(&reqs, 0, sizeof(reqs));  // 2.28 has no NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
@@ -143,7 +148,7 @@ void createDeviceComm(ncclepGroup* g) {
   if (g->nLsaTeams > 1) {
     reqs.ginForceEnable = true;
     reqs.railGinBarrierCount = kernels::kLsaCheckBlocks;
-    reqs.ginSignalCount = kGinSignalCount;
+    reqs.ginSignalCount = kLLSignalKinds * g->nRanks;
   }
   ncclResult_t res = ncclDevCommCreate(g->comm, &reqs, &g->devComm);
   if (res != ncclSuccess) {
@@ -165,6 +170,7 @@ void createDeviceComm(ncclepGroup* g) {
   }
   g->devCommCreated = true;
   g->ginEnabled = g->devComm.ginContextCount > 0;
+  g->nodeSize = g->nLsaTeams > 1 ? g->lsaSize : g->lsaSize / g->virtualNodes;
 }
 
 ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
@@ -179,7 +185,13 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->numSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
   if (g->config.numSms > 0 && g->config.numSms < g->numSms) g->numSms = g->config.numSms;
-  if (const char* v = std::getenv("NCCLEP_LL_SEND_BLOCKS")) g->llSendBlocks = std::atoi(v);
+  if (const char* v = std::getenv("NCCLEP_VIRTUAL_NODES")) {
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (end == v || *end != '\0' || n < 1 || n > g->nRanks)
+      return setError(ncclepInvalidArgument, "NCCLEP_VIRTUAL_NODES=%s: must be an integer in [1, %d]", v, g->nRanks);
+    g->virtualNodes = int(n);
+  }
   NCCLEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&g->errorHost), sizeof(DeviceError), cudaHostAllocMapped),
                     "cudaHostAlloc(error word)");
   std::memset(g->errorHost, 0, sizeof(DeviceError));
@@ -380,5 +392,6 @@ extern "C" ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t g, ncclepGroupInfo_t*
   info->ginEnabled = g->ginEnabled ? 1 : 0;
   info->windowBytes = g->windowBytes;
   info->ncclVersion = ncclVersion;
+  info->nodeSize = g->nodeSize;
   return ncclepSuccess;
 }

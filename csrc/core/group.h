@@ -39,7 +39,8 @@ struct ncclepGroup {
 
   ncclep::BufferPlan plan{};
   int numSms = 0;
-  int llSendBlocks = 0;  // NCCLEP_LL_SEND_BLOCKS (tuning; 0 = every block)
+  int virtualNodes = 1;  // NCCLEP_VIRTUAL_NODES: one NVLink host split into this many nodes
+  int nodeSize = 0;      // ranks per (virtual) node; 0 until the device API is up
   // The error word: pinned host memory the kernels write through its device mapping.
   ncclep::DeviceError* errorHost = nullptr;
   ncclep::DeviceError* errorDevice = nullptr;

@@ -24,12 +24,14 @@ ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
   if (!g->devCommCreated)
     return setError(ncclepUnsupported, "%s: the NCCL device API is unavailable on this group: %s", call,
                     g->deviceApiError.c_str());
-  if (g->nLsaTeams != 1)
-    return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need the GIN transport, not built yet",
+  if (g->nLsaTeams > 1 && !g->ginEnabled)
+    return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need GIN, which NCCL did not enable",
                     call);
-  if (g->nRanks > kLLMaxRanks || g->config.numExperts > kLLMaxExperts)
-    return setError(ncclepUnsupported, "%s: LL kernels take at most %d ranks and %d experts", call, kLLMaxRanks,
-                    kLLMaxExperts);
+  if (g->nRanks > kLLMaxRanks || g->config.numExperts > kLLMaxExperts ||
+      int64_t(g->config.maxTokensPerRank) * g->config.maxTopk > kLLMaxEntries)
+    return setError(ncclepUnsupported,
+                    "%s: LL kernels take at most %d ranks, %d experts and maxTokensPerRank * maxTopk <= %d", call,
+                    kLLMaxRanks, kLLMaxExperts, kLLMaxEntries);
   return ncclepSuccess;
 }
 
@@ -56,6 +58,10 @@ LLCommon common(const ncclepGroup* g) {
   c.numExperts = g->config.numExperts;
   c.timeoutNs = uint64_t(g->config.timeoutSeconds * 1e9);
   c.error = g->errorDevice;
+  c.nodeSize = g->nodeSize;
+  c.lsaRankOffset = g->rank - g->lsaRank;
+  c.useGin = g->nLsaTeams > 1;
+  c.devComm = g->devComm;
   return c;
 }
 
@@ -111,7 +117,6 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   p.topk = a->topk;
   p.useFp8 = a->useFp8;
   p.ue8m0 = a->ue8m0;
-  p.sendBlocks = g->llSendBlocks > 0 ? g->llSendBlocks : g->numSms;
   p.recvX = a->recvX;
   p.recvScales = a->recvScales;
   p.expertCounts = a->expertCounts;

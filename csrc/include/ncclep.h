@@ -112,10 +112,13 @@ typedef struct ncclepGroupInfo_v1 {
   int ginEnabled;         /* 1 if GIN (network) resources were created (nLsaTeams > 1 only) */
   size_t windowBytes;     /* bytes of the symmetric window on every rank */
   int ncclVersion;        /* ncclGetVersion() of the loaded NCCL */
+  int nodeSize;           /* ranks per node as the kernels see it: lsaSize, divided by
+                             NCCLEP_VIRTUAL_NODES on one host; peers off our node take the
+                             network path (GIN, or its emulation over LSA) */
 } ncclepGroupInfo_t;
 
 #define NCCLEP_GROUP_INFO_INITIALIZER \
-  { sizeof(ncclepGroupInfo_t), NCCLEP_GROUP_INFO_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  { sizeof(ncclepGroupInfo_t), NCCLEP_GROUP_INFO_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /* NCCLEP_VERSION_CODE of the library (may differ from the header's). */
 NCCLEP_API ncclepResult_t ncclepGetVersion(int* version);

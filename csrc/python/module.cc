@@ -106,6 +106,7 @@ class Communicator {
     d["gin"] = info.ginEnabled != 0;
     d["window_bytes"] = info.windowBytes;
     d["nccl_version"] = info.ncclVersion;
+    d["node_size"] = info.nodeSize;
     return d;
   }
 

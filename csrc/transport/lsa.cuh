@@ -1,8 +1,5 @@
 // LSA transport: peers in our NVLink team, reached by loads and stores through the symmetric
-// window (ncclGetLsaPointer), flags published with release stores and read with acquire loads.
-//
-// The kernels talk to peers only through this interface: peerPtr (where a put goes), signal, and
-// wait. The GIN and emulated-network transports will provide the same calls.
+// window (ncclGetLsaPointer), signals added with release semantics and read with acquire loads.
 #pragma once
 
 #include <cstddef>
@@ -19,7 +16,7 @@ namespace transport {
 
 struct Lsa {
   ncclWindow_t window;
-  int lsaRankOffset;  // world rank - LSA rank (single LSA team: 0)
+  int lsaRankOffset;  // world rank - LSA rank of the first rank of our LSA team
 
   __device__ __forceinline__ char* peerBase(int peer) const {
     return static_cast<char*>(ncclGetLsaPointer(window, 0, peer - lsaRankOffset));
@@ -30,15 +27,15 @@ struct Lsa {
     return reinterpret_cast<T*>(peerBase(peer) + offset);
   }
 
-  template <typename T>
-  __device__ __forceinline__ T* localPtr(size_t offset) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ncclGetLocalPointer(window, 0)) + offset);
-  }
-
-  // Publishes every store this thread (and, through a preceding barrier and fence, its block)
-  // made before it: the peer that acquires `value` sees them.
+  // Stores a word with release semantics (publishes this thread's earlier stores, and through a
+  // preceding barrier and system fence, its block's).
   __device__ __forceinline__ void signal(int peer, size_t offset, uint64_t value) const {
     device::storeRelease(peerPtr<uint64_t>(peer, offset), value);
+  }
+
+  // Adds to a monotonic counter in the peer's window, with the same release semantics.
+  __device__ __forceinline__ void signalAdd(int peer, size_t offset, uint64_t value) const {
+    device::addRelease(peerPtr<uint64_t>(peer, offset), value);
   }
 
   // Waits until the word at `ptr` (ours or a peer's) has `epoch` in its upper 32 bits; returns the
@@ -57,18 +54,11 @@ struct Lsa {
     }
   }
 
-  // Waits until the counter at `ptr` reaches at least `target` (acknowledgements).
+  // Waits until the counter at `ptr` reaches at least `target`.
   __device__ __forceinline__ bool waitAtLeast(const uint64_t* ptr, uint64_t target, uint64_t timeoutNs,
                                               const device::ErrorSink& err, int phase, int peer) const {
-    uint64_t start = device::globalTimerNs();
-    while (device::loadAcquire(ptr) < target) {
-      if (device::hasError(err)) return false;
-      if (device::globalTimerNs() - start > timeoutNs) {
-        device::reportError(err, kDeviceTimeout, phase, peer, int32_t(target));
-        return false;
-      }
-    }
-    return true;
+    return device::waitUntil([&] { return device::loadAcquire(ptr) >= target; }, timeoutNs, err, phase, peer,
+                             int32_t(target));
   }
 };
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,8 +19,22 @@ pytestmark = pytest.mark.gpu
 EXPERTS, T, HIDDEN = 64, 64, 7168
 
 
-def _groups(max_topk: int = 16) -> tuple[ncclep.Group, ncclep.Group]:
-    cuda = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="cuda", timeout_s=20.0)
+@contextlib.contextmanager
+def _virtual_nodes(nodes: int) -> Iterator[None]:
+    """Split the host into ``nodes`` virtual nodes: peers on the other ones take the network path."""
+    if nodes > 1:
+        os.environ["NCCLEP_VIRTUAL_NODES"] = str(nodes)
+    try:
+        yield
+    finally:
+        os.environ.pop("NCCLEP_VIRTUAL_NODES", None)
+
+
+def _groups(max_topk: int = 16, nodes: int = 1) -> tuple[ncclep.Group, ncclep.Group]:
+    with _virtual_nodes(nodes):
+        cuda = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="cuda", timeout_s=20.0)
+    assert cuda.native_info["node_size"] == dist.get_world_size() // nodes
+    assert cuda.num_nodes == nodes
     ref = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="reference")
     return cuda, ref
 
@@ -54,12 +70,12 @@ def _combine_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff / ref.float().norm().clamp_min(1e-20))
 
 
-def _matrix(seed: int) -> list[str]:
+def _matrix(seed: int, nodes: int = 1) -> list[str]:
     """Every routing / top-k / hidden / payload combination, dispatch bit-exact and combine close."""
     rank = dist.get_rank()
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(seed * 131 + rank)
-    cuda, ref = _groups()
+    cuda, ref = _groups(nodes=nodes)
     problems = []
     cases = []
     for routing in ("random", "skewed", "hot"):
@@ -91,18 +107,18 @@ def _matrix(seed: int) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ll_matches_reference(world: int) -> None:
-    for problems in gpu_pool(world).run(_matrix, world):
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2)])
+def test_ll_matches_reference(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_matrix, world, nodes):
         assert problems == []
 
 
-def _many_iterations(count: int) -> list[str]:
+def _many_iterations(count: int, nodes: int = 1) -> list[str]:
     """Consecutive dispatch/combine pairs with token counts and routing changing every call."""
     rank = dist.get_rank()
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(7 + rank)
-    cuda, ref = _groups(max_topk=8)
+    cuda, ref = _groups(max_topk=8, nodes=nodes)
     problems = []
     for i in range(count):
         tokens = int(torch.randint(0, T + 1, (1,), generator=g))
@@ -124,16 +140,17 @@ def _many_iterations(count: int) -> list[str]:
     return problems
 
 
-def test_ll_1000_iterations() -> None:
-    for problems in gpu_pool(2).run(_many_iterations, 1000):
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2)])
+def test_ll_1000_iterations(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_many_iterations, 1000, nodes):
         assert problems == []
 
 
-def _send_only_and_graph(replays: int) -> list[str]:
+def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
     rank = dist.get_rank()
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(99 + rank)
-    cuda, ref = _groups(max_topk=8)
+    cuda, ref = _groups(max_topk=8, nodes=nodes)
     problems = []
     # send_only: two micro-batches in flight, receive halves later
     batches = [_inputs(g, T - 3 * k, HIDDEN, 8, "random", dev) for k in range(2)]
@@ -184,8 +201,44 @@ def _send_only_and_graph(replays: int) -> list[str]:
     return problems
 
 
-def test_ll_send_only_and_cuda_graph() -> None:
-    for problems in gpu_pool(2).run(_send_only_and_graph, 1000):
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2)])
+def test_ll_send_only_and_cuda_graph(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_send_only_and_graph, 1000, nodes):
+        assert problems == []
+
+
+def _compiled_step(calls: int) -> list[str]:
+    """A decode step under torch.compile(fullgraph=True) on the CUDA kernels, against the reference."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(5 + rank)
+    cuda, ref = _groups(max_topk=8)
+    scale = torch.linspace(0.5, 1.5, EXPERTS // dist.get_world_size(), device=dev).view(-1, 1, 1)
+
+    def step(group_id: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        recv_x, _, _, *handle = torch.ops.ncclep.ll_dispatch(group_id, x, idx, w, False, False)
+        y = (recv_x.float() * scale).to(torch.bfloat16)
+        return torch.ops.ncclep.ll_combine(group_id, y, *handle)
+
+    compiled = torch.compile(step, fullgraph=True)
+    problems = []
+    for i in range(calls):
+        tokens = [T, 5, 0, 33][(i + rank) % 4]
+        x, idx, w = _inputs(g, tokens, HIDDEN, 8, ("random", "skewed", "hot")[i % 3], dev)
+        out = compiled(cuda.id, x, idx, w)
+        d = ref.ll_dispatch(x, idx, w)
+        expected = ref.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
+        err = _combine_error(out, expected) if tokens else 0.0
+        if err > 1e-2 and len(problems) < 5:
+            problems.append(f"call {i} ({tokens} tokens): error {err:.3g}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+def test_ll_torch_compile() -> None:
+    for problems in gpu_pool(2).run(_compiled_step, 8):
         assert problems == []
 
 

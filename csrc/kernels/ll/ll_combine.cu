@@ -2,25 +2,26 @@
 //
 // Send (on each expert rank): for every token received from source r in slot j, sum its local
 // experts' rows times their weights in fp32 and put one bf16 row into slot j of r's combine area
-// for us. The last block to finish flags every rank (epoch << 32), tokens or not.
+// for us (a warp per part of a row; staged and put when r is across the network). The last block
+// to finish signals every rank, tokens or not.
 //
-// Receive (on the token's rank): wait for every rank's flag, then out[b] = Σ_d row from rank d at
-// slot send_slots[b, d], summed in rank order in fp32, written as bf16.
+// Receive (on the token's rank): wait for every rank's signal, then out[b] = sum over ranks d of
+// the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; the last block
+// acknowledges each rank so it may reuse the parity.
 #include <cuda_bf16.h>
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
-#include "transport/lsa.cuh"
+#include "kernels/ll/ll_peers.cuh"
 
 namespace ncclep {
 namespace {
 
+constexpr unsigned kFullMask = 0xffffffffu;
+
 struct CombineShared {
   int start[kLLMaxRanks + 1];
-  int rows[kLLMaxTopk];
-  float weights[kLLMaxTopk];
-  int slots[kLLMaxRanks];
   bool last;
 };
 
@@ -43,77 +44,92 @@ __device__ __forceinline__ int4 packBf16(const float (&acc)[8]) {
   return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
 }
 
+template <class Net>
 __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Lsa lsa{c.window, 0};
+  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineSendSeq);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
 
   if (seq >= 2) {
-    for (int d = tid; d < R; d += blockDim.x) {
-      const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(LLState, combineRecvDone));
-      lsa.waitAtLeast(done, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend, d);
-    }
+    for (int d = tid; d < R; d += blockDim.x)
+      peers.waitSignal(d, kSigCombineAck * R + d, l.signal(kSigCombineAck, d), seq - 1, c.timeoutNs, err,
+                       kPhaseLLCombineSend);
   }
   if (tid == 0) {
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + p.recvSlotCounts[r];
   }
   __syncthreads();
+  const bool failed = device::hasError(err);
 
-  const int total = s.start[R];
+  // Work items: (message, part), a warp each, spread over the SMs first.
+  const int total = failed ? 0 : s.start[R];
   const int chunks = p.hidden / 8;
+  const int warps = int(gridDim.x) * numWarps;
+  int parts = total > 0 ? warps / total : 1;
+  parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
+  const int perPart = (chunks + parts - 1) / parts;
   const int4* rows = static_cast<const int4*>(p.expertOut);
-  for (int m = blockIdx.x; m < total; m += gridDim.x) {
-    int r = 0;
-    while (s.start[r + 1] <= m) ++r;
+  bool stored = false;
+  for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
+    const int m = item / parts, part = item % parts;
+    const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
-    if (tid < KM) {
-      const int64_t at = (int64_t(r) * T + j) * KM + tid;
-      s.rows[tid] = p.recvRows[at];
-      s.weights[tid] = p.recvWeights[at];
+    const int64_t at = (int64_t(r) * T + j) * KM;
+    const int myRow = lane < KM ? p.recvRows[at + lane] : -1;
+    const float myWeight = lane < KM ? p.recvWeights[at + lane] : 0.0f;
+    int rowK[kLLMaxTopk];
+    float weightK[kLLMaxTopk];
+#pragma unroll
+    for (int k = 0; k < kLLMaxTopk; ++k) {
+      rowK[k] = __shfl_sync(kFullMask, myRow, k);
+      weightK[k] = __shfl_sync(kFullMask, myWeight, k);
     }
-    __syncthreads();
-    int4* dst = lsa.peerPtr<int4>(
-        r, l.combineSlots + ((size_t(parity) * R + c.rank) * T + size_t(j)) * l.combineMsgBytes);
-    for (int i = tid; i < chunks; i += blockDim.x) {
+    const size_t dstOffset = l.combineSlots + ((size_t(parity) * R + c.rank) * T + size_t(j)) * l.combineMsgBytes;
+    const size_t stageOffset = l.stageCombine + ((size_t(parity) * R + r) * T + size_t(j)) * l.combineMsgBytes;
+    int4* dst = peers.template target<int4>(r, dstOffset, stageOffset);
+    const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
+    for (int i = begin + lane; i < end; i += 32) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int k = 0; k < KM; ++k) {
-        const int row = s.rows[k];
-        if (row >= 0) accumulate(acc, rows[int64_t(row) * chunks + i], s.weights[k]);
-      }
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k)
+        if (k < KM && rowK[k] >= 0) accumulate(acc, rows[int64_t(rowK[k]) * chunks + i], weightK[k]);
       dst[i] = packBf16(acc);
     }
-    __syncthreads();
+    stored = true;
+    if (peers.viaNet(r) && begin < end) {
+      __syncwarp();
+      peers.ship(r, dstOffset + size_t(begin) * 16, stageOffset + size_t(begin) * 16, size_t(end - begin) * 16,
+                 lane, 32);
+    }
   }
 
-  __syncthreads();
+  stored = __syncthreads_or(stored);
   if (tid == 0) {
-    if (int(blockIdx.x) < total) device::fenceSystem();  // only blocks that stored to peers
+    if (stored) device::fenceSystem();  // only blocks that stored to peers
     s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
   }
   __syncthreads();
   if (!s.last) return;
-  const uint64_t epoch = uint64_t(seq) + 1;
-  for (int d = tid; d < R; d += blockDim.x) {
-    device::fenceSystem();
-    lsa.signal(d, l.combineFlags + (size_t(parity) * R + c.rank) * 8, epoch << 32);
-  }
+  if (!device::hasError(err))
+    for (int d = tid; d < R; d += blockDim.x) peers.signalAdd(d, kSigCombine * R + c.rank, l.signal(kSigCombine, c.rank), 1);
   if (tid == 0) {
     state->blocksDone[2] = 0;
     state->combineSendSeq = seq + 1;
   }
 }
 
+template <class Net>
 __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Lsa lsa{c.window, 0};
+  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineRecvSeq);
@@ -121,29 +137,26 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   const int R = c.nRanks, T = l.maxTokens;
   const int tid = threadIdx.x;
 
-  for (int r = tid; r < R; r += blockDim.x) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.local + l.combineFlags + (size_t(parity) * R + r) * 8);
-    lsa.waitEpoch(flag, seq + 1, c.timeoutNs, err, kPhaseLLCombineRecv, r);
-  }
+  for (int r = tid; r < R; r += blockDim.x)
+    peers.waitSignal(r, kSigCombine * R + r, l.signal(kSigCombine, r), seq + 1, c.timeoutNs, err,
+                     kPhaseLLCombineRecv);
   __syncthreads();
   if (device::hasError(err)) return;
 
   const int chunks = p.hidden / 8;
   const char* slots = c.local + l.combineSlots + size_t(parity) * R * T * l.combineMsgBytes;
   for (int b = blockIdx.x; b < p.numTokens; b += gridDim.x) {
-    for (int d = tid; d < R; d += blockDim.x) s.slots[d] = p.sendSlots[int64_t(b) * R + d];
-    __syncthreads();
+    const int* sendSlots = p.sendSlots + int64_t(b) * R;
     for (int i = tid; i < chunks; i += blockDim.x) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int d = 0; d < R; ++d) {
-        const int slot = s.slots[d];
+        const int slot = sendSlots[d];
         if (slot < 0) continue;
         const int4* src = reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes);
         accumulate(acc, device::loadCg(src + i), 1.0f);
       }
       static_cast<int4*>(p.out)[int64_t(b) * chunks + i] = packBf16(acc);
     }
-    __syncthreads();
   }
 
   __syncthreads();
@@ -152,26 +165,30 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
     s.last = device::arriveLast(&state->blocksDone[3], gridDim.x);
   }
   __syncthreads();
-  if (s.last && tid == 0) {
+  if (!s.last) return;
+  if (tid == 0) {
     state->blocksDone[3] = 0;
     state->combineRecvSeq = seq + 1;
-    device::storeRelease(&state->combineRecvDone, uint64_t(seq) + 1);
   }
+  for (int r = tid; r < R; r += blockDim.x)
+    peers.signalAdd(r, kSigCombineAck * R + c.rank, l.signal(kSigCombineAck, c.rank), 1);
 }
 
+template <class Net>
 __global__ void __launch_bounds__(kLLThreads, 1) llCombineKernel(const __grid_constant__ LLCombineParams p) {
   __shared__ CombineShared shared;
   if (p.phases & kLLSend) {
-    combineSend(p, shared);
+    combineSend<Net>(p, shared);
     __syncthreads();
   }
-  if (p.phases & kLLRecv) combineRecv(p, shared);
+  if (p.phases & kLLRecv) combineRecv<Net>(p, shared);
 }
 
 }  // namespace
 
 int launchLLCombine(const LLCombineParams& p, int numBlocks, cudaStream_t stream) {
-  llCombineKernel<<<numBlocks, kLLThreads, 0, stream>>>(p);
+  if (p.c.useGin) llCombineKernel<transport::NetGin><<<numBlocks, kLLThreads, 0, stream>>>(p);
+  else llCombineKernel<transport::NetEmulated><<<numBlocks, kLLThreads, 0, stream>>>(p);
   return int(cudaGetLastError());
 }
 

@@ -1,15 +1,16 @@
 // LL dispatch: each token goes once to every rank holding one of its experts.
 //
-// Send (per source rank): a token's message goes to slot j of the destination's area for us, j
-// being the token's index among our tokens for that destination, so slots follow token order. The
-// header carries, per choice, the local expert there and the token's row among our tokens for that
-// expert. The last block to finish writes our per-expert counts to each destination and then a
-// flag (epoch << 32 | tokens) with release semantics.
+// Send (per source rank): every block first ranks all tokens' top-k entries in shared memory (a
+// token's slot at each destination = its index among our tokens going there; its row at each
+// expert = its index among our tokens choosing that expert). Then block b sends token b: a header
+// with its local expert ids, rows and weights, and the payload (bf16, or fp8 quantised here), to
+// each destination: straight into the peer's window over NVLink, or staged and put over the
+// network. The last block to finish sends each destination our per-expert counts and signals it.
 //
-// Receive: wait for every source's flag; a local expert's rows start, for source r, after the
+// Receive: wait for every source's signal; a local expert's rows start, for source r, after the
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
-// then token index, the same order as the reference backend. Copy each message into the rows of
-// its local experts and record the handle.
+// then token index, the reference backend's order. Warps copy the messages into the rows of
+// their local experts and record the handle; the last block acknowledges each source.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -17,27 +18,108 @@
 #include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
 #include "kernels/ll/ll_routing.cuh"
-#include "transport/lsa.cuh"
+#include "kernels/ll/ll_peers.cuh"
 
 namespace ncclep {
 namespace {
 
 using device::loadCg;
 
-struct SendShared {
-  int experts[kLLMaxTopk];
-  int dests[kLLMaxTopk];  // distinct destination ranks of the token, ascending
-  int numDests;
-  int slot[kLLMaxTopk];   // per destination
-  int pos[kLLMaxTopk];    // per choice: row among our earlier tokens for that expert
-  char* msg[kLLMaxTopk];  // per destination: where the message goes
-  bool last;
-};
+constexpr unsigned kFullMask = 0xffffffffu;
 
 // Optional profiling: thread 0 of each block stamps %globaltimer at protocol steps (LLTraceStep).
 __device__ __forceinline__ void stamp(const LLDispatchParams& p, int step) {
   if (p.trace != nullptr && threadIdx.x == 0)
     p.trace[size_t(blockIdx.x) * kLLTraceSteps + step] = device::globalTimerNs();
+}
+
+// ------------------------------------------------------------------------------------------ send
+
+// The ranking of one call's top-k entries (entry i = token i / K, choice i % K), per block.
+struct Routing {
+  int* expertTotal;  // [E] our tokens choosing each expert
+  int* destTotal;    // [R] our tokens going to each rank
+  int16_t* expert;   // [B*K] checked expert id, -1 = none
+  int16_t* pos;      // [B*K] the token's row among our tokens for that expert
+  int16_t* slot;     // [B*K] the token's slot at the expert's rank if this is its first choice
+                     // there, else -1
+};
+
+__host__ __device__ inline size_t alignUp16(size_t x) { return (x + 15) / 16 * 16; }
+
+__device__ __forceinline__ Routing carveRouting(char* smem, int numExperts, int nRanks, int entries) {
+  Routing r;
+  size_t at = 0;
+  r.expertTotal = reinterpret_cast<int*>(smem + at);
+  at = alignUp16(at + size_t(numExperts) * 4);
+  r.destTotal = reinterpret_cast<int*>(smem + at);
+  at = alignUp16(at + size_t(nRanks) * 4);
+  r.expert = reinterpret_cast<int16_t*>(smem + at);
+  at = alignUp16(at + size_t(entries) * 2);
+  r.pos = reinterpret_cast<int16_t*>(smem + at);
+  at = alignUp16(at + size_t(entries) * 2);
+  r.slot = reinterpret_cast<int16_t*>(smem + at);
+  return r;
+}
+
+// Ranks entries in token order with one warp: lanes holding the same key get consecutive ranks
+// after that key's running total (a __match_any_sync per 32 entries).
+template <typename Key>
+__device__ __forceinline__ void rankInOrder(int entries, Key key, int16_t* out, int* totals, int lane) {
+  for (int base = 0; base < entries; base += 32) {
+    const int i = base + lane;
+    const int k = i < entries ? key(i) : -1;
+    const unsigned group = __match_any_sync(kFullMask, k);
+    int start = 0;
+    if (k >= 0) start = totals[k];
+    __syncwarp();
+    if (k >= 0) {
+      out[i] = int16_t(start + __popc(group & ((1u << lane) - 1u)));
+      if ((group >> lane) == 1u) totals[k] = start + __popc(group);  // the group's highest lane
+    }
+    __syncwarp();
+  }
+}
+
+__device__ void rankEntries(const LLDispatchParams& p, const Routing& r, const device::ErrorSink& err) {
+  const LLCommon& c = p.c;
+  const int B = p.numTokens, K = p.topk, entries = B * K, L = c.layout.numLocalExperts;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const bool report = blockIdx.x == 0;
+  for (int i = tid; i < c.numExperts; i += blockDim.x) r.expertTotal[i] = 0;
+  for (int i = tid; i < c.nRanks; i += blockDim.x) r.destTotal[i] = 0;
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int64_t raw = ll::loadExpert(p.topkIdx, p.topkIdx64, i);
+    const bool ok = raw >= -1 && raw < c.numExperts;
+    if (!ok && report) device::reportError(err, kDeviceBadExpert, kPhaseLLDispatchSend, -1, int32_t(raw));
+    r.expert[i] = int16_t(ok ? raw : -1);
+  }
+  __syncthreads();
+  // Per token: drop repeated experts (first kept), mark each destination's first choice.
+  for (int b = tid; b < B; b += blockDim.x) {
+    int16_t* e = r.expert + b * K;
+    for (int k = 0; k < K; ++k) {
+      bool firstDest = e[k] >= 0;
+      for (int j = 0; j < k && e[k] >= 0; ++j) {
+        if (e[j] == e[k]) {
+          if (report) device::reportError(err, kDeviceDuplicateExpert, kPhaseLLDispatchSend, -1, b);
+          e[k] = -1;
+          firstDest = false;
+        } else if (e[j] >= 0 && e[j] / L == e[k] / L) {
+          firstDest = false;
+        }
+      }
+      r.slot[b * K + k] = firstDest ? 0 : -1;
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    rankInOrder(entries, [&](int i) { return int(r.expert[i]); }, r.pos, r.expertTotal, lane);
+  } else if (warp == 1) {
+    rankInOrder(entries, [&](int i) { return r.slot[i] == 0 ? int(r.expert[i]) / L : -1; }, r.slot, r.destTotal,
+                lane);
+  }
+  __syncthreads();
 }
 
 __device__ __forceinline__ float bf16ToFloat(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
@@ -50,7 +132,7 @@ __device__ __forceinline__ void quantizeGroup(const uint16_t* src, int lane, boo
                 bf16ToFloat(raw.y >> 16)};
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, o));
   amax = fmaxf(amax, 1e-4f);
   // The arithmetic of ncclep/fp8.py, operation for operation (no division: see there).
   const float ratio = __fmul_rn(amax, 1.0f / 448.0f);
@@ -74,206 +156,155 @@ __device__ __forceinline__ void quantizeGroup(const uint16_t* src, int lane, boo
   *packed = out;
 }
 
-__device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
+// Bytes of a dispatched message that carry data (header + payload + scales), rounded to 16.
+__device__ __forceinline__ size_t messageBytes(const LLDispatchParams& p) {
+  const size_t payload = p.useFp8 ? size_t(p.hidden) + size_t(p.hidden / 128) * (p.ue8m0 ? 1 : 4)
+                                  : size_t(p.hidden) * 2;
+  return p.c.layout.headerBytes + alignUp16(payload);
+}
+
+template <class Net>
+__device__ void sendToken(const LLDispatchParams& p, const Routing& r, const transport::Peers<Net>& peers,
+                          uint32_t parity, int b, char** msgs) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Lsa lsa{c.window, 0};
+  const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
+  const int16_t* slot = r.slot + b * K;
+  const int16_t* expert = r.expert + b * K;
+  auto dstOffset = [&](int s) {
+    return l.dispatchSlots + ((size_t(parity) * R + c.rank) * T + size_t(s)) * l.dispatchMsgBytes;
+  };
+  auto stageOffset = [&](int d, int s) {
+    return l.stageDispatch + ((size_t(parity) * R + d) * T + size_t(s)) * l.dispatchMsgBytes;
+  };
+
+  // msgs[k]: where choice k's message goes, if k is the token's first choice on its rank.
+  if (tid < K) {
+    const int d = expert[tid] / L;
+    msgs[tid] = slot[tid] >= 0 ? peers.template target<char>(d, dstOffset(slot[tid]), stageOffset(d, slot[tid]))
+                               : nullptr;
+  }
+  for (int d = tid; d < R; d += blockDim.x) {
+    int s = -1;
+    for (int k = 0; k < K; ++k)
+      if (slot[k] >= 0 && expert[k] / L == d) s = slot[k];
+    p.sendSlots[int64_t(b) * R + d] = s;
+  }
+  __syncthreads();
+
+  // Header words: token index, then (local expert, row, weight) per choice, for each destination.
+  const int headerWords = 1 + 3 * KM;
+  for (int i = tid; i < K * headerWords; i += blockDim.x) {
+    const int k = i / headerWords, w = i % headerWords;
+    if (msgs[k] == nullptr) continue;
+    const int d = expert[k] / L;
+    int32_t word = b;
+    if (w > 0) {
+      const int j = (w - 1) / 3, field = (w - 1) % 3;
+      const int e = j < K ? expert[j] : -1;
+      const bool here = e >= 0 && e / L == d;
+      if (field == 0) word = here ? e - d * L : -1;
+      else if (field == 1) word = here ? r.pos[b * K + j] : 0;
+      else word = __float_as_int(here ? p.topkWeights[int64_t(b) * K + j] : 0.0f);
+    }
+    reinterpret_cast<int32_t*>(msgs[k])[w] = word;
+  }
+
+  const char* row = static_cast<const char*>(p.x) + int64_t(b) * p.hidden * 2;
+  if (!p.useFp8) {
+    const int chunks = p.hidden / 8;
+    for (int i = tid; i < chunks; i += blockDim.x) {
+      const int4 v = reinterpret_cast<const int4*>(row)[i];
+      for (int k = 0; k < K; ++k)
+        if (msgs[k] != nullptr) reinterpret_cast<int4*>(msgs[k] + l.headerBytes)[i] = v;
+    }
+  } else {
+    const int groups = p.hidden / 128;
+    for (int g = warp; g < groups; g += numWarps) {
+      uint32_t packed;
+      float scale = 0.f;
+      uint8_t scaleByte = 0;
+      quantizeGroup(reinterpret_cast<const uint16_t*>(row) + g * 128, lane, p.ue8m0, &packed, &scale, &scaleByte);
+      for (int k = 0; k < K; ++k) {
+        if (msgs[k] == nullptr) continue;
+        char* payload = msgs[k] + l.headerBytes;
+        reinterpret_cast<uint32_t*>(payload + g * 128)[lane] = packed;
+        if (lane == 0) {
+          if (p.ue8m0) reinterpret_cast<uint8_t*>(payload + p.hidden)[g] = scaleByte;
+          else reinterpret_cast<float*>(payload + p.hidden)[g] = scale;
+        }
+      }
+    }
+  }
+  __syncthreads();  // the messages are complete (and msgs may be overwritten by the next token)
+
+  for (int k = 0; k < K; ++k) {
+    if (slot[k] < 0) continue;
+    const int d = expert[k] / L;
+    peers.ship(d, dstOffset(slot[k]), stageOffset(d, slot[k]), messageBytes(p), tid, blockDim.x);
+  }
+}
+
+struct SendFlags {
+  bool last;
+  char* msgs[kLLMaxTopk];
+};
+
+template <class Net>
+__device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& flags) {
+  const LLCommon& c = p.c;
+  const LLLayout& l = c.layout;
+  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchSendSeq);
   const uint32_t parity = seq & 1u;
-  const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
+  const int R = c.nRanks, L = l.numLocalExperts;
+  const int tid = threadIdx.x;
 
-  const int sendBlocks = p.sendBlocks < int(gridDim.x) ? p.sendBlocks : int(gridDim.x);
-  const bool sends = int(blockIdx.x) < sendBlocks && int(blockIdx.x) < p.numTokens;
   stamp(p, kTraceSendStart);
-  // Parity `parity` of a destination's area still holds our call seq-2 until it has received it.
-  if (sends && seq >= 2) {
-    for (int d = tid; d < R; d += blockDim.x) {
-      const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(LLState, dispatchRecvDone));
-      lsa.waitAtLeast(done, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend, d);
-    }
-    __syncthreads();
+  // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it.
+  if (seq >= 2) {
+    for (int d = tid; d < R; d += blockDim.x)
+      peers.waitSignal(d, kSigDispatchAck * R + d, l.signal(kSigDispatchAck, d), seq - 1, c.timeoutNs, err,
+                       kPhaseLLDispatchSend);
   }
   stamp(p, kTraceAcked);
+  const Routing r = carveRouting(smem, c.numExperts, R, p.numTokens * p.topk);
+  rankEntries(p, r, err);
+  stamp(p, kTraceRouted);
 
-  const uint32_t payloadOffset = l.headerBytes;
-  for (int b = blockIdx.x; sends && b < p.numTokens; b += sendBlocks) {
-    if (tid == 0) {
-      int e[kLLMaxTopk];
-      ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, err, true, kPhaseLLDispatchSend);
-      int n = 0;
-      for (int k = 0; k < kLLMaxTopk; ++k) {
-        s.experts[k] = e[k];
-        if (e[k] < 0) continue;
-        const int d = e[k] / L;
-        int at = n;
-        bool seen = false;
-        for (int j = 0; j < n; ++j) seen |= s.dests[j] == d;
-        if (seen) continue;
-        while (at > 0 && s.dests[at - 1] > d) {  // keep ascending order
-          s.dests[at] = s.dests[at - 1];
-          --at;
-        }
-        s.dests[at] = d;
-        ++n;
-      }
-      s.numDests = n;
-    }
-    if (tid < kLLMaxTopk) {
-      s.slot[tid] = 0;
-      s.pos[tid] = 0;
-    }
-    __syncthreads();
-    if (b == int(blockIdx.x)) stamp(p, kTraceRouted);
-    const int numDests = s.numDests;
-
-    // Slots and rows come from our earlier tokens: count, per destination of b, the earlier
-    // tokens going there, and per choice of b, the earlier tokens that chose the same expert.
-    int destHits[kLLMaxTopk], expertHits[kLLMaxTopk];
-#pragma unroll
-    for (int k = 0; k < kLLMaxTopk; ++k) destHits[k] = expertHits[k] = 0;
-    for (int prev = tid; prev < b; prev += blockDim.x) {
-      int e[kLLMaxTopk];
-      ll::loadTokenExperts(p.topkIdx, p.topkIdx64, prev, K, c.numExperts, e, err, false, 0);
-      int dest[kLLMaxTopk];
-#pragma unroll
-      for (int k = 0; k < kLLMaxTopk; ++k) dest[k] = e[k] >= 0 ? e[k] / L : -1;
-#pragma unroll
-      for (int j = 0; j < kLLMaxTopk; ++j) {
-        bool toDest = false, sameExpert = false;
-        const int dj = j < numDests ? s.dests[j] : -2;
-        const int ej = s.experts[j];
-#pragma unroll
-        for (int k = 0; k < kLLMaxTopk; ++k) {
-          toDest |= dest[k] == dj;
-          sameExpert |= e[k] >= 0 && e[k] == ej;
-        }
-        destHits[j] += toDest;
-        expertHits[j] += sameExpert;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kLLMaxTopk; ++j) {
-      int a = destHits[j], e = expertHits[j];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        a += __shfl_xor_sync(0xffffffffu, a, o);
-        e += __shfl_xor_sync(0xffffffffu, e, o);
-      }
-      if (lane == 0) {
-        if (a) atomicAdd(&s.slot[j], a);
-        if (e) atomicAdd(&s.pos[j], e);
-      }
-    }
-    __syncthreads();
-    if (b == int(blockIdx.x)) stamp(p, kTraceCounted);
-
-    for (int d = tid; d < R; d += blockDim.x) {
-      int slot = -1;
-      for (int j = 0; j < numDests; ++j)
-        if (s.dests[j] == d) slot = s.slot[j];
-      p.sendSlots[int64_t(b) * R + d] = slot;
-    }
-    if (tid < numDests) {
-      const int d = s.dests[tid];
-      const size_t at = l.dispatchSlots +
-                        ((size_t(parity) * R + c.rank) * T + size_t(s.slot[tid])) * l.dispatchMsgBytes;
-      s.msg[tid] = lsa.peerPtr<char>(d, at);
-    }
-    __syncthreads();
-    if (b == int(blockIdx.x)) stamp(p, kTraceAddressed);
-
-    // Header words: token index, then (local expert, row, weight) per choice, for each destination.
-    const int headerWords = 1 + 3 * KM;
-    for (int i = tid; i < numDests * headerWords; i += blockDim.x) {
-      const int j = i / headerWords, w = i % headerWords;
-      const int d = s.dests[j];
-      int32_t word;
-      if (w == 0) {
-        word = b;
-      } else {
-        const int k = (w - 1) / 3, field = (w - 1) % 3;
-        const int e = k < kLLMaxTopk ? s.experts[k] : -1;
-        const bool here = e >= 0 && e / L == d;
-        if (field == 0) word = here ? e - d * L : -1;
-        else if (field == 1) word = here ? s.pos[k] : 0;
-        else word = __float_as_int(here ? p.topkWeights[int64_t(b) * K + k] : 0.0f);
-      }
-      reinterpret_cast<int32_t*>(s.msg[j])[w] = word;
-    }
-
-    const char* row = static_cast<const char*>(p.x) + int64_t(b) * p.hidden * 2;
-    if (!p.useFp8) {
-      const int chunks = p.hidden / 8;
-      for (int i = tid; i < chunks; i += blockDim.x) {
-        const int4 v = reinterpret_cast<const int4*>(row)[i];
-        for (int j = 0; j < numDests; ++j) reinterpret_cast<int4*>(s.msg[j] + payloadOffset)[i] = v;
-      }
-    } else {
-      const int groups = p.hidden / 128;
-      for (int g = warp; g < groups; g += numWarps) {
-        uint32_t packed;
-        float scale = 0.f;
-        uint8_t scaleByte = 0;
-        quantizeGroup(reinterpret_cast<const uint16_t*>(row) + g * 128, lane, p.ue8m0, &packed, &scale, &scaleByte);
-        for (int j = 0; j < numDests; ++j) {
-          char* payload = s.msg[j] + payloadOffset;
-          reinterpret_cast<uint32_t*>(payload + g * 128)[lane] = packed;
-          if (lane == 0) {
-            if (p.ue8m0) reinterpret_cast<uint8_t*>(payload + p.hidden)[g] = scaleByte;
-            else reinterpret_cast<float*>(payload + p.hidden)[g] = scale;
-          }
-        }
-      }
-    }
-    __syncthreads();
-  }
+  const bool failed = device::hasError(err);
+  const bool sends = !failed && int(blockIdx.x) < p.numTokens;
+  for (int b = blockIdx.x; sends && b < p.numTokens; b += gridDim.x) sendToken(p, r, peers, parity, b, flags.msgs);
 
   // Completion: blocks that stored to peers publish them at system scope (an expensive fence, so
-  // only they do); the last block to arrive sends counts and flags.
+  // only they do); the last block to arrive sends counts and signals.
   __syncthreads();
   stamp(p, kTraceSent);
   if (tid == 0) {
     if (sends) device::fenceSystem();
-    s.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
+    flags.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
   }
   __syncthreads();
   stamp(p, kTraceArrived);
-  if (!s.last) return;
+  if (!flags.last) return;
 
-  __shared__ int expertTotals[kLLMaxExperts];
-  __shared__ int destTotals[kLLMaxRanks];
-  for (int i = tid; i < c.numExperts; i += blockDim.x) expertTotals[i] = 0;
-  for (int i = tid; i < R; i += blockDim.x) destTotals[i] = 0;
-  __syncthreads();
-  for (int b = tid; b < p.numTokens; b += blockDim.x) {
-    int e[kLLMaxTopk];
-    ll::loadTokenExperts(p.topkIdx, p.topkIdx64, b, K, c.numExperts, e, err, false, 0);
-#pragma unroll
-    for (int k = 0; k < kLLMaxTopk; ++k) {
-      if (e[k] < 0) continue;
-      atomicAdd(&expertTotals[e[k]], 1);
-      bool first = true;
-#pragma unroll
-      for (int j = 0; j < k; ++j) first &= !(e[j] >= 0 && e[j] / L == e[k] / L);
-      if (first) atomicAdd(&destTotals[e[k] / L], 1);
-    }
+  // Counts entry for destination d: our tokens per expert of d, then our tokens to d.
+  const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
+  auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
+  for (int i = tid; i < R * (L + 1); i += blockDim.x) {
+    const int d = i / (L + 1), e = i % (L + 1);
+    int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
+    entry[e] = e < L ? r.expertTotal[d * L + e] : r.destTotal[d];
   }
   __syncthreads();
-  for (int i = tid; i < R * L; i += blockDim.x) {
-    const int d = i / L, e = i % L;
-    const size_t at = l.dispatchCounts + ((size_t(parity) * R + c.rank) * L + e) * 4;
-    *lsa.peerPtr<int32_t>(d, at) = expertTotals[i];
-  }
+  for (int d = 0; d < R; ++d) peers.ship(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
   __syncthreads();
-  stamp(p, kTraceCounts);
-  const uint64_t epoch = uint64_t(seq) + 1;
-  for (int d = tid; d < R; d += blockDim.x) {
-    device::fenceSystem();
-    lsa.signal(d, l.dispatchFlags + (size_t(parity) * R + c.rank) * 8, (epoch << 32) | uint32_t(destTotals[d]));
-  }
+  if (!device::hasError(err))
+    for (int d = tid; d < R; d += blockDim.x)
+      peers.signalAdd(d, kSigDispatch * R + c.rank, l.signal(kSigDispatch, c.rank), 1);
   if (tid == 0) {
     state->blocksDone[0] = 0;
     state->dispatchSendSeq = seq + 1;
@@ -281,46 +312,81 @@ __device__ void dispatchSend(const LLDispatchParams& p, SendShared& s) {
   stamp(p, kTraceSignaled);
 }
 
+// ------------------------------------------------------------------------------------------ receive
+
 struct RecvShared {
-  int count[kLLMaxRanks];
-  int start[kLLMaxRanks + 1];
-  int offset[kLLMaxExperts];  // [local expert][source]: first row of that source's tokens
-  int rows[kLLMaxTopk];
-  float weights[kLLMaxTopk];
-  bool last;
+  int* count;   // [R] tokens from each source
+  int* start;   // [R + 1] prefix of count
+  int* offset;  // [L][R]: first row of that source's tokens at each local expert
 };
 
-__device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
+__device__ __forceinline__ RecvShared carveRecv(char* smem, int nRanks, int numLocalExperts) {
+  RecvShared s;
+  s.count = reinterpret_cast<int*>(smem);
+  s.start = s.count + nRanks;
+  s.offset = s.start + nRanks + 1;
+  (void)numLocalExperts;
+  return s;
+}
+
+// Copies one message's part into the rows of its local experts (a warp; lane k holds choice k).
+__device__ __forceinline__ void copyPart(const int4* src, int chunkBegin, int chunkEnd, char* out, size_t rowBytes,
+                                         int row, int KM, int lane) {
+  int rows[kLLMaxTopk];
+#pragma unroll
+  for (int k = 0; k < kLLMaxTopk; ++k) rows[k] = __shfl_sync(kFullMask, row, k);
+  constexpr int kUnroll = 4;
+  for (int i = chunkBegin + lane; i < chunkEnd; i += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * 32 < chunkEnd) v[u] = loadCg(src + i + u * 32);
+#pragma unroll
+    for (int k = 0; k < kLLMaxTopk; ++k) {
+      if (k >= KM || rows[k] < 0) continue;
+      int4* dst = reinterpret_cast<int4*>(out + int64_t(rows[k]) * rowBytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (i + u * 32 < chunkEnd) dst[i + u * 32] = v[u];
+    }
+  }
+}
+
+template <class Net>
+__device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Lsa lsa{c.window, 0};
+  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchRecvSeq);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const int rowsPerExpert = R * T;
+  const RecvShared s = carveRecv(smem, R, L);
 
   stamp(p, kTraceRecvStart);
-  for (int r = tid; r < R; r += blockDim.x) {
-    const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.local + l.dispatchFlags + (size_t(parity) * R + r) * 8);
-    const uint64_t v = lsa.waitEpoch(flag, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv, r);
-    s.count[r] = int(uint32_t(v));
-  }
+  for (int r = tid; r < R; r += blockDim.x)
+    peers.waitSignal(r, kSigDispatch * R + r, l.signal(kSigDispatch, r), seq + 1, c.timeoutNs, err,
+                     kPhaseLLDispatchRecv);
   __syncthreads();
   stamp(p, kTraceFlagsSeen);
   if (device::hasError(err)) return;
+  auto counts = [&](int r) {
+    return reinterpret_cast<const int*>(c.local + l.dispatchCounts + (size_t(parity) * R + r) * l.countsBytes);
+  };
+  for (int r = tid; r < R; r += blockDim.x) s.count[r] = __ldcg(counts(r) + L);
+  __syncthreads();
   if (tid == 0) {
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + s.count[r];
   }
-  const int* counts = reinterpret_cast<const int*>(c.local + l.dispatchCounts) + size_t(parity) * R * L;
   for (int e = tid; e < L; e += blockDim.x) {
     int acc = 0;
     for (int r = 0; r < R; ++r) {
       s.offset[e * R + r] = acc;
-      acc += __ldcg(counts + r * L + e);
+      acc += __ldcg(counts(r) + e);
     }
     if (blockIdx.x == 0) p.expertCounts[e] = acc;
   }
@@ -328,48 +394,49 @@ __device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
     for (int r = tid; r < R; r += blockDim.x) p.recvSlotCounts[r] = s.count[r];
   __syncthreads();
 
+  // Work items: (message, part); a warp each, spread over the SMs first.
   const int total = s.start[R];
-  const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
   const size_t rowBytes = p.useFp8 ? size_t(p.hidden) : size_t(p.hidden) * 2;
   const int scaleBytes = p.useFp8 ? (p.hidden / 128) * (p.ue8m0 ? 1 : 4) : 0;
-  for (int m = blockIdx.x; m < total; m += gridDim.x) {
-    int r = 0;
-    while (s.start[r + 1] <= m) ++r;
+  const int chunks = int(rowBytes / 16);
+  const int warps = int(gridDim.x) * numWarps;
+  int parts = total > 0 ? warps / total : 1;
+  parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
+  const int perPart = (chunks + parts - 1) / parts;
+  const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
+  for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
+    const int m = item / parts, part = item % parts;
+    const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
     const char* msg = slots + (size_t(r) * T + j) * l.dispatchMsgBytes;
-    if (tid < KM) {
+    int row = -1;
+    if (lane < KM) {
       const int32_t* header = reinterpret_cast<const int32_t*>(msg);
-      const int e = __ldcg(header + 1 + 3 * tid);
-      const int pos = __ldcg(header + 2 + 3 * tid);
-      const float w = __int_as_float(__ldcg(header + 3 + 3 * tid));
-      const int row = e >= 0 ? e * rowsPerExpert + s.offset[e * R + r] + pos : -1;
-      s.rows[tid] = row;
-      s.weights[tid] = e >= 0 ? w : 0.0f;
-      const int64_t at = (int64_t(r) * T + j) * KM + tid;
-      p.recvRows[at] = row;
-      p.recvWeights[at] = e >= 0 ? w : 0.0f;
-    }
-    __syncthreads();
-    const int4* payload = reinterpret_cast<const int4*>(msg + l.headerBytes);
-    const int chunks = int(rowBytes / 16);
-    for (int i = tid; i < chunks; i += blockDim.x) {
-      const int4 v = loadCg(payload + i);
-      for (int k = 0; k < KM; ++k) {
-        const int row = s.rows[k];
-        if (row >= 0) reinterpret_cast<int4*>(static_cast<char*>(p.recvX) + int64_t(row) * rowBytes)[i] = v;
+      const int e = __ldcg(header + 1 + 3 * lane);
+      const int pos = __ldcg(header + 2 + 3 * lane);
+      const float w = __int_as_float(__ldcg(header + 3 + 3 * lane));
+      row = e >= 0 ? e * rowsPerExpert + s.offset[e * R + r] + pos : -1;
+      if (part == 0) {
+        const int64_t at = (int64_t(r) * T + j) * KM + lane;
+        p.recvRows[at] = row;
+        p.recvWeights[at] = e >= 0 ? w : 0.0f;
       }
     }
-    if (scaleBytes) {
+    const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
+    copyPart(reinterpret_cast<const int4*>(msg + l.headerBytes), begin, end, static_cast<char*>(p.recvX), rowBytes,
+             row, KM, lane);
+    if (scaleBytes && part == parts - 1) {
       const uint8_t* scales = reinterpret_cast<const uint8_t*>(msg + l.headerBytes + rowBytes);
-      for (int i = tid; i < scaleBytes; i += blockDim.x) {
+      int rows[kLLMaxTopk];
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k) rows[k] = __shfl_sync(kFullMask, row, k);
+      for (int i = lane; i < scaleBytes; i += 32) {
         const uint8_t v = __ldcg(scales + i);
-        for (int k = 0; k < KM; ++k) {
-          const int row = s.rows[k];
-          if (row >= 0) static_cast<uint8_t*>(p.recvScales)[int64_t(row) * scaleBytes + i] = v;
-        }
+#pragma unroll
+        for (int k = 0; k < kLLMaxTopk; ++k)
+          if (k < KM && rows[k] >= 0) static_cast<uint8_t*>(p.recvScales)[int64_t(rows[k]) * scaleBytes + i] = v;
       }
     }
-    __syncthreads();
   }
 
   // Handle entries of unused slots.
@@ -386,34 +453,52 @@ __device__ void dispatchRecv(const LLDispatchParams& p, RecvShared& s) {
   stamp(p, kTraceCopied);
   if (tid == 0) {
     __threadfence();
-    s.last = device::arriveLast(&state->blocksDone[1], gridDim.x);
+    flags.last = device::arriveLast(&state->blocksDone[1], gridDim.x);
   }
   __syncthreads();
-  if (s.last && tid == 0) {
+  if (!flags.last) return;
+  if (tid == 0) {
     state->blocksDone[1] = 0;
     state->dispatchRecvSeq = seq + 1;
-    // Every block has read its messages: the sources may reuse this parity.
-    device::storeRelease(&state->dispatchRecvDone, uint64_t(seq) + 1);
   }
+  // Every block has read its messages: the sources may reuse this parity.
+  for (int r = tid; r < R; r += blockDim.x)
+    peers.signalAdd(r, kSigDispatchAck * R + c.rank, l.signal(kSigDispatchAck, c.rank), 1);
 }
 
+template <class Net>
 __global__ void __launch_bounds__(kLLThreads, 1) llDispatchKernel(const __grid_constant__ LLDispatchParams p) {
-  __shared__ union {
-    SendShared send;
-    RecvShared recv;
-  } shared;
+  extern __shared__ __align__(16) char smem[];
+  __shared__ SendFlags flags;
   if (p.phases & kLLSend) {
-    dispatchSend(p, shared.send);
+    dispatchSend<Net>(p, smem, flags);
     __syncthreads();
   }
-  if (p.phases & kLLRecv) dispatchRecv(p, shared.recv);
+  if (p.phases & kLLRecv) dispatchRecv<Net>(p, smem, flags);
+}
+
+template <class Net>
+int launch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
+  const size_t bytes = llDispatchSharedBytes(p.c.layout, p.c.numExperts);
+  const cudaError_t e =
+      cudaFuncSetAttribute(llDispatchKernel<Net>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e != cudaSuccess) return int(e);
+  llDispatchKernel<Net><<<numBlocks, kLLThreads, bytes, stream>>>(p);
+  return int(cudaGetLastError());
 }
 
 }  // namespace
 
+size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
+  const size_t entries = size_t(l.maxTokens) * size_t(l.maxTopk);
+  const size_t send = alignUp16(size_t(numExperts) * 4) + alignUp16(size_t(l.nRanks) * 4) + 3 * alignUp16(entries * 2);
+  const size_t recv = (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
+  return send > recv ? send : recv;
+}
+
 int launchLLDispatch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
-  llDispatchKernel<<<numBlocks, kLLThreads, 0, stream>>>(p);
-  return int(cudaGetLastError());
+  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
+                    : launch<transport::NetEmulated>(p, numBlocks, stream);
 }
 
 }  // namespace ncclep

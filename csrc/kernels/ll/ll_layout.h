@@ -2,13 +2,15 @@
 // the format of one dispatched token. Host code plans it; kernels read it.
 //
 // Window (offsets from the window base, each region 256-byte aligned):
-//   state            LLState: sequence numbers and block counters, local use, plus the
-//                    acknowledgements peers read before reusing our buffers
-//   dispatchFlags    uint64 [2 parities][R sources]: (epoch << 32) | tokens sent
-//   dispatchCounts   int32  [2][R sources][L local experts]: tokens each source sent per expert
-//   combineFlags     uint64 [2][R sources]: epoch << 32
+//   state            LLState: sequence numbers and block counters (local use only)
+//   signals          uint64 [kLLSignalKinds][R peers]: monotonic counters that peers add to
+//                    (LSA and the emulated network; GIN keeps its own signals, same indices)
+//   dispatchCounts   int32 [2 parities][R sources][L + 1]: tokens the source sent per local
+//                    expert, then the tokens it sent us
 //   dispatchSlots    [2][R sources][T slots][dispatchMsgBytes]
-//   combineSlots     [2][R sources][T slots][hidden * 2]
+//   combineSlots     [2][R sources][T slots][combineMsgBytes]
+//   stage*           the same three regions indexed by destination instead of source: a message
+//                    for a peer reached over the network is written here first, then put
 //
 // A dispatched token (one message per destination rank):
 //   header  int32 token index, then per top-k choice k < maxTopk: int32 local expert id (-1 if the
@@ -21,55 +23,61 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define NCCLEP_HOST_DEVICE __host__ __device__
-#else
-#define NCCLEP_HOST_DEVICE
-#endif
-
 namespace ncclep {
+
+// Signal kinds: signal (kind, peer) counts the calls of that kind peer completed towards us.
+enum LLSignalKind : int {
+  kSigDispatch = 0,     // peer's dispatch data and counts for us are complete
+  kSigDispatchAck = 1,  // peer has read our dispatch messages: we may reuse that parity
+  kSigCombine = 2,
+  kSigCombineAck = 3,
+  kLLSignalKinds = 4,
+};
 
 struct LLState {
   uint32_t dispatchSendSeq;
   uint32_t dispatchRecvSeq;
   uint32_t combineSendSeq;
   uint32_t combineRecvSeq;
-  uint32_t blocksDone[4];     // one arrival counter per phase
-  uint64_t dispatchRecvDone;  // receives completed; a sender reuses parity p only after ours caught up
-  uint64_t combineRecvDone;
-  uint32_t aborted;           // set with the error word: waiters poll this (device memory), not the
-                              // host-mapped word, whose PCIe reads would slow every spin
+  uint32_t blocksDone[4];  // one arrival counter per phase
+  uint32_t aborted;        // set with the error word: waiters poll this (device memory), not the
+                           // host-mapped word, whose PCIe reads would slow every spin
 };
 
 struct LLLayout {
   size_t state;
-  size_t dispatchFlags;
+  size_t signals;
   size_t dispatchCounts;
-  size_t combineFlags;
   size_t dispatchSlots;
   size_t combineSlots;
+  size_t stageCounts;
+  size_t stageDispatch;
+  size_t stageCombine;
   size_t end;
   uint32_t headerBytes;
   uint32_t dispatchMsgBytes;
   uint32_t combineMsgBytes;
+  uint32_t countsBytes;  // one (parity, peer) entry of the counts regions
   int nRanks;
   int maxTokens;
   int numLocalExperts;
   int maxTopk;
   int hidden;
+
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  size_t signal(int kind, int peer) const {
+    return signals + (size_t(kind) * size_t(nRanks) + size_t(peer)) * 8;
+  }
 };
 
-NCCLEP_HOST_DEVICE inline size_t llAlignUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
+inline size_t llAlignUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
-NCCLEP_HOST_DEVICE inline uint32_t llHeaderBytes(int maxTopk) {
-  return uint32_t(llAlignUp(4 + size_t(maxTopk) * 12, 16));
-}
+inline uint32_t llHeaderBytes(int maxTopk) { return uint32_t(llAlignUp(4 + size_t(maxTopk) * 12, 16)); }
 
 // Largest payload: fp8 plus fp32 scales is smaller than bf16 for any hidden >= 128, so bf16 sizes it.
-NCCLEP_HOST_DEVICE inline uint32_t llPayloadBytes(int hidden, bool fp8) {
-  size_t bytes = fp8 ? size_t(hidden) + size_t(hidden / 128) * 4 : size_t(hidden) * 2;
-  return uint32_t(llAlignUp(bytes, 16));
-}
+inline uint32_t llPayloadBytes(int hidden) { return uint32_t(llAlignUp(size_t(hidden) * 2, 16)); }
 
 // Plans the regions starting at `base`; returns false on overflow.
 inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExperts, int maxTopk, int hidden,
@@ -81,24 +89,27 @@ inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExp
   l.maxTopk = maxTopk;
   l.hidden = hidden;
   l.headerBytes = llHeaderBytes(maxTopk);
-  l.dispatchMsgBytes = l.headerBytes + llPayloadBytes(hidden, false);
-  l.combineMsgBytes = uint32_t(llAlignUp(size_t(hidden) * 2, 16));
-  const size_t slots = 2 * size_t(nRanks) * size_t(maxTokens);
+  l.dispatchMsgBytes = l.headerBytes + llPayloadBytes(hidden);
+  l.combineMsgBytes = llPayloadBytes(hidden);
+  l.countsBytes = uint32_t(llAlignUp((size_t(numLocalExperts) + 1) * 4, 16));
+  const size_t perParity = 2 * size_t(nRanks);
+  const size_t slots = perParity * size_t(maxTokens);
+  if (slots / perParity != size_t(maxTokens)) return false;
   size_t at = llAlignUp(base, 256);
-  l.state = at;
-  at = llAlignUp(at + sizeof(LLState), 256);
-  l.dispatchFlags = at;
-  at = llAlignUp(at + 2 * size_t(nRanks) * 8, 256);
-  l.dispatchCounts = at;
-  at = llAlignUp(at + 2 * size_t(nRanks) * size_t(numLocalExperts) * 4, 256);
-  l.combineFlags = at;
-  at = llAlignUp(at + 2 * size_t(nRanks) * 8, 256);
-  l.dispatchSlots = at;
-  if (slots > (SIZE_MAX - at) / l.dispatchMsgBytes) return false;
-  at = llAlignUp(at + slots * l.dispatchMsgBytes, 256);
-  l.combineSlots = at;
-  if (slots > (SIZE_MAX - at) / l.combineMsgBytes) return false;
-  l.end = llAlignUp(at + slots * l.combineMsgBytes, 256);
+  auto take = [&](size_t* region, size_t count, size_t bytes) {
+    *region = at;
+    if (bytes && count > (SIZE_MAX / 2 - at) / bytes) return false;
+    at = llAlignUp(at + count * bytes, 256);
+    return true;
+  };
+  const bool ok = take(&l.state, 1, sizeof(LLState)) && take(&l.signals, size_t(kLLSignalKinds) * nRanks, 8) &&
+                  take(&l.dispatchCounts, perParity, l.countsBytes) &&
+                  take(&l.dispatchSlots, slots, l.dispatchMsgBytes) &&
+                  take(&l.combineSlots, slots, l.combineMsgBytes) && take(&l.stageCounts, perParity, l.countsBytes) &&
+                  take(&l.stageDispatch, slots, l.dispatchMsgBytes) &&
+                  take(&l.stageCombine, slots, l.combineMsgBytes);
+  if (!ok) return false;
+  l.end = at;
   *out = l;
   return true;
 }

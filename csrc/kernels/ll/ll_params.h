@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
+#include <nccl_device.h>
 
 #include "common/device_error.h"
 #include "kernels/ll/ll_layout.h"
@@ -15,6 +16,8 @@ constexpr int kLLMaxTopk = 16;
 constexpr int kLLMaxRanks = 128;
 constexpr int kLLMaxExperts = 4096;
 constexpr int kLLThreads = 512;
+// Top-k entries (tokens x top-k) a dispatch ranks in shared memory: maxTokens * maxTopk <= this.
+constexpr int kLLMaxEntries = 16384;
 
 enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 
@@ -23,15 +26,12 @@ enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 enum LLTraceStep : int {
   kTraceSendStart = 0,
   kTraceAcked,      // after waiting for the destinations to free this parity
-  kTraceRouted,     // first token: its experts and destinations known
-  kTraceCounted,    // first token: slots and rows counted over earlier tokens
-  kTraceAddressed,  // first token: message addresses known
+  kTraceRouted,     // slots, rows and counts of every token ranked in shared memory
   kTraceSent,       // all the block's tokens stored
   kTraceArrived,    // after the system fence and the arrival count
-  kTraceCounts,     // last block: per-expert counts stored to every destination
-  kTraceSignaled,   // last block: flags stored
+  kTraceSignaled,   // last block: counts and signals sent
   kTraceRecvStart,
-  kTraceFlagsSeen,  // every source's flag acquired
+  kTraceFlagsSeen,  // every source's signal acquired
   kTraceCopied,     // the block's messages copied into the outputs
   kLLTraceSteps = 16,
 };
@@ -43,6 +43,10 @@ struct LLCommon {
   int rank;
   int nRanks;
   int numExperts;
+  int nodeSize;       // ranks per (virtual) node: peers beyond it take the network path
+  int lsaRankOffset;  // world rank of our LSA team's first rank
+  int useGin;         // network path over GIN (else emulated over LSA)
+  ncclDevComm devComm;  // for GIN
   uint64_t timeoutNs;
   DeviceError* error;  // device-mapped host memory
 };
@@ -60,7 +64,6 @@ struct LLDispatchParams {
   int topk;
   int useFp8;
   int ue8m0;
-  int sendBlocks;  // blocks that send tokens (the rest only take part in the protocol)
   unsigned long long* trace;  // optional [numBlocks][kLLTraceSteps] timestamps, nullptr = off
   // outputs
   void* recvX;         // [L, R*T, hidden] bf16 or fp8
@@ -84,6 +87,9 @@ struct LLCombineParams {
   const int* recvSlotCounts;
   void* out;  // bf16 [numTokens, hidden]
 };
+
+// Dynamic shared memory of the dispatch kernel for a group's layout.
+size_t llDispatchSharedBytes(const LLLayout& l, int numExperts);
 
 // Host launchers (ll_dispatch.cu, ll_combine.cu): return the cudaError_t of the launch.
 int launchLLDispatch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream);

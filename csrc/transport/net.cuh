@@ -1,0 +1,76 @@
+// Network transports: the hop to a peer on another node. A message is first written into our own
+// window (a staging area), then put into the peer's window; a signal added after the puts tells
+// the peer they have landed. Two implementations with one interface:
+//
+//   NetGin       NCCL GIN: ncclGin::put / signal on context 0; signals are GIN signals
+//                (index = LL signal index), read with readSignal. Used when nLsaTeams > 1.
+//   NetEmulated  the same calls carried over LSA (NCCLEP_VIRTUAL_NODES=n on one NVLink host):
+//                put = the calling threads copy staging -> peer window, signal = a release add
+//                to a counter in the peer's window. Lets the network code path run without NICs.
+//
+// Ordering contract (both): a signal to a peer is issued after every put to that peer it must
+// cover, by the same thread or after a grid-wide arrival that followed them (GIN orders a
+// signal after earlier puts on the same context; the emulation issues a system fence first).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include "common/memory_order.cuh"
+#include "transport/lsa.cuh"
+
+namespace ncclep {
+namespace transport {
+
+struct NetEmulated {
+  Lsa lsa;
+  char* local;  // our window's base
+
+  // Copies `bytes` (a multiple of 16) from our window at srcOffset to the peer's at dstOffset;
+  // threads [0, nThreads) of the caller's group each call it with their index.
+  __device__ __forceinline__ void put(int peer, size_t dstOffset, size_t srcOffset, size_t bytes, int thread,
+                                      int nThreads) const {
+    const int4* src = reinterpret_cast<const int4*>(local + srcOffset);
+    int4* dst = lsa.peerPtr<int4>(peer, dstOffset);
+    for (size_t i = thread; i < bytes / 16; i += nThreads) dst[i] = src[i];
+  }
+
+  // `counterOffset`: the signal's word in the peer's window.
+  __device__ __forceinline__ void signalAdd(int peer, int /*signal*/, size_t counterOffset, uint64_t value) const {
+    device::fenceSystem();
+    lsa.signalAdd(peer, counterOffset, value);
+  }
+
+  __device__ __forceinline__ uint64_t readSignal(int /*signal*/, size_t counterOffset) const {
+    return device::loadAcquire(reinterpret_cast<const uint64_t*>(local + counterOffset));
+  }
+};
+
+struct NetGin {
+  Lsa lsa;
+  char* local;
+  const ncclDevComm* comm;  // the group's ncclDevComm (kernel parameter space)
+
+  __device__ __forceinline__ void put(int peer, size_t dstOffset, size_t srcOffset, size_t bytes, int thread,
+                                      int /*nThreads*/) const {
+    if (thread != 0) return;
+    ncclGin gin(*comm, 0);
+    gin.put(ncclTeamWorld(*comm), peer, lsa.window, dstOffset, lsa.window, srcOffset, bytes);
+  }
+
+  __device__ __forceinline__ void signalAdd(int peer, int signal, size_t /*counterOffset*/, uint64_t value) const {
+    ncclGin gin(*comm, 0);
+    gin.signal(ncclTeamWorld(*comm), peer, ncclGin_SignalAdd{ncclGinSignal_t(signal), value});
+  }
+
+  __device__ __forceinline__ uint64_t readSignal(int signal, size_t /*counterOffset*/) const {
+    ncclGin gin(*comm, 0);
+    return gin.readSignal(ncclGinSignal_t(signal));
+  }
+};
+
+}  // namespace transport
+}  // namespace ncclep
