@@ -48,8 +48,15 @@ def time_steps(
         torch.cuda.synchronize(device)
         stream = torch.cuda.current_stream(device)
     runs: list[list[Any]] = []
+    # On GPUs the barrier is an all-reduce on the op's stream: every rank's op starts when the
+    # all-reduce completes everywhere (a few µs apart), not when each host gets to launch it
+    # (host launch skew of tens of µs would otherwise be timed as waiting for peers).
+    token = torch.zeros(1, device=device) if on_gpu else None
     for i in range(iters):
-        dist.barrier(group=group)
+        if token is not None:
+            dist.all_reduce(token, group=group)
+        else:
+            dist.barrier(group=group)
         marks: list[Any] = []
 
         def mark(marks: list[Any] = marks) -> None:

@@ -95,12 +95,21 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
     const size_t stageOffset = l.stageCombine + ((size_t(parity) * R + r) * T + size_t(j)) * l.combineMsgBytes;
     int4* dst = peers.template target<int4>(r, dstOffset, stageOffset);
     const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
-    for (int i = begin + lane; i < end; i += 32) {
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    // kUnroll chunks per lane at once, so that many loads are in flight.
+    constexpr int kUnroll = 4;
+    for (int i = begin + lane; i < end; i += 32 * kUnroll) {
+      float acc[kUnroll][8] = {};
 #pragma unroll
-      for (int k = 0; k < kLLMaxTopk; ++k)
-        if (k < KM && rowK[k] >= 0) accumulate(acc, rows[int64_t(rowK[k]) * chunks + i], weightK[k]);
-      dst[i] = packBf16(acc);
+      for (int k = 0; k < kLLMaxTopk; ++k) {
+        if (k >= KM || rowK[k] < 0) continue;
+        const int4* src = rows + int64_t(rowK[k]) * chunks + i;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (i + u * 32 < end) accumulate(acc[u], src[u * 32], weightK[k]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (i + u * 32 < end) dst[i + u * 32] = packBf16(acc[u]);
     }
     stored = true;
     if (peers.viaNet(r) && begin < end) {

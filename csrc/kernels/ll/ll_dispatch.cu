@@ -35,14 +35,20 @@ __device__ __forceinline__ void stamp(const LLDispatchParams& p, int step) {
 
 // ------------------------------------------------------------------------------------------ send
 
-// The ranking of one call's top-k entries (entry i = token i / K, choice i % K), per block.
+// One call's top-k entries (entry i = token i / K, choice i % K), checked, in shared memory.
 struct Routing {
   int* expertTotal;  // [E] our tokens choosing each expert
   int* destTotal;    // [R] our tokens going to each rank
-  int16_t* expert;   // [B*K] checked expert id, -1 = none
-  int16_t* pos;      // [B*K] the token's row among our tokens for that expert
-  int16_t* slot;     // [B*K] the token's slot at the expert's rank if this is its first choice
-                     // there, else -1
+  int16_t* raw;      // [B*K] expert id if in range, else -1 (repeats kept)
+  int16_t* expert;   // [B*K] checked expert id: -1 for none, out of range, or a repeat
+  int8_t* first;     // [B*K] 1 if the entry is its token's first choice on that rank
+};
+
+// Where one token's messages go: per choice k, its row among our tokens for that expert, and
+// (first choice on a rank only, else -1) its slot among our tokens going to that rank.
+struct TokenRanks {
+  int pos[kLLMaxTopk];
+  int slot[kLLMaxTopk];
 };
 
 __host__ __device__ inline size_t alignUp16(size_t x) { return (x + 15) / 16 * 16; }
@@ -54,37 +60,19 @@ __device__ __forceinline__ Routing carveRouting(char* smem, int numExperts, int 
   at = alignUp16(at + size_t(numExperts) * 4);
   r.destTotal = reinterpret_cast<int*>(smem + at);
   at = alignUp16(at + size_t(nRanks) * 4);
+  r.raw = reinterpret_cast<int16_t*>(smem + at);
+  at = alignUp16(at + size_t(entries) * 2);
   r.expert = reinterpret_cast<int16_t*>(smem + at);
   at = alignUp16(at + size_t(entries) * 2);
-  r.pos = reinterpret_cast<int16_t*>(smem + at);
-  at = alignUp16(at + size_t(entries) * 2);
-  r.slot = reinterpret_cast<int16_t*>(smem + at);
+  r.first = reinterpret_cast<int8_t*>(smem + at);
   return r;
 }
 
-// Ranks entries in token order with one warp: lanes holding the same key get consecutive ranks
-// after that key's running total (a __match_any_sync per 32 entries).
-template <typename Key>
-__device__ __forceinline__ void rankInOrder(int entries, Key key, int16_t* out, int* totals, int lane) {
-  for (int base = 0; base < entries; base += 32) {
-    const int i = base + lane;
-    const int k = i < entries ? key(i) : -1;
-    const unsigned group = __match_any_sync(kFullMask, k);
-    int start = 0;
-    if (k >= 0) start = totals[k];
-    __syncwarp();
-    if (k >= 0) {
-      out[i] = int16_t(start + __popc(group & ((1u << lane) - 1u)));
-      if ((group >> lane) == 1u) totals[k] = start + __popc(group);  // the group's highest lane
-    }
-    __syncwarp();
-  }
-}
-
-__device__ void rankEntries(const LLDispatchParams& p, const Routing& r, const device::ErrorSink& err) {
+// Loads and checks every entry, and counts our tokens per expert and per destination rank.
+__device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const device::ErrorSink& err) {
   const LLCommon& c = p.c;
-  const int B = p.numTokens, K = p.topk, entries = B * K, L = c.layout.numLocalExperts;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = p.topk, entries = p.numTokens * K, L = c.layout.numLocalExperts;
+  const int tid = threadIdx.x;
   const bool report = blockIdx.x == 0;
   for (int i = tid; i < c.numExperts; i += blockDim.x) r.expertTotal[i] = 0;
   for (int i = tid; i < c.nRanks; i += blockDim.x) r.destTotal[i] = 0;
@@ -92,33 +80,61 @@ __device__ void rankEntries(const LLDispatchParams& p, const Routing& r, const d
     const int64_t raw = ll::loadExpert(p.topkIdx, p.topkIdx64, i);
     const bool ok = raw >= -1 && raw < c.numExperts;
     if (!ok && report) device::reportError(err, kDeviceBadExpert, kPhaseLLDispatchSend, -1, int32_t(raw));
-    r.expert[i] = int16_t(ok ? raw : -1);
+    r.raw[i] = int16_t(ok ? raw : -1);
   }
   __syncthreads();
-  // Per token: drop repeated experts (first kept), mark each destination's first choice.
-  for (int b = tid; b < B; b += blockDim.x) {
-    int16_t* e = r.expert + b * K;
-    for (int k = 0; k < K; ++k) {
-      bool firstDest = e[k] >= 0;
-      for (int j = 0; j < k && e[k] >= 0; ++j) {
-        if (e[j] == e[k]) {
-          if (report) device::reportError(err, kDeviceDuplicateExpert, kPhaseLLDispatchSend, -1, b);
-          e[k] = -1;
-          firstDest = false;
-        } else if (e[j] >= 0 && e[j] / L == e[k] / L) {
-          firstDest = false;
-        }
+  // A repeat of an earlier choice is dropped; a choice is first on its rank if no earlier one is
+  // there (comparing raw ids is enough: a repeat has the same rank as the choice it repeats).
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int k = i % K;
+    const int16_t* token = r.raw + (i - k);
+    int e = token[k];
+    bool first = e >= 0;
+    for (int j = 0; j < k && e >= 0; ++j) {
+      if (token[j] == e) {
+        if (report) device::reportError(err, kDeviceDuplicateExpert, kPhaseLLDispatchSend, -1, i / K);
+        e = -1;
+      } else if (token[j] >= 0 && token[j] / L == e / L) {
+        first = false;
       }
-      r.slot[b * K + k] = firstDest ? 0 : -1;
+    }
+    first = first && e >= 0;
+    r.expert[i] = int16_t(e);
+    r.first[i] = first;
+    if (e >= 0) atomicAdd(&r.expertTotal[e], 1);
+    if (first) atomicAdd(&r.destTotal[e / L], 1);
+  }
+  __syncthreads();
+}
+
+// Ranks token b against our earlier tokens, the whole block scanning their entries.
+__device__ void rankToken(const LLDispatchParams& p, const Routing& r, int b, TokenRanks& out) {
+  const int K = p.topk, L = p.c.layout.numLocalExperts;
+  const int tid = threadIdx.x;
+  __syncthreads();  // the previous token's ranks are no longer read
+  if (tid < kLLMaxTopk) {
+    out.pos[tid] = 0;
+    out.slot[tid] = 0;
+  }
+  __syncthreads();
+  int mine[kLLMaxTopk], dest[kLLMaxTopk];
+#pragma unroll
+  for (int k = 0; k < kLLMaxTopk; ++k) {
+    mine[k] = k < K ? r.expert[b * K + k] : -1;
+    dest[k] = k < K && r.first[b * K + k] ? mine[k] / L : -1;
+  }
+  for (int i = tid; i < b * K; i += blockDim.x) {
+    const int e = r.expert[i];
+    if (e < 0) continue;
+    const int d = r.first[i] ? e / L : -2;
+#pragma unroll
+    for (int k = 0; k < kLLMaxTopk; ++k) {
+      if (mine[k] == e) atomicAdd(&out.pos[k], 1);
+      if (dest[k] == d) atomicAdd(&out.slot[k], 1);
     }
   }
   __syncthreads();
-  if (warp == 0) {
-    rankInOrder(entries, [&](int i) { return int(r.expert[i]); }, r.pos, r.expertTotal, lane);
-  } else if (warp == 1) {
-    rankInOrder(entries, [&](int i) { return r.slot[i] == 0 ? int(r.expert[i]) / L : -1; }, r.slot, r.destTotal,
-                lane);
-  }
+  if (tid < kLLMaxTopk && dest[tid] < 0) out.slot[tid] = -1;
   __syncthreads();
 }
 
@@ -165,12 +181,12 @@ __device__ __forceinline__ size_t messageBytes(const LLDispatchParams& p) {
 
 template <class Net>
 __device__ void sendToken(const LLDispatchParams& p, const Routing& r, const transport::Peers<Net>& peers,
-                          uint32_t parity, int b, char** msgs) {
+                          uint32_t parity, int b, const TokenRanks& ranks, char** msgs) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
-  const int16_t* slot = r.slot + b * K;
+  const int* slot = ranks.slot;
   const int16_t* expert = r.expert + b * K;
   auto dstOffset = [&](int s) {
     return l.dispatchSlots + ((size_t(parity) * R + c.rank) * T + size_t(s)) * l.dispatchMsgBytes;
@@ -205,7 +221,7 @@ __device__ void sendToken(const LLDispatchParams& p, const Routing& r, const tra
       const int e = j < K ? expert[j] : -1;
       const bool here = e >= 0 && e / L == d;
       if (field == 0) word = here ? e - d * L : -1;
-      else if (field == 1) word = here ? r.pos[b * K + j] : 0;
+      else if (field == 1) word = here ? ranks.pos[j] : 0;
       else word = __float_as_int(here ? p.topkWeights[int64_t(b) * K + j] : 0.0f);
     }
     reinterpret_cast<int32_t*>(msgs[k])[w] = word;
@@ -249,6 +265,7 @@ __device__ void sendToken(const LLDispatchParams& p, const Routing& r, const tra
 struct SendFlags {
   bool last;
   char* msgs[kLLMaxTopk];
+  TokenRanks ranks;
 };
 
 template <class Net>
@@ -272,12 +289,15 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   }
   stamp(p, kTraceAcked);
   const Routing r = carveRouting(smem, c.numExperts, R, p.numTokens * p.topk);
-  rankEntries(p, r, err);
-  stamp(p, kTraceRouted);
+  loadEntries(p, r, err);
 
   const bool failed = device::hasError(err);
   const bool sends = !failed && int(blockIdx.x) < p.numTokens;
-  for (int b = blockIdx.x; sends && b < p.numTokens; b += gridDim.x) sendToken(p, r, peers, parity, b, flags.msgs);
+  for (int b = blockIdx.x; sends && b < p.numTokens; b += gridDim.x) {
+    rankToken(p, r, b, flags.ranks);
+    if (b == int(blockIdx.x)) stamp(p, kTraceRouted);
+    sendToken(p, r, peers, parity, b, flags.ranks, flags.msgs);
+  }
 
   // Completion: blocks that stored to peers publish them at system scope (an expensive fence, so
   // only they do); the last block to arrive sends counts and signals.
@@ -491,7 +511,8 @@ int launch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
 
 size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
   const size_t entries = size_t(l.maxTokens) * size_t(l.maxTopk);
-  const size_t send = alignUp16(size_t(numExperts) * 4) + alignUp16(size_t(l.nRanks) * 4) + 3 * alignUp16(entries * 2);
+  const size_t send =
+      alignUp16(size_t(numExperts) * 4) + alignUp16(size_t(l.nRanks) * 4) + 2 * alignUp16(entries * 2) + entries;
   const size_t recv = (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
   return send > recv ? send : recv;
 }
