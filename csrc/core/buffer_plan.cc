@@ -6,32 +6,24 @@
 namespace ncclep {
 namespace {
 
-constexpr int kParities = 2;  // LL double buffering
-
-bool mulOk(size_t a, size_t b, size_t* out) { return !__builtin_mul_overflow(a, b, out); }
 bool addOk(size_t a, size_t b, size_t* out) { return !__builtin_add_overflow(a, b, out); }
-size_t roundUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 }  // namespace
 
 ncclepResult_t planBuffers(const ncclepGroupConfig_t& c, int nRanks, BufferPlan* plan) {
   BufferPlan p{};
-  p.dispatchMsgBytes = roundUp(size_t(c.hidden) * 2 + 16 + size_t(c.maxTopk) * 8, 16);
-  p.combineMsgBytes = roundUp(size_t(c.hidden) * 2, 16);
-
-  size_t slots = 0;
-  bool ok = mulOk(size_t(kParities) * size_t(nRanks), size_t(c.maxTokensPerRank), &slots) &&
-            mulOk(slots, p.dispatchMsgBytes, &p.dispatchBytes) &&
-            mulOk(slots, p.combineMsgBytes, &p.combineBytes);
-  p.dispatchOffset = kControlBytes;
-  size_t total = 0;
-  ok = ok && addOk(p.dispatchOffset, p.dispatchBytes, &p.combineOffset) &&
-       addOk(p.combineOffset, p.combineBytes, &total) &&
-       addOk(total, kWindowGranularity - 1, &total);
-  if (ok && c.mode == NCCLEP_MODE_LL) {
-    ok = planLLLayout(kControlBytes, nRanks, c.maxTokensPerRank, c.numExperts / nRanks, c.maxTopk, c.hidden, &p.ll) &&
-         addOk(p.ll.end, kWindowGranularity - 1, &total);
+  const int localExperts = c.numExperts / nRanks;
+  size_t end = 0;
+  bool ok;
+  if (c.mode == NCCLEP_MODE_LL) {
+    ok = planLLLayout(kControlBytes, nRanks, c.maxTokensPerRank, localExperts, c.maxTopk, c.hidden, &p.ll);
+    end = p.ll.end;
+  } else {
+    ok = planHTLayout(kControlBytes, nRanks, c.maxTokensPerRank, c.numExperts, c.maxTopk, c.hidden, &p.ht);
+    end = p.ht.end;
   }
+  size_t total = 0;
+  ok = ok && addOk(end, kWindowGranularity - 1, &total);
   if (!ok)
     return setError(ncclepInvalidArgument,
                     "buffer plan overflows size_t (nRanks=%d, maxTokensPerRank=%d, hidden=%d, maxTopk=%d)",

@@ -2,12 +2,12 @@
 //
 //   [0, kControlBytes)                 bring-up check area (upper half), spare
 //   LL: [kControlBytes, ll.end)        the LL protocol's regions (kernels/ll/ll_layout.h)
-//   HT: [kControlBytes, ...)           PROVISIONAL placeholder (dispatch and combine slots of LL's
-//                                      shape) until the HT kernels exist
+//   HT: [kControlBytes, ht.end)        the HT protocol's regions (kernels/ht/ht_layout.h)
 #pragma once
 
 #include <cstddef>
 
+#include "kernels/ht/ht_layout.h"
 #include "kernels/ll/ll_layout.h"
 #include "ncclep.h"
 
@@ -22,12 +22,9 @@ constexpr size_t kBringupBytes = 32 << 10;
 constexpr size_t kWindowGranularity = 2 << 20;
 
 struct BufferPlan {
-  size_t dispatchMsgBytes;  // one dispatched token: hidden*2 + 16 (header) + maxTopk*8, rounded to 16
-  size_t combineMsgBytes;   // one combined token: hidden*2, rounded to 16
-  size_t dispatchOffset, dispatchBytes;
-  size_t combineOffset, combineBytes;
-  LLLayout ll;              // LL mode only
-  size_t totalBytes;        // rounded up to kWindowGranularity
+  LLLayout ll;        // LL mode only
+  HTLayout ht;        // HT mode only
+  size_t totalBytes;  // rounded up to kWindowGranularity
 };
 
 // Expects a validated config. Fails (InvalidArgument) only on size overflow.

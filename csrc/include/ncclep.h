@@ -236,6 +236,97 @@ NCCLEP_API ncclepResult_t ncclepLLCombine(ncclepGroup_t group, const ncclepLLCom
  * ncclepInvalidUsage: the group can only be destroyed. */
 NCCLEP_API ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t group, ncclepDeviceError_t* error);
 
+/* ------------------------------------------------------------------------------------------
+ * HT mode (high throughput): layout, dispatch, combine and cached dispatch for peers in one
+ * NVLink (LSA) team. Every call is collective over the group, enqueued on `stream` without host
+ * synchronisation (CUDA-graph capturable), and part of one sequence shared by the three kinds of
+ * call: every rank must make the same HT calls in the same order. Outputs have the worst-case
+ * shapes below; counts stay on the device. The kernels use the group's numSms SMs (default 24
+ * in HT mode). Device errors (see ncclepDeviceError_t) use phases 5 HT layout, 6/7 HT dispatch
+ * send/receive, 8/9 HT combine send/receive, 10/11 HT cached dispatch send/receive.
+ *
+ * Rows: N = numRows = R*T for the flat layout, R*T*min(topk, L) + L*(alignment-1) for
+ * expert_major (ncclepHTNumRows). Flat: one row per received token, by source rank then token
+ * order. Expert_major: each token copied into the segment of every local expert it chose (same
+ * order inside a segment), segments padded to `alignment` rows. Rows no token uses have
+ * recvTopkIdx -1, recvTopkWeights 0, recvSlot -1, and unspecified recvX / recvScales.
+ * ------------------------------------------------------------------------------------------ */
+#define NCCLEP_HT_ARGS_VERSION 1u
+#define NCCLEP_HT_LAYOUT_FLAT 0
+#define NCCLEP_HT_LAYOUT_EXPERT_MAJOR 1
+
+typedef struct ncclepHTDispatchArgs_v1 {
+  size_t size;              /* sizeof(ncclepHTDispatchArgs_t) */
+  unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
+  int phases;               /* NCCLEP_PHASE_ALL (the halves cannot be launched apart yet) */
+  int numTokens;            /* B <= maxTokensPerRank (0 allowed) */
+  int hidden;               /* H <= the group's hidden: a multiple of 8 (bf16) or 128 (fp8) */
+  int topk;                 /* K: 1..maxTopk (<= 32) */
+  int useFp8;               /* 0: x is bf16; 1: x is fp8 e4m3 bytes with per-128 scales, moved as is */
+  int scaleBytes;           /* fp8: bytes of one scale, 4 (fp32) or 1 (UE8M0) */
+  const void* x;            /* [B, H] */
+  const void* xScales;      /* fp8: [B, H/128] */
+  const void* topkIdx;      /* [B, K] expert ids, -1 = none */
+  int topkIdxBits;          /* 32 or 64 */
+  const float* topkWeights; /* [B, K] or NULL */
+  int layout;               /* NCCLEP_HT_LAYOUT_* */
+  int alignment;            /* expert_major: rows per segment are padded to a multiple of it; flat: 1 */
+  long long numRows;        /* N (must be ncclepHTNumRows of this layout) */
+  void* recvX;              /* out: [N, H] */
+  void* recvScales;         /* out (fp8): [N, H/128] */
+  int* recvTopkIdx;         /* out: [N, K] local expert ids, -1 where the expert is elsewhere */
+  float* recvTopkWeights;   /* out (with topkWeights): [N, K], 0 where recvTopkIdx is -1 */
+  int* numRecv;             /* out: [1] rows used */
+  int* expertCounts;        /* out: [L] rows of each local expert (before padding) */
+  int* sendPos;             /* out (handle): [B, R] slot of token b among our tokens for rank d, -1 */
+  int* recvSlot;            /* out (handle): [N] source rank * T + slot of each row's token, -1 */
+  int* recvCounts;          /* out (handle): [R] tokens received from each rank */
+} ncclepHTDispatchArgs_t;
+
+typedef struct ncclepHTCombineArgs_v1 {
+  size_t size;              /* sizeof(ncclepHTCombineArgs_t) */
+  unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
+  int phases;               /* NCCLEP_PHASE_ALL */
+  int numTokens;            /* B of the matching dispatch */
+  int hidden;               /* a multiple of 8, <= the group's hidden */
+  int topk;                 /* K of the matching dispatch */
+  long long numRows;        /* N of the matching dispatch */
+  const void* x;            /* bf16 [N, hidden] */
+  const float* topkWeights; /* [N, K] or NULL: summed like the rows (entries with recvTopkIdx -1 skipped) */
+  const int* sendPos;       /* the dispatch's handle */
+  const int* recvSlot;
+  const int* recvCounts;
+  const int* recvTopkIdx;   /* [N, K] */
+  void* out;                /* out: bf16 [B, hidden]: per token, the fp32 sum of its rows */
+  float* outWeights;        /* out (with topkWeights): [B, K] */
+} ncclepHTCombineArgs_t;
+
+typedef struct ncclepHTCachedDispatchArgs_v1 {
+  size_t size;              /* sizeof(ncclepHTCachedDispatchArgs_t) */
+  unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
+  int phases;               /* NCCLEP_PHASE_ALL */
+  int numTokens;            /* B of the matching dispatch */
+  int rowBytes;             /* bytes of one row of x (any type), <= ncclepHTMaxRowBytes */
+  long long numRows;        /* N of the matching dispatch */
+  const void* x;            /* [B, rowBytes] */
+  const int* sendPos;       /* the dispatch's handle */
+  const int* recvSlot;
+  void* out;                /* out: [N, rowBytes]: the row of the token each row holds, zeros elsewhere */
+} ncclepHTCachedDispatchArgs_t;
+
+/* Worst-case rows of an HT dispatch output (layout NCCLEP_HT_LAYOUT_*). */
+NCCLEP_API ncclepResult_t ncclepHTNumRows(ncclepGroup_t group, int topk, int layout, int alignment,
+                                          long long* rows);
+/* The largest row ncclepHTCachedDispatch moves. */
+NCCLEP_API ncclepResult_t ncclepHTMaxRowBytes(ncclepGroup_t group, int* bytes);
+
+NCCLEP_API ncclepResult_t ncclepHTDispatch(ncclepGroup_t group, const ncclepHTDispatchArgs_t* args,
+                                           cudaStream_t stream);
+NCCLEP_API ncclepResult_t ncclepHTCombine(ncclepGroup_t group, const ncclepHTCombineArgs_t* args,
+                                          cudaStream_t stream);
+NCCLEP_API ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t group, const ncclepHTCachedDispatchArgs_t* args,
+                                                 cudaStream_t stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

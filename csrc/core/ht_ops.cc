@@ -1,0 +1,263 @@
+// Host side of the HT calls: argument checks, the group's state, kernel launches.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/errors.h"
+#include "core/group.h"
+#include "kernels/ht/ht_params.h"
+
+namespace ncclep {
+namespace {
+
+#define NCCLEP_REQUIRE(cond, ...) \
+  do {                            \
+    if (!(cond)) return ncclep::setError(ncclepInvalidArgument, __VA_ARGS__); \
+  } while (0)
+
+// Refuses calls on a group whose protocol state can no longer be trusted (a wait timed out), and
+// groups the HT kernels cannot serve.
+ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
+  if (g == nullptr) return setError(ncclepInvalidArgument, "%s: group is NULL", call);
+  if (g->broken) return setError(ncclepInvalidUsage, "%s: the group is broken (an earlier wait timed out)", call);
+  const volatile DeviceError* word = g->errorHost;
+  const DeviceError e{word->code, word->phase, word->peer, word->value};
+  if (e.code == kDeviceTimeout || e.code == kDeviceProtocol) {
+    g->broken = true;
+    return setError(ncclepTimeout, "%s: an earlier call's wait timed out (phase %d, peer %d): the group can only be destroyed",
+                    call, e.phase, e.peer);
+  }
+  if (g->config.mode != NCCLEP_MODE_HT)
+    return setError(ncclepInvalidUsage, "%s: the group was created for LL mode", call);
+  if (!g->devCommCreated)
+    return setError(ncclepUnsupported, "%s: the NCCL device API is unavailable on this group: %s", call,
+                    g->deviceApiError.c_str());
+  if (g->nLsaTeams != 1)
+    return setError(ncclepUnsupported, "%s: the HT kernels reach peers in one NVLink (LSA) team only", call);
+  const int localExperts = g->config.numExperts / g->nRanks;
+  if (g->nRanks > kHTMaxRanks || g->config.numExperts > kHTMaxExperts || localExperts > kHTMaxExperts / 2 ||
+      g->config.maxTopk > kHTMaxTopk)
+    return setError(ncclepUnsupported, "%s: HT kernels take at most %d ranks, %d experts (%d per rank) and top-k %d",
+                    call, kHTMaxRanks, kHTMaxExperts, kHTMaxExperts / 2, kHTMaxTopk);
+  return ncclepSuccess;
+}
+
+long long numRows(const ncclepGroup* g, int topk, int layout, int alignment) {
+  const long long slots = (long long)g->nRanks * g->config.maxTokensPerRank;
+  if (layout == NCCLEP_HT_LAYOUT_FLAT) return slots;
+  const int local = g->config.numExperts / g->nRanks;
+  const int copies = topk < local ? topk : local;
+  return slots * copies + (long long)local * (alignment - 1);
+}
+
+// SMs of the HT kernels: the config's numSms, else the HT default, never more than the device's.
+int htSms(const ncclepGroup* g) {
+  int sms = g->config.numSms > 0 ? g->numSms : (g->numSms < kHTDefaultSms ? g->numSms : kHTDefaultSms);
+  return sms < 2 ? 2 : sms;  // at least one sending and one receiving block
+}
+
+// Blocks that send (the rest receive): half, or NCCLEP_HT_SEND_BLOCKS (a tuning knob).
+int sendBlocks(int blocks) {
+  static const int fromEnv = [] {
+    const char* v = std::getenv("NCCLEP_HT_SEND_BLOCKS");
+    return v ? std::atoi(v) : 0;
+  }();
+  const int n = fromEnv > 0 ? fromEnv : blocks / 2;
+  return n < 1 ? 1 : (n > blocks - 1 ? blocks - 1 : n);
+}
+
+HTCommon common(const ncclepGroup* g, int blocks) {
+  HTCommon c{};
+  c.window = g->window;
+  c.local = static_cast<char*>(g->windowPtr);
+  c.layout = g->plan.ht;
+  c.rank = g->rank;
+  c.nRanks = g->nRanks;
+  c.numExperts = g->config.numExperts;
+  c.timeoutNs = uint64_t(g->config.timeoutSeconds * 1e9);
+  c.error = g->errorDevice;
+  c.sendBlocks = sendBlocks(blocks);
+  return c;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+ncclepResult_t checkHeader(size_t size, unsigned version, size_t expected, const char* call) {
+  NCCLEP_REQUIRE(size == expected && version == NCCLEP_HT_ARGS_VERSION, "%s: args.size/version = %zu/%u, expected %zu/%u",
+                 call, size, version, expected, NCCLEP_HT_ARGS_VERSION);
+  return ncclepSuccess;
+}
+
+ncclepResult_t checkCommon(const ncclepGroup* g, int phases, int numTokens, const char* call) {
+  NCCLEP_REQUIRE(phases == NCCLEP_PHASE_ALL, "%s: phases = %d: HT calls take NCCLEP_PHASE_ALL only", call, phases);
+  NCCLEP_REQUIRE(numTokens >= 0 && numTokens <= g->config.maxTokensPerRank,
+                 "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, numTokens,
+                 g->config.maxTokensPerRank);
+  return ncclepSuccess;
+}
+
+}  // namespace
+}  // namespace ncclep
+
+using namespace ncclep;
+
+extern "C" ncclepResult_t ncclepHTNumRows(ncclepGroup_t g, int topk, int layout, int alignment, long long* rows) {
+  if (g == nullptr || rows == nullptr) return setError(ncclepInvalidArgument, "ncclepHTNumRows: group or rows is NULL");
+  NCCLEP_REQUIRE(topk >= 1 && topk <= g->config.maxTopk, "ncclepHTNumRows: topk = %d: must be in [1, %d]", topk,
+                 g->config.maxTopk);
+  NCCLEP_REQUIRE(layout == NCCLEP_HT_LAYOUT_FLAT || layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR,
+                 "ncclepHTNumRows: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", layout);
+  NCCLEP_REQUIRE(alignment >= 1 && (layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || alignment == 1),
+                 "ncclepHTNumRows: alignment = %d: must be >= 1, and 1 for the flat layout", alignment);
+  *rows = numRows(g, topk, layout, alignment);
+  return ncclepSuccess;
+}
+
+extern "C" ncclepResult_t ncclepHTMaxRowBytes(ncclepGroup_t g, int* bytes) {
+  if (g == nullptr || bytes == nullptr)
+    return setError(ncclepInvalidArgument, "ncclepHTMaxRowBytes: group or bytes is NULL");
+  if (g->config.mode != NCCLEP_MODE_HT)
+    return setError(ncclepInvalidUsage, "ncclepHTMaxRowBytes: the group was created for LL mode");
+  *bytes = int(g->plan.ht.flagOffset);
+  return ncclepSuccess;
+}
+
+extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispatchArgs_t* a, cudaStream_t stream) {
+  NCCLEP_API_TRY
+  const char* call = "ncclepHTDispatch";
+  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
+  NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTDispatchArgs_t), call));
+  NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
+  const int H = a->hidden;
+  NCCLEP_REQUIRE(H > 0 && H <= g->config.hidden && H % (a->useFp8 ? 128 : 8) == 0,
+                 "%s: hidden = %d: must be a positive multiple of %d up to the group's %d", call, H,
+                 a->useFp8 ? 128 : 8, g->config.hidden);
+  NCCLEP_REQUIRE(!a->useFp8 || a->scaleBytes == 4 || a->scaleBytes == 1, "%s: scaleBytes = %d: must be 4 or 1", call,
+                 a->scaleBytes);
+  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
+                 g->config.maxTopk);
+  NCCLEP_REQUIRE(a->topkIdxBits == 32 || a->topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
+                 a->topkIdxBits);
+  NCCLEP_REQUIRE(a->layout == NCCLEP_HT_LAYOUT_FLAT || a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR,
+                 "%s: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", call, a->layout);
+  NCCLEP_REQUIRE(a->alignment >= 1 && (a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || a->alignment == 1),
+                 "%s: alignment = %d: must be >= 1, and 1 for the flat layout", call, a->alignment);
+  const long long rows = numRows(g, a->topk, a->layout, a->alignment);
+  NCCLEP_REQUIRE(a->numRows == rows, "%s: numRows = %lld: this layout needs %lld", call, a->numRows, rows);
+  NCCLEP_REQUIRE(rows <= 0x7fffffffLL, "%s: %lld output rows exceed the kernels' int range", call, rows);
+  NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->topkIdx && a->sendPos && (!a->useFp8 || a->xScales)),
+                 "%s: x, topkIdx, sendPos (and xScales with fp8) are required", call);
+  NCCLEP_REQUIRE(a->recvX && a->recvTopkIdx && a->numRecv && a->expertCounts && a->recvSlot && a->recvCounts &&
+                     (!a->useFp8 || a->recvScales) && (!a->topkWeights || a->recvTopkWeights),
+                 "%s: an output pointer is NULL", call);
+  NCCLEP_REQUIRE(aligned16(a->x) && aligned16(a->recvX), "%s: x and recvX must be 16-byte aligned", call);
+
+  const int blocks = htSms(g);
+  HTDispatchParams p{};
+  p.c = common(g, blocks);
+  p.x = a->x;
+  p.xScales = a->xScales;
+  p.rowBytes = a->useFp8 ? H : H * 2;
+  p.scaleRowBytes = a->useFp8 ? (H / 128) * a->scaleBytes : 0;
+  p.scaleWordBytes = a->useFp8 ? a->scaleBytes : 0;
+  p.topkIdx = a->topkIdx;
+  p.topkIdx64 = a->topkIdxBits == 64;
+  p.topkWeights = a->topkWeights;
+  p.numTokens = a->numTokens;
+  p.topk = a->topk;
+  p.expertMajor = a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR;
+  p.alignment = a->alignment;
+  p.numRows = int(rows);
+  p.recvX = a->recvX;
+  p.recvScales = a->recvScales;
+  p.recvTopkIdx = a->recvTopkIdx;
+  p.recvTopkWeights = a->topkWeights ? a->recvTopkWeights : nullptr;
+  p.numRecv = a->numRecv;
+  p.expertCounts = a->expertCounts;
+  p.sendPos = a->sendPos;
+  p.recvSlot = a->recvSlot;
+  p.recvCounts = a->recvCounts;
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+  NCCLEP_CUDA_CHECK(cudaError_t(launchHTLayout(p, blocks, stream)), "launching the HT layout kernels");
+  NCCLEP_CUDA_CHECK(cudaError_t(launchHTDispatch(p, blocks, stream)), "launching the HT dispatch kernel");
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}
+
+extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombineArgs_t* a, cudaStream_t stream) {
+  NCCLEP_API_TRY
+  const char* call = "ncclepHTCombine";
+  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
+  NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTCombineArgs_t), call));
+  NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
+  NCCLEP_REQUIRE(a->hidden > 0 && a->hidden % 8 == 0 && a->hidden <= g->config.hidden,
+                 "%s: hidden = %d: must be a positive multiple of 8 up to the group's %d", call, a->hidden,
+                 g->config.hidden);
+  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
+                 g->config.maxTopk);
+  const long long flat = numRows(g, a->topk, NCCLEP_HT_LAYOUT_FLAT, 1);
+  NCCLEP_REQUIRE(a->numRows >= flat && a->numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
+                 a->numRows, flat);
+  NCCLEP_REQUIRE(a->x && a->recvSlot && a->recvCounts && (!a->topkWeights || a->recvTopkIdx),
+                 "%s: x and the handle are required", call);
+  NCCLEP_REQUIRE(a->numTokens == 0 || (a->sendPos && a->out && (!a->topkWeights || a->outWeights)),
+                 "%s: sendPos and out (and outWeights with topkWeights) are required", call);
+  NCCLEP_REQUIRE(aligned16(a->x) && aligned16(a->out), "%s: x and out must be 16-byte aligned", call);
+
+  const int blocks = htSms(g);
+  HTCombineParams p{};
+  p.c = common(g, blocks);
+  p.x = a->x;
+  p.hidden = a->hidden;
+  p.topkWeights = a->topkWeights;
+  p.topk = a->topk;
+  p.sendPos = a->sendPos;
+  p.recvSlot = a->recvSlot;
+  p.recvCounts = a->recvCounts;
+  p.recvTopkIdx = a->recvTopkIdx;
+  p.numTokens = a->numTokens;
+  p.numRows = int(a->numRows);
+  p.out = a->out;
+  p.outWeights = a->topkWeights ? a->outWeights : nullptr;
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+  NCCLEP_CUDA_CHECK(cudaError_t(launchHTCombine(p, blocks, stream)), "launching the HT combine kernels");
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}
+
+extern "C" ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t g, const ncclepHTCachedDispatchArgs_t* a,
+                                                 cudaStream_t stream) {
+  NCCLEP_API_TRY
+  const char* call = "ncclepHTCachedDispatch";
+  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
+  NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTCachedDispatchArgs_t), call));
+  NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
+  NCCLEP_REQUIRE(a->rowBytes > 0 && a->rowBytes <= int(g->plan.ht.flagOffset),
+                 "%s: rowBytes = %d: must be in [1, %u]", call, a->rowBytes, g->plan.ht.flagOffset);
+  const long long flat = numRows(g, 1, NCCLEP_HT_LAYOUT_FLAT, 1);
+  NCCLEP_REQUIRE(a->numRows >= flat && a->numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
+                 a->numRows, flat);
+  NCCLEP_REQUIRE(a->recvSlot && a->out, "%s: recvSlot and out are required", call);
+  NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->sendPos), "%s: x and sendPos are required", call);
+
+  const int blocks = htSms(g);
+  HTCachedParams p{};
+  p.c = common(g, blocks);
+  p.x = a->x;
+  p.rowBytes = a->rowBytes;
+  p.numTokens = a->numTokens;
+  p.numRows = int(a->numRows);
+  p.sendPos = a->sendPos;
+  p.recvSlot = a->recvSlot;
+  p.out = a->out;
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+  NCCLEP_CUDA_CHECK(cudaError_t(launchHTCached(p, blocks, stream)), "launching the HT cached dispatch kernel");
+  return ncclepSuccess;
+  NCCLEP_API_CATCH
+}

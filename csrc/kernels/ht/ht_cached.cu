@@ -1,0 +1,97 @@
+// HT cached dispatch: routes a tensor [B, ...] along an earlier dispatch (its handle), without a
+// layout step: the backward of combine. Row r of the output gets the row of the token in recv_slot[r],
+// zeros where recv_slot[r] is -1.
+//
+// Blocks [0, sendBlocks) send: a warp per token stores its row into slot send_pos[b, d] of our
+// region at each destination d, then the slot's flag (release). The other blocks receive: a warp
+// per output row waits for its slot's flag and copies the row (one slot may feed several rows).
+#include <cstddef>
+
+#include "common/device_error.cuh"
+#include "common/memory_order.cuh"
+#include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_params.h"
+#include "transport/lsa.cuh"
+
+namespace ncclep {
+namespace {
+
+using ht::kFull;
+
+__device__ void cachedSend(const HTCachedParams& p, uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const transport::Lsa lsa{c.window, 0};
+  const int R = c.nRanks;
+  const int lane = threadIdx.x & 31;
+  const int warps = c.sendBlocks * kHTWarps;
+  const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5);
+  if (w >= p.numTokens) return;
+  const uint64_t epoch = uint64_t(seq) + 1;
+
+  bool ready = true;
+  if (lane < R)
+    ready = ht::waitPeerDone(c, lsa.peerPtr<uint64_t>(lane, l.state + offsetof(HTState, done)), seq,
+                             kPhaseHTCachedSend, lane);
+  if (!__all_sync(kFull, ready)) return;
+
+  for (int b = w; b < p.numTokens; b += warps) {
+    const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
+    const char* row = static_cast<const char*>(p.x) + int64_t(b) * p.rowBytes;
+    char* msg = slot >= 0 ? lsa.peerPtr<char>(lane, l.slots + (size_t(c.rank) * l.maxTokens + size_t(slot)) * l.msgBytes)
+                          : nullptr;
+    for (uint32_t m = __ballot_sync(kFull, slot >= 0); m != 0; m &= m - 1) {
+      char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
+      ht::warpCopyBytes<false>(dst, row, p.rowBytes, lane);
+    }
+    __syncwarp();
+    if (slot >= 0) device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (epoch << 32) | uint32_t(b));
+  }
+}
+
+__device__ void cachedRecv(const HTCachedParams& p, uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int T = l.maxTokens, slots = c.nRanks * T;
+  const int lane = threadIdx.x & 31;
+  const int warps = (gridDim.x - c.sendBlocks) * kHTWarps;
+  const int w = (blockIdx.x - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
+  const uint32_t epoch = seq + 1;
+
+  for (int r = w; r < p.numRows; r += warps) {
+    char* dst = static_cast<char*>(p.out) + int64_t(r) * p.rowBytes;
+    const int slot = p.recvSlot[r];
+    if (slot < 0 || slot >= slots) {
+      ht::warpZeroBytes(dst, p.rowBytes, lane);
+      continue;
+    }
+    const int src = slot / T;
+    const char* msg = ht::slotPtr(c.local, l, src, slot % T);
+    bool ok = true;
+    if (lane == 0) {
+      uint64_t flag = 0;
+      ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCachedRecv,
+                         src);
+    }
+    if (!__shfl_sync(kFull, ok, 0)) return;
+    __syncwarp();
+    ht::warpCopyBytes<true>(dst, msg, p.rowBytes, lane);
+  }
+}
+
+__global__ void __launch_bounds__(kHTThreads, 1) htCachedKernel(const __grid_constant__ HTCachedParams p) {
+  __shared__ bool last;
+  const uint32_t seq = ht::callSeq(p.c);
+  if (int(blockIdx.x) < p.c.sendBlocks) cachedSend(p, seq);
+  else cachedRecv(p, seq);
+  ht::finishCall(p.c, seq, &last);
+}
+
+}  // namespace
+
+int launchHTCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream) {
+  htCachedKernel<<<numBlocks, kHTThreads, 0, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
+}  // namespace ncclep

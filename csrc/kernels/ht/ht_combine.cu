@@ -1,0 +1,170 @@
+// HT combine: for each token, the sum of every row that came from it, reduced in two steps.
+//
+// Prepare kernel: invert the dispatch's recv_slot (row -> slot) into rowsOf[slot] (slot -> rows),
+// so that each slot's rows can be summed together.
+//
+// Combine kernel. Blocks [0, sendBlocks) are on the expert side: warps, spread over the token
+// owners, sum each received slot's rows (fp32, rows in ascending order) and store one bf16 row
+// (and, with topk_weights, the per-choice sums of the rows' weights) into slot j of our region in
+// the owner's window, then its flag (release). The other blocks are on the owner side: a warp per
+// token waits for the flags of the ranks it went to and sums their rows in rank order (fp32),
+// which is the reference's order exactly.
+#include <cstddef>
+
+#include "common/device_error.cuh"
+#include "common/memory_order.cuh"
+#include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_params.h"
+#include "transport/lsa.cuh"
+
+namespace ncclep {
+namespace {
+
+using ht::kFull;
+
+__global__ void __launch_bounds__(kHTThreads) htCombinePrepareKernel(const __grid_constant__ HTCombineParams p) {
+  const HTLayout& l = p.c.layout;
+  const int slots = p.c.nRanks * l.maxTokens;
+  int* rowCount = reinterpret_cast<int*>(p.c.local + l.rowCount);
+  int* rowsOf = reinterpret_cast<int*>(p.c.local + l.rowsOf);
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < p.numRows; r += gridDim.x * blockDim.x) {
+    const int slot = p.recvSlot[r];
+    if (slot < 0 || slot >= slots) continue;
+    const int k = atomicAdd(&rowCount[slot], 1);
+    if (k < l.maxTopk) rowsOf[int64_t(slot) * l.maxTopk + k] = r;
+  }
+}
+
+__device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const transport::Lsa lsa{c.window, 0};
+  const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
+  const int lane = threadIdx.x & 31;
+  const int* rowCount = reinterpret_cast<const int*>(c.local + l.rowCount);
+  const int* rowsOf = reinterpret_cast<const int*>(c.local + l.rowsOf);
+  const int4* x = static_cast<const int4*>(p.x);
+  const int vectors = p.hidden / 8;
+  const uint64_t epoch = uint64_t(seq) + 1;
+  const ht::StreamShare share =
+      ht::shareStreams(blockIdx.x * kHTWarps + (threadIdx.x >> 5), c.sendBlocks * kHTWarps, R);
+
+  for (int owner = share.first; owner < R; owner += share.step) {
+    const int messages = p.recvCounts[owner];
+    if (share.h >= messages) continue;
+    bool ready = true;
+    if (lane == 0)
+      ready = ht::waitPeerDone(c, lsa.peerPtr<uint64_t>(owner, l.state + offsetof(HTState, done)), seq,
+                               kPhaseHTCombineSend, owner);
+    if (!__shfl_sync(kFull, ready, 0)) return;
+    for (int j = share.h; j < messages; j += share.helpers) {
+      const int slot = owner * T + j;
+      const int n = min(rowCount[slot], KM);
+      const int mine = lane < n ? rowsOf[int64_t(slot) * KM + lane] : 0x7fffffff;
+      // Rows in ascending order, so the sum does not depend on the prepare kernel's atomics.
+      int rank = 0;
+      for (int q = 0; q < n; ++q) rank += __shfl_sync(kFull, mine, q) < mine ? 1 : 0;
+      int sorted = 0;
+      for (int q = 0; q < n; ++q) {
+        const int r = __shfl_sync(kFull, mine, q), at = __shfl_sync(kFull, rank, q);
+        if (at == lane) sorted = r;
+      }
+      char* msg = lsa.peerPtr<char>(owner, l.slots + (size_t(c.rank) * T + size_t(j)) * l.msgBytes);
+      int4* dst = reinterpret_cast<int4*>(msg);
+      for (int base = 0; base < vectors; base += 64) {
+        const int i0 = base + lane, i1 = base + 32 + lane;
+        float a0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        float a1[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int q = 0; q < n; ++q) {
+          const int64_t row = __shfl_sync(kFull, sorted, q);
+          if (i0 < vectors) ht::addBf16x8(a0, __ldg(x + row * vectors + i0));
+          if (i1 < vectors) ht::addBf16x8(a1, __ldg(x + row * vectors + i1));
+        }
+        if (i0 < vectors) dst[i0] = ht::packBf16x8(a0);
+        if (i1 < vectors) dst[i1] = ht::packBf16x8(a1);
+      }
+      if (p.topkWeights != nullptr) {
+        float acc = 0.0f;
+        for (int q = 0; q < n; ++q) {
+          const int64_t row = __shfl_sync(kFull, sorted, q);
+          if (lane < K && p.recvTopkIdx[row * K + lane] >= 0) acc += p.topkWeights[row * K + lane];
+        }
+        if (lane < K) reinterpret_cast<float*>(msg + l.payloadBytes)[lane] = acc;
+      }
+      __syncwarp();
+      if (lane == 0) device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (epoch << 32) | uint32_t(j));
+    }
+  }
+}
+
+__device__ void combineRecv(const HTCombineParams& p, uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int R = c.nRanks, K = p.topk;
+  const int lane = threadIdx.x & 31;
+  const int warps = (gridDim.x - c.sendBlocks) * kHTWarps;
+  const int w = (blockIdx.x - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
+  const int vectors = p.hidden / 8;
+  const uint32_t epoch = seq + 1;
+  int4* out = static_cast<int4*>(p.out);
+
+  for (int b = w; b < p.numTokens; b += warps) {
+    const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
+    const char* msg = slot >= 0 ? ht::slotPtr(c.local, l, lane, slot) : nullptr;
+    bool ok = true;
+    if (slot >= 0) {
+      uint64_t flag = 0;
+      ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCombineRecv,
+                         lane);
+    }
+    if (!__all_sync(kFull, ok)) return;
+    __syncwarp();  // each message's flag was acquired by its lane
+    const uint32_t from = __ballot_sync(kFull, slot >= 0);
+    for (int base = 0; base < vectors; base += 64) {
+      const int i0 = base + lane, i1 = base + 32 + lane;
+      float a0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float a1[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (uint32_t m = from; m != 0; m &= m - 1) {
+        const int4* src =
+            reinterpret_cast<const int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
+        if (i0 < vectors) ht::addBf16x8(a0, __ldcg(src + i0));
+        if (i1 < vectors) ht::addBf16x8(a1, __ldcg(src + i1));
+      }
+      if (i0 < vectors) out[int64_t(b) * vectors + i0] = ht::packBf16x8(a0);
+      if (i1 < vectors) out[int64_t(b) * vectors + i1] = ht::packBf16x8(a1);
+    }
+    if (p.outWeights != nullptr) {
+      float acc = 0.0f;
+      for (uint32_t m = from; m != 0; m &= m - 1) {
+        const char* src = reinterpret_cast<const char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
+        if (lane < K) acc += __ldcg(reinterpret_cast<const float*>(src + l.payloadBytes) + lane);
+      }
+      if (lane < K) p.outWeights[int64_t(b) * K + lane] = acc;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kHTThreads, 1) htCombineKernel(const __grid_constant__ HTCombineParams p) {
+  __shared__ bool last;
+  const uint32_t seq = ht::callSeq(p.c);
+  if (int(blockIdx.x) < p.c.sendBlocks) combineSend(p, seq);
+  else combineRecv(p, seq);
+  ht::finishCall(p.c, seq, &last);
+}
+
+}  // namespace
+
+int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
+  const HTLayout& l = p.c.layout;
+  cudaError_t e = cudaMemsetAsync(p.c.local + l.rowCount, 0, size_t(p.c.nRanks) * l.maxTokens * 4, stream);
+  if (e != cudaSuccess) return int(e);
+  if (p.numRows > 0) {
+    int blocks = (p.numRows + kHTThreads - 1) / kHTThreads;
+    blocks = blocks > numBlocks ? numBlocks : blocks;
+    htCombinePrepareKernel<<<blocks, kHTThreads, 0, stream>>>(p);
+  }
+  htCombineKernel<<<numBlocks, kHTThreads, 0, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
+}  // namespace ncclep

@@ -1,0 +1,212 @@
+// Device helpers shared by the HT kernels: state and error sink, deadline waits, reading and
+// checking top-k rows, warp copies, bf16 accumulation.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+
+#include "common/device_error.cuh"
+#include "common/memory_order.cuh"
+#include "kernels/ht/ht_params.h"
+
+namespace ncclep {
+namespace ht {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ HTState* state(const HTCommon& c) {
+  return reinterpret_cast<HTState*>(c.local + c.layout.state);
+}
+
+__device__ __forceinline__ device::ErrorSink sink(const HTCommon& c) { return {c.error, &state(c)->aborted}; }
+
+// The sequence number of the running call (the previous call's last block wrote it).
+__device__ __forceinline__ uint32_t callSeq(const HTCommon& c) {
+  return *reinterpret_cast<const volatile uint32_t*>(&state(c)->seq);
+}
+
+// Spins until `ready()`; false after reporting a timeout (phase, peer, value), or at once when
+// another thread already failed. Backs off so spinning warps leave issue slots to working ones.
+template <typename Ready>
+__device__ __forceinline__ bool waitFor(Ready ready, uint64_t timeoutNs, const device::ErrorSink& err, int phase,
+                                        int peer, int value) {
+  if (ready()) return true;
+  const uint64_t start = device::globalTimerNs();
+  for (unsigned polls = 1;; ++polls) {
+    if (ready()) return true;
+    if (device::hasError(err)) return false;
+    if (polls > 8) __nanosleep(64);
+    if (device::globalTimerNs() - start > timeoutNs) {
+      device::reportError(err, kDeviceTimeout, phase, peer, value);
+      return false;
+    }
+  }
+}
+
+// A flag word written by a peer with release semantics carries `epoch` in its upper half.
+__device__ __forceinline__ bool waitEpoch(const uint64_t* flag, uint32_t epoch, uint64_t* value,
+                                          const HTCommon& c, int phase, int peer) {
+  uint64_t v = 0;
+  const bool ok = waitFor([&] { v = device::loadAcquire(flag); return uint32_t(v >> 32) == epoch; },
+                          c.timeoutNs, sink(c), phase, peer, int(epoch));
+  *value = v;
+  return ok;
+}
+
+// Waits until peer `d` has read every message of call `seq` (its `done` reached it), so that our
+// writes of call seq + 1 into its slots cannot overtake its reads.
+__device__ __forceinline__ bool waitPeerDone(const HTCommon& c, const uint64_t* peerDone, uint32_t seq, int phase,
+                                             int peer) {
+  return waitFor([&] { return device::loadAcquire(peerDone) >= uint64_t(seq); }, c.timeoutNs, sink(c), phase, peer,
+                 int(seq));
+}
+
+// Ends a transfer kernel: the last block to arrive advances the sequence and tells peers our slots
+// are free again. Every block of the grid must call it (no early return before).
+__device__ __forceinline__ void finishCall(const HTCommon& c, uint32_t seq, bool* lastShared) {
+  __syncthreads();
+  HTState* s = state(c);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *lastShared = device::arriveLast(&s->blocksDone[1], gridDim.x);
+    if (*lastShared) {
+      s->blocksDone[1] = 0;
+      s->seq = seq + 1;
+      device::storeRelease(&s->done, uint64_t(seq) + 1);
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t loadIdx(const void* idx, int idx64, int64_t i) {
+  return idx64 ? static_cast<const int64_t*>(idx)[i] : int64_t(static_cast<const int32_t*>(idx)[i]);
+}
+
+// Expert of choice `lane` (< topk) of token b, checked: an id out of range, or a repeat of an
+// earlier choice of the same token, becomes -1 (the first stays), reported when `report` is set.
+// Every kernel reads the routing through this, so all of them see the same cleaned ids.
+__device__ __forceinline__ int warpTokenExpert(const void* idx, int idx64, int b, int topk, int numExperts, int lane,
+                                               bool report, const device::ErrorSink& err, int phase) {
+  int e = -1;
+  if (lane < topk) {
+    const int64_t raw = loadIdx(idx, idx64, int64_t(b) * topk + lane);
+    if (raw < -1 || raw >= numExperts) {
+      if (report) device::reportError(err, kDeviceBadExpert, phase, -1, int32_t(raw));
+    } else {
+      e = int(raw);
+    }
+  }
+  bool repeat = false;
+  for (int j = 0; j < topk; ++j) {
+    const int other = __shfl_sync(kFull, e, j);
+    repeat |= j < lane && e >= 0 && other == e;
+  }
+  if (repeat) {
+    if (report) device::reportError(err, kDeviceDuplicateExpert, phase, -1, b);
+    e = -1;
+  }
+  return e;
+}
+
+// The same cleaning for one token per lane: experts[k] for k < topk (KM >= topk), -1 elsewhere.
+template <int KM>
+__device__ __forceinline__ void laneTokenExperts(const void* idx, int idx64, int b, bool valid, int topk,
+                                                 int numExperts, int (&experts)[KM]) {
+#pragma unroll
+  for (int k = 0; k < KM; ++k) {
+    int e = -1;
+    if (valid && k < topk) {
+      const int64_t raw = loadIdx(idx, idx64, int64_t(b) * topk + k);
+      e = (raw < -1 || raw >= numExperts) ? -1 : int(raw);
+    }
+#pragma unroll
+    for (int j = 0; j < k; ++j)
+      if (e >= 0 && experts[j] == e) e = -1;
+    experts[k] = e;
+  }
+}
+
+// Warp copy of n 16-byte vectors; U loads in flight per lane before their stores. `kWindow`
+// sources are written by peers: read through L2 (L1 is not coherent with NVLink writes).
+template <bool kWindow, int U = 4>
+__device__ __forceinline__ void warpCopy16(int4* __restrict__ dst, const int4* __restrict__ src, int n, int lane) {
+  for (int base = lane; base < n; base += 32 * U) {
+    int4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + 32 * u;
+      if (i < n) v[u] = kWindow ? __ldcg(src + i) : __ldg(src + i);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + 32 * u;
+      if (i < n) dst[i] = v[u];
+    }
+  }
+}
+
+// Warp copy of any byte count, in the widest words the count and both addresses allow.
+template <bool kWindow>
+__device__ __forceinline__ void warpCopyBytes(void* dst, const void* src, int bytes, int lane) {
+  const uintptr_t align = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes);
+  if ((align & 15) == 0) {
+    warpCopy16<kWindow>(static_cast<int4*>(dst), static_cast<const int4*>(src), bytes / 16, lane);
+  } else if ((align & 3) == 0) {
+    const int* s = static_cast<const int*>(src);
+    int* d = static_cast<int*>(dst);
+    for (int i = lane; i < bytes / 4; i += 32) d[i] = kWindow ? __ldcg(s + i) : __ldg(s + i);
+  } else {
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    for (int i = lane; i < bytes; i += 32) d[i] = kWindow ? __ldcg(s + i) : __ldg(s + i);
+  }
+}
+
+__device__ __forceinline__ void warpZeroBytes(void* dst, int bytes, int lane) {
+  const uintptr_t align = reinterpret_cast<uintptr_t>(dst) | uintptr_t(bytes);
+  if ((align & 15) == 0) {
+    for (int i = lane; i < bytes / 16; i += 32) static_cast<int4*>(dst)[i] = make_int4(0, 0, 0, 0);
+  } else if ((align & 3) == 0) {
+    for (int i = lane; i < bytes / 4; i += 32) static_cast<int*>(dst)[i] = 0;
+  } else {
+    for (int i = lane; i < bytes; i += 32) static_cast<unsigned char*>(dst)[i] = 0;
+  }
+}
+
+// acc[0..7] += the 8 bf16 values of v, in fp32.
+__device__ __forceinline__ void addBf16x8(float (&acc)[8], const int4& v) {
+  const uint32_t words[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] += __uint_as_float(words[i] << 16);
+    acc[2 * i + 1] += __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ int4 packBf16x8(const float (&acc)[8]) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    words[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
+}
+
+// Splits warps into groups serving one stream each (a peer rank): warp w of `warps` serves
+// stream first, first + step, ... and within a stream items h, h + helpers, ...
+struct StreamShare {
+  int first, step, h, helpers;
+};
+
+__device__ __forceinline__ StreamShare shareStreams(int w, int warps, int streams) {
+  if (warps >= streams) return {w % streams, streams, w / streams, (warps - 1 - w % streams) / streams + 1};
+  return {w, warps, 0, 1};
+}
+
+__device__ __forceinline__ char* slotPtr(char* base, const HTLayout& l, int src, int slot) {
+  return base + l.slots + (size_t(src) * l.maxTokens + size_t(slot)) * l.msgBytes;
+}
+
+}  // namespace ht
+}  // namespace ncclep

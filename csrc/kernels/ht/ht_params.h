@@ -1,0 +1,105 @@
+// Launch parameters of the HT kernels (host and device).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include "common/device_error.h"
+#include "kernels/ht/ht_layout.h"
+
+namespace ncclep {
+
+constexpr int kHTMaxTopk = 32;     // one warp lane per top-k choice
+constexpr int kHTMaxRanks = 32;    // one warp lane per rank
+constexpr int kHTMaxExperts = 4096;
+constexpr int kHTThreads = 512;    // 16 warps per block
+constexpr int kHTWarps = kHTThreads / 32;
+constexpr int kHTDefaultSms = 24;
+
+// Phases reported through the error word (after the LL ones, 1..4).
+enum HTPhase : int32_t {
+  kPhaseHTLayout = 5,
+  kPhaseHTDispatchSend = 6,
+  kPhaseHTDispatchRecv = 7,
+  kPhaseHTCombineSend = 8,
+  kPhaseHTCombineRecv = 9,
+  kPhaseHTCachedSend = 10,
+  kPhaseHTCachedRecv = 11,
+};
+
+struct HTCommon {
+  ncclWindow_t window;
+  char* local;  // our window's base address
+  HTLayout layout;
+  int rank;
+  int nRanks;
+  int numExperts;
+  uint64_t timeoutNs;
+  DeviceError* error;  // device-mapped host memory
+  int sendBlocks;      // blocks [0, sendBlocks) send, the others receive
+};
+
+struct HTDispatchParams {
+  HTCommon c;
+  // inputs
+  const void* x;        // [numTokens, rowBytes] bf16 or fp8 bytes
+  const void* xScales;  // fp8 only: [numTokens, scaleRowBytes]
+  int rowBytes;         // bytes of one x row (a multiple of 16)
+  int scaleRowBytes;    // 0 for bf16
+  int scaleWordBytes;   // 4 (fp32 scales) or 1 (UE8M0)
+  const void* topkIdx;  // [numTokens, topk] int32 or int64
+  int topkIdx64;
+  const float* topkWeights;  // [numTokens, topk] or nullptr
+  int numTokens;
+  int topk;
+  int expertMajor;
+  int alignment;
+  int numRows;
+  // outputs
+  void* recvX;             // [numRows, rowBytes]
+  void* recvScales;        // [numRows, scaleRowBytes]
+  int* recvTopkIdx;        // [numRows, topk]
+  float* recvTopkWeights;  // [numRows, topk] or nullptr
+  int* numRecv;            // [1]
+  int* expertCounts;       // [L]
+  int* sendPos;            // [numTokens, R]
+  int* recvSlot;           // [numRows]
+  int* recvCounts;         // [R]
+};
+
+struct HTCombineParams {
+  HTCommon c;
+  const void* x;             // bf16 [numRows, hidden]
+  int hidden;
+  const float* topkWeights;  // [numRows, topk] or nullptr
+  int topk;
+  const int* sendPos;        // the dispatch's handle
+  const int* recvSlot;
+  const int* recvCounts;
+  const int* recvTopkIdx;    // [numRows, topk]
+  int numTokens;
+  int numRows;
+  void* out;                 // bf16 [numTokens, hidden]
+  float* outWeights;         // [numTokens, topk] or nullptr
+};
+
+struct HTCachedParams {
+  HTCommon c;
+  const void* x;  // [numTokens, rowBytes]
+  int rowBytes;
+  int numTokens;
+  int numRows;
+  const int* sendPos;
+  const int* recvSlot;
+  void* out;  // [numRows, rowBytes]
+};
+
+// Host launchers: each returns the cudaError_t of its launches.
+int launchHTLayout(const HTDispatchParams& p, int numSms, cudaStream_t stream);      // ht_layout.cu
+int launchHTDispatch(const HTDispatchParams& p, int numBlocks, cudaStream_t stream);  // ht_dispatch.cu
+int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream);    // ht_combine.cu
+int launchHTCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream);      // ht_cached.cu
+
+}  // namespace ncclep
