@@ -16,6 +16,7 @@ import torch.distributed as dist
 from . import _native, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import GroupConfig
+from .cuda_ht import CudaHT
 from .cuda_ll import CudaLL
 from .errors import InvalidArgument, NcclepError
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
@@ -26,6 +27,7 @@ BACKENDS = ("auto", "reference", "cuda")
 MODE_IDS = {"ll": 0, "ht": 1}
 LL_KERNEL_MAX_TOPK = 16
 LL_KERNEL_MAX_ENTRIES = 16384  # max_tokens_per_rank * max_topk (kLLMaxEntries)
+HT_KERNEL_MAX_RANKS, HT_KERNEL_MAX_EXPERTS = 32, 4096  # kHTMaxRanks, kHTMaxExperts (half of it per rank)
 
 _groups: dict[int, Group] = {}
 _ids = itertools.count(1)
@@ -132,7 +134,11 @@ class Group:
             self._ll = CudaLL(self.config, self.rank, self._native)
         else:
             self._ll = ReferenceLL(self.config, self.rank, self.process_group)
-        self._ht = ReferenceHT(self.config, self.rank, self.process_group)
+        self._ht: ReferenceHT | CudaHT
+        if self.backend == "cuda" and mode == "ht":
+            self._ht = CudaHT(self.config, self.rank, self._native)
+        else:
+            self._ht = ReferenceHT(self.config, self.rank, self.process_group)
         with _lock:
             # Compiled graphs hold the id as a constant and the fake kernels read the sizes through
             # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
@@ -161,12 +167,27 @@ class Group:
             return f"the NCCL device API is unavailable: {self._native.device_api_error}"
         if info.get("n_lsa_teams", 0) > 1 and not info.get("gin"):
             return "peers off the NVLink (LSA) team need GIN, which NCCL did not enable"
+        if cfg.mode == "ht":
+            return self._ht_kernels_unavailable()
         if cfg.mode == "ll" and cfg.max_topk > LL_KERNEL_MAX_TOPK:
             return f"the LL kernels take max_topk <= {LL_KERNEL_MAX_TOPK}, got {cfg.max_topk}"
         if cfg.mode == "ll" and cfg.max_tokens_per_rank * cfg.max_topk > LL_KERNEL_MAX_ENTRIES:
             return (
                 f"the LL kernels take max_tokens_per_rank * max_topk <= {LL_KERNEL_MAX_ENTRIES}, "
                 f"got {cfg.max_tokens_per_rank} * {cfg.max_topk}"
+            )
+        return None
+
+    def _ht_kernels_unavailable(self) -> str | None:
+        cfg = self.config
+        if self._native_info.get("n_lsa_teams", 0) > 1:
+            return "the HT kernels reach peers in one NVLink (LSA) team only (no hierarchical path yet)"
+        if cfg.world_size > HT_KERNEL_MAX_RANKS:
+            return f"the HT kernels take at most {HT_KERNEL_MAX_RANKS} ranks, got {cfg.world_size}"
+        if cfg.num_experts > HT_KERNEL_MAX_EXPERTS or cfg.num_local_experts > HT_KERNEL_MAX_EXPERTS // 2:
+            return (
+                f"the HT kernels take at most {HT_KERNEL_MAX_EXPERTS} experts and "
+                f"{HT_KERNEL_MAX_EXPERTS // 2} per rank, got {cfg.num_experts}"
             )
         return None
 
@@ -274,8 +295,8 @@ class Group:
         """Wait for this group's work on the current stream, then raise what a kernel reported."""
         if self.backend == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-            for backend in (self._ll,):
-                if isinstance(backend, CudaLL):
+            for backend in (self._ll, self._ht):
+                if isinstance(backend, (CudaLL, CudaHT)):
                     backend.raise_device_error()
 
     @property

@@ -192,6 +192,99 @@ class Communicator {
     check(ncclepLLCombine(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
   }
 
+  // The HT calls, like the LL ones: raw device pointers and a raw cudaStream_t (ncclep/cuda_ht.py).
+  void htDispatch(int numTokens, int hidden, int topk, bool useFp8, int scaleBytes, uintptr_t x, uintptr_t xScales,
+                  uintptr_t topkIdx, int topkIdxBits, uintptr_t topkWeights, int layout, int alignment,
+                  long long numRows, uintptr_t recvX, uintptr_t recvScales, uintptr_t recvTopkIdx,
+                  uintptr_t recvTopkWeights, uintptr_t numRecv, uintptr_t expertCounts, uintptr_t sendPos,
+                  uintptr_t recvSlot, uintptr_t recvCounts, uintptr_t stream) {
+    ncclepHTDispatchArgs_t a;
+    std::memset(&a, 0, sizeof(a));
+    a.size = sizeof(a);
+    a.version = NCCLEP_HT_ARGS_VERSION;
+    a.phases = NCCLEP_PHASE_ALL;
+    a.numTokens = numTokens;
+    a.hidden = hidden;
+    a.topk = topk;
+    a.useFp8 = useFp8;
+    a.scaleBytes = scaleBytes;
+    a.x = reinterpret_cast<const void*>(x);
+    a.xScales = reinterpret_cast<const void*>(xScales);
+    a.topkIdx = reinterpret_cast<const void*>(topkIdx);
+    a.topkIdxBits = topkIdxBits;
+    a.topkWeights = reinterpret_cast<const float*>(topkWeights);
+    a.layout = layout;
+    a.alignment = alignment;
+    a.numRows = numRows;
+    a.recvX = reinterpret_cast<void*>(recvX);
+    a.recvScales = reinterpret_cast<void*>(recvScales);
+    a.recvTopkIdx = reinterpret_cast<int*>(recvTopkIdx);
+    a.recvTopkWeights = reinterpret_cast<float*>(recvTopkWeights);
+    a.numRecv = reinterpret_cast<int*>(numRecv);
+    a.expertCounts = reinterpret_cast<int*>(expertCounts);
+    a.sendPos = reinterpret_cast<int*>(sendPos);
+    a.recvSlot = reinterpret_cast<int*>(recvSlot);
+    a.recvCounts = reinterpret_cast<int*>(recvCounts);
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepHTDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+  }
+
+  void htCombine(int numTokens, int hidden, int topk, long long numRows, uintptr_t x, uintptr_t topkWeights,
+                 uintptr_t sendPos, uintptr_t recvSlot, uintptr_t recvCounts, uintptr_t recvTopkIdx, uintptr_t out,
+                 uintptr_t outWeights, uintptr_t stream) {
+    ncclepHTCombineArgs_t a;
+    std::memset(&a, 0, sizeof(a));
+    a.size = sizeof(a);
+    a.version = NCCLEP_HT_ARGS_VERSION;
+    a.phases = NCCLEP_PHASE_ALL;
+    a.numTokens = numTokens;
+    a.hidden = hidden;
+    a.topk = topk;
+    a.numRows = numRows;
+    a.x = reinterpret_cast<const void*>(x);
+    a.topkWeights = reinterpret_cast<const float*>(topkWeights);
+    a.sendPos = reinterpret_cast<const int*>(sendPos);
+    a.recvSlot = reinterpret_cast<const int*>(recvSlot);
+    a.recvCounts = reinterpret_cast<const int*>(recvCounts);
+    a.recvTopkIdx = reinterpret_cast<const int*>(recvTopkIdx);
+    a.out = reinterpret_cast<void*>(out);
+    a.outWeights = reinterpret_cast<float*>(outWeights);
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepHTCombine(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+  }
+
+  void htDispatchCached(int numTokens, int rowBytes, long long numRows, uintptr_t x, uintptr_t sendPos,
+                        uintptr_t recvSlot, uintptr_t out, uintptr_t stream) {
+    ncclepHTCachedDispatchArgs_t a;
+    std::memset(&a, 0, sizeof(a));
+    a.size = sizeof(a);
+    a.version = NCCLEP_HT_ARGS_VERSION;
+    a.phases = NCCLEP_PHASE_ALL;
+    a.numTokens = numTokens;
+    a.rowBytes = rowBytes;
+    a.numRows = numRows;
+    a.x = reinterpret_cast<const void*>(x);
+    a.sendPos = reinterpret_cast<const int*>(sendPos);
+    a.recvSlot = reinterpret_cast<const int*>(recvSlot);
+    a.out = reinterpret_cast<void*>(out);
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepHTCachedDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+  }
+
+  long long htNumRows(int topk, int layout, int alignment) {
+    long long rows = 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepHTNumRows(openGroup(), topk, layout, alignment, &rows));
+    return rows;
+  }
+
+  int htMaxRowBytes() {
+    int bytes = 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    check(ncclepHTMaxRowBytes(openGroup(), &bytes));
+    return bytes;
+  }
+
   // None, or (code, phase, peer, value) of the error word; bad-input codes are cleared by the read.
   py::object deviceError() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -235,10 +328,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MODE_LL") = NCCLEP_MODE_LL;
   m.attr("MODE_HT") = NCCLEP_MODE_HT;
   m.attr("UNIQUE_ID_BYTES") = NCCLEP_UNIQUE_ID_BYTES;
-  m.attr("KERNEL_MODES") = py::make_tuple("ll");  // modes with dispatch/combine kernels
+  m.attr("KERNEL_MODES") = py::make_tuple("ll", "ht");  // modes with dispatch/combine kernels
   m.attr("PHASE_SEND") = NCCLEP_PHASE_SEND;
   m.attr("PHASE_RECV") = NCCLEP_PHASE_RECV;
   m.attr("PHASE_ALL") = NCCLEP_PHASE_ALL;
+  m.attr("HT_LAYOUT_FLAT") = NCCLEP_HT_LAYOUT_FLAT;
+  m.attr("HT_LAYOUT_EXPERT_MAJOR") = NCCLEP_HT_LAYOUT_EXPERT_MAJOR;
 
   m.def("last_error", []() { return std::string(ncclepGetLastError()); },
         "ncclepGetLastError() of this thread, e.g. why check_lsa returned False");
@@ -289,6 +384,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("send_slots"), py::arg("recv_rows"), py::arg("recv_weights"), py::arg("recv_slot_counts"),
            py::arg("stream"), py::arg("trace") = 0)
       .def("ll_combine", &Communicator::llCombine)
+      .def("ht_dispatch", &Communicator::htDispatch)
+      .def("ht_combine", &Communicator::htCombine)
+      .def("ht_dispatch_cached", &Communicator::htDispatchCached)
+      .def("ht_num_rows", &Communicator::htNumRows, py::arg("topk"), py::arg("layout"), py::arg("alignment"))
+      .def("ht_max_row_bytes", &Communicator::htMaxRowBytes)
       .def("device_error", &Communicator::deviceError)
       .def_property_readonly("device_api_error", &Communicator::deviceApiError);
 }

@@ -1,0 +1,236 @@
+"""The CUDA backend of the HT ops: output allocation and launches of ``ncclep._C``'s kernels.
+
+Same interface as :class:`ncclep.reference.ReferenceHT`. Each call is one launch sequence (layout
+and transfer for dispatch, prepare and transfer for combine) with the send and receive halves in
+the same kernels, so ``dispatch_send``/``combine_send`` launch everything and the ``*_recv``
+halves return the outputs. No host synchronisation: counts stay on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import fp8
+from .config import DEFAULT_HT_SMS, GroupConfig
+from .errors import CommError, InvalidArgument
+from .handles import HTDispatchOutput, HTHandle
+
+LAYOUT_IDS = {"flat": 0, "expert_major": 1}
+ERROR_TIMEOUT, ERROR_BAD_EXPERT, ERROR_DUPLICATE_EXPERT = 1, 2, 3
+PHASE_NAMES = {
+    1: "ll_dispatch send",
+    2: "ll_dispatch receive",
+    3: "ll_combine send",
+    4: "ll_combine receive",
+    5: "ht_dispatch layout",
+    6: "ht_dispatch send",
+    7: "ht_dispatch receive",
+    8: "ht_combine send",
+    9: "ht_combine receive",
+    10: "ht_dispatch_cached send",
+    11: "ht_dispatch_cached receive",
+}
+
+
+@dataclass
+class CudaHTDispatch:
+    out: HTDispatchOutput
+
+
+@dataclass
+class CudaHTCombine:
+    out: torch.Tensor
+    weights: torch.Tensor | None
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class CudaHT:
+    def __init__(self, cfg: GroupConfig, rank: int, comm: Any) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.comm = comm
+        self.max_row_bytes = int(comm.ht_max_row_bytes())
+
+    @property
+    def num_sms(self) -> int:
+        """SMs the HT kernels use (the C API's choice: num_sms, else 24, capped by the device)."""
+        device_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        wanted = self.cfg.num_sms or DEFAULT_HT_SMS
+        return max(2, min(wanted, device_sms))
+
+    def raise_device_error(self) -> None:
+        """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
+        err = self.comm.device_error()
+        if err is None:
+            return
+        code, phase, peer, value = err
+        where = PHASE_NAMES.get(phase, f"phase {phase}")
+        if code == ERROR_BAD_EXPERT:
+            raise InvalidArgument(
+                f"topk_idx of an earlier {where} held expert id {value}; ids must be -1 or in "
+                f"[0, {self.cfg.num_experts}) (that call treated it as -1)"
+            )
+        if code == ERROR_DUPLICATE_EXPERT:
+            raise InvalidArgument(
+                f"topk_idx row {value} of an earlier {where} named the same expert twice "
+                "(that call kept the first)"
+            )
+        if code == ERROR_TIMEOUT:
+            raise CommError(
+                f"{where}: rank {self.rank} waited past the {self.cfg.timeout_s} s deadline for rank {peer}",
+                phase=where,
+                rank=self.rank,
+                peer=peer,
+            )
+        raise CommError(
+            f"{where}: device error code {code} (peer {peer}, value {value})", phase=where, peer=peer
+        )
+
+    # ------------------------------------------------------------------------------ dispatch
+
+    def dispatch_send(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        layout: str,
+        alignment: int,
+    ) -> CudaHTDispatch:
+        self.raise_device_error()
+        cfg = self.cfg
+        dev = x.device
+        tokens, hidden = x.shape
+        topk = topk_idx.shape[1]
+        rows = cfg.ht_num_rows(topk, layout, alignment)
+        ranks, experts = cfg.world_size, cfg.num_local_experts
+        use_fp8 = x.dtype == fp8.FP8_DTYPE
+        scales = None
+        if x_scales is not None:
+            scales = torch.empty((rows, x_scales.shape[1]), dtype=x_scales.dtype, device=dev)
+        weights = None
+        if topk_weights is not None:
+            weights = torch.empty((rows, topk), dtype=torch.float32, device=dev)
+        recv_idx = torch.empty((rows, topk), dtype=torch.int32, device=dev)
+        handle = HTHandle(
+            send_pos=torch.empty((tokens, ranks), dtype=torch.int32, device=dev),
+            recv_slot=torch.empty((rows,), dtype=torch.int32, device=dev),
+            recv_counts=torch.empty((ranks,), dtype=torch.int32, device=dev),
+            recv_topk_idx=recv_idx,
+        )
+        out = HTDispatchOutput(
+            x=torch.empty((rows, hidden), dtype=x.dtype, device=dev),
+            scales=scales,
+            topk_idx=recv_idx,
+            topk_weights=weights,
+            num_recv=torch.empty((1,), dtype=torch.int32, device=dev),
+            expert_counts=torch.empty((experts,), dtype=torch.int32, device=dev),
+            handle=handle,
+        )
+        self.comm.ht_dispatch(
+            tokens,
+            hidden,
+            topk,
+            use_fp8,
+            x_scales.element_size() if x_scales is not None else 0,
+            _ptr(x),
+            _ptr(x_scales),
+            _ptr(topk_idx),
+            64 if topk_idx.dtype == torch.int64 else 32,
+            _ptr(topk_weights),
+            LAYOUT_IDS[layout],
+            alignment,
+            rows,
+            _ptr(out.x),
+            _ptr(scales),
+            _ptr(recv_idx),
+            _ptr(weights),
+            _ptr(out.num_recv),
+            _ptr(out.expert_counts),
+            _ptr(handle.send_pos),
+            _ptr(handle.recv_slot),
+            _ptr(handle.recv_counts),
+            _stream(dev),
+        )
+        return CudaHTDispatch(out)
+
+    def dispatch_recv(self, state: CudaHTDispatch) -> HTDispatchOutput:
+        return state.out
+
+    def dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
+        """Route ``x [B, ...]`` along an earlier dispatch: ``[N, ...]``, zeros on rows holding no token."""
+        self.raise_device_error()
+        tokens = handle.send_pos.shape[0]
+        if x.shape[0] != tokens:
+            raise InvalidArgument(f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens")
+        rest = tuple(x.shape[1:])
+        row_bytes = math.prod(rest) * x.element_size()
+        if row_bytes > self.max_row_bytes:
+            raise InvalidArgument(
+                f"dispatch_cached moves rows of at most {self.max_row_bytes} bytes, got {row_bytes}"
+            )
+        rows = handle.recv_slot.shape[0]
+        out = torch.empty((rows, *rest), dtype=x.dtype, device=x.device)
+        if row_bytes == 0:
+            return out
+        x = x.contiguous()
+        self.comm.ht_dispatch_cached(
+            tokens,
+            row_bytes,
+            rows,
+            _ptr(x),
+            _ptr(handle.send_pos),
+            _ptr(handle.recv_slot),
+            _ptr(out),
+            _stream(x.device),
+        )
+        return out
+
+    # ------------------------------------------------------------------------------ combine
+
+    def combine_send(
+        self, x: torch.Tensor, handle: HTHandle, topk_weights: torch.Tensor | None
+    ) -> CudaHTCombine:
+        self.raise_device_error()
+        rows, hidden = x.shape
+        tokens = handle.send_pos.shape[0]
+        topk = handle.recv_topk_idx.shape[1]
+        if hidden % 8:
+            raise InvalidArgument(f"HT combine needs hidden divisible by 8, got {hidden}")
+        expected = tuple(handle.recv_topk_idx.shape)
+        if topk_weights is not None and tuple(topk_weights.shape) != expected:
+            raise InvalidArgument(f"topk_weights must have shape {expected}, got {tuple(topk_weights.shape)}")
+        out = torch.empty((tokens, hidden), dtype=torch.bfloat16, device=x.device)
+        weights = None
+        if topk_weights is not None:
+            weights = torch.empty((tokens, topk), dtype=torch.float32, device=x.device)
+        self.comm.ht_combine(
+            tokens,
+            hidden,
+            topk,
+            rows,
+            _ptr(x),
+            _ptr(topk_weights),
+            _ptr(handle.send_pos),
+            _ptr(handle.recv_slot),
+            _ptr(handle.recv_counts),
+            _ptr(handle.recv_topk_idx),
+            _ptr(out),
+            _ptr(weights),
+            _stream(x.device),
+        )
+        return CudaHTCombine(out, weights)
+
+    def combine_recv(self, state: CudaHTCombine) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return state.out, state.weights
