@@ -1,0 +1,396 @@
+"""GPU: the HT kernels against the reference backend, on the same inputs, in one NCCL group.
+
+Dispatch compares bit-exactly: counts, every handle tensor, topk_idx and topk_weights on every row
+(their fill values included), and x / scales on the rows that hold a token (``recv_slot >= 0``):
+the reference leaves the other rows uninitialised (``torch.empty``), and so do the kernels.
+Combine compares within bf16 rounding (the expert-side sums may add a token's rows in another
+order). Every rank makes the same sequence of collective calls in every test.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import gpu_pool
+
+import ncclep
+from ncclep import fp8
+from ncclep.workloads import make_routing
+
+pytestmark = pytest.mark.gpu
+
+EXPERTS, T, HIDDEN = 64, 2048, 2048
+COMBINE_TOLERANCE = 1e-2
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _groups(
+    experts: int = EXPERTS, tokens: int = T, hidden: int = HIDDEN, max_topk: int = 16
+) -> tuple[ncclep.Group, ncclep.Group]:
+    cuda = ncclep.Group(experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="cuda", timeout_s=30.0)
+    ref = ncclep.Group(experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="reference")
+    return cuda, ref
+
+
+def _random_x(g: torch.Generator, tokens: int, hidden: int) -> torch.Tensor:
+    """bf16 rows of varied magnitude, no zeros."""
+    scale = torch.rand(tokens, 1, generator=g) * 4 + 0.25
+    x = torch.randn(tokens, hidden, generator=g) * scale
+    return torch.where(x == 0, 0.5, x).to(torch.bfloat16)
+
+
+def _inputs(
+    g: torch.Generator,
+    tokens: int,
+    hidden: int,
+    topk: int,
+    routing: str,
+    *,
+    experts: int = EXPERTS,
+    payload: str = "bf16",
+    int32: bool = False,
+    weights: bool = True,
+) -> dict[str, Any]:
+    """x (bf16, or fp8 with fp32 / UE8M0 scales), routing with masked entries and a few tokens
+    routed nowhere, on the device."""
+    dev = _device()
+    x = _random_x(g, tokens, hidden)
+    idx, w = make_routing(
+        routing,
+        tokens,
+        experts,
+        topk,
+        world_size=dist.get_world_size(),
+        generator=g,
+        masked=3 if routing == "uniform" else 0,
+        hot_rank=1,
+    )
+    if routing == "uniform" and tokens > 4:
+        idx[3::11] = -1
+    scales = None
+    if payload != "bf16":
+        x, scales = fp8.quantize(x, ue8m0=payload == "ue8m0")
+        scales = scales.to(dev)
+    return {
+        "x": x.to(dev),
+        "x_scales": scales,
+        "topk_idx": (idx.to(torch.int32) if int32 else idx).to(dev),
+        "topk_weights": w.to(dev) if weights else None,
+    }
+
+
+def _same_dispatch(a: ncclep.HTDispatchOutput, b: ncclep.HTDispatchOutput) -> str | None:
+    for name in ("num_recv", "expert_counts", "topk_idx"):
+        if not torch.equal(getattr(a, name), getattr(b, name)):
+            return f"{name} differs"
+    for name in ("send_pos", "recv_slot", "recv_counts"):
+        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
+            return f"handle.{name} differs"
+    if (a.topk_weights is None) != (b.topk_weights is None):
+        return "topk_weights presence differs"
+    if b.topk_weights is not None and not torch.equal(
+        a.topk_weights.view(torch.int32), b.topk_weights.view(torch.int32)
+    ):
+        return "topk_weights differ"
+    used = b.handle.recv_slot >= 0
+    if not torch.equal(a.x[used].view(torch.uint8), b.x[used].view(torch.uint8)):
+        return "x rows differ"
+    if b.scales is not None and not torch.equal(
+        a.scales[used].view(torch.uint8), b.scales[used].view(torch.uint8)
+    ):
+        return "scales differ"
+    return None
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-20))
+
+
+def _check_pair(
+    cuda: ncclep.Group,
+    ref: ncclep.Group,
+    inp: dict[str, Any],
+    layout: str,
+    alignment: int,
+    g: torch.Generator,
+    *,
+    cached: bool = False,
+) -> str | None:
+    """Dispatch, combine (and optionally a cached dispatch) on both backends; what differs."""
+    a = cuda.ht_dispatch(**inp, layout=layout, alignment=alignment)
+    b = ref.ht_dispatch(**inp, layout=layout, alignment=alignment)
+    problem = _same_dispatch(a, b)
+    dev = _device()
+    rows, hidden = a.x.shape
+    y = (torch.randn(rows, hidden, generator=g) * 2).to(torch.bfloat16).to(dev)
+    w = torch.rand(rows, a.topk_idx.shape[1], generator=g).to(dev)
+    out_a, w_a = cuda.ht_combine(y, a.handle, topk_weights=w)
+    out_b, w_b = ref.ht_combine(y, b.handle, topk_weights=w)
+    tokens = inp["x"].shape[0]
+    if problem is None and tokens:
+        err = _relative_error(out_a, out_b)
+        if err > COMBINE_TOLERANCE:
+            problem = f"combine error {err:.3g}"
+        elif w_a is None or w_b is None or _relative_error(w_a, w_b) > 1e-5:
+            problem = "combined weights differ"
+    if cached:
+        for z in (_random_x(g, tokens, hidden), torch.rand(tokens, a.topk_idx.shape[1], generator=g)):
+            z = z.to(dev)
+            za = torch.ops.ncclep.ht_dispatch_cached(cuda.id, z, *a.handle.tensors()[:3])
+            zb = torch.ops.ncclep.ht_dispatch_cached(ref.id, z, *b.handle.tensors()[:3])
+            if problem is None and not torch.equal(za.view(torch.uint8), zb.view(torch.uint8)):
+                problem = f"dispatch_cached ({z.dtype}) differs"
+    return problem
+
+
+def _matrix(seed: int) -> list[str]:
+    """Routings x top-k x layouts/alignments x payloads, token counts varying per rank and call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed * 131 + rank)
+    cuda, ref = _groups()
+    layouts = [("flat", 1), ("expert_major", 1), ("expert_major", 16), ("expert_major", 128)]
+    payloads = ["bf16", "fp8", "ue8m0"]
+    sizes = [T, 0, 1, 777, 31, 1500]
+    problems = []
+    i = 0
+    for routing in ("uniform", "skewed", "hot"):
+        for topk in (1, 8, 16):
+            if routing == "hot" and topk > EXPERTS // world:
+                continue
+            for layout, alignment in layouts:
+                payload = payloads[i % 3]
+                tokens = sizes[(i + rank) % len(sizes)]
+                inp = _inputs(
+                    g, tokens, HIDDEN, topk, routing, payload=payload, int32=i % 2 == 1, weights=i % 4 != 3
+                )
+                problem = _check_pair(cuda, ref, inp, layout, alignment, g, cached=i % 3 == 0)
+                if problem:
+                    problems.append(
+                        f"{routing} k={topk} {layout}/{alignment} {payload} B={tokens}: {problem}"
+                    )
+                i += 1
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ht_matches_reference(world: int) -> None:
+    for problems in gpu_pool(world).run(_matrix, world):
+        assert problems == []
+
+
+def _deepseek_shape(seed: int) -> list[str]:
+    """Hidden 7168, 256 experts, top-8, bf16 and fp8, both layouts."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(seed + rank)
+    cuda, ref = _groups(experts=256, tokens=512, hidden=7168, max_topk=8)
+    problems = []
+    for payload, layout, alignment in (
+        ("bf16", "flat", 1),
+        ("fp8", "flat", 1),
+        ("bf16", "expert_major", 128),
+    ):
+        tokens = (512, 300)[rank % 2]
+        inp = _inputs(g, tokens, 7168, 8, "uniform", experts=256, payload=payload)
+        problem = _check_pair(cuda, ref, inp, layout, alignment, g, cached=layout == "flat")
+        if problem:
+            problems.append(f"{payload} {layout}: {problem}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ht_deepseek_shape(world: int) -> None:
+    for problems in gpu_pool(world).run(_deepseek_shape, 3):
+        assert problems == []
+
+
+def _expert_rows(rows: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    local_w = torch.where(idx >= 0, weights, 0.0).sum(dim=1, keepdim=True)
+    return (rows.float() * (0.5 + rank) + local_w).to(torch.bfloat16)
+
+
+def _gradients(seed: int) -> list[str]:
+    """loss.backward() through dispatch -> experts -> combine on both backends: same gradients."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(seed * 17 + rank)
+    cuda, ref = _groups(tokens=256, hidden=1024, max_topk=8)
+    problems = []
+    for layout, alignment in (("flat", 1), ("expert_major", 16)):
+        for tokens in (256, 0 if rank == 1 else 100):
+            inp = _inputs(g, tokens, 1024, 4, "uniform")
+            gout = torch.randn(tokens, 1024, generator=g).to(_device())
+            grads = []
+            for group in (cuda, ref):
+                x = inp["x"].clone().requires_grad_()
+                w = inp["topk_weights"].clone().requires_grad_()
+                out = group.ht_dispatch(x, inp["topk_idx"], w, layout=layout, alignment=alignment)
+                rows = _expert_rows(out.x, out.topk_weights, out.topk_idx, rank)
+                y, _ = group.ht_combine(rows, out.handle)
+                (y.float() * gout).sum().backward()
+                grads.append((x.grad, w.grad))
+            (gx_a, gw_a), (gx_b, gw_b) = grads
+            if tokens and (
+                _relative_error(gx_a, gx_b) > COMBINE_TOLERANCE
+                or _relative_error(gw_a, gw_b) > COMBINE_TOLERANCE
+            ):
+                problems.append(
+                    f"{layout} B={tokens}: grad x {_relative_error(gx_a, gx_b):.3g}, "
+                    f"grad w {_relative_error(gw_a, gw_b):.3g}"
+                )
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ht_gradients_match_reference(world: int) -> None:
+    for problems in gpu_pool(world).run(_gradients, 5):
+        assert problems == []
+
+
+def _many_iterations(count: int) -> list[str]:
+    """Consecutive dispatch/combine pairs, token counts, routing, layout and payload changing every call."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(7 + rank)
+    cuda, ref = _groups(tokens=512, hidden=1024, max_topk=8)
+    problems = []
+    for i in range(count):
+        tokens = int(torch.randint(0, 513, (1,), generator=g))
+        routing = ("uniform", "skewed", "hot")[i % 3]
+        layout, alignment = (("flat", 1), ("expert_major", 1), ("expert_major", 16))[i % 3 if i % 2 else 0]
+        inp = _inputs(g, tokens, 1024, 8, routing, payload="fp8" if i % 5 == 1 else "bf16")
+        problem = _check_pair(cuda, ref, inp, layout, alignment, g, cached=i % 7 == 0)
+        # no break: every rank must make the same collective calls
+        if problem and len(problems) < 5:
+            problems.append(f"iteration {i} ({routing} {layout} B={tokens}): {problem}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+def test_ht_500_iterations() -> None:
+    for problems in gpu_pool(2).run(_many_iterations, 500):
+        assert problems == []
+
+
+def _graph_replays(replays: int) -> list[str]:
+    """dispatch -> stand-in experts -> combine captured once, replayed with new inputs."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(99 + rank)
+    tokens, hidden = 512, 1024
+    cuda, ref = _groups(tokens=tokens, hidden=hidden, max_topk=8)
+    problems = []
+    static = _inputs(g, tokens, hidden, 8, "uniform")
+    scale = torch.linspace(0.5, 1.5, EXPERTS // world, device=_device())
+
+    def experts(out: ncclep.HTDispatchOutput) -> torch.Tensor:
+        first = out.topk_idx.max(dim=1).values.clamp_min(0)  # a per-row factor from its experts
+        return (out.x.float() * scale[first].unsqueeze(1)).to(torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        out = cuda.ht_dispatch(**static, layout="expert_major", alignment=16)
+        return cuda.ht_combine(experts(out), out.handle)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for i in range(replays):
+        fresh = _inputs(g, tokens, hidden, 8, ("uniform", "skewed", "hot")[i % 3])
+        for name in ("x", "topk_idx", "topk_weights"):
+            static[name].copy_(fresh[name])
+        graph.replay()
+        if i % 10 == 0 or i == replays - 1:
+            d = ref.ht_dispatch(**fresh, layout="expert_major", alignment=16)
+            expected = ref.ht_combine(experts(d), d.handle)[0]
+            err = _relative_error(static_out, expected)
+            if err > COMBINE_TOLERANCE and len(problems) < 5:
+                problems.append(f"graph replay {i}: error {err:.3g}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+def test_ht_cuda_graph_replay() -> None:
+    for problems in gpu_pool(2).run(_graph_replays, 100):
+        assert problems == []
+
+
+def _bad_expert() -> str:
+    """An out-of-range expert id is reported on the next check; the group stays usable."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    cuda, ref = _groups(tokens=64, hidden=256, max_topk=8)
+    inp = _inputs(g, 64, 256, 4, "uniform")
+    if rank == 0:
+        inp["topk_idx"][5, 1] = EXPERTS + 3
+    cuda.ht_dispatch(**inp)
+    result = "no error"
+    try:
+        cuda.check()
+    except ncclep.InvalidArgument as exc:
+        result = f"InvalidArgument: {exc}"
+    inp["topk_idx"][inp["topk_idx"] >= EXPERTS] = -1
+    problem = _check_pair(cuda, ref, inp, "flat", 1, g)
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return f"{result} | after: {problem}"
+
+
+def test_ht_bad_expert_reported() -> None:
+    results = gpu_pool(2).run(_bad_expert)
+    assert results[0].startswith("InvalidArgument") and str(EXPERTS + 3) in results[0], results[0]
+    assert results[1].startswith("no error"), results[1]
+    assert all(r.endswith("after: None") for r in results), results
+
+
+def _skipped_call() -> str:
+    """Rank 1 skips a dispatch: rank 0 must raise CommError naming it, within the timeout."""
+    rank = dist.get_rank()
+    group = ncclep.Group(EXPERTS, 64, 256, mode="ht", backend="cuda", timeout_s=2.0)
+    inp = _inputs(torch.Generator().manual_seed(rank), 16, 256, 4, "uniform")
+    group.ht_dispatch(**inp)
+    group.check()  # a complete call first
+    if rank == 1:
+        return "skipped"
+    group.ht_dispatch(**inp)
+    try:
+        group.check()
+    except ncclep.CommError as exc:
+        return f"CommError peer={exc.peer} phase={exc.phase}"
+    return "no error"
+
+
+def test_ht_timeout_names_the_peer() -> None:
+    from dist_pool import DistPool
+
+    if torch.cuda.device_count() < 2 or not ncclep.cuda_extension_available():
+        pytest.skip("needs 2 GPUs and the extension")
+    pool = DistPool(2, "nccl")  # its own processes: the group is left broken
+    try:
+        results = pool.run(_skipped_call)
+    finally:
+        pool.close()
+    assert results[1] == "skipped"
+    assert results[0].startswith("CommError peer=1"), results[0]
+    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
