@@ -281,6 +281,16 @@ class Group:
         return int(self._native_info.get("window_bytes", 0)) if self.backend == "cuda" else 0
 
     @property
+    def kernel_sms(self) -> int | None:
+        """SMs the CUDA kernels of this group use (None on the reference backend)."""
+        if isinstance(self._ht, CudaHT):
+            return self._ht.num_sms
+        if self.backend != "cuda":
+            return None
+        device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return min(self.config.num_sms or device_sms, device_sms)
+
+    @property
     def native_info(self) -> dict[str, Any]:
         """What the CUDA extension reported at creation (empty without it): LSA team, Device API."""
         return dict(self._native_info)

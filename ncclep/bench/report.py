@@ -24,6 +24,7 @@ COLUMNS = (
     ("graph us", 9),
     ("vs ref", 6),
     ("buffer MB", 9),
+    ("SMs", 4),
     ("check", 8),
 )
 
@@ -62,6 +63,7 @@ def table(rows: list[Row]) -> str:
             "-" if r.graph_median_us is None else f"{r.graph_median_us:.1f}",
             speedup,
             f"{r.buffer_bytes / 2**20:.0f}",
+            "-" if r.sms is None else r.sms,
             r.validated.split(":")[0],
         )
         lines.append("  ".join(str(v).rjust(w) for v, (_, w) in zip(cells, COLUMNS, strict=True)))

@@ -236,7 +236,7 @@ def run_case(
                         nvl_bytes=volume[f"{op_name}_nvl"],
                         graph_median_us=None if graph is None else graph.median_us,
                         buffer_bytes=group.buffer_bytes,
-                        sms=group.config.num_sms,
+                        sms=group.kernel_sms,
                         validated=validated,
                     )
                 )
