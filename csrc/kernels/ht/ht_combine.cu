@@ -22,6 +22,8 @@ namespace {
 
 using ht::kFull;
 
+constexpr int kSumU = 4;  // 16-byte vectors per lane summed at once
+
 __global__ void __launch_bounds__(kHTThreads) htCombinePrepareKernel(const __grid_constant__ HTCombineParams p) {
   const HTLayout& l = p.c.layout;
   const int slots = p.c.nRanks * l.maxTokens;
@@ -71,17 +73,21 @@ __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
       }
       char* msg = lsa.peerPtr<char>(owner, l.slots + (size_t(c.rank) * T + size_t(j)) * l.msgBytes);
       int4* dst = reinterpret_cast<int4*>(msg);
-      for (int base = 0; base < vectors; base += 64) {
-        const int i0 = base + lane, i1 = base + 32 + lane;
-        float a0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        float a1[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int base = 0; base < vectors; base += 32 * kSumU) {
+        float acc[kSumU][8] = {};
         for (int q = 0; q < n; ++q) {
-          const int64_t row = __shfl_sync(kFull, sorted, q);
-          if (i0 < vectors) ht::addBf16x8(a0, __ldg(x + row * vectors + i0));
-          if (i1 < vectors) ht::addBf16x8(a1, __ldg(x + row * vectors + i1));
+          const int4* src = x + int64_t(__shfl_sync(kFull, sorted, q)) * vectors;
+#pragma unroll
+          for (int u = 0; u < kSumU; ++u) {
+            const int i = base + 32 * u + lane;
+            if (i < vectors) ht::addBf16x8(acc[u], __ldg(src + i));
+          }
         }
-        if (i0 < vectors) dst[i0] = ht::packBf16x8(a0);
-        if (i1 < vectors) dst[i1] = ht::packBf16x8(a1);
+#pragma unroll
+        for (int u = 0; u < kSumU; ++u) {
+          const int i = base + 32 * u + lane;
+          if (i < vectors) dst[i] = ht::packBf16x8(acc[u]);
+        }
       }
       if (p.topkWeights != nullptr) {
         float acc = 0.0f;
@@ -120,18 +126,22 @@ __device__ void combineRecv(const HTCombineParams& p, uint32_t seq) {
     if (!__all_sync(kFull, ok)) return;
     __syncwarp();  // each message's flag was acquired by its lane
     const uint32_t from = __ballot_sync(kFull, slot >= 0);
-    for (int base = 0; base < vectors; base += 64) {
-      const int i0 = base + lane, i1 = base + 32 + lane;
-      float a0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      float a1[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (uint32_t m = from; m != 0; m &= m - 1) {
+    for (int base = 0; base < vectors; base += 32 * kSumU) {
+      float acc[kSumU][8] = {};
+      for (uint32_t m = from; m != 0; m &= m - 1) {  // ranks in ascending order, as the reference
         const int4* src =
             reinterpret_cast<const int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
-        if (i0 < vectors) ht::addBf16x8(a0, __ldcg(src + i0));
-        if (i1 < vectors) ht::addBf16x8(a1, __ldcg(src + i1));
+#pragma unroll
+        for (int u = 0; u < kSumU; ++u) {
+          const int i = base + 32 * u + lane;
+          if (i < vectors) ht::addBf16x8(acc[u], __ldcg(src + i));
+        }
       }
-      if (i0 < vectors) out[int64_t(b) * vectors + i0] = ht::packBf16x8(a0);
-      if (i1 < vectors) out[int64_t(b) * vectors + i1] = ht::packBf16x8(a1);
+#pragma unroll
+      for (int u = 0; u < kSumU; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < vectors) out[int64_t(b) * vectors + i] = ht::packBf16x8(acc[u]);
+      }
     }
     if (p.outWeights != nullptr) {
       float acc = 0.0f;

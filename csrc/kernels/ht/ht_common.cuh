@@ -108,20 +108,30 @@ __device__ __forceinline__ int warpTokenExpert(const void* idx, int idx64, int b
   return e;
 }
 
-// The same cleaning for one token per lane: experts[k] for k < topk (KM >= topk), -1 elsewhere.
+// The same cleaning for one token per lane: experts[k] for k < topk (KM >= topk), -1 elsewhere;
+// reported through `report` when it is not null.
 template <int KM>
 __device__ __forceinline__ void laneTokenExperts(const void* idx, int idx64, int b, bool valid, int topk,
-                                                 int numExperts, int (&experts)[KM]) {
+                                                 int numExperts, int (&experts)[KM], const device::ErrorSink* report,
+                                                 int phase) {
+  int64_t raw[KM];
+#pragma unroll
+  for (int k = 0; k < KM; ++k) raw[k] = (valid && k < topk) ? loadIdx(idx, idx64, int64_t(b) * topk + k) : -1;
 #pragma unroll
   for (int k = 0; k < KM; ++k) {
     int e = -1;
-    if (valid && k < topk) {
-      const int64_t raw = loadIdx(idx, idx64, int64_t(b) * topk + k);
-      e = (raw < -1 || raw >= numExperts) ? -1 : int(raw);
+    if (raw[k] < -1 || raw[k] >= numExperts) {
+      if (report != nullptr) device::reportError(*report, kDeviceBadExpert, phase, -1, int32_t(raw[k]));
+    } else {
+      e = int(raw[k]);
     }
+    bool repeat = false;
 #pragma unroll
-    for (int j = 0; j < k; ++j)
-      if (e >= 0 && experts[j] == e) e = -1;
+    for (int j = 0; j < k; ++j) repeat |= e >= 0 && experts[j] == e;
+    if (repeat) {
+      if (report != nullptr) device::reportError(*report, kDeviceDuplicateExpert, phase, -1, b);
+      e = -1;
+    }
     experts[k] = e;
   }
 }
@@ -141,6 +151,29 @@ __device__ __forceinline__ void warpCopy16(int4* __restrict__ dst, const int4* _
     for (int u = 0; u < U; ++u) {
       const int i = base + 32 * u;
       if (i < n) dst[i] = v[u];
+    }
+  }
+}
+
+// Warp copy of n 16-byte vectors from src to several destinations: lane t of `targets` holds its
+// destination in `dst`. Each vector is read once; its stores to all destinations go out together.
+template <bool kWindow, int U = 8>
+__device__ __forceinline__ void warpFanout16(char* dst, uint32_t targets, const int4* __restrict__ src, int n,
+                                             int lane) {
+  for (int base = 0; base < n; base += 32 * U) {  // same trip count in every lane
+    int4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + 32 * u + lane;
+      if (i < n) v[u] = kWindow ? __ldcg(src + i) : __ldg(src + i);
+    }
+    for (uint32_t m = targets; m != 0; m &= m - 1) {
+      int4* out = reinterpret_cast<int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(dst), __ffs(m) - 1));
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < n) out[i] = v[u];
+      }
     }
   }
 }

@@ -67,11 +67,14 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
     const uint32_t dests = __ballot_sync(kFull, slot >= 0);
     const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(b) * p.rowBytes);
     const char* scales = static_cast<const char*>(p.xScales) + int64_t(b) * p.scaleRowBytes;
+    // Lane d holds the message's address at destination d.
+    char* mine =
+        slot >= 0 ? lsa.peerPtr<char>(lane, l.slots + (size_t(c.rank) * l.maxTokens + size_t(slot)) * l.msgBytes)
+                  : nullptr;
+    ht::warpFanout16<false>(mine, dests, row, vectors, lane);
     for (uint32_t m = dests; m != 0; m &= m - 1) {
       const int d = __ffs(m) - 1;
-      const int j = __shfl_sync(kFull, slot, d);
-      char* msg = lsa.peerPtr<char>(d, l.slots + (size_t(c.rank) * l.maxTokens + size_t(j)) * l.msgBytes);
-      ht::warpCopy16<false>(reinterpret_cast<int4*>(msg), row, vectors, lane);
+      char* msg = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(mine), d));
       if (p.scaleRowBytes) ht::warpCopyBytes<false>(msg + p.rowBytes, scales, p.scaleRowBytes, lane);
       if (lane < K) {
         const bool here = e >= 0 && e / L == d;
@@ -82,10 +85,7 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
       }
     }
     __syncwarp();
-    if (slot >= 0) {
-      char* msg = lsa.peerPtr<char>(lane, l.slots + (size_t(c.rank) * l.maxTokens + size_t(slot)) * l.msgBytes);
-      device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (epoch << 32) | uint32_t(b));
-    }
+    if (slot >= 0) device::storeRelease(reinterpret_cast<uint64_t*>(mine + l.flagOffset), (epoch << 32) | uint32_t(b));
   }
 }
 
@@ -206,10 +206,10 @@ __device__ void dispatchRecv(const HTDispatchParams& p, uint32_t seq, RecvShared
         row = s.start[src] + j;
         targets = 1u;
       }
+      char* dst = row >= 0 ? static_cast<char*>(p.recvX) + int64_t(row) * p.rowBytes : nullptr;
+      ht::warpFanout16<true>(dst, targets, reinterpret_cast<const int4*>(msg), vectors, lane);
       for (uint32_t m = targets; m != 0; m &= m - 1) {
         const int r = __shfl_sync(kFull, row, __ffs(m) - 1);
-        ht::warpCopy16<true>(reinterpret_cast<int4*>(static_cast<char*>(p.recvX) + int64_t(r) * p.rowBytes),
-                             reinterpret_cast<const int4*>(msg), vectors, lane);
         if (p.scaleRowBytes)
           ht::warpCopyBytes<true>(static_cast<char*>(p.recvScales) + int64_t(r) * p.scaleRowBytes, msg + p.rowBytes,
                                   p.scaleRowBytes, lane);

@@ -1,10 +1,9 @@
 // HT layout step: where each token goes, computed on the device, and the counts exchanged.
 //
-// Count kernel: per 32-token tile (a warp, one token per iteration, lane = top-k choice), the
-// tokens going to each destination rank and the tokens choosing each expert. The last block to
-// finish turns the tile counts into exclusive prefixes over tiles (in place) and sends every
-// destination d our per-local-expert counts, then a flag (epoch << 32 | tokens for d). It is the
-// only place that reports bad expert ids.
+// Count kernel: per 32-token tile (a warp, lane = token), the tokens going to each destination
+// rank and the tokens choosing each expert. The last block to finish turns the tile counts into
+// exclusive prefixes over tiles (in place) and sends every destination d our per-local-expert
+// counts, then a flag (epoch << 32 | tokens for d). It is the only place that reports bad ids.
 //
 // Positions kernel: per tile (lane = token), send_pos[b, d] = the tile's prefix for d plus the
 // earlier tokens of the tile going to d, and expertPos[b, k] = the row of (b, k) among our tokens
@@ -27,6 +26,7 @@ struct CountShared {
   bool last;
 };
 
+template <int KM>
 __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_constant__ HTDispatchParams p) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
@@ -42,14 +42,15 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
     int* row = tileCounts + size_t(t) * cols;
     for (int i = lane; i < cols; i += 32) row[i] = 0;
     __syncwarp();
-    const int inTile = min(kHTTile, p.numTokens - t * kHTTile);
-    uint32_t destMask = 0;  // destinations of token t * kHTTile + lane
-    for (int i = 0; i < inTile; ++i) {
-      const int b = t * kHTTile + i;
-      const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, E, lane, true, err, kPhaseHTLayout);
-      if (e >= 0) atomicAdd(&row[R + e], 1);
-      const uint32_t mask = __reduce_or_sync(kFull, e >= 0 ? 1u << (e / L) : 0u);
-      if (lane == i) destMask = mask;
+    const int b = t * kHTTile + lane;
+    int e[KM];
+    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, b < p.numTokens, K, E, e, &err, kPhaseHTLayout);
+    uint32_t destMask = 0;
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+      if (e[k] < 0) continue;
+      atomicAdd(&row[R + e[k]], 1);
+      destMask |= 1u << (e[k] / L);
     }
     for (int d = 0; d < R; ++d) {
       const int n = __popc(__ballot_sync(kFull, (destMask >> d) & 1u));
@@ -65,13 +66,18 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   __syncthreads();
   if (!s.last) return;
 
+  constexpr int kBatch = 16;  // tile counts loaded at once: the scan is bound by load latency
   for (int col = threadIdx.x; col < cols; col += blockDim.x) {
     int acc = 0;
-    for (int t = 0; t < tiles; ++t) {
-      int* at = tileCounts + size_t(t) * cols + col;
-      const int v = __ldcg(at);
-      *at = acc;
-      acc += v;
+    for (int t0 = 0; t0 < tiles; t0 += kBatch) {
+      int v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) v[u] = t0 + u < tiles ? __ldcg(tileCounts + size_t(t0 + u) * cols + col) : 0;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (t0 + u < tiles) tileCounts[size_t(t0 + u) * cols + col] = acc;
+        acc += v[u];
+      }
     }
     s.colTotal[col] = acc;
   }
@@ -115,7 +121,7 @@ __global__ void __launch_bounds__(kHTThreads) htPositionsKernel(const __grid_con
     const bool valid = b < p.numTokens;
     const int* off = tileOffsets + size_t(t) * cols;
     int e[KM];
-    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, valid, K, E, e);
+    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, valid, K, E, e, nullptr, 0);
     uint32_t mask = 0;
 #pragma unroll
     for (int k = 0; k < KM; ++k)
@@ -152,7 +158,9 @@ int launchHTLayout(const HTDispatchParams& p, int numSms, cudaStream_t stream) {
   const int tiles = (p.numTokens + kHTTile - 1) / kHTTile;
   int blocks = (tiles + kHTWarps - 1) / kHTWarps;
   blocks = blocks < 1 ? 1 : (blocks > numSms ? numSms : blocks);
-  htCountKernel<<<blocks, kHTThreads, 0, stream>>>(p);
+  if (p.topk <= 8) htCountKernel<8><<<blocks, kHTThreads, 0, stream>>>(p);
+  else if (p.topk <= 16) htCountKernel<16><<<blocks, kHTThreads, 0, stream>>>(p);
+  else htCountKernel<32><<<blocks, kHTThreads, 0, stream>>>(p);
   if (tiles > 0) {
     if (p.topk <= 8) htPositionsKernel<8><<<blocks, kHTThreads, 0, stream>>>(p);
     else if (p.topk <= 16) htPositionsKernel<16><<<blocks, kHTThreads, 0, stream>>>(p);
