@@ -118,7 +118,7 @@ def trace(tokens: int, use_fp8: bool) -> str:
             parts.append(f"{STEPS[a]}->{STEPS[a + 1]} {delta.median():.1f}")
         parts.append(f"slowest sender arrived at {rel(ARRIVED, senders).max():.1f}")
     if last.numel():
-        parts.append(f"last block signaled at {rel(SIGNALED, last)[0]:.1f}")
+        parts.append(f"arrival counted at {rel(SIGNALED, last)[0]:.1f}")
     parts.append(f"flags seen (median block) at {rel(FLAGS_SEEN, everyone).median():.1f}")
     parts.append(f"copies done (last block) at {rel(COPIED, everyone).max():.1f}")
     return f"rank {rank} tokens={tokens}: " + "; ".join(parts)

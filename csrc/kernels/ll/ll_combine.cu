@@ -22,6 +22,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 struct CombineShared {
   int start[kLLMaxRanks + 1];
+  int chunksTo[kLLMaxRanks];  // send: 16-byte chunks this block stored for each rank
+  int expected[kLLMaxRanks];  // receive: our tokens each rank returns (highest slot + 1)
   bool last;
 };
 
@@ -58,13 +60,13 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
 
   if (seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x)
-      peers.waitSignal(d, kSigCombineAck * R + d, l.signal(kSigCombineAck, d), seq - 1, c.timeoutNs, err,
-                       kPhaseLLCombineSend);
+      ll::waitPeer(peers, c, d, kSigCombineAck, seq - 1, err, kPhaseLLCombineSend);
   }
   if (tid == 0) {
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + p.recvSlotCounts[r];
   }
+  for (int r = tid; r < R; r += blockDim.x) s.chunksTo[r] = 0;
   __syncthreads();
   const bool failed = device::hasError(err);
 
@@ -76,7 +78,6 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
   const int perPart = (chunks + parts - 1) / parts;
   const int4* rows = static_cast<const int4*>(p.expertOut);
-  bool stored = false;
   for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;
     const int r = ll::sourceOf(s.start, R, m);
@@ -111,7 +112,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
       for (int u = 0; u < kUnroll; ++u)
         if (i + u * 32 < end) dst[i + u * 32] = packBf16(acc[u]);
     }
-    stored = true;
+    if (lane == 0 && end > begin) atomicAdd(&s.chunksTo[r], end - begin);
     if (peers.viaNet(r) && begin < end) {
       __syncwarp();
       peers.ship(r, dstOffset + size_t(begin) * 16, stageOffset + size_t(begin) * 16, size_t(end - begin) * 16,
@@ -119,16 +120,13 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
     }
   }
 
-  stored = __syncthreads_or(stored);
-  if (tid == 0) {
-    if (stored) device::fenceSystem();  // only blocks that stored to peers
-    s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
-  }
+  // Each block tells each rank how many chunks of its rows landed (after the signal's fence).
   __syncthreads();
-  if (!s.last) return;
-  if (!device::hasError(err))
-    for (int d = tid; d < R; d += blockDim.x) peers.signalAdd(d, kSigCombine * R + c.rank, l.signal(kSigCombine, c.rank), 1);
-  if (tid == 0) {
+  for (int d = tid; d < R; d += blockDim.x)
+    if (s.chunksTo[d] > 0) ll::signalPeer(peers, c, d, kSigCombineData + int(parity), s.chunksTo[d]);
+  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
+  __syncthreads();
+  if (s.last && tid == 0) {
     state->blocksDone[2] = 0;
     state->combineSendSeq = seq + 1;
   }
@@ -146,13 +144,23 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   const int R = c.nRanks, T = l.maxTokens;
   const int tid = threadIdx.x;
 
+  const int chunks = p.hidden / 8;
+  // Rank d returns one row per token we sent it: slots 0..n-1, so n = highest slot + 1.
+  const int lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
+  for (int d = warp; d < R; d += numWarps) {
+    int highest = -1;
+    for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
+    highest = __reduce_max_sync(kFullMask, highest);
+    if (lane == 0) s.expected[d] = highest + 1;
+  }
+  __syncthreads();
   for (int r = tid; r < R; r += blockDim.x)
-    peers.waitSignal(r, kSigCombine * R + r, l.signal(kSigCombine, r), seq + 1, c.timeoutNs, err,
-                     kPhaseLLCombineRecv);
+    ll::waitPeer(peers, c, r, kSigCombineData + int(parity),
+                 *ll::receivedMark(c, 1, parity, r) + uint64_t(s.expected[r]) * uint64_t(chunks), err,
+                 kPhaseLLCombineRecv);
   __syncthreads();
   if (device::hasError(err)) return;
 
-  const int chunks = p.hidden / 8;
   const char* slots = c.local + l.combineSlots + size_t(parity) * R * T * l.combineMsgBytes;
   for (int b = blockIdx.x; b < p.numTokens; b += gridDim.x) {
     const int* sendSlots = p.sendSlots + int64_t(b) * R;
@@ -179,8 +187,10 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
     state->blocksDone[3] = 0;
     state->combineRecvSeq = seq + 1;
   }
-  for (int r = tid; r < R; r += blockDim.x)
-    peers.signalAdd(r, kSigCombineAck * R + c.rank, l.signal(kSigCombineAck, c.rank), 1);
+  for (int r = tid; r < R; r += blockDim.x) {
+    *ll::receivedMark(c, 1, parity, r) += uint64_t(s.expected[r]) * uint64_t(chunks);
+    ll::signalPeer(peers, c, r, kSigCombineAck, 1);
+  }
 }
 
 template <class Net>

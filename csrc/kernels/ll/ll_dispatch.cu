@@ -42,6 +42,8 @@ struct Routing {
   int16_t* raw;      // [B*K] expert id if in range, else -1 (repeats kept)
   int16_t* expert;   // [B*K] checked expert id: -1 for none, out of range, or a repeat
   int8_t* first;     // [B*K] 1 if the entry is its token's first choice on that rank
+  int* warpDest;     // [warps][R] per-warp partial destTotal (few ranks: one counter per warp
+                     // would serialise hundreds of shared-memory atomics)
 };
 
 // Where one token's messages go: per choice k, its row among our tokens for that expert, and
@@ -65,6 +67,8 @@ __device__ __forceinline__ Routing carveRouting(char* smem, int numExperts, int 
   r.expert = reinterpret_cast<int16_t*>(smem + at);
   at = alignUp16(at + size_t(entries) * 2);
   r.first = reinterpret_cast<int8_t*>(smem + at);
+  at = alignUp16(at + size_t(entries));
+  r.warpDest = reinterpret_cast<int*>(smem + at);
   return r;
 }
 
@@ -74,8 +78,9 @@ __device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const d
   const int K = p.topk, entries = p.numTokens * K, L = c.layout.numLocalExperts;
   const int tid = threadIdx.x;
   const bool report = blockIdx.x == 0;
+  const int warps = blockDim.x >> 5, warp = tid >> 5;
   for (int i = tid; i < c.numExperts; i += blockDim.x) r.expertTotal[i] = 0;
-  for (int i = tid; i < c.nRanks; i += blockDim.x) r.destTotal[i] = 0;
+  for (int i = tid; i < c.nRanks * warps; i += blockDim.x) r.warpDest[i] = 0;
   for (int i = tid; i < entries; i += blockDim.x) {
     const int64_t raw = ll::loadExpert(p.topkIdx, p.topkIdx64, i);
     const bool ok = raw >= -1 && raw < c.numExperts;
@@ -102,7 +107,13 @@ __device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const d
     r.expert[i] = int16_t(e);
     r.first[i] = first;
     if (e >= 0) atomicAdd(&r.expertTotal[e], 1);
-    if (first) atomicAdd(&r.destTotal[e / L], 1);
+    if (first) atomicAdd(&r.warpDest[warp * c.nRanks + e / L], 1);
+  }
+  __syncthreads();
+  for (int d = tid; d < c.nRanks; d += blockDim.x) {
+    int total = 0;
+    for (int w = 0; w < warps; ++w) total += r.warpDest[w * c.nRanks + d];
+    r.destTotal[d] = total;
   }
   __syncthreads();
 }
@@ -123,14 +134,19 @@ __device__ void rankToken(const LLDispatchParams& p, const Routing& r, int b, To
     mine[k] = k < K ? r.expert[b * K + k] : -1;
     dest[k] = k < K && r.first[b * K + k] ? mine[k] / L : -1;
   }
-  for (int i = tid; i < b * K; i += blockDim.x) {
-    const int e = r.expert[i];
-    if (e < 0) continue;
-    const int d = r.first[i] ? e / L : -2;
+  // Warp-uniform loop: a ballot per choice counts a warp's hits, one atomic adds them.
+  const int lane = tid & 31, n = b * K;
+  for (int base = tid - lane; base < n; base += blockDim.x) {
+    const int i = base + lane;
+    const int e = i < n ? int(r.expert[i]) : -1;
+    const int d = e >= 0 && r.first[i] ? e / L : -2;
 #pragma unroll
     for (int k = 0; k < kLLMaxTopk; ++k) {
-      if (mine[k] == e) atomicAdd(&out.pos[k], 1);
-      if (dest[k] == d) atomicAdd(&out.slot[k], 1);
+      if (k >= K) break;
+      const unsigned samePos = __ballot_sync(kFullMask, e >= 0 && mine[k] == e);
+      const unsigned sameDest = __ballot_sync(kFullMask, dest[k] == d);
+      if (lane == 0 && samePos) atomicAdd(&out.pos[k], __popc(samePos));
+      if (lane == 0 && sameDest) atomicAdd(&out.slot[k], __popc(sameDest));
     }
   }
   __syncthreads();
@@ -140,15 +156,24 @@ __device__ void rankToken(const LLDispatchParams& p, const Routing& r, int b, To
 
 __device__ __forceinline__ float bf16ToFloat(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
 
-// fp8 per 128 channels, the arithmetic of ncclep/fp8.py: a warp per group, 4 channels per lane.
-__device__ __forceinline__ void quantizeGroup(const uint16_t* src, int lane, bool ue8m0, uint32_t* packed,
-                                              float* scale, uint8_t* scaleByte) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(src + lane * 4);
-  float v[4] = {bf16ToFloat(raw.x & 0xffff), bf16ToFloat(raw.x >> 16), bf16ToFloat(raw.y & 0xffff),
-                bf16ToFloat(raw.y >> 16)};
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+// fp8 per 128 channels, the arithmetic of ncclep/fp8.py: 8 lanes per group, 16 channels per lane
+// (one 16-byte store of fp8 per lane). Every lane of the warp calls it; `active` lanes hold data.
+__device__ __forceinline__ int4 quantize16(const int4 (&raw)[2], bool ue8m0, float* scale, uint8_t* scaleByte) {
+  float v[16];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, o));
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t words[4] = {uint32_t(raw[h].x), uint32_t(raw[h].y), uint32_t(raw[h].z), uint32_t(raw[h].w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[h * 8 + 2 * i] = bf16ToFloat(words[i] & 0xffff);
+      v[h * 8 + 2 * i + 1] = bf16ToFloat(words[i] >> 16);
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+  for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, o));
   amax = fmaxf(amax, 1e-4f);
   // The arithmetic of ncclep/fp8.py, operation for operation (no division: see there).
   const float ratio = __fmul_rn(amax, 1.0f / 448.0f);
@@ -162,14 +187,14 @@ __device__ __forceinline__ void quantizeGroup(const uint16_t* src, int lane, boo
     mult = __fmul_rn(__frcp_rn(amax), 448.0f);
     *scale = ratio;
   }
-  uint32_t out = 0;
+  uint32_t out[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 16; ++i) {
     const float q = fminf(fmaxf(__fmul_rn(v[i], mult), -448.0f), 448.0f);
     const __nv_fp8_storage_t f = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-    out |= uint32_t(f) << (8 * i);
+    out[i / 4] |= uint32_t(f) << (8 * (i % 4));
   }
-  *packed = out;
+  return make_int4(int(out[0]), int(out[1]), int(out[2]), int(out[3]));
 }
 
 // Bytes of a dispatched message that carry data (header + payload + scales), rounded to 16.
@@ -236,17 +261,26 @@ __device__ void sendToken(const LLDispatchParams& p, const Routing& r, const tra
         if (msgs[k] != nullptr) reinterpret_cast<int4*>(msgs[k] + l.headerBytes)[i] = v;
     }
   } else {
-    const int groups = p.hidden / 128;
-    for (int g = warp; g < groups; g += numWarps) {
-      uint32_t packed;
+    // Four 128-channel groups per warp pass: lanes 8q..8q+7 quantise group g0 + q.
+    const int groups = p.hidden / 128, sub = lane & 7;
+    for (int g0 = warp * 4; g0 < groups; g0 += numWarps * 4) {
+      const int g = g0 + (lane >> 3);
+      const bool active = g < groups;
+      int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+      if (active) {
+        const int4* src = reinterpret_cast<const int4*>(row) + g * 16 + sub * 2;
+        raw[0] = src[0];
+        raw[1] = src[1];
+      }
       float scale = 0.f;
       uint8_t scaleByte = 0;
-      quantizeGroup(reinterpret_cast<const uint16_t*>(row) + g * 128, lane, p.ue8m0, &packed, &scale, &scaleByte);
+      const int4 packed = quantize16(raw, p.ue8m0, &scale, &scaleByte);
+      if (!active) continue;
       for (int k = 0; k < K; ++k) {
         if (msgs[k] == nullptr) continue;
         char* payload = msgs[k] + l.headerBytes;
-        reinterpret_cast<uint32_t*>(payload + g * 128)[lane] = packed;
-        if (lane == 0) {
+        reinterpret_cast<int4*>(payload + g * 128)[sub] = packed;
+        if (sub == 0) {
           if (p.ue8m0) reinterpret_cast<uint8_t*>(payload + p.hidden)[g] = scaleByte;
           else reinterpret_cast<float*>(payload + p.hidden)[g] = scale;
         }
@@ -266,6 +300,7 @@ struct SendFlags {
   bool last;
   char* msgs[kLLMaxTopk];
   TokenRanks ranks;
+  int sentTo[kLLMaxRanks];  // messages this block sent to each rank
 };
 
 template <class Net>
@@ -284,48 +319,47 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it.
   if (seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x)
-      peers.waitSignal(d, kSigDispatchAck * R + d, l.signal(kSigDispatchAck, d), seq - 1, c.timeoutNs, err,
-                       kPhaseLLDispatchSend);
+      ll::waitPeer(peers, c, d, kSigDispatchAck, seq - 1, err, kPhaseLLDispatchSend);
   }
   stamp(p, kTraceAcked);
   const Routing r = carveRouting(smem, c.numExperts, R, p.numTokens * p.topk);
   loadEntries(p, r, err);
 
   const bool failed = device::hasError(err);
+  // Block 0 sends every destination our counts first: they are known to every block already.
+  if (blockIdx.x == 0 && !failed) {
+    const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
+    auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
+    for (int i = tid; i < R * (L + 1); i += blockDim.x) {
+      const int d = i / (L + 1), e = i % (L + 1);
+      int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
+      entry[e] = e < L ? r.expertTotal[d * L + e] : r.destTotal[d];
+    }
+    __syncthreads();
+    for (int d = 0; d < R; ++d) peers.ship(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
+    __syncthreads();
+    for (int d = tid; d < R; d += blockDim.x) ll::signalPeer(peers, c, d, kSigDispatchCounts, 1);
+  }
+
   const bool sends = !failed && int(blockIdx.x) < p.numTokens;
+  for (int i = tid; i < R; i += blockDim.x) flags.sentTo[i] = 0;
   for (int b = blockIdx.x; sends && b < p.numTokens; b += gridDim.x) {
     rankToken(p, r, b, flags.ranks);
     if (b == int(blockIdx.x)) stamp(p, kTraceRouted);
     sendToken(p, r, peers, parity, b, flags.ranks, flags.msgs);
+    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[r.expert[b * p.topk + tid] / L] += 1;
   }
-
-  // Completion: blocks that stored to peers publish them at system scope (an expensive fence, so
-  // only they do); the last block to arrive sends counts and signals.
   __syncthreads();
   stamp(p, kTraceSent);
-  if (tid == 0) {
-    if (sends) device::fenceSystem();
-    flags.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
-  }
+  // Each block tells each destination how many of its messages landed (the signal's fence makes
+  // them visible first); the receiver waits for the total its counts announced.
+  for (int d = tid; d < R; d += blockDim.x)
+    if (flags.sentTo[d] > 0) ll::signalPeer(peers, c, d, kSigDispatchData + int(parity), flags.sentTo[d]);
   __syncthreads();
   stamp(p, kTraceArrived);
-  if (!flags.last) return;
-
-  // Counts entry for destination d: our tokens per expert of d, then our tokens to d.
-  const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
-  auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
-  for (int i = tid; i < R * (L + 1); i += blockDim.x) {
-    const int d = i / (L + 1), e = i % (L + 1);
-    int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
-    entry[e] = e < L ? r.expertTotal[d * L + e] : r.destTotal[d];
-  }
+  if (tid == 0) flags.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
   __syncthreads();
-  for (int d = 0; d < R; ++d) peers.ship(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
-  __syncthreads();
-  if (!device::hasError(err))
-    for (int d = tid; d < R; d += blockDim.x)
-      peers.signalAdd(d, kSigDispatch * R + c.rank, l.signal(kSigDispatch, c.rank), 1);
-  if (tid == 0) {
+  if (flags.last && tid == 0) {
     state->blocksDone[0] = 0;
     state->dispatchSendSeq = seq + 1;
   }
@@ -387,17 +421,21 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const RecvShared s = carveRecv(smem, R, L);
 
   stamp(p, kTraceRecvStart);
-  for (int r = tid; r < R; r += blockDim.x)
-    peers.waitSignal(r, kSigDispatch * R + r, l.signal(kSigDispatch, r), seq + 1, c.timeoutNs, err,
-                     kPhaseLLDispatchRecv);
-  __syncthreads();
-  stamp(p, kTraceFlagsSeen);
-  if (device::hasError(err)) return;
   auto counts = [&](int r) {
     return reinterpret_cast<const int*>(c.local + l.dispatchCounts + (size_t(parity) * R + r) * l.countsBytes);
   };
-  for (int r = tid; r < R; r += blockDim.x) s.count[r] = __ldcg(counts(r) + L);
+  // Each source's counts first, then all of its messages (the data signal reaches our mark of
+  // the earlier calls in this parity plus this call's count).
+  for (int r = tid; r < R; r += blockDim.x) {
+    if (!ll::waitPeer(peers, c, r, kSigDispatchCounts, seq + 1, err, kPhaseLLDispatchRecv)) continue;
+    const int n = __ldcg(counts(r) + L);
+    s.count[r] = n;
+    ll::waitPeer(peers, c, r, kSigDispatchData + int(parity), *ll::receivedMark(c, 0, parity, r) + uint64_t(n), err,
+                 kPhaseLLDispatchRecv);
+  }
   __syncthreads();
+  stamp(p, kTraceFlagsSeen);
+  if (device::hasError(err)) return;
   if (tid == 0) {
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + s.count[r];
@@ -482,8 +520,10 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     state->dispatchRecvSeq = seq + 1;
   }
   // Every block has read its messages: the sources may reuse this parity.
-  for (int r = tid; r < R; r += blockDim.x)
-    peers.signalAdd(r, kSigDispatchAck * R + c.rank, l.signal(kSigDispatchAck, c.rank), 1);
+  for (int r = tid; r < R; r += blockDim.x) {
+    *ll::receivedMark(c, 0, parity, r) += uint64_t(s.count[r]);
+    ll::signalPeer(peers, c, r, kSigDispatchAck, 1);
+  }
 }
 
 template <class Net>
@@ -511,8 +551,8 @@ int launch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
 
 size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
   const size_t entries = size_t(l.maxTokens) * size_t(l.maxTopk);
-  const size_t send =
-      alignUp16(size_t(numExperts) * 4) + alignUp16(size_t(l.nRanks) * 4) + 2 * alignUp16(entries * 2) + entries;
+  const size_t send = alignUp16(size_t(numExperts) * 4) + alignUp16(size_t(l.nRanks) * 4) +
+                      2 * alignUp16(entries * 2) + alignUp16(entries) + size_t(kLLThreads / 32) * l.nRanks * 4;
   const size_t recv = (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
   return send > recv ? send : recv;
 }

@@ -5,6 +5,8 @@
 //   state            LLState: sequence numbers and block counters (local use only)
 //   signals          uint64 [kLLSignalKinds][R peers]: monotonic counters that peers add to
 //                    (LSA and the emulated network; GIN keeps its own signals, same indices)
+//   received         uint64 [2 ops][2 parities][R peers]: what the data signals held after our
+//                    last completed receive (local use), so a call waits for old + this call's
 //   dispatchCounts   int32 [2 parities][R sources][L + 1]: tokens the source sent per local
 //                    expert, then the tokens it sent us
 //   dispatchSlots    [2][R sources][T slots][dispatchMsgBytes]
@@ -25,13 +27,14 @@
 
 namespace ncclep {
 
-// Signal kinds: signal (kind, peer) counts the calls of that kind peer completed towards us.
+// Signal kinds: signal (kind, peer) is a counter in our window that `peer` adds to.
 enum LLSignalKind : int {
-  kSigDispatch = 0,     // peer's dispatch data and counts for us are complete
-  kSigDispatchAck = 1,  // peer has read our dispatch messages: we may reuse that parity
-  kSigCombine = 2,
-  kSigCombineAck = 3,
-  kLLSignalKinds = 4,
+  kSigDispatchCounts = 0,  // +1 per call: peer's counts for us (this call's parity) are in place
+  kSigDispatchData = 1,    // 2 parities: +n per n of peer's messages that landed in that parity
+  kSigDispatchAck = 3,     // +1 per call: peer has read our messages, we may reuse the parity
+  kSigCombineData = 4,     // 2 parities: +n per n 16-byte chunks of combined rows that landed
+  kSigCombineAck = 6,
+  kLLSignalKinds = 7,
 };
 
 struct LLState {
@@ -47,6 +50,7 @@ struct LLState {
 struct LLLayout {
   size_t state;
   size_t signals;
+  size_t received;
   size_t dispatchCounts;
   size_t dispatchSlots;
   size_t combineSlots;
@@ -69,6 +73,12 @@ struct LLLayout {
 #endif
   size_t signal(int kind, int peer) const {
     return signals + (size_t(kind) * size_t(nRanks) + size_t(peer)) * 8;
+  }
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  size_t receivedAt(int op, uint32_t parity, int peer) const {  // op: 0 dispatch, 1 combine
+    return received + ((size_t(op) * 2 + parity) * size_t(nRanks) + size_t(peer)) * 8;
   }
 };
 
@@ -103,6 +113,7 @@ inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExp
     return true;
   };
   const bool ok = take(&l.state, 1, sizeof(LLState)) && take(&l.signals, size_t(kLLSignalKinds) * nRanks, 8) &&
+                  take(&l.received, 4 * size_t(nRanks), 8) &&
                   take(&l.dispatchCounts, perParity, l.countsBytes) &&
                   take(&l.dispatchSlots, slots, l.dispatchMsgBytes) &&
                   take(&l.combineSlots, slots, l.combineMsgBytes) && take(&l.stageCounts, perParity, l.countsBytes) &&

@@ -28,10 +28,10 @@ enum LLTraceStep : int {
   kTraceAcked,      // after waiting for the destinations to free this parity
   kTraceRouted,     // slots, rows and counts of every token ranked in shared memory
   kTraceSent,       // all the block's tokens stored
-  kTraceArrived,    // after the system fence and the arrival count
-  kTraceSignaled,   // last block: counts and signals sent
+  kTraceArrived,    // after this block's data signals (each after a system fence)
+  kTraceSignaled,   // after the arrival count
   kTraceRecvStart,
-  kTraceFlagsSeen,  // every source's signal acquired
+  kTraceFlagsSeen,  // every source's counts and data signals acquired
   kTraceCopied,     // the block's messages copied into the outputs
   kLLTraceSteps = 16,
 };
