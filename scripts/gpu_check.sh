@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One whole round on a GPU machine: build the extension, run the GPU tests, run a benchmark.
 # Usage: scripts/gpu_check.sh OUT_DIR [bench args...]   (logs and results go to OUT_DIR)
-# Writes at most 8 files: env.log build.log gpu_tests.log mpi.log bench.log results.json plot.png
+# Writes at most 9 files: env.log build.log gpu_tests.log mpi.log moe.log bench.log results.json plot.png
+# Env: GPU_TESTS (extra pytest args), SKIP_MPI, SKIP_MOE, SKIP_BENCH
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [bench args...]}
@@ -46,8 +47,18 @@ if [ -z "${SKIP_MPI:-}" ] && command -v mpirun >/dev/null; then
   tail -12 "$OUT/mpi.log"
 fi
 
+step "MoE layer examples"
+if [ -z "${SKIP_MOE:-}" ]; then
+  for n in 2 "$NGPU"; do
+    $PY examples/moe_layer.py --mode decode --nprocs "$n" --check --bench --graph --fp8
+    $PY examples/moe_layer.py --mode decode --nprocs "$n" --check --compile
+    $PY examples/moe_layer.py --mode train --nprocs "$n" --check --bench --steps 3
+  done >"$OUT/moe.log" 2>&1 || status=1
+  grep -iE "check|ncclep|reference|error|fail" "$OUT/moe.log" | tail -30
+fi
+
 step benchmark
-$PY -m ncclep.bench --validate --json "$OUT/results.json" --plot "$OUT/plot.png" "$@" >"$OUT/bench.log" 2>&1 || status=1
+[ -n "${SKIP_BENCH:-}" ] || $PY -m ncclep.bench --validate --json "$OUT/results.json" --plot "$OUT/plot.png" "$@" >"$OUT/bench.log" 2>&1 || status=1
 grep -v '^\[\|^    ' "$OUT/bench.log" | tail -60
 step "done (status $status)"
 exit $status
