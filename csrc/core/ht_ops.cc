@@ -172,7 +172,8 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
   p.recvX = a->recvX;
   p.recvScales = a->recvScales;
   p.recvTopkIdx = a->recvTopkIdx;
-  p.recvTopkWeights = a->topkWeights ? a->recvTopkWeights : nullptr;
+  // An empty topk_weights (no tokens here) may be NULL: what we receive still carries weights.
+  p.recvTopkWeights = a->recvTopkWeights;
   p.numRecv = a->numRecv;
   p.expertCounts = a->expertCounts;
   p.sendPos = a->sendPos;
