@@ -1,6 +1,5 @@
 /* Shared by the LL and HT C API examples: sizes, inputs that are a pure function of (round, rank,
- * token, channel) so every rank can rebuild every other rank's tokens, bf16 conversions, and the
- * CHECK / CUDA macros (they jump to the caller's `done:` label). Include after defining `rank`. */
+ * token, channel) so every rank can rebuild every other rank's tokens, and bf16 conversions. */
 #ifndef NCCLEP_EXAMPLE_INPUTS_H_
 #define NCCLEP_EXAMPLE_INPUTS_H_
 
@@ -41,23 +40,22 @@ static int64_t expertOf(int round, int r, int b, int k, int numExperts) {
   return (int64_t)((r * 13 + b * 5 + round + k) % numExperts);
 }
 
-#define CHECK(call)                                                                          \
-  do {                                                                                       \
-    ncclepResult_t res_ = (call);                                                            \
-    if (res_ != ncclepSuccess) {                                                             \
-      fprintf(stderr, "[rank %d] %s: %s\n  %s\n", rank, #call, ncclepGetErrorString(res_),   \
-              ncclepGetLastError());                                                         \
-      goto done;                                                                             \
-    }                                                                                        \
-  } while (0)
+/* Fills this rank's tokens of round `round` (x [kTokens, kHidden] bf16, idx [kTokens, kTopk]). */
+static void fillInputs(int round, int r, int numExperts, uint16_t* x, int64_t* idx) {
+  int b, h, k;
+  for (b = 0; b < tokensOf(round, r); ++b) {
+    for (h = 0; h < kHidden; ++h) x[b * kHidden + h] = inputValue(round, r, b, h);
+    for (k = 0; k < kTopk; ++k) idx[b * kTopk + k] = expertOf(round, r, b, k, numExperts);
+  }
+}
 
-#define CUDA(call)                                                                           \
-  do {                                                                                       \
-    cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess) {                                                               \
-      fprintf(stderr, "[rank %d] %s: %s\n", rank, #call, cudaGetErrorString(err_));           \
-      goto done;                                                                             \
-    }                                                                                        \
-  } while (0)
+/* After a synchronised call: prints and returns nonzero if a kernel reported an error. */
+static int deviceErrorReported(ncclepGroup_t group, int r) {
+  ncclepDeviceError_t derr;
+  if (ncclepGroupGetDeviceError(group, &derr) != ncclepSuccess) return 1;
+  if (derr.code == 0) return 0;
+  fprintf(stderr, "[rank %d] device error %d (phase %d, peer %d)\n", r, derr.code, derr.phase, derr.peer);
+  return 1;
+}
 
 #endif /* NCCLEP_EXAMPLE_INPUTS_H_ */

@@ -65,13 +65,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "this example checks at most 32 ranks\n");
     return 2;
   }
-  if (rank == 0) {
-    if (ncclepGetUniqueId(&id) != ncclepSuccess || writeId(argv[1], &id) != 0) return 1;
-    wroteId = 1;
-  } else if (readId(argv[1], &id, 120000) != 0) {
-    fprintf(stderr, "[rank %d] no unique id in %s\n", rank, argv[1]);
-    return 1;
-  }
+  if (shareUniqueId(rank, argv[1], &id, &wroteId) != 0) return 1;
   CUDA(cudaGetDeviceCount(&devices));
   CUDA(cudaSetDevice(localRank % devices));
   CUDA(cudaStreamCreate(&stream));
@@ -111,22 +105,14 @@ int main(int argc, char** argv) {
     int b, h, k, r, row = 0, expertRows[kExpertsPerRank] = {0};
     ncclepHTDispatchArgs_t d;
     ncclepHTCombineArgs_t c;
-    ncclepDeviceError_t derr;
-    for (b = 0; b < tokens; ++b) {
-      for (h = 0; h < kHidden; ++h) hx[b * kHidden + h] = inputValue(round, rank, b, h);
-      for (k = 0; k < kTopk; ++k) {
-        hidx[b * kTopk + k] = expertOf(round, rank, b, k, numExperts);
-        hw[b * kTopk + k] = weightOf(round, rank, b, k);
-      }
-    }
+    fillInputs(round, rank, numExperts, hx, hidx);
+    for (b = 0; b < tokens; ++b)
+      for (k = 0; k < kTopk; ++k) hw[b * kTopk + k] = weightOf(round, rank, b, k);
     CUDA(cudaMemcpy(dx, hx, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyHostToDevice));
     CUDA(cudaMemcpy(didx, hidx, sizeof(int64_t) * kTokens * kTopk, cudaMemcpyHostToDevice));
     CUDA(cudaMemcpy(dw, hw, sizeof(float) * kTokens * kTopk, cudaMemcpyHostToDevice));
 
-    memset(&d, 0, sizeof(d));
-    d.size = sizeof(d);
-    d.version = NCCLEP_HT_ARGS_VERSION;
-    d.phases = NCCLEP_PHASE_ALL;
+    INIT_ARGS(d, NCCLEP_HT_ARGS_VERSION);
     d.numTokens = tokens;
     d.hidden = kHidden;
     d.topk = kTopk;
@@ -148,10 +134,7 @@ int main(int argc, char** argv) {
     CHECK(ncclepHTDispatch(group, &d, stream));
 
     /* Identity experts: combine the received rows themselves. */
-    memset(&c, 0, sizeof(c));
-    c.size = sizeof(c);
-    c.version = NCCLEP_HT_ARGS_VERSION;
-    c.phases = NCCLEP_PHASE_ALL;
+    INIT_ARGS(c, NCCLEP_HT_ARGS_VERSION);
     c.numTokens = tokens;
     c.hidden = kHidden;
     c.topk = kTopk;
@@ -164,11 +147,7 @@ int main(int argc, char** argv) {
     c.out = dy;
     CHECK(ncclepHTCombine(group, &c, stream));
     CUDA(cudaStreamSynchronize(stream));
-    CHECK(ncclepGroupGetDeviceError(group, &derr));
-    if (derr.code != 0) {
-      fprintf(stderr, "[rank %d] device error %d (phase %d, peer %d)\n", rank, derr.code, derr.phase, derr.peer);
-      goto done;
-    }
+    if (deviceErrorReported(group, rank)) goto done;
     CUDA(cudaMemcpy(&hnum, dnum, sizeof(int), cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hcounts, dcounts, sizeof(hcounts), cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hrecvCounts, drecvCounts, sizeof(int) * size, cudaMemcpyDeviceToHost));

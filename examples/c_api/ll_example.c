@@ -47,13 +47,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "usage: mpirun -np N %s <unique-id file path (must not exist)>\n", argv[0]);
     return 2;
   }
-  if (rank == 0) {
-    if (ncclepGetUniqueId(&id) != ncclepSuccess || writeId(argv[1], &id) != 0) return 1;
-    wroteId = 1;
-  } else if (readId(argv[1], &id, 120000) != 0) {
-    fprintf(stderr, "[rank %d] no unique id in %s\n", rank, argv[1]);
-    return 1;
-  }
+  if (shareUniqueId(rank, argv[1], &id, &wroteId) != 0) return 1;
   CUDA(cudaGetDeviceCount(&devices));
   CUDA(cudaSetDevice(localRank % devices));
   CUDA(cudaStreamCreate(&stream));
@@ -87,21 +81,17 @@ int main(int argc, char** argv) {
     int b, h, k, e, r;
     ncclepLLDispatchArgs_t d;
     ncclepLLCombineArgs_t c;
-    ncclepDeviceError_t derr;
+    fillInputs(round, rank, numExperts, hx, hidx);
     for (b = 0; b < tokens; ++b) {
       int valid = 0;
-      for (h = 0; h < kHidden; ++h) hx[b * kHidden + h] = inputValue(round, rank, b, h);
-      for (k = 0; k < kTopk; ++k) valid += (hidx[b * kTopk + k] = expertOf(round, rank, b, k, numExperts)) >= 0;
+      for (k = 0; k < kTopk; ++k) valid += hidx[b * kTopk + k] >= 0;
       for (k = 0; k < kTopk; ++k) hw[b * kTopk + k] = hidx[b * kTopk + k] >= 0 ? 1.0f / (float)valid : 0.0f;
     }
     CUDA(cudaMemcpy(dx, hx, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyHostToDevice));
     CUDA(cudaMemcpy(didx, hidx, sizeof(int64_t) * kTokens * kTopk, cudaMemcpyHostToDevice));
     CUDA(cudaMemcpy(dw, hw, sizeof(float) * kTokens * kTopk, cudaMemcpyHostToDevice));
 
-    memset(&d, 0, sizeof(d));
-    d.size = sizeof(d);
-    d.version = NCCLEP_LL_ARGS_VERSION;
-    d.phases = NCCLEP_PHASE_ALL;
+    INIT_ARGS(d, NCCLEP_LL_ARGS_VERSION);
     d.numTokens = tokens;
     d.hidden = kHidden;
     d.topk = kTopk;
@@ -118,10 +108,7 @@ int main(int argc, char** argv) {
     CHECK(ncclepLLDispatch(group, &d, stream));
 
     /* Identity experts: combine the received rows themselves. */
-    memset(&c, 0, sizeof(c));
-    c.size = sizeof(c);
-    c.version = NCCLEP_LL_ARGS_VERSION;
-    c.phases = NCCLEP_PHASE_ALL;
+    INIT_ARGS(c, NCCLEP_LL_ARGS_VERSION);
     c.numTokens = tokens;
     c.hidden = kHidden;
     c.expertOut = drecv;
@@ -132,11 +119,7 @@ int main(int argc, char** argv) {
     c.out = dy;
     CHECK(ncclepLLCombine(group, &c, stream));
     CUDA(cudaStreamSynchronize(stream));
-    CHECK(ncclepGroupGetDeviceError(group, &derr));
-    if (derr.code != 0) {
-      fprintf(stderr, "[rank %d] device error %d (phase %d, peer %d)\n", rank, derr.code, derr.phase, derr.peer);
-      goto done;
-    }
+    if (deviceErrorReported(group, rank)) goto done;
     CUDA(cudaMemcpy(hcounts, dcounts, sizeof(hcounts), cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hrecv, drecv, sizeof(uint16_t) * (size_t)kExpertsPerRank * rows * kHidden,
                     cudaMemcpyDeviceToHost));
