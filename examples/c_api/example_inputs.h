@@ -49,6 +49,40 @@ static void fillInputs(int round, int r, int numExperts, uint16_t* x, int64_t* i
   }
 }
 
+/* Picks this rank's GPU, makes a stream, and creates the group for the examples' sizes. */
+static int openExampleGroup(int mode, ncclepUniqueId id, int size, int r, int localRank, ncclepGroup_t* group,
+                            cudaStream_t* stream) {
+  ncclepGroupConfig_t config = NCCLEP_GROUP_CONFIG_INITIALIZER;
+  int devices = 0;
+  ncclepResult_t res;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0 ||
+      cudaSetDevice(localRank % devices) != cudaSuccess || cudaStreamCreate(stream) != cudaSuccess) {
+    fprintf(stderr, "[rank %d] no usable CUDA device\n", r);
+    return -1;
+  }
+  config.mode = mode;
+  config.numExperts = kExpertsPerRank * size;
+  config.maxTokensPerRank = kTokens;
+  config.hidden = kHidden;
+  config.maxTopk = kTopk;
+  config.timeoutSeconds = 30.0;
+  res = ncclepGroupCreate(group, id, size, r, localRank % devices, &config);
+  if (res != ncclepSuccess) {
+    fprintf(stderr, "[rank %d] ncclepGroupCreate: %s\n  %s\n", r, ncclepGetErrorString(res), ncclepGetLastError());
+    return -1;
+  }
+  return 0;
+}
+
+/* Copies this rank's inputs (x, top-k ids, weights) to the device. */
+static cudaError_t copyInputs(void* dx, void* didx, void* dw, const uint16_t* hx, const int64_t* hidx,
+                              const float* hw) {
+  cudaError_t e = cudaMemcpy(dx, hx, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyHostToDevice);
+  if (e == cudaSuccess) e = cudaMemcpy(didx, hidx, sizeof(int64_t) * kTokens * kTopk, cudaMemcpyHostToDevice);
+  if (e == cudaSuccess) e = cudaMemcpy(dw, hw, sizeof(float) * kTokens * kTopk, cudaMemcpyHostToDevice);
+  return e;
+}
+
 /* After a synchronised call: prints and returns nonzero if a kernel reported an error. */
 static int deviceErrorReported(ncclepGroup_t group, int r) {
   ncclepDeviceError_t derr;

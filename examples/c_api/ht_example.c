@@ -41,12 +41,11 @@ static float weightOf(int round, int r, int b, int k) { return (float)(1 + (r + 
 
 int main(int argc, char** argv) {
   int size = envInt("OMPI_COMM_WORLD_SIZE", 1), localRank = envInt("OMPI_COMM_WORLD_LOCAL_RANK", 0);
-  int status = 1, wroteId = 0, devices = 0, round;
+  int status = 1, wroteId = 0, round;
   const int numExperts = kExpertsPerRank * size;
   long long rows = 0;
   ncclepGroup_t group = NULL;
   ncclepUniqueId id;
-  ncclepGroupConfig_t config = NCCLEP_GROUP_CONFIG_INITIALIZER;
   uint16_t *hx = NULL, *hy = NULL, *hrecv = NULL;
   int64_t* hidx = NULL;
   float *hw = NULL, *hrw = NULL;
@@ -66,16 +65,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (shareUniqueId(rank, argv[1], &id, &wroteId) != 0) return 1;
-  CUDA(cudaGetDeviceCount(&devices));
-  CUDA(cudaSetDevice(localRank % devices));
-  CUDA(cudaStreamCreate(&stream));
-  config.mode = NCCLEP_MODE_HT;
-  config.numExperts = numExperts;
-  config.maxTokensPerRank = kTokens;
-  config.hidden = kHidden;
-  config.maxTopk = kTopk;
-  config.timeoutSeconds = 30.0;
-  CHECK(ncclepGroupCreate(&group, id, size, rank, localRank % devices, &config));
+  if (openExampleGroup(NCCLEP_MODE_HT, id, size, rank, localRank, &group, &stream) != 0) goto done;
   CHECK(ncclepHTNumRows(group, kTopk, NCCLEP_HT_LAYOUT_FLAT, 1, &rows));
 
   hx = malloc(sizeof(uint16_t) * kTokens * kHidden);
@@ -108,9 +98,7 @@ int main(int argc, char** argv) {
     fillInputs(round, rank, numExperts, hx, hidx);
     for (b = 0; b < tokens; ++b)
       for (k = 0; k < kTopk; ++k) hw[b * kTopk + k] = weightOf(round, rank, b, k);
-    CUDA(cudaMemcpy(dx, hx, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(didx, hidx, sizeof(int64_t) * kTokens * kTopk, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(dw, hw, sizeof(float) * kTokens * kTopk, cudaMemcpyHostToDevice));
+    CUDA(copyInputs(dx, didx, dw, hx, hidx, hw));
 
     INIT_ARGS(d, NCCLEP_HT_ARGS_VERSION);
     d.numTokens = tokens;

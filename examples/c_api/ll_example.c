@@ -28,11 +28,10 @@ static int rank = -1;
 
 int main(int argc, char** argv) {
   int size = envInt("OMPI_COMM_WORLD_SIZE", 1), localRank = envInt("OMPI_COMM_WORLD_LOCAL_RANK", 0);
-  int status = 1, wroteId = 0, devices = 0, round;
+  int status = 1, wroteId = 0, round;
   const int numExperts = kExpertsPerRank * size, rows = size * kTokens;
   ncclepGroup_t group = NULL;
   ncclepUniqueId id;
-  ncclepGroupConfig_t config = NCCLEP_GROUP_CONFIG_INITIALIZER;
   uint16_t *hx = NULL, *hy = NULL, *hrecv = NULL;
   int64_t* hidx = NULL;
   float* hw = NULL;
@@ -48,16 +47,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (shareUniqueId(rank, argv[1], &id, &wroteId) != 0) return 1;
-  CUDA(cudaGetDeviceCount(&devices));
-  CUDA(cudaSetDevice(localRank % devices));
-  CUDA(cudaStreamCreate(&stream));
-  config.mode = NCCLEP_MODE_LL;
-  config.numExperts = numExperts;
-  config.maxTokensPerRank = kTokens;
-  config.hidden = kHidden;
-  config.maxTopk = kTopk;
-  config.timeoutSeconds = 30.0;
-  CHECK(ncclepGroupCreate(&group, id, size, rank, localRank % devices, &config));
+  if (openExampleGroup(NCCLEP_MODE_LL, id, size, rank, localRank, &group, &stream) != 0) goto done;
 
   hx = malloc(sizeof(uint16_t) * kTokens * kHidden);
   hy = malloc(sizeof(uint16_t) * kTokens * kHidden);
@@ -87,9 +77,7 @@ int main(int argc, char** argv) {
       for (k = 0; k < kTopk; ++k) valid += hidx[b * kTopk + k] >= 0;
       for (k = 0; k < kTopk; ++k) hw[b * kTopk + k] = hidx[b * kTopk + k] >= 0 ? 1.0f / (float)valid : 0.0f;
     }
-    CUDA(cudaMemcpy(dx, hx, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(didx, hidx, sizeof(int64_t) * kTokens * kTopk, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(dw, hw, sizeof(float) * kTokens * kTopk, cudaMemcpyHostToDevice));
+    CUDA(copyInputs(dx, didx, dw, hx, hidx, hw));
 
     INIT_ARGS(d, NCCLEP_LL_ARGS_VERSION);
     d.numTokens = tokens;
