@@ -99,8 +99,40 @@ def weight_and_reduce(
     return values.sum(dim=1).to(fused_expert_output.dtype)
 
 
-class NcclepLLPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+class _NcclepPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+    """What the LL and HT classes share: the group (vLLM calls it ``buffer``, as DeepEP's), one
+    in-flight dispatch per micro-batch, and the answers to vLLM's capability questions."""
+
+    mode: str
+
+    def __init__(self, buffer: Group, num_dispatchers: int) -> None:
+        super().__init__()
+        if buffer.mode != self.mode:
+            raise ValueError(f"{type(self).__name__} needs an {self.mode.upper()} group, got {buffer!r}")
+        self.group = buffer
+        self.buffer = buffer
+        self.num_dispatchers_ = num_dispatchers
+        # One dispatch per micro-batch (vLLM's dual-batch overlap runs two).
+        self.handles: list[Any] = [None, None]
+
+    def num_dispatchers(self) -> int:
+        return self.num_dispatchers_
+
+    def output_is_reduced(self) -> bool:
+        return True
+
+    def topk_indices_dtype(self) -> torch.dtype | None:
+        return torch.int64
+
+    def supports_async(self) -> bool:
+        return True
+
+
+class NcclepLLPrepareAndFinalize(_NcclepPrepareAndFinalize):
     """Prepare/finalize over ncclep LL (``Group(mode="ll")``); replaces ``DeepEPLLPrepareAndFinalize``."""
+
+    mode = "ll"
+    handles: list[Pending[LLDispatchOutput] | None]
 
     @staticmethod
     def maybe_roundup_layer_hidden_size(hidden_size: int) -> int:
@@ -117,22 +149,15 @@ class NcclepLLPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         physical_to_global: torch.Tensor | None = None,
         local_expert_global_ids: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        if buffer.mode != "ll":
-            raise ValueError(f"NcclepLLPrepareAndFinalize needs an LL group, got {buffer!r}")
+        super().__init__(buffer, num_dispatchers)
         if max_tokens_per_rank > buffer.max_tokens_per_rank:
             raise ValueError(
                 f"max_tokens_per_rank={max_tokens_per_rank} exceeds the group's {buffer.max_tokens_per_rank}"
             )
-        self.group = buffer
-        self.buffer = buffer
         # The batched rows are sized by the group: [L, R*T, H] with T its max_tokens_per_rank.
         self.max_tokens_per_rank = buffer.max_tokens_per_rank
         self.use_fp8_dispatch = use_fp8_dispatch
         self.use_ue8m0_dispatch = False
-        self.num_dispatchers_ = num_dispatchers
-        # One dispatch per micro-batch (vLLM's dual-batch overlap runs two).
-        self.handles: list[Pending[LLDispatchOutput] | None] = [None, None]
         self.global_to_physical = None if global_to_physical is None else global_to_physical.long()
         self.physical_to_global = None if physical_to_global is None else physical_to_global.long()
         self.local_expert_global_ids = (
@@ -151,24 +176,12 @@ class NcclepLLPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                 f"{fused_experts.__class__.__name__} takes quantized ones."
             )
 
-    def num_dispatchers(self) -> int:
-        return self.num_dispatchers_
-
-    def output_is_reduced(self) -> bool:
-        return True
-
     @property
     def activation_format(self) -> mk.FusedMoEActivationFormat:
         return mk.FusedMoEActivationFormat.BatchedExperts
 
     def max_num_tokens_per_rank(self) -> int | None:
         return self.max_tokens_per_rank
-
-    def topk_indices_dtype(self) -> torch.dtype | None:
-        return torch.int64
-
-    def supports_async(self) -> bool:
-        return True
 
     def _map_global_to_physical_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.global_to_physical is None:
@@ -334,9 +347,12 @@ class NcclepLLPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         self._finalize(output, fused_expert_output, weight_and_reduce_impl, False)
 
 
-class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
     """Prepare/finalize over ncclep HT (``Group(mode="ht")``, flat layout); replaces
     ``DeepEPHTPrepareAndFinalize``."""
+
+    mode = "ht"
+    handles: list[tuple[Any, torch.Tensor] | None]
 
     @staticmethod
     def maybe_roundup_layer_hidden_size(hidden_size: int, dtype: torch.dtype) -> int:
@@ -344,21 +360,9 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         return (hidden_size + 7) // 8 * 8
 
     def __init__(self, buffer: Group, num_dispatchers: int, dp_size: int, rank_expert_offset: int) -> None:
-        super().__init__()
-        if buffer.mode != "ht":
-            raise ValueError(f"NcclepHTPrepareAndFinalize needs an HT group, got {buffer!r}")
-        self.group = buffer
-        self.buffer = buffer
-        self.num_dispatchers_ = num_dispatchers
+        super().__init__(buffer, num_dispatchers)
         self.dp_size = dp_size
         self.rank_expert_offset = rank_expert_offset
-        self.handles: list[tuple[Any, torch.Tensor] | None] = [None, None]
-
-    def num_dispatchers(self) -> int:
-        return self.num_dispatchers_
-
-    def output_is_reduced(self) -> bool:
-        return True
 
     @property
     def activation_format(self) -> mk.FusedMoEActivationFormat:
@@ -366,12 +370,6 @@ class NcclepHTPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
 
     def max_num_tokens_per_rank(self) -> int | None:
         return None
-
-    def topk_indices_dtype(self) -> torch.dtype | None:
-        return torch.int64
-
-    def supports_async(self) -> bool:
-        return True
 
     def prepare_async(
         self,
