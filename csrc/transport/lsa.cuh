@@ -1,5 +1,5 @@
 // LSA transport: peers in our NVLink team, reached by loads and stores through the symmetric
-// window (ncclGetLsaPointer), signals added with release semantics and read with acquire loads.
+// window (ncclGetLsaPointer), signals stored or added with release semantics (waits: Peers).
 #pragma once
 
 #include <cstddef>
@@ -36,29 +36,6 @@ struct Lsa {
   // Adds to a monotonic counter in the peer's window, with the same release semantics.
   __device__ __forceinline__ void signalAdd(int peer, size_t offset, uint64_t value) const {
     device::addRelease(peerPtr<uint64_t>(peer, offset), value);
-  }
-
-  // Waits until the word at `ptr` (ours or a peer's) has `epoch` in its upper 32 bits; returns the
-  // word, or reports a timeout (phase, peer) and returns 0. Epochs start at 1, so 0 never matches.
-  __device__ __forceinline__ uint64_t waitEpoch(const uint64_t* ptr, uint32_t epoch, uint64_t timeoutNs,
-                                                const device::ErrorSink& err, int phase, int peer) const {
-    uint64_t start = device::globalTimerNs();
-    while (true) {
-      uint64_t v = device::loadAcquire(ptr);
-      if (uint32_t(v >> 32) == epoch) return v;
-      if (device::hasError(err)) return 0;
-      if (device::globalTimerNs() - start > timeoutNs) {
-        device::reportError(err, kDeviceTimeout, phase, peer, int32_t(epoch));
-        return 0;
-      }
-    }
-  }
-
-  // Waits until the counter at `ptr` reaches at least `target`.
-  __device__ __forceinline__ bool waitAtLeast(const uint64_t* ptr, uint64_t target, uint64_t timeoutNs,
-                                              const device::ErrorSink& err, int phase, int peer) const {
-    return device::waitUntil([&] { return device::loadAcquire(ptr) >= target; }, timeoutNs, err, phase, peer,
-                             int32_t(target));
   }
 };
 
