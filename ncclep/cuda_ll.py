@@ -13,12 +13,10 @@ import torch
 
 from . import fp8
 from .config import GroupConfig
-from .errors import CommError, InvalidArgument
+from .device_errors import raise_device_error
 from .handles import LLDispatchOutput, LLHandle
 
 PHASE_SEND, PHASE_RECV, PHASE_ALL = 1, 2, 3
-ERROR_TIMEOUT, ERROR_BAD_EXPERT, ERROR_DUPLICATE_EXPERT = 1, 2, 3
-PHASE_NAMES = {1: "ll_dispatch send", 2: "ll_dispatch receive", 3: "ll_combine send", 4: "ll_combine receive"}
 
 
 @dataclass
@@ -45,31 +43,7 @@ class CudaLL:
 
     def raise_device_error(self) -> None:
         """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
-        err = self.comm.device_error()
-        if err is None:
-            return
-        code, phase, peer, value = err
-        where = PHASE_NAMES.get(phase, f"phase {phase}")
-        if code == ERROR_BAD_EXPERT:
-            raise InvalidArgument(
-                f"topk_idx of an earlier {where} held expert id {value}; ids must be -1 or in "
-                f"[0, {self.cfg.num_experts}) (that call treated it as -1)"
-            )
-        if code == ERROR_DUPLICATE_EXPERT:
-            raise InvalidArgument(
-                f"topk_idx row {value} of an earlier {where} named the same expert twice "
-                "(that call kept the first)"
-            )
-        if code == ERROR_TIMEOUT:
-            raise CommError(
-                f"{where}: rank {self.rank} waited past the {self.cfg.timeout_s} s deadline for rank {peer}",
-                phase=where,
-                rank=self.rank,
-                peer=peer,
-            )
-        raise CommError(
-            f"{where}: device error code {code} (peer {peer}, value {value})", phase=where, peer=peer
-        )
+        raise_device_error(self.comm, self.cfg, self.rank)
 
     def _stream(self, device: torch.device) -> int:
         return torch.cuda.current_stream(device).cuda_stream

@@ -225,6 +225,7 @@ class Group:
             cfg.max_topk,
             cfg.num_sms or 0,
             cfg.timeout_s,
+            virtual_nodes=_virtual_nodes(),
         )
         self._native_info = dict(self._native.info())
 

@@ -42,7 +42,8 @@ if [ -z "${SKIP_MPI:-}" ] && command -v mpirun >/dev/null; then
   rm -f "$OUT/mpi_results.json"
   { echo "--- C API example"; make -s -C examples/c_api -j8 && \
     mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE examples/c_api/build/bringup /tmp/ncclep_id.$$ && \
-    mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE examples/c_api/build/ll_example /tmp/ncclep_ll.$$; } \
+    mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE examples/c_api/build/ll_example /tmp/ncclep_ll.$$ && \
+    mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE examples/c_api/build/ht_example /tmp/ncclep_ht.$$; } \
     >>"$OUT/mpi.log" 2>&1 || status=1
   tail -12 "$OUT/mpi.log"
 fi

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,46 @@ def gpu_pool(world_size: int) -> DistPool:
     if not ncclep.cuda_extension_available():
         pytest.skip("needs the ncclep CUDA extension (pip install -e . on a CUDA host)")
     return pool(world_size, "nccl")
+
+
+def peer_skips_a_call(group: Any, call: Callable[[], object]) -> str:
+    """Worker side of the timeout tests: one complete ``call``, then rank 1 skips the next one;
+    returns what rank 0 saw (``CommError peer=.. phase=..`` expected) or ``skipped`` on rank 1."""
+    import torch.distributed as dist
+
+    import ncclep
+
+    call()
+    group.check()
+    if dist.get_rank() == 1:
+        return "skipped"
+    call()
+    try:
+        group.check()
+    except ncclep.CommError as exc:
+        return f"CommError peer={exc.peer} phase={exc.phase}"
+    return "no error"
+
+
+def assert_peer_timeout_reported(worker: Callable[[], str]) -> None:
+    """Runs ``worker`` (which calls :func:`peer_skips_a_call`) on 2 GPUs in processes of its own
+    (the group is left broken) and checks that rank 0 named rank 1."""
+    import os
+
+    import torch
+
+    import ncclep
+
+    if torch.cuda.device_count() < 2 or not ncclep.cuda_extension_available():
+        pytest.skip("needs 2 GPUs and the extension")
+    isolated = DistPool(2, "nccl")
+    try:
+        results = isolated.run(worker)
+    finally:
+        isolated.close()
+    assert results[1] == "skipped"
+    assert results[0].startswith("CommError peer=1"), results[0]
+    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
 
 
 @pytest.fixture(scope="session")

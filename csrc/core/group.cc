@@ -185,7 +185,10 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->numSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
   if (g->config.numSms > 0 && g->config.numSms < g->numSms) g->numSms = g->config.numSms;
-  if (const char* v = std::getenv("NCCLEP_VIRTUAL_NODES")) {
+  // The config's virtualNodes wins; C programs may also set NCCLEP_VIRTUAL_NODES.
+  if (g->config.virtualNodes > 1) {
+    g->virtualNodes = g->config.virtualNodes;
+  } else if (const char* v = std::getenv("NCCLEP_VIRTUAL_NODES")) {
     char* end = nullptr;
     const long n = std::strtol(v, &end, 10);
     if (end == v || *end != '\0' || n < 1 || n > g->nRanks)

@@ -5,33 +5,14 @@
 
 #include "core/errors.h"
 #include "core/group.h"
+#include "core/ops_common.h"
 #include "kernels/ht/ht_params.h"
 
 namespace ncclep {
 namespace {
 
-#define NCCLEP_REQUIRE(cond, ...) \
-  do {                            \
-    if (!(cond)) return ncclep::setError(ncclepInvalidArgument, __VA_ARGS__); \
-  } while (0)
-
-// Refuses calls on a group whose protocol state can no longer be trusted (a wait timed out), and
-// groups the HT kernels cannot serve.
 ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
-  if (g == nullptr) return setError(ncclepInvalidArgument, "%s: group is NULL", call);
-  if (g->broken) return setError(ncclepInvalidUsage, "%s: the group is broken (an earlier wait timed out)", call);
-  const volatile DeviceError* word = g->errorHost;
-  const DeviceError e{word->code, word->phase, word->peer, word->value};
-  if (e.code == kDeviceTimeout || e.code == kDeviceProtocol) {
-    g->broken = true;
-    return setError(ncclepTimeout, "%s: an earlier call's wait timed out (phase %d, peer %d): the group can only be destroyed",
-                    call, e.phase, e.peer);
-  }
-  if (g->config.mode != NCCLEP_MODE_HT)
-    return setError(ncclepInvalidUsage, "%s: the group was created for LL mode", call);
-  if (!g->devCommCreated)
-    return setError(ncclepUnsupported, "%s: the NCCL device API is unavailable on this group: %s", call,
-                    g->deviceApiError.c_str());
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   if (g->nLsaTeams != 1)
     return setError(ncclepUnsupported, "%s: the HT kernels reach peers in one NVLink (LSA) team only", call);
   const int localExperts = g->config.numExperts / g->nRanks;

@@ -3,27 +3,15 @@
 
 #include "core/errors.h"
 #include "core/group.h"
+#include "core/ops_common.h"
 #include "kernels/ll/ll_params.h"
 
 namespace ncclep {
 namespace {
 
-// Refuses calls on a group whose protocol state can no longer be trusted (a wait timed out).
+// The common checks, then what the LL kernels cannot serve.
 ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
-  if (g == nullptr) return setError(ncclepInvalidArgument, "%s: group is NULL", call);
-  if (g->broken) return setError(ncclepInvalidUsage, "%s: the group is broken (an earlier wait timed out)", call);
-  const volatile DeviceError* word = g->errorHost;
-  const DeviceError e{word->code, word->phase, word->peer, word->value};
-  if (e.code == kDeviceTimeout || e.code == kDeviceProtocol) {
-    g->broken = true;
-    return setError(ncclepTimeout, "%s: an earlier call's wait timed out (phase %d, peer %d): the group can only be destroyed",
-                    call, e.phase, e.peer);
-  }
-  if (g->config.mode != NCCLEP_MODE_LL)
-    return setError(ncclepInvalidUsage, "%s: the group was created for HT mode", call);
-  if (!g->devCommCreated)
-    return setError(ncclepUnsupported, "%s: the NCCL device API is unavailable on this group: %s", call,
-                    g->deviceApiError.c_str());
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   if (g->nLsaTeams > 1 && !g->ginEnabled)
     return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need GIN, which NCCL did not enable",
                     call);
@@ -64,11 +52,6 @@ LLCommon common(const ncclepGroup* g) {
   c.devComm = g->devComm;
   return c;
 }
-
-#define NCCLEP_REQUIRE(cond, ...) \
-  do {                            \
-    if (!(cond)) return ncclep::setError(ncclepInvalidArgument, __VA_ARGS__); \
-  } while (0)
 
 }  // namespace
 }  // namespace ncclep

@@ -75,7 +75,9 @@ typedef struct ncclepGroupConfig_v1 {
   int numSms;           /* SMs the kernels may use; 0 = library default */
   double timeoutSeconds;/* deadline of every device-side (and host-side) wait; > 0 */
   size_t windowBytes;   /* symmetric window size; 0 = the buffer plan's; else >= the plan, rounded up to 2 MiB */
-  int virtualNodes;     /* 0 or 1 = off; n > 1 reserved for the emulated network transport */
+  int virtualNodes;     /* 0 or 1 = off (then NCCLEP_VIRTUAL_NODES is read); n > 1 splits the
+                           NVLink team into n virtual nodes: peers on other ones take the
+                           network path, emulated over LSA */
 } ncclepGroupConfig_t;
 
 #define NCCLEP_GROUP_CONFIG_INITIALIZER {                                  \

@@ -20,6 +20,16 @@ namespace py = pybind11;
 
 namespace {
 
+// A versioned args struct of the C API, zeroed, with its size and version set.
+template <typename Args>
+Args zeroedArgs(unsigned version) {
+  Args a;
+  std::memset(&a, 0, sizeof(a));
+  a.size = sizeof(a);
+  a.version = version;
+  return a;
+}
+
 [[noreturn]] void raise(ncclepResult_t res) {
   std::string msg = ncclepGetLastError();
   if (msg.empty()) msg = "no detail";
@@ -147,10 +157,7 @@ class Communicator {
                   uintptr_t topkWeights, bool useFp8, bool ue8m0, uintptr_t recvX, uintptr_t recvScales,
                   uintptr_t expertCounts, uintptr_t sendSlots, uintptr_t recvRows, uintptr_t recvWeights,
                   uintptr_t recvSlotCounts, uintptr_t stream, uintptr_t trace) {
-    ncclepLLDispatchArgs_t a;
-    std::memset(&a, 0, sizeof(a));
-    a.size = sizeof(a);
-    a.version = NCCLEP_LL_ARGS_VERSION;
+    auto a = zeroedArgs<ncclepLLDispatchArgs_t>(NCCLEP_LL_ARGS_VERSION);
     a.phases = phases;
     a.numTokens = numTokens;
     a.hidden = hidden;
@@ -175,10 +182,7 @@ class Communicator {
 
   void llCombine(int phases, int numTokens, int hidden, uintptr_t expertOut, uintptr_t sendSlots, uintptr_t recvRows,
                  uintptr_t recvWeights, uintptr_t recvSlotCounts, uintptr_t out, uintptr_t stream) {
-    ncclepLLCombineArgs_t a;
-    std::memset(&a, 0, sizeof(a));
-    a.size = sizeof(a);
-    a.version = NCCLEP_LL_ARGS_VERSION;
+    auto a = zeroedArgs<ncclepLLCombineArgs_t>(NCCLEP_LL_ARGS_VERSION);
     a.phases = phases;
     a.numTokens = numTokens;
     a.hidden = hidden;
@@ -198,10 +202,7 @@ class Communicator {
                   long long numRows, uintptr_t recvX, uintptr_t recvScales, uintptr_t recvTopkIdx,
                   uintptr_t recvTopkWeights, uintptr_t numRecv, uintptr_t expertCounts, uintptr_t sendPos,
                   uintptr_t recvSlot, uintptr_t recvCounts, uintptr_t stream) {
-    ncclepHTDispatchArgs_t a;
-    std::memset(&a, 0, sizeof(a));
-    a.size = sizeof(a);
-    a.version = NCCLEP_HT_ARGS_VERSION;
+    auto a = zeroedArgs<ncclepHTDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
     a.numTokens = numTokens;
     a.hidden = hidden;
@@ -232,10 +233,7 @@ class Communicator {
   void htCombine(int numTokens, int hidden, int topk, long long numRows, uintptr_t x, uintptr_t topkWeights,
                  uintptr_t sendPos, uintptr_t recvSlot, uintptr_t recvCounts, uintptr_t recvTopkIdx, uintptr_t out,
                  uintptr_t outWeights, uintptr_t stream) {
-    ncclepHTCombineArgs_t a;
-    std::memset(&a, 0, sizeof(a));
-    a.size = sizeof(a);
-    a.version = NCCLEP_HT_ARGS_VERSION;
+    auto a = zeroedArgs<ncclepHTCombineArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
     a.numTokens = numTokens;
     a.hidden = hidden;
@@ -255,10 +253,7 @@ class Communicator {
 
   void htDispatchCached(int numTokens, int rowBytes, long long numRows, uintptr_t x, uintptr_t sendPos,
                         uintptr_t recvSlot, uintptr_t out, uintptr_t stream) {
-    ncclepHTCachedDispatchArgs_t a;
-    std::memset(&a, 0, sizeof(a));
-    a.size = sizeof(a);
-    a.version = NCCLEP_HT_ARGS_VERSION;
+    auto a = zeroedArgs<ncclepHTCachedDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
     a.numTokens = numTokens;
     a.rowBytes = rowBytes;

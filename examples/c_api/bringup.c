@@ -25,16 +25,6 @@ static int rank = -1;
 
 #include "example_bootstrap.h"
 
-#define CHECK(call)                                                                          \
-  do {                                                                                       \
-    ncclepResult_t res_ = (call);                                                            \
-    if (res_ != ncclepSuccess) {                                                             \
-      fprintf(stderr, "[rank %d] %s: %s\n  %s\n", rank, #call, ncclepGetErrorString(res_),   \
-              ncclepGetLastError());                                                         \
-      goto done;                                                                             \
-    }                                                                                        \
-  } while (0)
-
 int main(int argc, char** argv) {
   int status = 1, nRanks, device, i, ok, wroteId = 0;
   ncclepUniqueId id;
@@ -50,17 +40,7 @@ int main(int argc, char** argv) {
   nRanks = envInt("OMPI_COMM_WORLD_SIZE", envInt("WORLD_SIZE", 1));
   device = envInt("OMPI_COMM_WORLD_LOCAL_RANK", envInt("LOCAL_RANK", rank));
 
-  if (rank == 0) {
-    CHECK(ncclepGetUniqueId(&id));
-    if (writeId(argv[1], &id) != 0) {
-      fprintf(stderr, "[rank 0] cannot write the unique id to %s\n", argv[1]);
-      return 1;
-    }
-    wroteId = 1;
-  } else if (readId(argv[1], &id, 120000) != 0) {
-    fprintf(stderr, "[rank %d] no unique id in %s after 120 s\n", rank, argv[1]);
-    return 1;
-  }
+  if (shareUniqueId(rank, argv[1], &id, &wroteId) != 0) return 1;
 
   config.mode = NCCLEP_MODE_LL;
   config.numExperts = 32 * nRanks;

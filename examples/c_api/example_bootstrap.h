@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,5 +50,52 @@ static int readId(const char* path, ncclepUniqueId* id, int timeoutMs) {
   }
   return -1;
 }
+
+/* Rank 0 creates the unique id and writes it to `path`; the others wait for it there. */
+static int shareUniqueId(int myRank, const char* path, ncclepUniqueId* id, int* wroteId) {
+  if (myRank == 0) {
+    if (ncclepGetUniqueId(id) != ncclepSuccess || writeId(path, id) != 0) {
+      fprintf(stderr, "[rank 0] cannot create or write the unique id to %s\n", path);
+      return -1;
+    }
+    *wroteId = 1;
+    return 0;
+  }
+  if (readId(path, id, 120000) != 0) {
+    fprintf(stderr, "[rank %d] no unique id in %s\n", myRank, path);
+    return -1;
+  }
+  return 0;
+}
+
+/* A versioned args struct of the C API, zeroed, for a whole call (both phases). */
+#define INIT_ARGS(a, argsVersion)   \
+  do {                              \
+    memset(&(a), 0, sizeof(a));     \
+    (a).size = sizeof(a);           \
+    (a).version = (argsVersion);    \
+    (a).phases = NCCLEP_PHASE_ALL;  \
+  } while (0)
+
+/* CHECK / CUDA: on failure, print the call and jump to the caller's `done:` label (`rank` must be
+ * in scope). */
+#define CHECK(call)                                                                          \
+  do {                                                                                       \
+    ncclepResult_t res_ = (call);                                                            \
+    if (res_ != ncclepSuccess) {                                                             \
+      fprintf(stderr, "[rank %d] %s: %s\n  %s\n", rank, #call, ncclepGetErrorString(res_),   \
+              ncclepGetLastError());                                                         \
+      goto done;                                                                             \
+    }                                                                                        \
+  } while (0)
+
+#define CUDA(call)                                                                           \
+  do {                                                                                       \
+    cudaError_t err_ = (call);                                                               \
+    if (err_ != cudaSuccess) {                                                               \
+      fprintf(stderr, "[rank %d] %s: %s\n", rank, #call, cudaGetErrorString(err_));           \
+      goto done;                                                                             \
+    }                                                                                        \
+  } while (0)
 
 #endif /* NCCLEP_EXAMPLE_BOOTSTRAP_H_ */

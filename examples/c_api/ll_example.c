@@ -24,62 +24,14 @@
 static int rank = -1;
 
 #include "example_bootstrap.h"
-
-enum { kTokens = 48, kHidden = 1024, kTopk = 4, kExpertsPerRank = 4, kRounds = 2 };
-
-/* bf16 from float, round to nearest even (inputs here are finite). */
-static uint16_t toBf16(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, 4);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
-
-static float fromBf16(uint16_t h) {
-  uint32_t bits = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
-/* Token b of rank r in round `round`: its channels and its experts. */
-static uint16_t inputValue(int round, int r, int b, int h) {
-  return toBf16((float)((r * 131 + b * 17 + h * 7 + round * 5) % 257) / 64.0f - 2.0f);
-}
-
-static int tokensOf(int round, int r) { return (r + round) % 3 == 1 ? 0 : kTokens - 5 * r; }
-
-static int64_t expertOf(int round, int r, int b, int k, int numExperts) {
-  if ((b + k + round) % 7 == 3) return -1; /* some choices are masked */
-  return (int64_t)((r * 13 + b * 5 + round + k) % numExperts);
-}
-
-#define CHECK(call)                                                                          \
-  do {                                                                                       \
-    ncclepResult_t res_ = (call);                                                            \
-    if (res_ != ncclepSuccess) {                                                             \
-      fprintf(stderr, "[rank %d] %s: %s\n  %s\n", rank, #call, ncclepGetErrorString(res_),   \
-              ncclepGetLastError());                                                         \
-      goto done;                                                                             \
-    }                                                                                        \
-  } while (0)
-
-#define CUDA(call)                                                                           \
-  do {                                                                                       \
-    cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess) {                                                               \
-      fprintf(stderr, "[rank %d] %s: %s\n", rank, #call, cudaGetErrorString(err_));           \
-      goto done;                                                                             \
-    }                                                                                        \
-  } while (0)
+#include "example_inputs.h"
 
 int main(int argc, char** argv) {
   int size = envInt("OMPI_COMM_WORLD_SIZE", 1), localRank = envInt("OMPI_COMM_WORLD_LOCAL_RANK", 0);
-  int status = 1, wroteId = 0, devices = 0, round;
+  int status = 1, wroteId = 0, round;
   const int numExperts = kExpertsPerRank * size, rows = size * kTokens;
   ncclepGroup_t group = NULL;
   ncclepUniqueId id;
-  ncclepGroupConfig_t config = NCCLEP_GROUP_CONFIG_INITIALIZER;
   uint16_t *hx = NULL, *hy = NULL, *hrecv = NULL;
   int64_t* hidx = NULL;
   float* hw = NULL;
@@ -94,23 +46,8 @@ int main(int argc, char** argv) {
     fprintf(stderr, "usage: mpirun -np N %s <unique-id file path (must not exist)>\n", argv[0]);
     return 2;
   }
-  if (rank == 0) {
-    if (ncclepGetUniqueId(&id) != ncclepSuccess || writeId(argv[1], &id) != 0) return 1;
-    wroteId = 1;
-  } else if (readId(argv[1], &id, 120000) != 0) {
-    fprintf(stderr, "[rank %d] no unique id in %s\n", rank, argv[1]);
-    return 1;
-  }
-  CUDA(cudaGetDeviceCount(&devices));
-  CUDA(cudaSetDevice(localRank % devices));
-  CUDA(cudaStreamCreate(&stream));
-  config.mode = NCCLEP_MODE_LL;
-  config.numExperts = numExperts;
-  config.maxTokensPerRank = kTokens;
-  config.hidden = kHidden;
-  config.maxTopk = kTopk;
-  config.timeoutSeconds = 30.0;
-  CHECK(ncclepGroupCreate(&group, id, size, rank, localRank % devices, &config));
+  if (shareUniqueId(rank, argv[1], &id, &wroteId) != 0) return 1;
+  if (openExampleGroup(NCCLEP_MODE_LL, id, size, rank, localRank, &group, &stream) != 0) goto done;
 
   hx = malloc(sizeof(uint16_t) * kTokens * kHidden);
   hy = malloc(sizeof(uint16_t) * kTokens * kHidden);
@@ -134,21 +71,15 @@ int main(int argc, char** argv) {
     int b, h, k, e, r;
     ncclepLLDispatchArgs_t d;
     ncclepLLCombineArgs_t c;
-    ncclepDeviceError_t derr;
+    fillInputs(round, rank, numExperts, hx, hidx);
     for (b = 0; b < tokens; ++b) {
       int valid = 0;
-      for (h = 0; h < kHidden; ++h) hx[b * kHidden + h] = inputValue(round, rank, b, h);
-      for (k = 0; k < kTopk; ++k) valid += (hidx[b * kTopk + k] = expertOf(round, rank, b, k, numExperts)) >= 0;
+      for (k = 0; k < kTopk; ++k) valid += hidx[b * kTopk + k] >= 0;
       for (k = 0; k < kTopk; ++k) hw[b * kTopk + k] = hidx[b * kTopk + k] >= 0 ? 1.0f / (float)valid : 0.0f;
     }
-    CUDA(cudaMemcpy(dx, hx, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(didx, hidx, sizeof(int64_t) * kTokens * kTopk, cudaMemcpyHostToDevice));
-    CUDA(cudaMemcpy(dw, hw, sizeof(float) * kTokens * kTopk, cudaMemcpyHostToDevice));
+    CUDA(copyInputs(dx, didx, dw, hx, hidx, hw));
 
-    memset(&d, 0, sizeof(d));
-    d.size = sizeof(d);
-    d.version = NCCLEP_LL_ARGS_VERSION;
-    d.phases = NCCLEP_PHASE_ALL;
+    INIT_ARGS(d, NCCLEP_LL_ARGS_VERSION);
     d.numTokens = tokens;
     d.hidden = kHidden;
     d.topk = kTopk;
@@ -165,10 +96,7 @@ int main(int argc, char** argv) {
     CHECK(ncclepLLDispatch(group, &d, stream));
 
     /* Identity experts: combine the received rows themselves. */
-    memset(&c, 0, sizeof(c));
-    c.size = sizeof(c);
-    c.version = NCCLEP_LL_ARGS_VERSION;
-    c.phases = NCCLEP_PHASE_ALL;
+    INIT_ARGS(c, NCCLEP_LL_ARGS_VERSION);
     c.numTokens = tokens;
     c.hidden = kHidden;
     c.expertOut = drecv;
@@ -179,11 +107,7 @@ int main(int argc, char** argv) {
     c.out = dy;
     CHECK(ncclepLLCombine(group, &c, stream));
     CUDA(cudaStreamSynchronize(stream));
-    CHECK(ncclepGroupGetDeviceError(group, &derr));
-    if (derr.code != 0) {
-      fprintf(stderr, "[rank %d] device error %d (phase %d, peer %d)\n", rank, derr.code, derr.phase, derr.peer);
-      goto done;
-    }
+    if (deviceErrorReported(group, rank)) goto done;
     CUDA(cudaMemcpy(hcounts, dcounts, sizeof(hcounts), cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hrecv, drecv, sizeof(uint16_t) * (size_t)kExpertsPerRank * rows * kHidden,
                     cudaMemcpyDeviceToHost));

@@ -9,13 +9,12 @@ order). Every rank makes the same sequence of collective calls in every test.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import gpu_pool
+from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call
 
 import ncclep
 from ncclep import fp8
@@ -366,31 +365,10 @@ def test_ht_bad_expert_reported() -> None:
 
 def _skipped_call() -> str:
     """Rank 1 skips a dispatch: rank 0 must raise CommError naming it, within the timeout."""
-    rank = dist.get_rank()
     group = ncclep.Group(EXPERTS, 64, 256, mode="ht", backend="cuda", timeout_s=2.0)
-    inp = _inputs(torch.Generator().manual_seed(rank), 16, 256, 4, "uniform")
-    group.ht_dispatch(**inp)
-    group.check()  # a complete call first
-    if rank == 1:
-        return "skipped"
-    group.ht_dispatch(**inp)
-    try:
-        group.check()
-    except ncclep.CommError as exc:
-        return f"CommError peer={exc.peer} phase={exc.phase}"
-    return "no error"
+    inp = _inputs(torch.Generator().manual_seed(dist.get_rank()), 16, 256, 4, "uniform")
+    return peer_skips_a_call(group, lambda: group.ht_dispatch(**inp))
 
 
 def test_ht_timeout_names_the_peer() -> None:
-    from dist_pool import DistPool
-
-    if torch.cuda.device_count() < 2 or not ncclep.cuda_extension_available():
-        pytest.skip("needs 2 GPUs and the extension")
-    pool = DistPool(2, "nccl")  # its own processes: the group is left broken
-    try:
-        results = pool.run(_skipped_call)
-    finally:
-        pool.close()
-    assert results[1] == "skipped"
-    assert results[0].startswith("CommError peer=1"), results[0]
-    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
+    assert_peer_timeout_reported(_skipped_call)

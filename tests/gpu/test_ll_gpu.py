@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import gpu_pool
+from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call
 
 import ncclep
 from ncclep.workloads import make_routing
@@ -244,33 +244,11 @@ def test_ll_torch_compile() -> None:
 
 def _skipped_call() -> str:
     """Rank 1 skips a dispatch: rank 0 must raise CommError naming it, within the timeout."""
-    rank = dist.get_rank()
     dev = torch.device("cuda", torch.cuda.current_device())
     group = ncclep.Group(EXPERTS, T, 1024, mode="ll", backend="cuda", timeout_s=2.0)
-    g = torch.Generator().manual_seed(rank)
-    x, idx, w = _inputs(g, 8, 1024, 4, "random", dev)
-    group.ll_dispatch(x, idx, w)
-    group.check()  # a complete call first
-    if rank == 1:
-        return "skipped"
-    group.ll_dispatch(x, idx, w)
-    try:
-        group.check()
-    except ncclep.CommError as exc:
-        return f"CommError peer={exc.peer} phase={exc.phase}"
-    return "no error"
+    x, idx, w = _inputs(torch.Generator().manual_seed(dist.get_rank()), 8, 1024, 4, "random", dev)
+    return peer_skips_a_call(group, lambda: group.ll_dispatch(x, idx, w))
 
 
 def test_ll_timeout_names_the_peer() -> None:
-    from dist_pool import DistPool
-
-    if torch.cuda.device_count() < 2 or not ncclep.cuda_extension_available():
-        pytest.skip("needs 2 GPUs and the extension")
-    pool = DistPool(2, "nccl")  # its own processes: the group is left broken
-    try:
-        results = pool.run(_skipped_call)
-    finally:
-        pool.close()
-    assert results[1] == "skipped"
-    assert results[0].startswith("CommError peer=1"), results[0]
-    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
+    assert_peer_timeout_reported(_skipped_call)

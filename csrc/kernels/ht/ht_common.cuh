@@ -6,6 +6,7 @@
 
 #include <cuda_bf16.h>
 
+#include "common/bf16.cuh"
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_params.h"
@@ -206,25 +207,8 @@ __device__ __forceinline__ void warpZeroBytes(void* dst, int bytes, int lane) {
   }
 }
 
-// acc[0..7] += the 8 bf16 values of v, in fp32.
-__device__ __forceinline__ void addBf16x8(float (&acc)[8], const int4& v) {
-  const uint32_t words[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc[2 * i] += __uint_as_float(words[i] << 16);
-    acc[2 * i + 1] += __uint_as_float(words[i] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ int4 packBf16x8(const float (&acc)[8]) {
-  uint32_t words[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    words[i] = *reinterpret_cast<const uint32_t*>(&h);
-  }
-  return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
-}
+using device::addBf16x8;
+using device::packBf16x8;
 
 // Splits warps into groups serving one stream each (a peer rank): warp w of `warps` serves
 // stream first, first + step, ... and within a stream items h, h + helpers, ...

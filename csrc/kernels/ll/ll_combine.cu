@@ -8,8 +8,7 @@
 // Receive (on the token's rank): wait for every rank's signal, then out[b] = sum over ranks d of
 // the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; the last block
 // acknowledges each rank so it may reuse the parity.
-#include <cuda_bf16.h>
-
+#include "common/bf16.cuh"
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
@@ -27,24 +26,6 @@ struct CombineShared {
   bool last;
 };
 
-__device__ __forceinline__ void accumulate(float (&acc)[8], const int4& v, float w) {
-  const uint32_t words[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc[2 * i] = fmaf(w, __uint_as_float(words[i] << 16), acc[2 * i]);
-    acc[2 * i + 1] = fmaf(w, __uint_as_float(words[i] & 0xffff0000u), acc[2 * i + 1]);
-  }
-}
-
-__device__ __forceinline__ int4 packBf16(const float (&acc)[8]) {
-  uint32_t words[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    words[i] = *reinterpret_cast<const uint32_t*>(&h);
-  }
-  return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
-}
 
 template <class Net>
 __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
@@ -106,11 +87,11 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
         const int4* src = rows + int64_t(rowK[k]) * chunks + i;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
-          if (i + u * 32 < end) accumulate(acc[u], src[u * 32], weightK[k]);
+          if (i + u * 32 < end) device::fmaBf16x8(acc[u], src[u * 32], weightK[k]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (i + u * 32 < end) dst[i + u * 32] = packBf16(acc[u]);
+        if (i + u * 32 < end) dst[i + u * 32] = device::packBf16x8(acc[u]);
     }
     if (lane == 0 && end > begin) atomicAdd(&s.chunksTo[r], end - begin);
     if (peers.viaNet(r) && begin < end) {
@@ -170,9 +151,9 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
         const int slot = sendSlots[d];
         if (slot < 0) continue;
         const int4* src = reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes);
-        accumulate(acc, device::loadCg(src + i), 1.0f);
+        device::fmaBf16x8(acc, device::loadCg(src + i), 1.0f);
       }
-      static_cast<int4*>(p.out)[int64_t(b) * chunks + i] = packBf16(acc);
+      static_cast<int4*>(p.out)[int64_t(b) * chunks + i] = device::packBf16x8(acc);
     }
   }
 

@@ -1,0 +1,19 @@
+// What the LL and HT entry points check before touching a group.
+#pragma once
+
+#include "core/errors.h"
+#include "core/group.h"
+
+#define NCCLEP_REQUIRE(cond, ...)                                             \
+  do {                                                                        \
+    if (!(cond)) return ncclep::setError(ncclepInvalidArgument, __VA_ARGS__); \
+  } while (0)
+
+namespace ncclep {
+
+// Refuses calls on a NULL or broken group (an earlier wait timed out: its protocol state can no
+// longer be trusted, so a timeout recorded on the device breaks it now), on a group made for the
+// other mode, and on one without the NCCL device API.
+ncclepResult_t checkGroupUsable(ncclepGroup* g, int mode, const char* call);
+
+}  // namespace ncclep
