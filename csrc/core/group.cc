@@ -1,6 +1,7 @@
 // Group lifecycle: NCCL communicator, symmetric window, device communicator.
 #include "core/group.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include "core/buffer_plan.h"
 #include "core/config.h"
 #include "core/errors.h"
+#include "kernels/ht/ht_layout.h"
 #include "kernels/ll/ll_layout.h"
 
 namespace ncclep {
@@ -69,8 +71,18 @@ ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cud
     return setError(ncclepInvalidArgument, "ncclepGroupCreate: cudaDevice = %d: must be >= 0", cudaDevice);
   NCCLEP_CHECK(validateConfig(config, nRanks));
 
+  // The HT hierarchical regions are planned for the virtual nodes of the config, else of
+  // NCCLEP_VIRTUAL_NODES (checked again, with an error, when the group is created).
+  int nodes = plannedNodes(*config, nRanks);
+  if (nodes == 1 && config->virtualNodes <= 1) {
+    if (const char* v = std::getenv("NCCLEP_VIRTUAL_NODES")) {
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      if (end != v && *end == '\0' && n > 1 && n <= nRanks && nRanks % n == 0) nodes = int(n);
+    }
+  }
   BufferPlan plan;
-  NCCLEP_CHECK(planBuffers(*config, nRanks, &plan));
+  NCCLEP_CHECK(planBuffers(*config, nRanks, nodes, &plan));
   *planOut = plan;
   if (config->windowBytes == 0) {
     *windowBytes = plan.totalBytes;
@@ -148,7 +160,8 @@ void createDeviceComm(ncclepGroup* g) {
   if (g->nLsaTeams > 1) {
     reqs.ginForceEnable = true;
     reqs.railGinBarrierCount = kernels::kLsaCheckBlocks;
-    reqs.ginSignalCount = kLLSignalKinds * g->nRanks;
+    // LL and HT (hierarchical path) index their signals as kind * nRanks + peer.
+    reqs.ginSignalCount = std::max(int(kLLSignalKinds), int(kHTSignalKinds)) * g->nRanks;
   }
   ncclResult_t res = ncclDevCommCreate(g->comm, &reqs, &g->devComm);
   if (res != ncclSuccess) {
