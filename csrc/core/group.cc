@@ -186,6 +186,42 @@ void createDeviceComm(ncclepGroup* g) {
   g->nodeSize = g->nLsaTeams > 1 ? g->lsaSize : g->lsaSize / g->virtualNodes;
 }
 
+// HT mode across real nodes (several LSA teams): the node count is known only now, after the
+// window was planned (from virtualNodes) and registered. If the HT hierarchical regions were
+// planned for another count, the window is replaced by one planned for nLsaTeams nodes
+// (collective: every rank sees the same topology). A caller-sized window too small for it is
+// kept; the HT calls then refuse with ncclepUnsupported. Not run yet: no multi-node machine.
+ncclepResult_t replanForNodes(ncclepGroup* g) {
+  if (g->config.mode != NCCLEP_MODE_HT || !g->devCommCreated || g->nLsaTeams <= 1 ||
+      g->plan.ht.nodes == g->nLsaTeams)
+    return ncclepSuccess;
+  BufferPlan plan;
+  NCCLEP_CHECK(planBuffers(g->config, g->nRanks, g->nLsaTeams, &plan));
+  if (plan.ht.nodes != g->nLsaTeams) return ncclepSuccess;
+  size_t bytes = plan.totalBytes;
+  if (g->config.windowBytes != 0) {
+    if (g->windowBytes < plan.totalBytes) return ncclepSuccess;
+    bytes = g->windowBytes;
+  }
+  NCCLEP_CUDA_CHECK(cudaDeviceSynchronize(), "cudaDeviceSynchronize before replacing the window");
+  NCCLEP_NCCL_CHECK(ncclCommWindowDeregister(g->comm, g->window), g->comm, "ncclCommWindowDeregister");
+  g->window = nullptr;
+  NCCLEP_NCCL_CHECK(ncclMemFree(g->windowPtr), g->comm, "ncclMemFree");
+  g->windowPtr = nullptr;
+  void* ptr = nullptr;
+  NCCLEP_NCCL_CHECK(ncclMemAlloc(&ptr, bytes), g->comm, "ncclMemAlloc(%zu)", bytes);
+  g->windowPtr = ptr;
+  NCCLEP_CUDA_CHECK(cudaMemset(g->windowPtr, 0, bytes), "cudaMemset(window, 0, %zu)", bytes);
+  NCCLEP_CUDA_CHECK(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the window");
+  ncclWindow_t win = nullptr;
+  NCCLEP_NCCL_CHECK(ncclCommWindowRegister(g->comm, g->windowPtr, bytes, &win, NCCL_WIN_COLL_SYMMETRIC), g->comm,
+                    "ncclCommWindowRegister(%zu bytes, NCCL_WIN_COLL_SYMMETRIC)", bytes);
+  g->window = win;
+  g->windowBytes = bytes;
+  g->plan = plan;
+  return ncclepSuccess;
+}
+
 ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
@@ -239,7 +275,7 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   g->window = win;
 
   createDeviceComm(g);
-  return ncclepSuccess;
+  return replanForNodes(g);
 }
 
 // Collective teardown in reverse order of creation. `graceful` is false when

@@ -21,9 +21,8 @@ ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
                     call);
   if (hierarchical(g) && g->plan.ht.nodes != g->nRanks / g->nodeSize)
     return setError(ncclepUnsupported,
-                    "%s: the group spans %d nodes but its window was planned for %d (the HT hierarchical regions "
-                    "are planned from virtualNodes / NCCLEP_VIRTUAL_NODES; planning them for real multi-node "
-                    "groups is not implemented yet)",
+                    "%s: the group spans %d nodes but its window was planned for %d (a windowBytes too small "
+                    "for the HT hierarchical regions of that many nodes)",
                     call, g->nRanks / g->nodeSize, g->plan.ht.nodes);
   const int localExperts = g->config.numExperts / g->nRanks;
   if (g->nRanks > kHTMaxRanks || g->config.numExperts > kHTMaxExperts || localExperts > kHTMaxExperts / 2 ||

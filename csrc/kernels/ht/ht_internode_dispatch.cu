@@ -59,7 +59,9 @@ __device__ void sendCounts(const transport::Peers<Net>& peers, const HTDispatchP
   for (int d = 0; d < R; ++d)
     peers.ship(d, dstOffset, l.countStage + size_t(d) * l.countBytes, l.countBytes, threadIdx.x, blockDim.x);
   __syncthreads();
-  for (int d = threadIdx.x; d < R; d += blockDim.x) ht::signalPeer(peers, c, d, kHTSigCounts, 1);
+  // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
+  if (threadIdx.x == 0)
+    for (int d = 0; d < R; ++d) ht::signalPeer(peers, c, d, kHTSigCounts, 1);
 }
 
 template <class Net>
