@@ -23,6 +23,7 @@ PHASE_NAMES = {
     9: "ht_combine receive",
     10: "ht_dispatch_cached send",
     11: "ht_dispatch_cached receive",
+    12: "ht forward (hierarchical path)",
 }
 
 

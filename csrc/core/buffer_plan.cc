@@ -10,7 +10,11 @@ bool addOk(size_t a, size_t b, size_t* out) { return !__builtin_add_overflow(a, 
 
 }  // namespace
 
-ncclepResult_t planBuffers(const ncclepGroupConfig_t& c, int nRanks, BufferPlan* plan) {
+int plannedNodes(const ncclepGroupConfig_t& c, int nRanks) {
+  return c.virtualNodes > 1 && nRanks % c.virtualNodes == 0 ? c.virtualNodes : 1;
+}
+
+ncclepResult_t planBuffers(const ncclepGroupConfig_t& c, int nRanks, int nodes, BufferPlan* plan) {
   BufferPlan p{};
   const int localExperts = c.numExperts / nRanks;
   size_t end = 0;
@@ -19,7 +23,7 @@ ncclepResult_t planBuffers(const ncclepGroupConfig_t& c, int nRanks, BufferPlan*
     ok = planLLLayout(kControlBytes, nRanks, c.maxTokensPerRank, localExperts, c.maxTopk, c.hidden, &p.ll);
     end = p.ll.end;
   } else {
-    ok = planHTLayout(kControlBytes, nRanks, c.maxTokensPerRank, c.numExperts, c.maxTopk, c.hidden, &p.ht);
+    ok = planHTLayout(kControlBytes, nRanks, c.maxTokensPerRank, c.numExperts, c.maxTopk, c.hidden, nodes, &p.ht);
     end = p.ht.end;
   }
   size_t total = 0;
@@ -41,7 +45,7 @@ extern "C" ncclepResult_t ncclepComputeWindowBytes(const ncclepGroupConfig_t* co
   if (bytes == nullptr) return ncclep::setError(ncclepInvalidArgument, "ncclepComputeWindowBytes: bytes is NULL");
   NCCLEP_CHECK(ncclep::validateConfig(config, nRanks));
   ncclep::BufferPlan plan;
-  NCCLEP_CHECK(ncclep::planBuffers(*config, nRanks, &plan));
+  NCCLEP_CHECK(ncclep::planBuffers(*config, nRanks, ncclep::plannedNodes(*config, nRanks), &plan));
   *bytes = plan.totalBytes;
   return ncclepSuccess;
   NCCLEP_API_CATCH

@@ -27,7 +27,11 @@ struct BufferPlan {
   size_t totalBytes;  // rounded up to kWindowGranularity
 };
 
-// Expects a validated config. Fails (InvalidArgument) only on size overflow.
-ncclepResult_t planBuffers(const ncclepGroupConfig_t& config, int nRanks, BufferPlan* plan);
+// Expects a validated config. `nodes` > 1: the (virtual) nodes the group spans, for the HT
+// hierarchical regions. Fails (InvalidArgument) only on size overflow.
+ncclepResult_t planBuffers(const ncclepGroupConfig_t& config, int nRanks, int nodes, BufferPlan* plan);
+
+// The nodes a config plans for: its virtualNodes (the group also reads NCCLEP_VIRTUAL_NODES).
+int plannedNodes(const ncclepGroupConfig_t& config, int nRanks);
 
 }  // namespace ncclep

@@ -1,6 +1,7 @@
 // Group lifecycle: NCCL communicator, symmetric window, device communicator.
 #include "core/group.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include "core/buffer_plan.h"
 #include "core/config.h"
 #include "core/errors.h"
+#include "kernels/ht/ht_layout.h"
 #include "kernels/ll/ll_layout.h"
 
 namespace ncclep {
@@ -69,8 +71,18 @@ ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cud
     return setError(ncclepInvalidArgument, "ncclepGroupCreate: cudaDevice = %d: must be >= 0", cudaDevice);
   NCCLEP_CHECK(validateConfig(config, nRanks));
 
+  // The HT hierarchical regions are planned for the virtual nodes of the config, else of
+  // NCCLEP_VIRTUAL_NODES (checked again, with an error, when the group is created).
+  int nodes = plannedNodes(*config, nRanks);
+  if (nodes == 1 && config->virtualNodes <= 1) {
+    if (const char* v = std::getenv("NCCLEP_VIRTUAL_NODES")) {
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      if (end != v && *end == '\0' && n > 1 && n <= nRanks && nRanks % n == 0) nodes = int(n);
+    }
+  }
   BufferPlan plan;
-  NCCLEP_CHECK(planBuffers(*config, nRanks, &plan));
+  NCCLEP_CHECK(planBuffers(*config, nRanks, nodes, &plan));
   *planOut = plan;
   if (config->windowBytes == 0) {
     *windowBytes = plan.totalBytes;
@@ -148,7 +160,8 @@ void createDeviceComm(ncclepGroup* g) {
   if (g->nLsaTeams > 1) {
     reqs.ginForceEnable = true;
     reqs.railGinBarrierCount = kernels::kLsaCheckBlocks;
-    reqs.ginSignalCount = kLLSignalKinds * g->nRanks;
+    // LL and HT (hierarchical path) index their signals as kind * nRanks + peer.
+    reqs.ginSignalCount = std::max(int(kLLSignalKinds), int(kHTSignalKinds)) * g->nRanks;
   }
   ncclResult_t res = ncclDevCommCreate(g->comm, &reqs, &g->devComm);
   if (res != ncclSuccess) {
@@ -171,6 +184,42 @@ void createDeviceComm(ncclepGroup* g) {
   g->devCommCreated = true;
   g->ginEnabled = g->devComm.ginContextCount > 0;
   g->nodeSize = g->nLsaTeams > 1 ? g->lsaSize : g->lsaSize / g->virtualNodes;
+}
+
+// HT mode across real nodes (several LSA teams): the node count is known only now, after the
+// window was planned (from virtualNodes) and registered. If the HT hierarchical regions were
+// planned for another count, the window is replaced by one planned for nLsaTeams nodes
+// (collective: every rank sees the same topology). A caller-sized window too small for it is
+// kept; the HT calls then refuse with ncclepUnsupported. Not run yet: no multi-node machine.
+ncclepResult_t replanForNodes(ncclepGroup* g) {
+  if (g->config.mode != NCCLEP_MODE_HT || !g->devCommCreated || g->nLsaTeams <= 1 ||
+      g->plan.ht.nodes == g->nLsaTeams)
+    return ncclepSuccess;
+  BufferPlan plan;
+  NCCLEP_CHECK(planBuffers(g->config, g->nRanks, g->nLsaTeams, &plan));
+  if (plan.ht.nodes != g->nLsaTeams) return ncclepSuccess;
+  size_t bytes = plan.totalBytes;
+  if (g->config.windowBytes != 0) {
+    if (g->windowBytes < plan.totalBytes) return ncclepSuccess;
+    bytes = g->windowBytes;
+  }
+  NCCLEP_CUDA_CHECK(cudaDeviceSynchronize(), "cudaDeviceSynchronize before replacing the window");
+  NCCLEP_NCCL_CHECK(ncclCommWindowDeregister(g->comm, g->window), g->comm, "ncclCommWindowDeregister");
+  g->window = nullptr;
+  NCCLEP_NCCL_CHECK(ncclMemFree(g->windowPtr), g->comm, "ncclMemFree");
+  g->windowPtr = nullptr;
+  void* ptr = nullptr;
+  NCCLEP_NCCL_CHECK(ncclMemAlloc(&ptr, bytes), g->comm, "ncclMemAlloc(%zu)", bytes);
+  g->windowPtr = ptr;
+  NCCLEP_CUDA_CHECK(cudaMemset(g->windowPtr, 0, bytes), "cudaMemset(window, 0, %zu)", bytes);
+  NCCLEP_CUDA_CHECK(cudaDeviceSynchronize(), "cudaDeviceSynchronize after zeroing the window");
+  ncclWindow_t win = nullptr;
+  NCCLEP_NCCL_CHECK(ncclCommWindowRegister(g->comm, g->windowPtr, bytes, &win, NCCL_WIN_COLL_SYMMETRIC), g->comm,
+                    "ncclCommWindowRegister(%zu bytes, NCCL_WIN_COLL_SYMMETRIC)", bytes);
+  g->window = win;
+  g->windowBytes = bytes;
+  g->plan = plan;
+  return ncclepSuccess;
 }
 
 ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
@@ -226,7 +275,7 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   g->window = win;
 
   createDeviceComm(g);
-  return ncclepSuccess;
+  return replanForNodes(g);
 }
 
 // Collective teardown in reverse order of creation. `graceful` is false when

@@ -11,10 +11,19 @@
 namespace ncclep {
 namespace {
 
+// The group spans several (virtual) nodes: the hierarchical kernels (ht_internode_*.cu) run.
+bool hierarchical(const ncclepGroup* g) { return g->nodeSize > 0 && g->nodeSize < g->nRanks; }
+
 ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
-  if (g->nLsaTeams != 1)
-    return setError(ncclepUnsupported, "%s: the HT kernels reach peers in one NVLink (LSA) team only", call);
+  if (g->nLsaTeams > 1 && !g->ginEnabled)
+    return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need GIN, which NCCL did not enable",
+                    call);
+  if (hierarchical(g) && g->plan.ht.nodes != g->nRanks / g->nodeSize)
+    return setError(ncclepUnsupported,
+                    "%s: the group spans %d nodes but its window was planned for %d (a windowBytes too small "
+                    "for the HT hierarchical regions of that many nodes)",
+                    call, g->nRanks / g->nodeSize, g->plan.ht.nodes);
   const int localExperts = g->config.numExperts / g->nRanks;
   if (g->nRanks > kHTMaxRanks || g->config.numExperts > kHTMaxExperts || localExperts > kHTMaxExperts / 2 ||
       g->config.maxTopk > kHTMaxTopk)
@@ -34,7 +43,8 @@ long long numRows(const ncclepGroup* g, int topk, int layout, int alignment) {
 // SMs of the HT kernels: the config's numSms, else the HT default, never more than the device's.
 int htSms(const ncclepGroup* g) {
   int sms = g->config.numSms > 0 ? g->numSms : (g->numSms < kHTDefaultSms ? g->numSms : kHTDefaultSms);
-  return sms < 2 ? 2 : sms;  // at least one sending and one receiving block
+  const int least = hierarchical(g) ? 3 : 2;  // one block per role: send, (forward,) receive
+  return sms < least ? least : sms;
 }
 
 // Blocks that send (the rest receive): half, or NCCLEP_HT_SEND_BLOCKS (a tuning knob).
@@ -58,6 +68,15 @@ HTCommon common(const ncclepGroup* g, int blocks) {
   c.timeoutNs = uint64_t(g->config.timeoutSeconds * 1e9);
   c.error = g->errorDevice;
   c.sendBlocks = sendBlocks(blocks);
+  if (hierarchical(g)) {  // a third each for sending and forwarding, the rest receive
+    c.hier = 1;
+    c.sendBlocks = blocks / 3 < 1 ? 1 : blocks / 3;
+    c.forwardBlocks = c.sendBlocks;
+    c.nodeSize = g->nodeSize;
+    c.lsaRankOffset = g->rank - g->lsaRank;
+    c.useGin = g->nLsaTeams > 1;
+    c.devComm = g->devComm;
+  }
   return c;
 }
 
@@ -163,7 +182,11 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   NCCLEP_CUDA_CHECK(cudaError_t(launchHTLayout(p, blocks, stream)), "launching the HT layout kernels");
-  NCCLEP_CUDA_CHECK(cudaError_t(launchHTDispatch(p, blocks, stream)), "launching the HT dispatch kernel");
+  if (hierarchical(g))
+    NCCLEP_CUDA_CHECK(cudaError_t(launchHTInternodeDispatch(p, blocks, stream)),
+                      "launching the HT internode dispatch kernel");
+  else
+    NCCLEP_CUDA_CHECK(cudaError_t(launchHTDispatch(p, blocks, stream)), "launching the HT dispatch kernel");
   return ncclepSuccess;
   NCCLEP_API_CATCH
 }
@@ -206,7 +229,11 @@ extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombine
   p.outWeights = a->topkWeights ? a->outWeights : nullptr;
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
-  NCCLEP_CUDA_CHECK(cudaError_t(launchHTCombine(p, blocks, stream)), "launching the HT combine kernels");
+  if (hierarchical(g))
+    NCCLEP_CUDA_CHECK(cudaError_t(launchHTInternodeCombine(p, blocks, stream)),
+                      "launching the HT internode combine kernels");
+  else
+    NCCLEP_CUDA_CHECK(cudaError_t(launchHTCombine(p, blocks, stream)), "launching the HT combine kernels");
   return ncclepSuccess;
   NCCLEP_API_CATCH
 }
@@ -239,7 +266,11 @@ extern "C" ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t g, const ncclepHT
   p.out = a->out;
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
-  NCCLEP_CUDA_CHECK(cudaError_t(launchHTCached(p, blocks, stream)), "launching the HT cached dispatch kernel");
+  if (hierarchical(g))
+    NCCLEP_CUDA_CHECK(cudaError_t(launchHTInternodeCached(p, blocks, stream)),
+                      "launching the HT internode cached dispatch kernel");
+  else
+    NCCLEP_CUDA_CHECK(cudaError_t(launchHTCached(p, blocks, stream)), "launching the HT cached dispatch kernel");
   return ncclepSuccess;
   NCCLEP_API_CATCH
 }

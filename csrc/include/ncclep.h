@@ -239,13 +239,22 @@ NCCLEP_API ncclepResult_t ncclepLLCombine(ncclepGroup_t group, const ncclepLLCom
 NCCLEP_API ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t group, ncclepDeviceError_t* error);
 
 /* ------------------------------------------------------------------------------------------
- * HT mode (high throughput): layout, dispatch, combine and cached dispatch for peers in one
- * NVLink (LSA) team. Every call is collective over the group, enqueued on `stream` without host
+ * HT mode (high throughput): layout, dispatch, combine and cached dispatch. Every call is collective over the group, enqueued on `stream` without host
  * synchronisation (CUDA-graph capturable), and part of one sequence shared by the three kinds of
  * call: every rank must make the same HT calls in the same order. Outputs have the worst-case
  * shapes below; counts stay on the device. The kernels use the group's numSms SMs (default 24
  * in HT mode). Device errors (see ncclepDeviceError_t) use phases 5 HT layout, 6/7 HT dispatch
- * send/receive, 8/9 HT combine send/receive, 10/11 HT cached dispatch send/receive.
+ * send/receive, 8/9 HT combine send/receive, 10/11 HT cached dispatch send/receive, 12 the
+ * forwarder of the hierarchical path.
+ *
+ * Across (virtual) nodes (nodeSize < nRanks, e.g. NCCLEP_VIRTUAL_NODES=n) the same calls take the
+ * hierarchical path: a token crosses the network once per destination node, to the rank with
+ * the same local index there, which forwards it over NVLink; combine reduces at that rank before
+ * the network hop back. Same outputs and handles; combine sums another node's ranks first (fp32,
+ * rounded to bf16 once), so it matches the one-node order within bf16 rounding. Its window
+ * regions are planned from virtualNodes (or NCCLEP_VIRTUAL_NODES); across real nodes the group
+ * re-plans its window for the node count once the topology is known (a caller-sized windowBytes
+ * too small for that makes the HT calls return ncclepUnsupported).
  *
  * Rows: N = numRows = R*T for the flat layout, R*T*min(topk, L) + L*(alignment-1) for
  * expert_major (ncclepHTNumRows). Flat: one row per received token, by source rank then token

@@ -5,10 +5,18 @@ Dispatch compares bit-exactly: counts, every handle tensor, topk_idx and topk_we
 the reference leaves the other rows uninitialised (``torch.empty``), and so do the kernels.
 Combine compares within bf16 rounding (the expert-side sums may add a token's rows in another
 order). Every rank makes the same sequence of collective calls in every test.
+
+``nodes=2`` (4 GPUs, ``NCCLEP_VIRTUAL_NODES=2``) runs the hierarchical path: tokens for the other
+virtual node cross the emulated network once per node and are forwarded there; its test ids end
+in ``virtual2`` (select them with ``-k virtual``). Combine then sums the other node's ranks at its
+forwarder first, which the bf16 tolerance covers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,10 +38,35 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+# (world, nodes) of the tests that run everywhere, with readable ids.
+WORLDS = [
+    pytest.param(2, 1, id="2gpu"),
+    pytest.param(4, 1, id="4gpu"),
+    pytest.param(2, 2, id="2gpu-virtual2"),  # one rank per node: every forwarder is the destination
+    pytest.param(4, 2, id="4gpu-virtual2"),
+]
+
+
+@contextlib.contextmanager
+def _virtual_nodes(nodes: int) -> Iterator[None]:
+    """Split the host into ``nodes`` virtual nodes: peers on the other ones take the network path."""
+    if nodes > 1:
+        os.environ["NCCLEP_VIRTUAL_NODES"] = str(nodes)
+    try:
+        yield
+    finally:
+        os.environ.pop("NCCLEP_VIRTUAL_NODES", None)
+
+
 def _groups(
-    experts: int = EXPERTS, tokens: int = T, hidden: int = HIDDEN, max_topk: int = 16
+    experts: int = EXPERTS, tokens: int = T, hidden: int = HIDDEN, max_topk: int = 16, nodes: int = 1
 ) -> tuple[ncclep.Group, ncclep.Group]:
-    cuda = ncclep.Group(experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="cuda", timeout_s=30.0)
+    with _virtual_nodes(nodes):
+        cuda = ncclep.Group(
+            experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="cuda", timeout_s=30.0
+        )
+    assert cuda.native_info["node_size"] == dist.get_world_size() // nodes
+    assert cuda.num_nodes == nodes
     ref = ncclep.Group(experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="reference")
     return cuda, ref
 
@@ -149,11 +182,11 @@ def _check_pair(
     return problem
 
 
-def _matrix(seed: int) -> list[str]:
+def _matrix(seed: int, nodes: int = 1) -> list[str]:
     """Routings x top-k x layouts/alignments x payloads, token counts varying per rank and call."""
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed * 131 + rank)
-    cuda, ref = _groups()
+    cuda, ref = _groups(nodes=nodes)
     layouts = [("flat", 1), ("expert_major", 1), ("expert_major", 16), ("expert_major", 128)]
     payloads = ["bf16", "fp8", "ue8m0"]
     sizes = [T, 0, 1, 777, 31, 1500]
@@ -181,17 +214,17 @@ def _matrix(seed: int) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ht_matches_reference(world: int) -> None:
-    for problems in gpu_pool(world).run(_matrix, world):
+@pytest.mark.parametrize("world,nodes", WORLDS)
+def test_ht_matches_reference(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_matrix, world, nodes):
         assert problems == []
 
 
-def _deepseek_shape(seed: int) -> list[str]:
+def _deepseek_shape(seed: int, nodes: int = 1) -> list[str]:
     """Hidden 7168, 256 experts, top-8, bf16 and fp8, both layouts."""
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(seed + rank)
-    cuda, ref = _groups(experts=256, tokens=512, hidden=7168, max_topk=8)
+    cuda, ref = _groups(experts=256, tokens=512, hidden=7168, max_topk=8, nodes=nodes)
     problems = []
     for payload, layout, alignment in (
         ("bf16", "flat", 1),
@@ -209,9 +242,9 @@ def _deepseek_shape(seed: int) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ht_deepseek_shape(world: int) -> None:
-    for problems in gpu_pool(world).run(_deepseek_shape, 3):
+@pytest.mark.parametrize("world,nodes", WORLDS)
+def test_ht_deepseek_shape(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_deepseek_shape, 3, nodes):
         assert problems == []
 
 
@@ -220,11 +253,11 @@ def _expert_rows(rows: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, r
     return (rows.float() * (0.5 + rank) + local_w).to(torch.bfloat16)
 
 
-def _gradients(seed: int) -> list[str]:
+def _gradients(seed: int, nodes: int = 1) -> list[str]:
     """loss.backward() through dispatch -> experts -> combine on both backends: same gradients."""
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(seed * 17 + rank)
-    cuda, ref = _groups(tokens=256, hidden=1024, max_topk=8)
+    cuda, ref = _groups(tokens=256, hidden=1024, max_topk=8, nodes=nodes)
     problems = []
     for layout, alignment in (("flat", 1), ("expert_major", 16)):
         for tokens in (256, 0 if rank == 1 else 100):
@@ -254,17 +287,17 @@ def _gradients(seed: int) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ht_gradients_match_reference(world: int) -> None:
-    for problems in gpu_pool(world).run(_gradients, 5):
+@pytest.mark.parametrize("world,nodes", WORLDS)
+def test_ht_gradients_match_reference(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_gradients, 5, nodes):
         assert problems == []
 
 
-def _many_iterations(count: int) -> list[str]:
+def _many_iterations(count: int, nodes: int = 1) -> list[str]:
     """Consecutive dispatch/combine pairs, token counts, routing, layout and payload changing every call."""
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(7 + rank)
-    cuda, ref = _groups(tokens=512, hidden=1024, max_topk=8)
+    cuda, ref = _groups(tokens=512, hidden=1024, max_topk=8, nodes=nodes)
     problems = []
     for i in range(count):
         tokens = int(torch.randint(0, 513, (1,), generator=g))
@@ -281,17 +314,22 @@ def _many_iterations(count: int) -> list[str]:
     return problems
 
 
-def test_ht_500_iterations() -> None:
-    for problems in gpu_pool(2).run(_many_iterations, 500):
+# The 2-GPU runs are the original intranode tests; the virtual-node one runs the hierarchical path.
+LONG_WORLDS = [pytest.param(2, 1, id="2gpu"), pytest.param(4, 2, id="4gpu-virtual2")]
+
+
+@pytest.mark.parametrize("world,nodes", LONG_WORLDS)
+def test_ht_500_iterations(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_many_iterations, 500, nodes):
         assert problems == []
 
 
-def _graph_replays(replays: int) -> list[str]:
+def _graph_replays(replays: int, nodes: int = 1) -> list[str]:
     """dispatch -> stand-in experts -> combine captured once, replayed with new inputs."""
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(99 + rank)
     tokens, hidden = 512, 1024
-    cuda, ref = _groups(tokens=tokens, hidden=hidden, max_topk=8)
+    cuda, ref = _groups(tokens=tokens, hidden=hidden, max_topk=8, nodes=nodes)
     problems = []
     static = _inputs(g, tokens, hidden, 8, "uniform")
     scale = torch.linspace(0.5, 1.5, EXPERTS // world, device=_device())
@@ -329,8 +367,9 @@ def _graph_replays(replays: int) -> list[str]:
     return problems
 
 
-def test_ht_cuda_graph_replay() -> None:
-    for problems in gpu_pool(2).run(_graph_replays, 100):
+@pytest.mark.parametrize("world,nodes", LONG_WORLDS)
+def test_ht_cuda_graph_replay(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_graph_replays, 100, nodes):
         assert problems == []
 
 
@@ -372,3 +411,16 @@ def _skipped_call() -> str:
 
 def test_ht_timeout_names_the_peer() -> None:
     assert_peer_timeout_reported(_skipped_call)
+
+
+def _skipped_call_virtual() -> str:
+    """The same on the hierarchical path (2 virtual nodes of one rank): the waits for the other
+    node's counts, messages and done signals time out and name it."""
+    with _virtual_nodes(2):
+        group = ncclep.Group(EXPERTS, 64, 256, mode="ht", backend="cuda", timeout_s=2.0)
+    inp = _inputs(torch.Generator().manual_seed(dist.get_rank()), 16, 256, 4, "uniform")
+    return peer_skips_a_call(group, lambda: group.ht_dispatch(**inp))
+
+
+def test_ht_timeout_names_the_peer_virtual2() -> None:
+    assert_peer_timeout_reported(_skipped_call_virtual)

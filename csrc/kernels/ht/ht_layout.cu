@@ -5,6 +5,9 @@
 // exclusive prefixes over tiles (in place) and sends every destination d our per-local-expert
 // counts, then a flag (epoch << 32 | tokens for d). It is the only place that reports bad ids.
 //
+// With the hierarchical path (c.hier), the last block leaves the totals in the `totals` region
+// instead, and the internode dispatch kernel sends the counts through the transport.
+//
 // Positions kernel: per tile (lane = token), send_pos[b, d] = the tile's prefix for d plus the
 // earlier tokens of the tile going to d, and expertPos[b, k] = the row of (b, k) among our tokens
 // for that expert (prefix plus earlier tokens of the tile choosing it).
@@ -82,6 +85,12 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
     s.colTotal[col] = acc;
   }
 
+  if (c.hier) {  // the internode dispatch kernel exchanges the counts (over the network too)
+    int* totals = reinterpret_cast<int*>(c.local + l.totals);
+    for (int col = threadIdx.x; col < cols; col += blockDim.x) totals[col] = s.colTotal[col];
+    if (threadIdx.x == 0) ht::state(c)->blocksDone[0] = 0;
+    return;
+  }
   const uint32_t seq = ht::callSeq(c);
   const uint32_t parity = seq & 1u;
   const transport::Lsa lsa{c.window, 0};

@@ -14,6 +14,31 @@
 //   rowsOf      int32  [R * T][maxTopk]    local scratch (combine): those rows
 //   slots       [R sources][T slots][msgBytes]: one message per (source, slot)
 //
+// Hierarchical regions (planned only when the group spans several (virtual) nodes, `nodes` > 1;
+// zero-sized otherwise; see ht_internode.cuh for the protocol). N = nodes, S = R / N:
+//   totals      int32  [R + E]             local: the count kernel's column totals (tokens per
+//               destination rank, per expert), read by the internode kernels
+//   netSignals  uint64 [kHTSignalKinds][R] counters peers add to (LSA and the emulated network;
+//               GIN keeps its own signals, same indices)
+//   netCounts   [R sources][countBytes]    dispatch counts: int32 per local expert, then tokens
+//   countStage  [R dests][countBytes]      staging of our counts for peers across the network
+//   header      [N source nodes][16]       per call from each source we forward for: int32 tokens,
+//               int32 epoch
+//   headerStage [16]                       staging of our header
+//   netStage    dispatch / cached: [T][netMsgBytes] one network message per token (by token
+//               index); combine (token owner side): infoStage [N][infoStride] (our send_pos
+//               columns of each node's ranks), then at backOffset backIn [N][T][msgBytes] (each
+//               node's reduced row of each of our tokens)
+//   netRecv     dispatch / cached only: [N source nodes][T][netMsgBytes] (by the source's token
+//               index). Never aliased: the forwarder tells which tokens arrived by the epoch in
+//               each message's token word, so nothing but older token words may lie there
+//   combineFwd  combine (forwarder side): infoIn [N][infoStride], then at backOffset backStage
+//               [N][T][msgBytes]
+//
+// A network message (netMsgBytes): [0, flagOffset) as a slot message, except that the metadata
+// holds global expert ids; then int32 send_pos[R] of the token, then uint64 (epoch << 32) | token
+// at netTokenOffset, which tells the forwarder which token indexes this call sent.
+//
 // Every HT op (dispatch, combine, cached dispatch) is one call of the group's sequence: call n has
 // epoch n, writes the slots of peer d only after d's `done` reached n - 1 (d has read call n - 1),
 // and its receivers release `done` = n when they have read everything.
@@ -34,12 +59,24 @@ namespace ncclep {
 
 constexpr int kHTTile = 32;  // tokens per layout tile (one warp, one token per lane)
 
+// Signal kinds of the hierarchical path: signal (kind, peer) is a counter in our window that
+// `peer` adds to (GIN signal index kind * R + peer).
+enum HTSignalKind : int {
+  kHTSigCounts = 0,  // +1 per dispatch: the peer's counts for us are in place
+  kHTSigForward = 1, // +1 per call: a source's header and messages for us (its forwarder) landed
+  kHTSigBack = 2,    // +1 per combine: a forwarder's reduced rows for our tokens landed
+  kHTSigDone = 3,    // +1 per call: the peer finished the call (our regions there are free)
+  kHTSignalKinds = 4,
+};
+
 struct HTState {
   uint32_t seq;            // HT calls this rank completed (all HT ops share one sequence)
-  uint32_t blocksDone[3];  // arrival counters: [0] layout, [1] transfer kernels
+  uint32_t blocksDone[4];  // arrival counters: [0] layout, [1] transfer kernels, [2] [3] roles
   uint32_t aborted;        // set with the error word; spinning waiters poll this device word
-  uint32_t pad;
+  uint32_t dispatches;     // hierarchical path: dispatch calls completed (kHTSigCounts marks)
   uint64_t done;           // = seq once our receivers have read every message of that call
+  uint32_t combines;       // hierarchical path: combine calls completed (kHTSigBack marks)
+  uint32_t pad2;
 };
 
 struct HTLayout {
@@ -51,7 +88,23 @@ struct HTLayout {
   size_t rowCount;
   size_t rowsOf;
   size_t slots;
+  // hierarchical path (zero-sized when nodes == 1)
+  size_t totals;
+  size_t netSignals;
+  size_t netCounts;
+  size_t countStage;
+  size_t header;
+  size_t headerStage;
+  size_t netStage;
+  size_t netRecv;
+  size_t combineFwd;
+  size_t backOffset;  // offset of backIn / backStage inside netStage / netRecv
   size_t end;
+  uint32_t netMsgBytes;
+  uint32_t netTokenOffset;
+  uint32_t countBytes;
+  uint32_t infoStride;  // bytes of one node's info block: T * S int32, 16-byte aligned
+  int nodes;            // nodes the hierarchical regions were planned for (1: none)
   uint32_t msgBytes;
   uint32_t payloadBytes;  // = metaOffset
   uint32_t flagOffset;
@@ -67,7 +120,8 @@ struct HTLayout {
 inline size_t htAlignUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 // Plans the regions starting at `base`; returns false on overflow.
-inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts, int maxTopk, int hidden,
+// `nodes` > 1 (dividing nRanks) also plans the hierarchical regions.
+inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts, int maxTopk, int hidden, int nodes,
                          HTLayout* out) {
   HTLayout l{};
   l.nRanks = nRanks;
@@ -100,6 +154,26 @@ inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts,
   take(&l.rowsOf, R * T * K, 4);
   if (ok && R * T > SIZE_MAX / l.msgBytes) ok = false;
   if (ok) take(&l.slots, R * T, l.msgBytes);
+  l.nodes = nodes > 1 && nRanks % nodes == 0 ? nodes : 1;
+  if (ok && l.nodes > 1) {
+    const size_t N = size_t(l.nodes), S = R / N, E = size_t(numExperts);
+    l.netTokenOffset = l.flagOffset + uint32_t(htAlignUp(R * 4, 8));
+    l.netMsgBytes = uint32_t(htAlignUp(l.netTokenOffset + 8, 16));
+    l.countBytes = uint32_t(htAlignUp((size_t(l.numLocalExperts) + 1) * 4, 16));
+    l.infoStride = uint32_t(htAlignUp(T * S * 4, 16));
+    l.backOffset = htAlignUp(N * l.infoStride, 256);
+    const size_t combineBytes = l.backOffset + N * T * l.msgBytes;
+    const size_t stageBytes = T * l.netMsgBytes > combineBytes ? T * l.netMsgBytes : combineBytes;
+    take(&l.totals, R + E, 4);
+    take(&l.netSignals, size_t(kHTSignalKinds) * R, 8);
+    take(&l.netCounts, R, l.countBytes);
+    take(&l.countStage, R, l.countBytes);
+    take(&l.header, N, 16);
+    take(&l.headerStage, 1, 16);
+    take(&l.netStage, 1, stageBytes);
+    take(&l.netRecv, N * T, l.netMsgBytes);
+    take(&l.combineFwd, 1, combineBytes);
+  }
   l.end = at;
   *out = l;
   return ok;

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
+#include <nccl_device.h>
 
 #include "common/device_error.h"
 #include "kernels/ht/ht_layout.h"
@@ -27,6 +28,7 @@ enum HTPhase : int32_t {
   kPhaseHTCombineRecv = 9,
   kPhaseHTCachedSend = 10,
   kPhaseHTCachedRecv = 11,
+  kPhaseHTForward = 12,  // hierarchical path: a forwarder waiting for a source's network messages
 };
 
 struct HTCommon {
@@ -39,6 +41,14 @@ struct HTCommon {
   uint64_t timeoutNs;
   DeviceError* error;  // device-mapped host memory
   int sendBlocks;      // blocks [0, sendBlocks) send, the others receive
+  // Hierarchical path (nodeSize < nRanks): blocks [sendBlocks, sendBlocks + forwardBlocks)
+  // forward, the rest receive. Unused by the intranode kernels.
+  int hier;             // 1: the count kernel leaves its totals for the internode kernels
+  int forwardBlocks;
+  int nodeSize;         // ranks per (virtual) node; nodes are contiguous rank ranges
+  int lsaRankOffset;    // world rank of our LSA team's first rank
+  int useGin;           // network hop over GIN (else emulated over LSA)
+  ncclDevComm devComm;  // for GIN
 };
 
 struct HTDispatchParams {
@@ -101,5 +111,9 @@ int launchHTLayout(const HTDispatchParams& p, int numSms, cudaStream_t stream); 
 int launchHTDispatch(const HTDispatchParams& p, int numBlocks, cudaStream_t stream);  // ht_dispatch.cu
 int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream);    // ht_combine.cu
 int launchHTCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream);      // ht_cached.cu
+// Hierarchical path (several (virtual) nodes): ht_internode_*.cu, after launchHTLayout for dispatch.
+int launchHTInternodeDispatch(const HTDispatchParams& p, int numBlocks, cudaStream_t stream);
+int launchHTInternodeCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream);
+int launchHTInternodeCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream);
 
 }  // namespace ncclep

@@ -1,0 +1,128 @@
+// HT cached dispatch across (virtual) nodes: routes rows [B, rowBytes] along an earlier dispatch
+// (its handle), by the dispatch's route. Roles (see ht_internode.cuh):
+//
+// Send: after waitPeersFree, block 0 puts our header to each forwarder; a warp per token stores
+//   its row into slot send_pos[b, d] of our row of d's slots for ranks d of our node (then the
+//   flag), and, if ranks of other nodes hold it, stages one network message (row, send_pos row,
+//   token word) and puts it to our forwarder on each such node; the last send block signals
+//   kHTSigForward to each forwarder.
+// Forward: as for dispatch, rows only (ht_internode_forward.cuh).
+// Receive: exactly the intranode receive: a warp per output row waits for the flag of its slot
+//   (source, j) and copies the row; zeros where recv_slot is -1.
+#include <cstddef>
+
+#include "common/device_error.cuh"
+#include "common/memory_order.cuh"
+#include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_internode.cuh"
+#include "kernels/ht/ht_internode_forward.cuh"
+#include "kernels/ht/ht_params.h"
+
+namespace ncclep {
+namespace {
+
+using ht::kFull;
+
+struct Shared {
+  int tokens[kHTMaxRanks];
+  bool last;
+};
+
+template <class Net>
+__device__ void sendRole(const transport::Peers<Net>& peers, const HTCachedParams& p, const ht::Topo& t,
+                         uint32_t seq, Shared& s) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int R = c.nRanks;
+  const int lane = threadIdx.x & 31;
+  const uint32_t epoch = seq + 1;
+  const bool ok = ht::waitPeersFree(peers, c, seq, kPhaseHTCachedSend);
+  if (ok && blockIdx.x == 0) ht::sendHeader(peers, c, t, p.numTokens, epoch);
+
+  const int warps = c.sendBlocks * kHTWarps;
+  for (int b = blockIdx.x * kHTWarps + (threadIdx.x >> 5); ok && b < p.numTokens; b += warps) {
+    const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
+    const char* row = static_cast<const char*>(p.x) + int64_t(b) * p.rowBytes;
+    const bool near = slot >= 0 && t.nodeOf(lane) == t.node;
+    char* msg = near ? peers.net.lsa.template peerPtr<char>(lane, ht::slotAt(l, c.rank, slot)) : nullptr;
+    for (uint32_t m = __ballot_sync(kFull, near); m != 0; m &= m - 1) {
+      char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
+      ht::warpCopyBytes<false>(dst, row, p.rowBytes, lane);
+    }
+    __syncwarp();
+    if (near) device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (uint64_t(epoch) << 32) | uint32_t(b));
+
+    if (__any_sync(kFull, slot >= 0 && !near)) {
+      ht::warpCopyBytes<false>(c.local + ht::netStageAt(l, b), row, p.rowBytes, lane);
+      ht::shipToForwarders(peers, c, t, epoch, b, slot);
+    }
+  }
+  if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
+}
+
+__device__ void recvRole(const HTCachedParams& p, uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int T = l.maxTokens, slots = c.nRanks * T;
+  const int lane = threadIdx.x & 31;
+  const int first = c.sendBlocks + c.forwardBlocks;
+  const int warps = (gridDim.x - first) * kHTWarps;
+  const int w = (blockIdx.x - first) * kHTWarps + (threadIdx.x >> 5);
+  const uint32_t epoch = seq + 1;
+
+  for (int r = w; r < p.numRows; r += warps) {
+    char* dst = static_cast<char*>(p.out) + int64_t(r) * p.rowBytes;
+    const int slot = p.recvSlot[r];
+    if (slot < 0 || slot >= slots) {
+      ht::warpZeroBytes(dst, p.rowBytes, lane);
+      continue;
+    }
+    const int src = slot / T;
+    const char* msg = ht::slotPtr(c.local, l, src, slot % T);
+    bool ok = true;
+    if (lane == 0) {
+      uint64_t flag = 0;
+      ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCachedRecv,
+                         src);
+    }
+    if (!__shfl_sync(kFull, ok, 0)) return;
+    __syncwarp();
+    ht::warpCopyBytes<true>(dst, msg, p.rowBytes, lane);
+  }
+}
+
+template <class Net>
+__global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const __grid_constant__ HTCachedParams p) {
+  __shared__ Shared s;
+  const HTCommon& c = p.c;
+  const transport::Peers<Net> peers = ht::makePeers<Net>(c);
+  const ht::Topo t = ht::topo(c);
+  const uint32_t seq = ht::callSeq(c);
+  const int block = blockIdx.x;
+  if (block < c.sendBlocks) {
+    sendRole(peers, p, t, seq, s);
+  } else if (block < c.sendBlocks + c.forwardBlocks) {
+    if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
+      ht::waitSources(peers, c, t, seq, s.tokens);
+      ht::forwardMessages<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
+    }
+  } else {
+    recvRole(p, seq);
+  }
+  ht::finishInternode(peers, c, seq, ht::kCallCached, &s.last);
+}
+
+template <class Net>
+int launch(const HTCachedParams& p, int numBlocks, cudaStream_t stream) {
+  htInternodeCachedKernel<Net><<<numBlocks, kHTThreads, 0, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int launchHTInternodeCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream) {
+  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
+                    : launch<transport::NetEmulated>(p, numBlocks, stream);
+}
+
+}  // namespace ncclep

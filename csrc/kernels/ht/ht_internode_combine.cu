@@ -1,0 +1,299 @@
+// HT combine across (virtual) nodes: the dispatch's route backwards, reduced at the forwarder.
+// Roles (see ht_internode.cuh):
+//
+// Send (expert side), after waitPeersFree:
+//   1. block 0, for each other node m: stages infoStage[m][b][k] = send_pos[b, m * S + k] (the
+//      slot token b has at each rank of m, -1 if none), puts it to our forwarder on m
+//      (combineFwd infoIn[our node] there) with our header, then (same thread as the puts)
+//      signals kHTSigForward +1 to it.
+//   2. warps spread over the sources: for each received slot (source, j), the fp32 sum of its rows
+//      (ascending row order), one bf16 row (and the per-choice sums of the rows' weights) with
+//      the flag (epoch << 32 | j): for a source on our node into slot (us, j) of its window, as the
+//      intranode combine; for a source on node n != ours, into slot (n * S + our local index, j)
+//      of our node's forwarder for that source (that slot row is never used by the forwarder as a
+//      token owner: rows of other nodes' ranks hold nothing in a hierarchical combine).
+// Forward, for the source on each other node n: waits for its info (kHTSigForward); a warp per
+//   token b with a slot at one of our ranks k waits for the flags of slots (n * S + k, j_k) in our
+//   window, sums them in k order (fp32), stages one bf16 row (+ weights) at backStage[n][b] and
+//   puts it into the source's backIn[our node][b]; the last forward block signals kHTSigBack +1
+//   to each such source.
+// Receive (token owner): waits for kHTSigBack from our forwarder on each other node; a warp per
+//   token sums, in node order, the partial rows of our node's ranks (their slots (d, j) in our
+//   window, rank order, each waited by its flag) and each other node's reduced row (backIn),
+//   in fp32, and writes bf16. The reference sums per rank in rank order; here the ranks of
+//   another node are summed first at their forwarder and rounded to bf16 once: the result
+//   matches within bf16 rounding, not bit for bit. Weight sums are exact (one rank per choice).
+#include <cstddef>
+
+#include "common/device_error.cuh"
+#include "common/memory_order.cuh"
+#include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_internode.cuh"
+#include "kernels/ht/ht_params.h"
+
+namespace ncclep {
+namespace {
+
+using ht::kFull;
+
+constexpr int kSumU = 4;  // 16-byte vectors per lane summed at once
+
+struct Shared {
+  int tokens[kHTMaxRanks];
+  bool last;
+};
+
+// rowsOf[slot] = the rows holding slot (source * T + j), from the dispatch's recv_slot.
+__global__ void __launch_bounds__(kHTThreads) htInternodePrepareKernel(const __grid_constant__ HTCombineParams p) {
+  const HTLayout& l = p.c.layout;
+  const int slots = p.c.nRanks * l.maxTokens;
+  int* rowCount = reinterpret_cast<int*>(p.c.local + l.rowCount);
+  int* rowsOf = reinterpret_cast<int*>(p.c.local + l.rowsOf);
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < p.numRows; r += gridDim.x * blockDim.x) {
+    const int slot = p.recvSlot[r];
+    if (slot < 0 || slot >= slots) continue;
+    const int k = atomicAdd(&rowCount[slot], 1);
+    if (k < l.maxTopk) rowsOf[int64_t(slot) * l.maxTopk + k] = r;
+  }
+}
+
+// Sums `n` (<= 32) 16-byte-vector rows, lane q holding row q's address in `src`, in lane order,
+// into dst (bf16, `vectors` long). kWindow: the rows are in the window (written by peers).
+template <bool kWindow>
+__device__ __forceinline__ void sumRows(int4* dst, const int4* src, uint32_t lanes, int vectors, int lane) {
+  for (int base = 0; base < vectors; base += 32 * kSumU) {
+    float acc[kSumU][8] = {};
+    for (uint32_t m = lanes; m != 0; m &= m - 1) {
+      const int4* row = reinterpret_cast<const int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(src), __ffs(m) - 1));
+#pragma unroll
+      for (int u = 0; u < kSumU; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < vectors) ht::addBf16x8(acc[u], kWindow ? __ldcg(row + i) : __ldg(row + i));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSumU; ++u) {
+      const int i = base + 32 * u + lane;
+      if (i < vectors) dst[i] = ht::packBf16x8(acc[u]);
+    }
+  }
+}
+
+// Per-choice sums (lane < topk) of the weights of the messages in `lanes` (lane q: address in src).
+__device__ __forceinline__ float sumWeights(const char* src, uint32_t lanes, int weightsAt, int topk, int lane) {
+  float acc = 0.0f;
+  for (uint32_t m = lanes; m != 0; m &= m - 1) {
+    const char* msg = reinterpret_cast<const char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(src), __ffs(m) - 1));
+    if (lane < topk) acc += __ldcg(reinterpret_cast<const float*>(msg + weightsAt) + lane);
+  }
+  return acc;
+}
+
+template <class Net>
+__device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombineParams& p, const ht::Topo& t,
+                         uint32_t epoch) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int R = c.nRanks, S = t.S;
+  for (int m = 0; m < t.N; ++m) {
+    if (m == t.node) continue;
+    int* info = reinterpret_cast<int*>(c.local + l.netStage + size_t(m) * l.infoStride);
+    for (int i = threadIdx.x; i < p.numTokens * S; i += blockDim.x)
+      info[i] = p.sendPos[int64_t(i / S) * R + m * S + i % S];
+  }
+  __syncthreads();
+  const size_t bytes = (size_t(p.numTokens) * S * 4 + 15) / 16 * 16;
+  for (int m = 0; m < t.N; ++m) {
+    if (m == t.node || bytes == 0) continue;
+    peers.ship(t.forwarder(c.rank, m), l.combineFwd + size_t(t.node) * l.infoStride, l.netStage + size_t(m) * l.infoStride,
+               bytes, threadIdx.x, blockDim.x);
+  }
+  ht::sendHeader(peers, c, t, p.numTokens, epoch);
+  __syncthreads();
+  // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
+  if (threadIdx.x == 0)
+    for (int m = 0; m < t.N; ++m)
+      if (m != t.node) ht::signalPeer(peers, c, t.forwarder(c.rank, m), kHTSigForward, 1);
+}
+
+template <class Net>
+__device__ void sendRole(const transport::Peers<Net>& peers, const HTCombineParams& p, const ht::Topo& t,
+                         uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
+  const int lane = threadIdx.x & 31;
+  const uint32_t epoch = seq + 1;
+  if (!ht::waitPeersFree(peers, c, seq, kPhaseHTCombineSend)) return;
+  if (blockIdx.x == 0) sendInfo(peers, p, t, epoch);
+
+  const int* rowCount = reinterpret_cast<const int*>(c.local + l.rowCount);
+  const int* rowsOf = reinterpret_cast<const int*>(c.local + l.rowsOf);
+  const int4* x = static_cast<const int4*>(p.x);
+  const int vectors = p.hidden / 8;
+  const ht::StreamShare share =
+      ht::shareStreams(blockIdx.x * kHTWarps + (threadIdx.x >> 5), c.sendBlocks * kHTWarps, R);
+  for (int owner = share.first; owner < R; owner += share.step) {
+    const int messages = p.recvCounts[owner];
+    const bool near = t.nodeOf(owner) == t.node;
+    // Our node: the owner itself; another node: our node's forwarder for the owner.
+    const int to = near ? owner : t.forwarder(owner, t.node);
+    const int slotRow = near ? c.rank : t.nodeOf(owner) * t.S + t.local;
+    for (int j = share.h; j < messages; j += share.helpers) {
+      const int slot = owner * T + j;
+      const int n = min(rowCount[slot], KM);
+      const int mine = lane < n ? rowsOf[int64_t(slot) * KM + lane] : 0x7fffffff;
+      // Rows in ascending order, so the sum does not depend on the prepare kernel's atomics.
+      int rank = 0;
+      for (int q = 0; q < n; ++q) rank += __shfl_sync(kFull, mine, q) < mine ? 1 : 0;
+      int sorted = 0;
+      for (int q = 0; q < n; ++q) {
+        const int r = __shfl_sync(kFull, mine, q), at = __shfl_sync(kFull, rank, q);
+        if (at == lane) sorted = r;
+      }
+      char* msg = peers.net.lsa.template peerPtr<char>(to, ht::slotAt(l, slotRow, j));
+      const int4* src = lane < n ? x + int64_t(sorted) * vectors : nullptr;
+      sumRows<false>(reinterpret_cast<int4*>(msg), src, n >= 32 ? kFull : (1u << n) - 1, vectors, lane);
+      if (p.topkWeights != nullptr) {
+        float acc = 0.0f;
+        for (int q = 0; q < n; ++q) {
+          const int64_t row = __shfl_sync(kFull, sorted, q);
+          if (lane < K && p.recvTopkIdx[row * K + lane] >= 0) acc += p.topkWeights[row * K + lane];
+        }
+        if (lane < K) reinterpret_cast<float*>(msg + l.payloadBytes)[lane] = acc;
+      }
+      __syncwarp();
+      if (lane == 0) device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (uint64_t(epoch) << 32) | uint32_t(j));
+    }
+  }
+}
+
+template <class Net>
+__device__ void forwardRole(const transport::Peers<Net>& peers, const HTCombineParams& p, const ht::Topo& t,
+                            uint32_t seq, Shared& s) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int T = l.maxTokens, S = t.S;
+  const int lane = threadIdx.x & 31;
+  const int w = (int(blockIdx.x) - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
+  const int warps = c.forwardBlocks * kHTWarps;
+  const uint32_t epoch = seq + 1;
+  const size_t backBytes = l.payloadBytes + (size_t(l.maxTopk) * 4 + 15) / 16 * 16;
+
+  if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
+    ht::waitSources(peers, c, t, seq, s.tokens);
+    for (int n = 0; n < t.N; ++n) {
+      if (n == t.node) continue;
+      const int src = t.sourceOn(n);
+      const int* info = reinterpret_cast<const int*>(c.local + l.combineFwd + size_t(n) * l.infoStride);
+      for (int b = w; b < s.tokens[n]; b += warps) {
+        const int j = lane < S ? __ldcg(info + int64_t(b) * S + lane) : -1;
+        const uint32_t from = __ballot_sync(kFull, j >= 0);
+        if (from == 0) continue;  // the token has no expert on our node
+        const char* msg = j >= 0 ? ht::slotPtr(c.local, l, n * S + lane, j) : nullptr;
+        bool ok = true;
+        if (j >= 0) {
+          uint64_t flag = 0;
+          ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTForward,
+                             t.node * S + lane);
+        }
+        if (!__all_sync(kFull, ok)) break;
+        __syncwarp();  // each partial's flag was acquired by its lane
+        const size_t stage = l.combineFwd + l.backOffset + (size_t(n) * T + size_t(b)) * l.msgBytes;
+        char* out = c.local + stage;
+        sumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
+        const float weight = sumWeights(msg, from, int(l.payloadBytes), p.topk, lane);
+        if (lane < p.topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
+        __syncwarp();
+        peers.ship(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes,
+                   lane, 32);
+      }
+    }
+  }
+  if (ht::arriveRole(c, 3, c.forwardBlocks, &s.last))
+    for (int n = threadIdx.x; n < t.N; n += blockDim.x)
+      if (n != t.node) ht::signalPeer(peers, c, t.sourceOn(n), kHTSigBack, 1);
+}
+
+template <class Net>
+__device__ void recvRole(const transport::Peers<Net>& peers, const HTCombineParams& p, const ht::Topo& t,
+                         uint32_t seq) {
+  const HTCommon& c = p.c;
+  const HTLayout& l = c.layout;
+  const int R = c.nRanks, K = p.topk, T = l.maxTokens, S = t.S;
+  const int lane = threadIdx.x & 31;
+  const int first = c.sendBlocks + c.forwardBlocks;
+  const int warps = (gridDim.x - first) * kHTWarps;
+  const int w = (int(blockIdx.x) - first) * kHTWarps + (threadIdx.x >> 5);
+  const uint32_t epoch = seq + 1;
+  const uint64_t backMark = uint64_t(ht::state(c)->combines) + 1;
+  const uint32_t nodeLanes = S >= 32 ? kFull : (1u << S) - 1;
+
+  for (int m = threadIdx.x; m < t.N; m += blockDim.x)
+    if (m != t.node) ht::waitPeer(peers, c, t.forwarder(c.rank, m), kHTSigBack, backMark, kPhaseHTCombineRecv);
+  if (__syncthreads_or(device::hasError(ht::sink(c)) ? 1 : 0)) return;
+
+  int4* out = static_cast<int4*>(p.out);
+  for (int b = w; b < p.numTokens; b += warps) {
+    const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
+    const uint32_t dests = __ballot_sync(kFull, slot >= 0);
+    // Lane d of our node: d's partial in our slots; lane m * S of another node m: m's reduced row.
+    const char* msg = nullptr;
+    if (lane < R && t.nodeOf(lane) == t.node) {
+      if (slot >= 0) msg = ht::slotPtr(c.local, l, lane, slot);
+    } else if (lane < R && lane % S == 0 && ((dests >> lane) & nodeLanes) != 0) {
+      msg = c.local + l.netStage + l.backOffset + (size_t(t.nodeOf(lane)) * T + size_t(b)) * l.msgBytes;
+    }
+    bool ok = true;
+    if (msg != nullptr && t.nodeOf(lane) == t.node) {
+      uint64_t flag = 0;
+      ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCombineRecv,
+                         lane);
+    }
+    if (!__all_sync(kFull, ok)) return;
+    __syncwarp();  // each partial's flag (or its node's signal) was acquired
+    const uint32_t from = __ballot_sync(kFull, msg != nullptr);  // ascending lanes: node order
+    sumRows<true>(out + int64_t(b) * (p.hidden / 8), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
+    if (p.outWeights != nullptr) {
+      const float weight = sumWeights(msg, from, int(l.payloadBytes), K, lane);
+      if (lane < K) p.outWeights[int64_t(b) * K + lane] = weight;
+    }
+  }
+}
+
+template <class Net>
+__global__ void __launch_bounds__(kHTThreads, 1) htInternodeCombineKernel(const __grid_constant__ HTCombineParams p) {
+  __shared__ Shared s;
+  const HTCommon& c = p.c;
+  const transport::Peers<Net> peers = ht::makePeers<Net>(c);
+  const ht::Topo t = ht::topo(c);
+  const uint32_t seq = ht::callSeq(c);
+  const int block = blockIdx.x;
+  if (block < c.sendBlocks) sendRole(peers, p, t, seq);
+  else if (block < c.sendBlocks + c.forwardBlocks) forwardRole(peers, p, t, seq, s);
+  else recvRole(peers, p, t, seq);
+  ht::finishInternode(peers, c, seq, ht::kCallCombine, &s.last);
+}
+
+template <class Net>
+int launch(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
+  const HTLayout& l = p.c.layout;
+  cudaError_t e = cudaMemsetAsync(p.c.local + l.rowCount, 0, size_t(p.c.nRanks) * l.maxTokens * 4, stream);
+  if (e != cudaSuccess) return int(e);
+  if (p.numRows > 0) {
+    int blocks = (p.numRows + kHTThreads - 1) / kHTThreads;
+    blocks = blocks > numBlocks ? numBlocks : blocks;
+    htInternodePrepareKernel<<<blocks, kHTThreads, 0, stream>>>(p);
+  }
+  htInternodeCombineKernel<Net><<<numBlocks, kHTThreads, 0, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int launchHTInternodeCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
+  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
+                    : launch<transport::NetEmulated>(p, numBlocks, stream);
+}
+
+}  // namespace ncclep

@@ -1,0 +1,100 @@
+// Forward role of the internode dispatch and cached dispatch: the network messages a forwarder
+// received from the source on each other node, fanned out over NVLink (LSA) into the slots of
+// the ranks of our node that hold the token, as if the source had stored them itself.
+//
+// A message in netRecv[n][b] belongs to this call when its token word carries the call's epoch
+// (the source put it, and the kHTSigForward signal acquired in waitSources covers the put). For
+// each rank d of our node with send_pos[b, d] = j >= 0, the warp writes slot (source, j) of d's
+// slots region: the payload (and, for dispatch, the metadata relative to d: local expert id or
+// -1, position, weight), then the slot's flag (epoch << 32 | b) with release semantics, which is
+// what d's receive role polls, exactly as for a source on d's own node.
+#pragma once
+
+#include <cstdint>
+
+#include "common/memory_order.cuh"
+#include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_internode.cuh"
+
+namespace ncclep {
+namespace ht {
+
+// kMeta: dispatch (payload of `bytes`, a multiple of 16, then metadata); else cached dispatch
+// (a row of `bytes`, any count). `topk`: the dispatch's top-k.
+template <class Net, bool kMeta>
+__device__ void forwardMessages(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t, uint32_t seq,
+                                const int* tokens, int bytes, int topk) {
+  const HTLayout& l = c.layout;
+  const int R = c.nRanks, L = l.numLocalExperts, KM = l.maxTopk;
+  const int lane = threadIdx.x & 31;
+  const int w = (int(blockIdx.x) - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
+  const int warps = c.forwardBlocks * kHTWarps;
+  const uint32_t epoch = seq + 1;
+
+  for (int n = 0; n < t.N; ++n) {
+    if (n == t.node) continue;
+    const int src = t.sourceOn(n);
+    for (int b = w; b < tokens[n]; b += warps) {
+      if (device::hasError(sink(c))) return;
+      const char* msg = c.local + netRecvAt(l, n, b);
+      const uint64_t tag = __ldcg(reinterpret_cast<const unsigned long long*>(msg + l.netTokenOffset));
+      if (uint32_t(tag >> 32) != epoch) continue;  // not sent to our node this call
+      int slot = -1;
+      if (lane < R && t.nodeOf(lane) == t.node) slot = __ldcg(reinterpret_cast<const int*>(msg + l.flagOffset) + lane);
+      const uint32_t dests = __ballot_sync(kFull, slot >= 0);
+      char* dst = slot >= 0 ? peers.net.lsa.template peerPtr<char>(lane, slotAt(l, src, slot)) : nullptr;
+      if (kMeta) {
+        warpFanout16<true>(dst, dests, reinterpret_cast<const int4*>(msg), bytes / 16, lane);
+        int e = -1, pos = 0;
+        float weight = 0.0f;
+        if (lane < topk) {
+          const int* meta = reinterpret_cast<const int*>(msg + l.payloadBytes);
+          e = __ldcg(meta + lane);
+          pos = __ldcg(meta + KM + lane);
+          weight = __ldcg(reinterpret_cast<const float*>(meta) + 2 * KM + lane);
+        }
+        for (uint32_t m = dests; m != 0; m &= m - 1) {
+          const int d = __ffs(m) - 1;
+          char* out = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(dst), d));
+          if (lane < topk) {
+            const bool here = e >= 0 && e / L == d;
+            int* meta = reinterpret_cast<int*>(out + l.payloadBytes);
+            meta[lane] = here ? e - d * L : -1;
+            meta[KM + lane] = here ? pos : 0;
+            reinterpret_cast<float*>(meta)[2 * KM + lane] = here ? weight : 0.0f;
+          }
+        }
+      } else {
+        for (uint32_t m = dests; m != 0; m &= m - 1) {
+          char* out = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(dst), __ffs(m) - 1));
+          warpCopyBytes<true>(out, msg, bytes, lane);
+        }
+      }
+      __syncwarp();
+      if (slot >= 0) device::storeRelease(reinterpret_cast<uint64_t*>(dst + l.flagOffset), (uint64_t(epoch) << 32) | uint32_t(b));
+    }
+  }
+}
+
+// Send role, one token: the network message of token b (its row, written by the caller at the
+// staging offset, then here its send_pos row and token word) put to the forwarder of every other
+// node that holds one of its experts. `slot` is lane d's send_pos[b, d] (lanes >= R: -1).
+template <class Net>
+__device__ __forceinline__ void shipToForwarders(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
+                                                 uint32_t epoch, int b, int slot) {
+  const HTLayout& l = c.layout;
+  const int lane = threadIdx.x & 31;
+  char* msg = c.local + netStageAt(l, b);
+  if (lane < c.nRanks) reinterpret_cast<int*>(msg + l.flagOffset)[lane] = slot;
+  if (lane == 0) *reinterpret_cast<uint64_t*>(msg + l.netTokenOffset) = (uint64_t(epoch) << 32) | uint32_t(b);
+  const bool remote = slot >= 0 && t.nodeOf(lane) != t.node;
+  const uint32_t nodes = __reduce_or_sync(kFull, remote ? 1u << t.nodeOf(lane) : 0u);
+  __syncwarp();  // the message is complete before any lane copies it (emulation) or lane 0 puts it
+  for (uint32_t m = nodes; m != 0; m &= m - 1) {
+    const int node = __ffs(m) - 1;
+    peers.ship(t.forwarder(c.rank, node), netRecvAt(l, t.node, b), netStageAt(l, b), l.netMsgBytes, lane, 32);
+  }
+}
+
+}  // namespace ht
+}  // namespace ncclep
