@@ -22,8 +22,6 @@ namespace {
 
 using ht::kFull;
 
-constexpr int kSumU = 4;  // 16-byte vectors per lane summed at once
-
 __global__ void __launch_bounds__(kHTThreads) htCombinePrepareKernel(const __grid_constant__ HTCombineParams p) {
   const HTLayout& l = p.c.layout;
   const int slots = p.c.nRanks * l.maxTokens;
@@ -72,23 +70,8 @@ __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
         if (at == lane) sorted = r;
       }
       char* msg = lsa.peerPtr<char>(owner, l.slots + (size_t(c.rank) * T + size_t(j)) * l.msgBytes);
-      int4* dst = reinterpret_cast<int4*>(msg);
-      for (int base = 0; base < vectors; base += 32 * kSumU) {
-        float acc[kSumU][8] = {};
-        for (int q = 0; q < n; ++q) {
-          const int4* src = x + int64_t(__shfl_sync(kFull, sorted, q)) * vectors;
-#pragma unroll
-          for (int u = 0; u < kSumU; ++u) {
-            const int i = base + 32 * u + lane;
-            if (i < vectors) ht::addBf16x8(acc[u], __ldg(src + i));
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kSumU; ++u) {
-          const int i = base + 32 * u + lane;
-          if (i < vectors) dst[i] = ht::packBf16x8(acc[u]);
-        }
-      }
+      const uint32_t rows = n >= 32 ? kFull : (1u << n) - 1;
+      ht::warpSumRows<false>(reinterpret_cast<int4*>(msg), x + int64_t(sorted) * vectors, rows, vectors, lane);
       if (p.topkWeights != nullptr) {
         float acc = 0.0f;
         for (int q = 0; q < n; ++q) {
@@ -125,31 +108,11 @@ __device__ void combineRecv(const HTCombineParams& p, uint32_t seq) {
     }
     if (!__all_sync(kFull, ok)) return;
     __syncwarp();  // each message's flag was acquired by its lane
-    const uint32_t from = __ballot_sync(kFull, slot >= 0);
-    for (int base = 0; base < vectors; base += 32 * kSumU) {
-      float acc[kSumU][8] = {};
-      for (uint32_t m = from; m != 0; m &= m - 1) {  // ranks in ascending order, as the reference
-        const int4* src =
-            reinterpret_cast<const int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
-#pragma unroll
-        for (int u = 0; u < kSumU; ++u) {
-          const int i = base + 32 * u + lane;
-          if (i < vectors) ht::addBf16x8(acc[u], __ldcg(src + i));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kSumU; ++u) {
-        const int i = base + 32 * u + lane;
-        if (i < vectors) out[int64_t(b) * vectors + i] = ht::packBf16x8(acc[u]);
-      }
-    }
+    const uint32_t from = __ballot_sync(kFull, slot >= 0);  // ranks in ascending order, as the reference
+    ht::warpSumRows<true>(out + int64_t(b) * vectors, reinterpret_cast<const int4*>(msg), from, vectors, lane);
     if (p.outWeights != nullptr) {
-      float acc = 0.0f;
-      for (uint32_t m = from; m != 0; m &= m - 1) {
-        const char* src = reinterpret_cast<const char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(msg), __ffs(m) - 1));
-        if (lane < K) acc += __ldcg(reinterpret_cast<const float*>(src + l.payloadBytes) + lane);
-      }
-      if (lane < K) p.outWeights[int64_t(b) * K + lane] = acc;
+      const float weight = ht::warpSumWeights(msg, from, l.payloadBytes, K, lane);
+      if (lane < K) p.outWeights[int64_t(b) * K + lane] = weight;
     }
   }
 }

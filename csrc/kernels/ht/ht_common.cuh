@@ -210,6 +210,73 @@ __device__ __forceinline__ void warpZeroBytes(void* dst, int bytes, int lane) {
 using device::addBf16x8;
 using device::packBf16x8;
 
+// Warp sum of the bf16 rows whose addresses the lanes in `lanes` hold in `src`, taken in lane
+// order with fp32 accumulation, stored as `vectors` 16-byte bf16 vectors at dst. The sums are
+// bound by load latency, so loads are batched: one row is a plain copy (8 vectors in flight per
+// lane; its bf16 -> fp32 -> bf16 round trip would be exact anyway), more rows are read two at a
+// time (2 x 4 vectors in flight) and added in order, so the result does not depend on batching.
+// kWindow: rows written by peers, read through L2.
+template <bool kWindow>
+__device__ __forceinline__ void warpSumRows(int4* dst, const int4* src, uint32_t lanes, int vectors, int lane) {
+  const auto rowOf = [&](uint32_t m) {
+    return reinterpret_cast<const int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(src), __ffs(m) - 1));
+  };
+  if (lanes != 0 && (lanes & (lanes - 1)) == 0) {
+    warpCopy16<kWindow, 8>(dst, rowOf(lanes), vectors, lane);
+    return;
+  }
+  constexpr int U = 4;
+  const auto load = [&](const int4* row, int i) { return kWindow ? __ldcg(row + i) : __ldg(row + i); };
+  for (int base = 0; base < vectors; base += 32 * U) {
+    float acc[U][8] = {};
+    uint32_t m = lanes;
+    for (; m != 0 && (m & (m - 1)) != 0; m &= m - 1, m &= m - 1) {
+      const int4* a = rowOf(m);
+      const int4* b = rowOf(m & (m - 1));
+      int4 va[U], vb[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < vectors) {
+          va[u] = load(a, i);
+          vb[u] = load(b, i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (base + 32 * u + lane < vectors) {
+          addBf16x8(acc[u], va[u]);
+          addBf16x8(acc[u], vb[u]);
+        }
+      }
+    }
+    if (m != 0) {
+      const int4* a = rowOf(m);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < vectors) addBf16x8(acc[u], load(a, i));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + 32 * u + lane;
+      if (i < vectors) dst[i] = packBf16x8(acc[u]);
+    }
+  }
+}
+
+// Per-choice sums (lane < topk) of the float weights at `weightsAt` in the messages whose
+// addresses the lanes in `lanes` hold in `src`, in lane order.
+__device__ __forceinline__ float warpSumWeights(const char* src, uint32_t lanes, int weightsAt, int topk, int lane) {
+  float acc = 0.0f;
+  for (uint32_t m = lanes; m != 0; m &= m - 1) {
+    const char* msg = reinterpret_cast<const char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(src), __ffs(m) - 1));
+    if (lane < topk) acc += __ldcg(reinterpret_cast<const float*>(msg + weightsAt) + lane);
+  }
+  return acc;
+}
+
 // Splits warps into groups serving one stream each (a peer rank): warp w of `warps` serves
 // stream first, first + step, ... and within a stream items h, h + helpers, ...
 struct StreamShare {

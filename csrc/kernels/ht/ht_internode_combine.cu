@@ -36,8 +36,6 @@ namespace {
 
 using ht::kFull;
 
-constexpr int kSumU = 4;  // 16-byte vectors per lane summed at once
-
 struct Shared {
   int tokens[kHTMaxRanks];
   bool last;
@@ -55,38 +53,6 @@ __global__ void __launch_bounds__(kHTThreads) htInternodePrepareKernel(const __g
     const int k = atomicAdd(&rowCount[slot], 1);
     if (k < l.maxTopk) rowsOf[int64_t(slot) * l.maxTopk + k] = r;
   }
-}
-
-// Sums `n` (<= 32) 16-byte-vector rows, lane q holding row q's address in `src`, in lane order,
-// into dst (bf16, `vectors` long). kWindow: the rows are in the window (written by peers).
-template <bool kWindow>
-__device__ __forceinline__ void sumRows(int4* dst, const int4* src, uint32_t lanes, int vectors, int lane) {
-  for (int base = 0; base < vectors; base += 32 * kSumU) {
-    float acc[kSumU][8] = {};
-    for (uint32_t m = lanes; m != 0; m &= m - 1) {
-      const int4* row = reinterpret_cast<const int4*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(src), __ffs(m) - 1));
-#pragma unroll
-      for (int u = 0; u < kSumU; ++u) {
-        const int i = base + 32 * u + lane;
-        if (i < vectors) ht::addBf16x8(acc[u], kWindow ? __ldcg(row + i) : __ldg(row + i));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kSumU; ++u) {
-      const int i = base + 32 * u + lane;
-      if (i < vectors) dst[i] = ht::packBf16x8(acc[u]);
-    }
-  }
-}
-
-// Per-choice sums (lane < topk) of the weights of the messages in `lanes` (lane q: address in src).
-__device__ __forceinline__ float sumWeights(const char* src, uint32_t lanes, int weightsAt, int topk, int lane) {
-  float acc = 0.0f;
-  for (uint32_t m = lanes; m != 0; m &= m - 1) {
-    const char* msg = reinterpret_cast<const char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(src), __ffs(m) - 1));
-    if (lane < topk) acc += __ldcg(reinterpret_cast<const float*>(msg + weightsAt) + lane);
-  }
-  return acc;
 }
 
 template <class Net>
@@ -153,7 +119,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCombinePara
       }
       char* msg = peers.net.lsa.template peerPtr<char>(to, ht::slotAt(l, slotRow, j));
       const int4* src = lane < n ? x + int64_t(sorted) * vectors : nullptr;
-      sumRows<false>(reinterpret_cast<int4*>(msg), src, n >= 32 ? kFull : (1u << n) - 1, vectors, lane);
+      ht::warpSumRows<false>(reinterpret_cast<int4*>(msg), src, n >= 32 ? kFull : (1u << n) - 1, vectors, lane);
       if (p.topkWeights != nullptr) {
         float acc = 0.0f;
         for (int q = 0; q < n; ++q) {
@@ -201,8 +167,8 @@ __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCombineP
         __syncwarp();  // each partial's flag was acquired by its lane
         const size_t stage = l.combineFwd + l.backOffset + (size_t(n) * T + size_t(b)) * l.msgBytes;
         char* out = c.local + stage;
-        sumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
-        const float weight = sumWeights(msg, from, int(l.payloadBytes), p.topk, lane);
+        ht::warpSumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
+        const float weight = ht::warpSumWeights(msg, from, int(l.payloadBytes), p.topk, lane);
         if (lane < p.topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
         __syncwarp();
         peers.ship(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes,
@@ -253,9 +219,9 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
     if (!__all_sync(kFull, ok)) return;
     __syncwarp();  // each partial's flag (or its node's signal) was acquired
     const uint32_t from = __ballot_sync(kFull, msg != nullptr);  // ascending lanes: node order
-    sumRows<true>(out + int64_t(b) * (p.hidden / 8), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
+    ht::warpSumRows<true>(out + int64_t(b) * (p.hidden / 8), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
     if (p.outWeights != nullptr) {
-      const float weight = sumWeights(msg, from, int(l.payloadBytes), K, lane);
+      const float weight = ht::warpSumWeights(msg, from, int(l.payloadBytes), K, lane);
       if (lane < K) p.outWeights[int64_t(b) * K + lane] = weight;
     }
   }
