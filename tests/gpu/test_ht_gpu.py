@@ -248,6 +248,32 @@ def test_ht_deepseek_shape(world: int, nodes: int) -> None:
         assert problems == []
 
 
+def _largest_batch(seed: int, nodes: int = 1) -> list[str]:
+    """8192 tokens on even ranks, 1 and 3000 on odd ones: the top of the issue's 1..8192 range."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(seed + rank)
+    cuda, ref = _groups(tokens=8192, hidden=1024, max_topk=8, nodes=nodes)
+    problems = []
+    for call, (payload, layout, alignment) in enumerate(
+        (("bf16", "flat", 1), ("fp8", "expert_major", 128), ("bf16", "expert_major", 16))
+    ):
+        tokens = 8192 if rank % 2 == 0 else (1, 3000)[call % 2]
+        inp = _inputs(g, tokens, 1024, 8, "uniform", payload=payload)
+        problem = _check_pair(cuda, ref, inp, layout, alignment, g, cached=call == 0)
+        if problem:
+            problems.append(f"{payload} {layout}/{alignment} B={tokens}: {problem}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world,nodes", WORLDS)
+def test_ht_8192_tokens(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_largest_batch, 5, nodes):
+        assert problems == []
+
+
 def _expert_rows(rows: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
     local_w = torch.where(idx >= 0, weights, 0.0).sum(dim=1, keepdim=True)
     return (rows.float() * (0.5 + rank) + local_w).to(torch.bfloat16)
