@@ -147,7 +147,10 @@ class HarnessExperts:
         self._expect(meta is not None and meta.expert_num_tokens is not None, "no expert_num_tokens")
         assert meta is not None and meta.expert_num_tokens is not None
         counts = meta.expert_num_tokens
-        self._expect(counts.dtype == torch.int32 and counts.device == a1q.device, f"counts {counts}")
+        self._expect(
+            counts.dtype == torch.int32 and counts.device == a1q.device,
+            f"counts {counts.dtype} on {counts.device}",
+        )
         if self.mode == "ll":
             if a1q_scale is not None:
                 groups = a1q.shape[-1] // (512 if self.packed_ue8m0 else 128)
