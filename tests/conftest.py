@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,17 @@ def pool(world_size: int, backend: str = "gloo") -> DistPool:
     if key not in _pools:
         _pools[key] = DistPool(world_size, backend)
     return _pools[key]
+
+
+@contextlib.contextmanager
+def virtual_nodes(nodes: int) -> Iterator[None]:
+    """Split the host into ``nodes`` virtual nodes: peers on the other ones take the network path."""
+    if nodes > 1:
+        os.environ["NCCLEP_VIRTUAL_NODES"] = str(nodes)
+    try:
+        yield
+    finally:
+        os.environ.pop("NCCLEP_VIRTUAL_NODES", None)
 
 
 def gpu_pool(world_size: int) -> DistPool:

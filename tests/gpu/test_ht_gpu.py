@@ -14,15 +14,12 @@ forwarder first, which the bf16 tolerance covers.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call
+from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call, virtual_nodes
 
 import ncclep
 from ncclep import fp8
@@ -47,21 +44,10 @@ WORLDS = [
 ]
 
 
-@contextlib.contextmanager
-def _virtual_nodes(nodes: int) -> Iterator[None]:
-    """Split the host into ``nodes`` virtual nodes: peers on the other ones take the network path."""
-    if nodes > 1:
-        os.environ["NCCLEP_VIRTUAL_NODES"] = str(nodes)
-    try:
-        yield
-    finally:
-        os.environ.pop("NCCLEP_VIRTUAL_NODES", None)
-
-
 def _groups(
     experts: int = EXPERTS, tokens: int = T, hidden: int = HIDDEN, max_topk: int = 16, nodes: int = 1
 ) -> tuple[ncclep.Group, ncclep.Group]:
-    with _virtual_nodes(nodes):
+    with virtual_nodes(nodes):
         cuda = ncclep.Group(
             experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="cuda", timeout_s=30.0
         )
@@ -442,7 +428,7 @@ def test_ht_timeout_names_the_peer() -> None:
 def _skipped_call_virtual() -> str:
     """The same on the hierarchical path (2 virtual nodes of one rank): the waits for the other
     node's counts, messages and done signals time out and name it."""
-    with _virtual_nodes(2):
+    with virtual_nodes(2):
         group = ncclep.Group(EXPERTS, 64, 256, mode="ht", backend="cuda", timeout_s=2.0)
     inp = _inputs(torch.Generator().manual_seed(dist.get_rank()), 16, 256, 4, "uniform")
     return peer_skips_a_call(group, lambda: group.ht_dispatch(**inp))

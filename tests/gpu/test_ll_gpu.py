@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call
+from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call, virtual_nodes
 
 import ncclep
 from ncclep.workloads import make_routing
@@ -19,19 +15,8 @@ pytestmark = pytest.mark.gpu
 EXPERTS, T, HIDDEN = 64, 64, 7168
 
 
-@contextlib.contextmanager
-def _virtual_nodes(nodes: int) -> Iterator[None]:
-    """Split the host into ``nodes`` virtual nodes: peers on the other ones take the network path."""
-    if nodes > 1:
-        os.environ["NCCLEP_VIRTUAL_NODES"] = str(nodes)
-    try:
-        yield
-    finally:
-        os.environ.pop("NCCLEP_VIRTUAL_NODES", None)
-
-
 def _groups(max_topk: int = 16, nodes: int = 1) -> tuple[ncclep.Group, ncclep.Group]:
-    with _virtual_nodes(nodes):
+    with virtual_nodes(nodes):
         cuda = ncclep.Group(EXPERTS, T, HIDDEN, mode="ll", max_topk=max_topk, backend="cuda", timeout_s=20.0)
     assert cuda.native_info["node_size"] == dist.get_world_size() // nodes
     assert cuda.num_nodes == nodes

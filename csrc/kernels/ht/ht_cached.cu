@@ -10,6 +10,7 @@
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_messages.cuh"
 #include "kernels/ht/ht_params.h"
 #include "transport/lsa.cuh"
 
@@ -49,41 +50,13 @@ __device__ void cachedSend(const HTCachedParams& p, uint32_t seq) {
   }
 }
 
-__device__ void cachedRecv(const HTCachedParams& p, uint32_t seq) {
-  const HTCommon& c = p.c;
-  const HTLayout& l = c.layout;
-  const int T = l.maxTokens, slots = c.nRanks * T;
-  const int lane = threadIdx.x & 31;
-  const int warps = (gridDim.x - c.sendBlocks) * kHTWarps;
-  const int w = (blockIdx.x - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
-  const uint32_t epoch = seq + 1;
-
-  for (int r = w; r < p.numRows; r += warps) {
-    char* dst = static_cast<char*>(p.out) + int64_t(r) * p.rowBytes;
-    const int slot = p.recvSlot[r];
-    if (slot < 0 || slot >= slots) {
-      ht::warpZeroBytes(dst, p.rowBytes, lane);
-      continue;
-    }
-    const int src = slot / T;
-    const char* msg = ht::slotPtr(c.local, l, src, slot % T);
-    bool ok = true;
-    if (lane == 0) {
-      uint64_t flag = 0;
-      ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCachedRecv,
-                         src);
-    }
-    if (!__shfl_sync(kFull, ok, 0)) return;
-    __syncwarp();
-    ht::warpCopyBytes<true>(dst, msg, p.rowBytes, lane);
-  }
-}
-
 __global__ void __launch_bounds__(kHTThreads, 1) htCachedKernel(const __grid_constant__ HTCachedParams p) {
   __shared__ bool last;
   const uint32_t seq = ht::callSeq(p.c);
   if (int(blockIdx.x) < p.c.sendBlocks) cachedSend(p, seq);
-  else cachedRecv(p, seq);
+  else
+    ht::receiveCachedRows(p, (blockIdx.x - p.c.sendBlocks) * kHTWarps + (threadIdx.x >> 5),
+                          (gridDim.x - p.c.sendBlocks) * kHTWarps, seq + 1);
   ht::finishCall(p.c, seq, &last);
 }
 

@@ -14,6 +14,7 @@
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
+#include "kernels/ht/ht_messages.cuh"
 #include "kernels/ht/ht_params.h"
 #include "transport/lsa.cuh"
 
@@ -39,12 +40,8 @@ __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
-  const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
+  const int R = c.nRanks, T = l.maxTokens;
   const int lane = threadIdx.x & 31;
-  const int* rowCount = reinterpret_cast<const int*>(c.local + l.rowCount);
-  const int* rowsOf = reinterpret_cast<const int*>(c.local + l.rowsOf);
-  const int4* x = static_cast<const int4*>(p.x);
-  const int vectors = p.hidden / 8;
   const uint64_t epoch = uint64_t(seq) + 1;
   const ht::StreamShare share =
       ht::shareStreams(blockIdx.x * kHTWarps + (threadIdx.x >> 5), c.sendBlocks * kHTWarps, R);
@@ -58,28 +55,8 @@ __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
                                kPhaseHTCombineSend, owner);
     if (!__shfl_sync(kFull, ready, 0)) return;
     for (int j = share.h; j < messages; j += share.helpers) {
-      const int slot = owner * T + j;
-      const int n = min(rowCount[slot], KM);
-      const int mine = lane < n ? rowsOf[int64_t(slot) * KM + lane] : 0x7fffffff;
-      // Rows in ascending order, so the sum does not depend on the prepare kernel's atomics.
-      int rank = 0;
-      for (int q = 0; q < n; ++q) rank += __shfl_sync(kFull, mine, q) < mine ? 1 : 0;
-      int sorted = 0;
-      for (int q = 0; q < n; ++q) {
-        const int r = __shfl_sync(kFull, mine, q), at = __shfl_sync(kFull, rank, q);
-        if (at == lane) sorted = r;
-      }
       char* msg = lsa.peerPtr<char>(owner, l.slots + (size_t(c.rank) * T + size_t(j)) * l.msgBytes);
-      const uint32_t rows = n >= 32 ? kFull : (1u << n) - 1;
-      ht::warpSumRows<false>(reinterpret_cast<int4*>(msg), x + int64_t(sorted) * vectors, rows, vectors, lane);
-      if (p.topkWeights != nullptr) {
-        float acc = 0.0f;
-        for (int q = 0; q < n; ++q) {
-          const int64_t row = __shfl_sync(kFull, sorted, q);
-          if (lane < K && p.recvTopkIdx[row * K + lane] >= 0) acc += p.topkWeights[row * K + lane];
-        }
-        if (lane < K) reinterpret_cast<float*>(msg + l.payloadBytes)[lane] = acc;
-      }
+      ht::writeCombineMessage(p, msg, owner * T + j, lane);
       __syncwarp();
       if (lane == 0) device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (epoch << 32) | uint32_t(j));
     }
@@ -127,7 +104,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCombineKernel(const __grid_co
 
 }  // namespace
 
-int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
+int launchHTCombinePrepare(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
   const HTLayout& l = p.c.layout;
   cudaError_t e = cudaMemsetAsync(p.c.local + l.rowCount, 0, size_t(p.c.nRanks) * l.maxTokens * 4, stream);
   if (e != cudaSuccess) return int(e);
@@ -136,6 +113,12 @@ int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream
     blocks = blocks > numBlocks ? numBlocks : blocks;
     htCombinePrepareKernel<<<blocks, kHTThreads, 0, stream>>>(p);
   }
+  return int(cudaGetLastError());
+}
+
+int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
+  const int e = launchHTCombinePrepare(p, numBlocks, stream);
+  if (e != 0) return e;
   htCombineKernel<<<numBlocks, kHTThreads, 0, stream>>>(p);
   return int(cudaGetLastError());
 }

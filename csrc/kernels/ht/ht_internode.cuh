@@ -202,5 +202,14 @@ __device__ __forceinline__ size_t slotAt(const HTLayout& l, int src, int j) {
   return l.slots + (size_t(src) * l.maxTokens + size_t(j)) * l.msgBytes;
 }
 
+// Launches a hierarchical kernel over the group's network transport: GIN on real nodes, its LSA
+// emulation under virtual nodes (kernel<NetGin> or kernel<NetEmulated>).
+template <class Params>
+inline int launchOnTransport(const Params& p, void (*gin)(Params), void (*emulated)(Params), int blocks,
+                             cudaStream_t stream) {
+  (p.c.useGin ? gin : emulated)<<<blocks, kHTThreads, 0, stream>>>(p);
+  return int(cudaGetLastError());
+}
+
 }  // namespace ht
 }  // namespace ncclep

@@ -16,6 +16,7 @@
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
 #include "kernels/ht/ht_internode_forward.cuh"
+#include "kernels/ht/ht_messages.cuh"
 #include "kernels/ht/ht_params.h"
 
 namespace ncclep {
@@ -60,37 +61,6 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCachedParam
   if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
 }
 
-__device__ void recvRole(const HTCachedParams& p, uint32_t seq) {
-  const HTCommon& c = p.c;
-  const HTLayout& l = c.layout;
-  const int T = l.maxTokens, slots = c.nRanks * T;
-  const int lane = threadIdx.x & 31;
-  const int first = c.sendBlocks + c.forwardBlocks;
-  const int warps = (gridDim.x - first) * kHTWarps;
-  const int w = (blockIdx.x - first) * kHTWarps + (threadIdx.x >> 5);
-  const uint32_t epoch = seq + 1;
-
-  for (int r = w; r < p.numRows; r += warps) {
-    char* dst = static_cast<char*>(p.out) + int64_t(r) * p.rowBytes;
-    const int slot = p.recvSlot[r];
-    if (slot < 0 || slot >= slots) {
-      ht::warpZeroBytes(dst, p.rowBytes, lane);
-      continue;
-    }
-    const int src = slot / T;
-    const char* msg = ht::slotPtr(c.local, l, src, slot % T);
-    bool ok = true;
-    if (lane == 0) {
-      uint64_t flag = 0;
-      ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCachedRecv,
-                         src);
-    }
-    if (!__shfl_sync(kFull, ok, 0)) return;
-    __syncwarp();
-    ht::warpCopyBytes<true>(dst, msg, p.rowBytes, lane);
-  }
-}
-
 template <class Net>
 __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const __grid_constant__ HTCachedParams p) {
   __shared__ Shared s;
@@ -107,22 +77,17 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const _
       ht::forwardMessages<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
     }
   } else {
-    recvRole(p, seq);
+    const int first = c.sendBlocks + c.forwardBlocks;
+    ht::receiveCachedRows(p, (block - first) * kHTWarps + (threadIdx.x >> 5), (gridDim.x - first) * kHTWarps, seq + 1);
   }
   ht::finishInternode(peers, c, seq, ht::kCallCached, &s.last);
-}
-
-template <class Net>
-int launch(const HTCachedParams& p, int numBlocks, cudaStream_t stream) {
-  htInternodeCachedKernel<Net><<<numBlocks, kHTThreads, 0, stream>>>(p);
-  return int(cudaGetLastError());
 }
 
 }  // namespace
 
 int launchHTInternodeCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream) {
-  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
-                    : launch<transport::NetEmulated>(p, numBlocks, stream);
+  return ht::launchOnTransport(p, htInternodeCachedKernel<transport::NetGin>, htInternodeCachedKernel<transport::NetEmulated>,
+                               numBlocks, stream);
 }
 
 }  // namespace ncclep

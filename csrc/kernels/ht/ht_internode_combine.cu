@@ -29,6 +29,7 @@
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
+#include "kernels/ht/ht_messages.cuh"
 #include "kernels/ht/ht_params.h"
 
 namespace ncclep {
@@ -40,20 +41,6 @@ struct Shared {
   int tokens[kHTMaxRanks];
   bool last;
 };
-
-// rowsOf[slot] = the rows holding slot (source * T + j), from the dispatch's recv_slot.
-__global__ void __launch_bounds__(kHTThreads) htInternodePrepareKernel(const __grid_constant__ HTCombineParams p) {
-  const HTLayout& l = p.c.layout;
-  const int slots = p.c.nRanks * l.maxTokens;
-  int* rowCount = reinterpret_cast<int*>(p.c.local + l.rowCount);
-  int* rowsOf = reinterpret_cast<int*>(p.c.local + l.rowsOf);
-  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < p.numRows; r += gridDim.x * blockDim.x) {
-    const int slot = p.recvSlot[r];
-    if (slot < 0 || slot >= slots) continue;
-    const int k = atomicAdd(&rowCount[slot], 1);
-    if (k < l.maxTopk) rowsOf[int64_t(slot) * l.maxTopk + k] = r;
-  }
-}
 
 template <class Net>
 __device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombineParams& p, const ht::Topo& t,
@@ -87,16 +74,12 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCombinePara
                          uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
-  const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
+  const int R = c.nRanks, T = l.maxTokens;
   const int lane = threadIdx.x & 31;
   const uint32_t epoch = seq + 1;
   if (!ht::waitPeersFree(peers, c, seq, kPhaseHTCombineSend)) return;
   if (blockIdx.x == 0) sendInfo(peers, p, t, epoch);
 
-  const int* rowCount = reinterpret_cast<const int*>(c.local + l.rowCount);
-  const int* rowsOf = reinterpret_cast<const int*>(c.local + l.rowsOf);
-  const int4* x = static_cast<const int4*>(p.x);
-  const int vectors = p.hidden / 8;
   const ht::StreamShare share =
       ht::shareStreams(blockIdx.x * kHTWarps + (threadIdx.x >> 5), c.sendBlocks * kHTWarps, R);
   for (int owner = share.first; owner < R; owner += share.step) {
@@ -106,28 +89,8 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCombinePara
     const int to = near ? owner : t.forwarder(owner, t.node);
     const int slotRow = near ? c.rank : t.nodeOf(owner) * t.S + t.local;
     for (int j = share.h; j < messages; j += share.helpers) {
-      const int slot = owner * T + j;
-      const int n = min(rowCount[slot], KM);
-      const int mine = lane < n ? rowsOf[int64_t(slot) * KM + lane] : 0x7fffffff;
-      // Rows in ascending order, so the sum does not depend on the prepare kernel's atomics.
-      int rank = 0;
-      for (int q = 0; q < n; ++q) rank += __shfl_sync(kFull, mine, q) < mine ? 1 : 0;
-      int sorted = 0;
-      for (int q = 0; q < n; ++q) {
-        const int r = __shfl_sync(kFull, mine, q), at = __shfl_sync(kFull, rank, q);
-        if (at == lane) sorted = r;
-      }
       char* msg = peers.net.lsa.template peerPtr<char>(to, ht::slotAt(l, slotRow, j));
-      const int4* src = lane < n ? x + int64_t(sorted) * vectors : nullptr;
-      ht::warpSumRows<false>(reinterpret_cast<int4*>(msg), src, n >= 32 ? kFull : (1u << n) - 1, vectors, lane);
-      if (p.topkWeights != nullptr) {
-        float acc = 0.0f;
-        for (int q = 0; q < n; ++q) {
-          const int64_t row = __shfl_sync(kFull, sorted, q);
-          if (lane < K && p.recvTopkIdx[row * K + lane] >= 0) acc += p.topkWeights[row * K + lane];
-        }
-        if (lane < K) reinterpret_cast<float*>(msg + l.payloadBytes)[lane] = acc;
-      }
+      ht::writeCombineMessage(p, msg, owner * T + j, lane);
       __syncwarp();
       if (lane == 0) device::storeRelease(reinterpret_cast<uint64_t*>(msg + l.flagOffset), (uint64_t(epoch) << 32) | uint32_t(j));
     }
@@ -241,25 +204,13 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCombineKernel(const 
   ht::finishInternode(peers, c, seq, ht::kCallCombine, &s.last);
 }
 
-template <class Net>
-int launch(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
-  const HTLayout& l = p.c.layout;
-  cudaError_t e = cudaMemsetAsync(p.c.local + l.rowCount, 0, size_t(p.c.nRanks) * l.maxTokens * 4, stream);
-  if (e != cudaSuccess) return int(e);
-  if (p.numRows > 0) {
-    int blocks = (p.numRows + kHTThreads - 1) / kHTThreads;
-    blocks = blocks > numBlocks ? numBlocks : blocks;
-    htInternodePrepareKernel<<<blocks, kHTThreads, 0, stream>>>(p);
-  }
-  htInternodeCombineKernel<Net><<<numBlocks, kHTThreads, 0, stream>>>(p);
-  return int(cudaGetLastError());
-}
-
 }  // namespace
 
 int launchHTInternodeCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
-  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
-                    : launch<transport::NetEmulated>(p, numBlocks, stream);
+  const int e = launchHTCombinePrepare(p, numBlocks, stream);
+  if (e != 0) return e;
+  return ht::launchOnTransport(p, htInternodeCombineKernel<transport::NetGin>, htInternodeCombineKernel<transport::NetEmulated>,
+                               numBlocks, stream);
 }
 
 }  // namespace ncclep

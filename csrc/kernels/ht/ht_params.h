@@ -110,6 +110,8 @@ struct HTCachedParams {
 int launchHTLayout(const HTDispatchParams& p, int numSms, cudaStream_t stream);      // ht_layout.cu
 int launchHTDispatch(const HTDispatchParams& p, int numBlocks, cudaStream_t stream);  // ht_dispatch.cu
 int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream);    // ht_combine.cu
+// Both combines' first step (ht_combine.cu): rowsOf[slot], the rows holding each slot, from recv_slot.
+int launchHTCombinePrepare(const HTCombineParams& p, int numBlocks, cudaStream_t stream);
 int launchHTCached(const HTCachedParams& p, int numBlocks, cudaStream_t stream);      // ht_cached.cu
 // Hierarchical path (several (virtual) nodes): ht_internode_*.cu, after launchHTLayout for dispatch.
 int launchHTInternodeDispatch(const HTDispatchParams& p, int numBlocks, cudaStream_t stream);
