@@ -385,6 +385,69 @@ def test_ht_cuda_graph_replay(world: int, nodes: int) -> None:
         assert problems == []
 
 
+def _training_step_graph(replays: int, nodes: int = 1) -> list[str]:
+    """A training step, dispatch -> experts -> combine -> loss.backward(), captured once and
+    replayed on new inputs: the gradients of x and topk_weights match the reference's."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(123 + rank)
+    tokens, hidden = (256, 100)[rank % 2], 1024
+    cuda, ref = _groups(tokens=256, hidden=hidden, max_topk=8, nodes=nodes)
+    problems = []
+    dev = _device()
+
+    def fresh_inputs(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        inp = _inputs(g, tokens, hidden, 4, ("uniform", "skewed", "hot")[i % 3])
+        gout = torch.randn(tokens, hidden, generator=g).to(dev)
+        return inp["x"], inp["topk_idx"], inp["topk_weights"], gout
+
+    def step(
+        group: ncclep.Group, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gout: torch.Tensor
+    ) -> None:
+        out = group.ht_dispatch(x, idx, w, layout="expert_major", alignment=16)
+        y, _ = group.ht_combine(_expert_rows(out.x, out.topk_weights, out.topk_idx, rank), out.handle)
+        (y.float() * gout).sum().backward()
+
+    x0, idx0, w0, gout0 = fresh_inputs(0)
+    static_x = x0.clone().requires_grad_()
+    static_w = w0.clone().requires_grad_()
+    static_idx, static_gout = idx0.clone(), gout0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(cuda, static_x, static_idx, static_w, static_gout)
+    torch.cuda.current_stream().wait_stream(side)
+    static_x.grad, static_w.grad = None, None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(cuda, static_x, static_idx, static_w, static_gout)
+    assert static_x.grad is not None and static_w.grad is not None
+    for i in range(1, replays + 1):
+        x, idx, w, gout = fresh_inputs(i)
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_w.copy_(w)
+        static_idx.copy_(idx)
+        static_gout.copy_(gout)
+        graph.replay()
+        ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        step(ref, ref_x, idx, ref_w, gout)
+        grads = (("x", static_x.grad, ref_x.grad), ("topk_weights", static_w.grad, ref_w.grad))
+        for name, got, want in grads:
+            err = _relative_error(got, want)
+            if err > COMBINE_TOLERANCE and len(problems) < 5:
+                problems.append(f"replay {i}: grad {name} error {err:.3g}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world,nodes", LONG_WORLDS)
+def test_ht_training_step_cuda_graph(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_training_step_graph, 20, nodes):
+        assert problems == []
+
+
 def _bad_expert() -> str:
     """An out-of-range expert id is reported on the next check; the group stays usable."""
     rank = dist.get_rank()
