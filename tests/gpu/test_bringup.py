@@ -158,7 +158,7 @@ def _run(world: int, target) -> dict[int, Any]:
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_lsa_bringup(world: int) -> None:
     _C = _require_gpus(world)
     results = _run(world, _bringup)

@@ -38,7 +38,7 @@ def _bringup(virtual_nodes: int) -> dict[str, object]:
         os.environ.pop("NCCLEP_VIRTUAL_NODES", None)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_group_brings_up_device_api(world: int) -> None:
     results = gpu_pool(world).run(_bringup, 1)
     for r in results:
@@ -100,7 +100,7 @@ def _reference_on_gpu(seed: int) -> list[float]:
     return errors
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_reference_backend_on_gpu_matches_oracle(world: int) -> None:
     for errors in gpu_pool(world).run(_reference_on_gpu, world):
         assert max(errors) < 1e-2, errors

@@ -41,6 +41,8 @@ WORLDS = [
     pytest.param(4, 1, id="4gpu"),
     pytest.param(2, 2, id="2gpu-virtual2"),  # one rank per node: every forwarder is the destination
     pytest.param(4, 2, id="4gpu-virtual2"),
+    pytest.param(8, 1, id="8gpu"),  # EP8: skipped on hosts with fewer GPUs
+    pytest.param(8, 2, id="8gpu-virtual2"),
 ]
 
 
@@ -327,7 +329,11 @@ def _many_iterations(count: int, nodes: int = 1) -> list[str]:
 
 
 # The 2-GPU runs are the original intranode tests; the virtual-node one runs the hierarchical path.
-LONG_WORLDS = [pytest.param(2, 1, id="2gpu"), pytest.param(4, 2, id="4gpu-virtual2")]
+LONG_WORLDS = [
+    pytest.param(2, 1, id="2gpu"),
+    pytest.param(4, 2, id="4gpu-virtual2"),
+    pytest.param(8, 2, id="8gpu-virtual2"),
+]
 
 
 @pytest.mark.parametrize("world,nodes", LONG_WORLDS)

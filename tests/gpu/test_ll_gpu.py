@@ -92,7 +92,7 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
 def test_ll_matches_reference(world: int, nodes: int) -> None:
     for problems in gpu_pool(world).run(_matrix, world, nodes):
         assert problems == []
@@ -125,7 +125,7 @@ def _many_iterations(count: int, nodes: int = 1) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
 def test_ll_1000_iterations(world: int, nodes: int) -> None:
     for problems in gpu_pool(world).run(_many_iterations, 1000, nodes):
         assert problems == []
@@ -186,7 +186,7 @@ def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
 def test_ll_send_only_and_cuda_graph(world: int, nodes: int) -> None:
     for problems in gpu_pool(world).run(_send_only_and_graph, 1000, nodes):
         assert problems == []

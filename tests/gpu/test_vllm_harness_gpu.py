@@ -17,7 +17,7 @@ SIZES = driver.Sizes(experts=32, hidden=2048, ffn=256, ll_max_tokens=64, ht_max_
 GRAPH_REPLAYS = 20
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_vllm_prepare_finalize_on_cuda(world: int) -> None:
     per_rank = gpu_pool(world).run(driver.run_rank, "cuda", SIZES, GRAPH_REPLAYS)
     driver.assert_passed(per_rank, "cuda", graphs=True)
