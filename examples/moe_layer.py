@@ -30,7 +30,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import ncclep
-from ncclep.bench.timing import slowest, time_steps
+from ncclep.bench.timing import capture_graph, slowest, time_steps
 from ncclep.launch import launch
 from ncclep.moe import DenseMoE, EPMoE
 
@@ -192,14 +192,7 @@ def run_decode(args: argparse.Namespace, ranked: Ranked) -> bool:
                 ranked.say(f"--graph: the {group.backend} backend cannot be captured, skipped")
             else:
                 static_x = x.clone()
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    forward(static_x)
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_y = forward(static_x)
+                graph, static_y = capture_graph(lambda: forward(static_x), device)
                 graph.replay()
                 torch.cuda.synchronize(device)
                 diff = float((static_y.float() - y.float()).abs().max()) if y.numel() else 0.0

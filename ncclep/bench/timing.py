@@ -10,10 +10,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 Mark = Callable[[], None]
 
@@ -81,6 +83,21 @@ def time_steps(
     return [summarize(samples) for samples in per_phase]
 
 
+def capture_graph(fn: Callable[[], T], device: torch.device | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Capture ``fn()`` in a CUDA graph: the graph, and what the captured call returned (its tensors
+    are the graph's static outputs). ``fn`` runs once first on a side stream, so that lazy set-up
+    and first allocations happen outside the capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def time_graph_replays(
     capture: Callable[[], Any],
     *,
@@ -90,14 +107,7 @@ def time_graph_replays(
     group: dist.ProcessGroup | None,
 ) -> Timing:
     """Capture ``capture()`` once in a CUDA graph and time its replays."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        capture()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        capture()
+    graph, _ = capture_graph(capture, device)
 
     def replay(_i: int, mark: Mark) -> None:
         mark()

@@ -23,6 +23,7 @@ from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call, 
 
 import ncclep
 from ncclep import fp8
+from ncclep.bench.timing import capture_graph
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -360,14 +361,7 @@ def _graph_replays(replays: int, nodes: int = 1) -> list[str]:
         out = cuda.ht_dispatch(**static, layout="expert_major", alignment=16)
         return cuda.ht_combine(experts(out), out.handle)[0]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_graph(step)
     for i in range(replays):
         fresh = _inputs(g, tokens, hidden, 8, ("uniform", "skewed", "hot")[i % 3])
         for name in ("x", "topk_idx", "topk_weights"):
@@ -417,15 +411,13 @@ def _training_step_graph(replays: int, nodes: int = 1) -> list[str]:
     static_x = x0.clone().requires_grad_()
     static_w = w0.clone().requires_grad_()
     static_idx, static_gout = idx0.clone(), gout0.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def captured_step() -> None:
+        # The gradients the capture makes are the graph's: each replay rewrites them.
+        static_x.grad, static_w.grad = None, None
         step(cuda, static_x, static_idx, static_w, static_gout)
-    torch.cuda.current_stream().wait_stream(side)
-    static_x.grad, static_w.grad = None, None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(cuda, static_x, static_idx, static_w, static_gout)
+
+    graph, _ = capture_graph(captured_step)
     assert static_x.grad is not None and static_w.grad is not None
     for i in range(1, replays + 1):
         x, idx, w, gout = fresh_inputs(i)

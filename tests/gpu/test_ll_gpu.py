@@ -8,6 +8,7 @@ import torch.distributed as dist
 from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call, virtual_nodes
 
 import ncclep
+from ncclep.bench.timing import capture_graph
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -160,14 +161,7 @@ def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
         d = cuda.ll_dispatch(static_x, static_idx, static_w)
         return cuda.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_graph(step)
     for i in range(replays):
         x, idx, w = _inputs(g, T, HIDDEN, 8, ("random", "skewed", "hot")[i % 3], dev)
         static_x.copy_(x)

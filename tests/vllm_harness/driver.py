@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ncclep.bench.timing import capture_graph
+
 from .experts import ExpertWeights, dense_moe
 from .stand_ins import ensure_vllm
 
@@ -215,14 +217,7 @@ def run_graph(ctx: Rank, quant: str, replays: int, calls: Any) -> dict[str, floa
         x, ids, w = static
         return kernel.apply(x, w, ids, ctx.sizes.experts, emap, False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward()
+    graph, out = capture_graph(forward)
     worst: dict[str, float] = {}
     for i in range(replays):
         fresh = inputs(ctx, Case(case.name, "ll", routing=("random", "hot")[i % 2]), 9001 + i, tokens)
