@@ -59,9 +59,9 @@ int envBlocks(const char* name) {
 }
 
 int sendBlocks(int blocks, HTOp op) {
-  static const int dispatchEnv = envBlocks("NCCLEP_HT_DISPATCH_SEND_BLOCKS");
-  static const int combineEnv = envBlocks("NCCLEP_HT_COMBINE_SEND_BLOCKS");
-  const int fromEnv = op == HTOp::Combine ? combineEnv : dispatchEnv;
+  // Read at every call (a getenv is ~100 ns against a call of hundreds of µs), so one process can sweep.
+  const int fromEnv =
+      envBlocks(op == HTOp::Combine ? "NCCLEP_HT_COMBINE_SEND_BLOCKS" : "NCCLEP_HT_DISPATCH_SEND_BLOCKS");
   const int n = fromEnv > 0 ? fromEnv : (op == HTOp::Combine ? blocks * 2 / 3 : blocks / 2);
   return n < 1 ? 1 : (n > blocks - 1 ? blocks - 1 : n);
 }

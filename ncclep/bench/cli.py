@@ -48,7 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int)
     p.add_argument("--iters", type=int)
     p.add_argument("--sets", type=int, default=4, help="input sets rotated between calls")
-    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings (LL)")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument(
+        "--drained-queue",
+        action="store_true",
+        help="time each step right after the barrier, host launch work included (default: queued "
+        "behind a ~1 ms sleep kernel so the events time the ops on the GPU)",
+    )
     p.add_argument("--validate", action="store_true", help="check results against the reference")
     p.add_argument("--nprocs", type=int, help="processes when started by itself")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the JSON and plot")
@@ -102,6 +108,7 @@ def run_rank(args: argparse.Namespace, pg: dist.ProcessGroup | None, device: tor
         validate=args.validate,
         graph=not args.no_graph,
         seed=args.seed,
+        queue_ahead=not args.drained_queue,
     )
     cases = default_cases(
         modes,

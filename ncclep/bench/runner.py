@@ -29,6 +29,7 @@ class Settings:
     validate: bool
     graph: bool
     seed: int = 0
+    queue_ahead: bool = True
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _make_group(case: Case, backend: str, pg: dist.ProcessGroup | None) -> Group
 
 
 def _steps(group: Group, case: Case, inputs: list[Inputs]):  # type: ignore[no-untyped-def]
-    """(timed step: dispatch then combine, or None) and, for LL, the ops to capture in graphs."""
+    """The timed step (dispatch then combine) and the ops to capture in graphs."""
     fp8_dispatch = case.dtype == "fp8"
     if case.mode == "ll":
         for inp in inputs:
@@ -181,7 +182,15 @@ def _steps(group: Group, case: Case, inputs: list[Inputs]):  # type: ignore[no-u
         group.ht_combine(inp.expert_out, out.handle)
         mark()
 
-    return ht_step, None
+    def ht_graph_ops(inp: Inputs):  # type: ignore[no-untyped-def]
+        # The default worst-case output shapes make both ops capturable.
+        def dispatch() -> Any:
+            return group.ht_dispatch(inp.x, inp.topk_idx, inp.topk_weights, x_scales=inp.x_scales)
+
+        handle = dispatch().handle
+        return dispatch, lambda: group.ht_combine(inp.expert_out, handle)
+
+    return ht_step, ht_graph_ops
 
 
 def run_case(
@@ -208,7 +217,13 @@ def run_case(
                 print(f"[rank {rank}] {case.label()} {backend}: {validated}", file=sys.stderr)
             step, graph_ops = _steps(group, case, inputs)
             timings = time_steps(
-                step, 2, warmup=settings.warmup, iters=settings.iters, device=device, group=pg
+                step,
+                2,
+                warmup=settings.warmup,
+                iters=settings.iters,
+                device=device,
+                group=pg,
+                queue_ahead=settings.queue_ahead,
             )
             graphs: list[Timing | None] = [None, None]
             if (
@@ -219,7 +234,12 @@ def run_case(
             ):
                 for k, op in enumerate(graph_ops(inputs[0])):
                     graphs[k] = time_graph_replays(
-                        op, warmup=settings.warmup, iters=settings.iters, device=device, group=pg
+                        op,
+                        warmup=settings.warmup,
+                        iters=settings.iters,
+                        device=device,
+                        group=pg,
+                        queue_ahead=settings.queue_ahead,
                     )
             for k, op_name in enumerate(("dispatch", "combine")):
                 worst = slowest(timings[k], pg)

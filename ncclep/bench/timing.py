@@ -2,6 +2,11 @@
 
 A *step* runs one or more ops back to back (dispatch then combine, as a MoE layer does) and calls
 ``mark()`` at each boundary; phase k's time is between marks k and k+1.
+
+On GPUs each step is queued behind a ~1 ms sleep kernel that follows the barrier, so the events
+time the ops on the device, not the host's launch work after a drained queue (which the barrier
+would otherwise put between the first mark and the first kernel). In a model the queue is ahead
+of the GPU, as it is here; ``queue_ahead=False`` gives the drained-queue figure.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+QUEUE_AHEAD_CYCLES = 2_000_000  # ~1 ms at H100/H200 clocks: longer than any step's host launch work
 
 Mark = Callable[[], None]
 
@@ -41,6 +48,7 @@ def time_steps(
     iters: int,
     device: torch.device,
     group: dist.ProcessGroup | None,
+    queue_ahead: bool = True,
 ) -> list[Timing]:
     """Run ``step(i, mark)`` ``warmup`` times untimed, then ``iters`` times timed."""
     for i in range(warmup):
@@ -57,6 +65,8 @@ def time_steps(
     for i in range(iters):
         if token is not None:
             dist.all_reduce(token, group=group)
+            if queue_ahead:
+                torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
         else:
             dist.barrier(group=group)
         marks: list[Any] = []
@@ -105,6 +115,7 @@ def time_graph_replays(
     iters: int,
     device: torch.device,
     group: dist.ProcessGroup | None,
+    queue_ahead: bool = True,
 ) -> Timing:
     """Capture ``capture()`` once in a CUDA graph and time its replays."""
     graph, _ = capture_graph(capture, device)
@@ -114,7 +125,9 @@ def time_graph_replays(
         graph.replay()
         mark()
 
-    return time_steps(replay, 1, warmup=warmup, iters=iters, device=device, group=group)[0]
+    return time_steps(
+        replay, 1, warmup=warmup, iters=iters, device=device, group=group, queue_ahead=queue_ahead
+    )[0]
 
 
 def slowest(timing: Timing | None, group: dist.ProcessGroup | None) -> Timing | None:
