@@ -3,6 +3,8 @@
 //   store: 16-byte stores by all lanes of a warp, U vectors per lane loaded before their stores;
 //   tma:   lane 0 of a warp stages the message in shared memory with a bulk copy, then writes it
 //          to each peer with bulk copies (two stages per warp, so loads overlap stores);
+//   store+flag: store, then a release flag per peer after every message (or every 4);
+//   pull:  each GPU reads its messages from every peer and stores them locally;
 //   ce:    cudaMemcpyPeerAsync, one stream per peer (the copy engines).
 // Prints each GPU's outgoing NVLink GB/s (bytes written to peers / time), slowest GPU first.
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 bench/nvlink_ceiling.cu -o /tmp/nvlink_ceiling
@@ -25,11 +27,14 @@
 
 constexpr int kMaxPeers = 8;
 struct Peers {
-  char* dst[kMaxPeers];  // our region in each peer's receive buffer
+  char* dst[kMaxPeers];    // our region in each peer's receive buffer (pull: each peer's source)
+  char* flags[kMaxPeers];  // our flag words at each peer
   int n;
 };
 
-template <int U>
+// kFlagEvery > 0: after every kFlagEvery messages of a warp, a release store of a flag per peer
+// (st.release.sys by one lane after __syncwarp, as the HT dispatch publishes its messages).
+template <int U, int kFlagEvery = 0>
 __global__ void __launch_bounds__(512, 1) storeKernel(const int4* src, Peers peers, int messages, int vectors) {
   const int lane = threadIdx.x & 31;
   const int warps = gridDim.x * (blockDim.x / 32);
@@ -51,6 +56,38 @@ __global__ void __launch_bounds__(512, 1) storeKernel(const int4* src, Peers pee
           const int i = base + 32 * u + lane;
           if (i < vectors) out[i] = v[u];
         }
+      }
+    }
+    if (kFlagEvery > 0 && (m / warps) % kFlagEvery == kFlagEvery - 1) {
+      __syncwarp();
+      if (lane < peers.n) {
+        uint64_t* flag = reinterpret_cast<uint64_t*>(peers.flags[lane]) + m;
+        asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag), "l"(uint64_t(m + 1)) : "memory");
+      }
+    }
+  }
+}
+
+// Pull: every GPU reads its region of each peer's source over NVLink and stores it locally.
+template <int U>
+__global__ void __launch_bounds__(512, 1) pullKernel(Peers from, char* dst, int messages, int vectors) {
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x / 32);
+  for (int item = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5); item < messages * from.n; item += warps) {
+    const int p = item % from.n, m = item / from.n;
+    const int4* in = reinterpret_cast<const int4*>(from.dst[p]) + size_t(m) * vectors;
+    int4* out = reinterpret_cast<int4*>(dst) + (size_t(p) * messages + m) * vectors;
+    for (int base = 0; base < vectors; base += 32 * U) {
+      int4 v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < vectors) v[u] = __ldcg(in + i);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < vectors) out[i] = v[u];
       }
     }
   }
@@ -105,6 +142,7 @@ __global__ void __launch_bounds__(128, 1) tmaKernel(const char* src, Peers peers
 struct Gpu {
   char* src;
   char* recv;  // [peer][messages * bytes]
+  char* flags;  // [peer][messages] u64
   cudaStream_t streams[kMaxPeers];
   cudaEvent_t start, stop;
 };
@@ -127,6 +165,7 @@ int main(int argc, char** argv) {
       if (p != d) CHECK(cudaDeviceEnablePeerAccess(p, 0));
     CHECK(cudaMalloc(&g[d].src, region));
     CHECK(cudaMalloc(&g[d].recv, region * n));
+    CHECK(cudaMalloc(&g[d].flags, size_t(messages) * 8 * n));
     CHECK(cudaMemset(g[d].src, d + 1, region));
     for (int p = 0; p < n; ++p) CHECK(cudaStreamCreateWithFlags(&g[d].streams[p], cudaStreamNonBlocking));
     CHECK(cudaEventCreate(&g[d].start));
@@ -136,7 +175,16 @@ int main(int argc, char** argv) {
   auto peersOf = [&](int d) {
     Peers P{};
     for (int p = 0; p < n; ++p)
-      if (p != d) P.dst[P.n++] = g[p].recv + size_t(d) * region;
+      if (p != d) {
+        P.flags[P.n] = g[p].flags + size_t(d) * messages * 8;
+        P.dst[P.n++] = g[p].recv + size_t(d) * region;
+      }
+    return P;
+  };
+  auto sourcesOf = [&](int d) {
+    Peers P{};
+    for (int p = 0; p < n; ++p)
+      if (p != d) P.dst[P.n++] = g[p].src;
     return P;
   };
   auto sync = [&] {
@@ -183,17 +231,24 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   };
   const int vectors = bytes / 16;
-  for (int blocks : {8, 12, 16, 24, 32, 66, 132}) {
-    measure("store U=4", blocks, [&](int d) {
-      storeKernel<4><<<blocks, 512, 0, g[d].streams[0]>>>(reinterpret_cast<const int4*>(g[d].src), peersOf(d),
-                                                           messages, vectors);
-    });
+  for (int blocks : {8, 12, 16, 24, 32}) {
     measure("store U=8", blocks, [&](int d) {
       storeKernel<8><<<blocks, 512, 0, g[d].streams[0]>>>(reinterpret_cast<const int4*>(g[d].src), peersOf(d),
                                                            messages, vectors);
     });
+    measure("store+flag", blocks, [&](int d) {
+      storeKernel<8, 1><<<blocks, 512, 0, g[d].streams[0]>>>(reinterpret_cast<const int4*>(g[d].src), peersOf(d),
+                                                              messages, vectors);
+    });
+    measure("store+flag/4", blocks, [&](int d) {
+      storeKernel<8, 4><<<blocks, 512, 0, g[d].streams[0]>>>(reinterpret_cast<const int4*>(g[d].src), peersOf(d),
+                                                              messages, vectors);
+    });
     measure("tma", blocks, [&](int d) {
       tmaKernel<<<blocks, 128, 4 * 2 * bytes, g[d].streams[0]>>>(g[d].src, peersOf(d), messages, bytes);
+    });
+    measure("pull", blocks, [&](int d) {
+      pullKernel<8><<<blocks, 512, 0, g[d].streams[0]>>>(sourcesOf(d), g[d].recv, messages, vectors);
     });
   }
   measure("ce", 0, [&](int d) {

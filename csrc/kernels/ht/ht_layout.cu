@@ -1,16 +1,20 @@
 // HT layout step: where each token goes, computed on the device, and the counts exchanged.
 //
 // Count kernel: per 32-token tile (a warp, lane = token), the tokens going to each destination
-// rank and the tokens choosing each expert. The last block to finish turns the tile counts into
-// exclusive prefixes over tiles (in place) and sends every destination d our per-local-expert
-// counts, then a flag (epoch << 32 | tokens for d). It is the only place that reports bad ids.
+// rank and the tokens choosing each expert, and each token's rank within the tile: send_pos[b, d]
+// first holds the earlier tokens of the tile going to d, expertPos[b, k] the earlier tokens of the
+// tile choosing expert k of b (-1 where b does not go / has no choice k). The per-expert rank
+// comes from a lane mask built with atomicOr in the tile's count row, so it costs a few
+// instructions per choice, not a comparison with every other choice of the tile. The last block
+// to finish turns the tile counts into exclusive prefixes over tiles (in place) and sends every
+// destination d our per-local-expert counts, then a flag (epoch << 32 | tokens for d). It is the
+// only place that reports bad ids.
 //
 // With the hierarchical path (c.hier), the last block leaves the totals in the `totals` region
 // instead, and the internode dispatch kernel sends the counts through the transport.
 //
-// Positions kernel: per tile (lane = token), send_pos[b, d] = the tile's prefix for d plus the
-// earlier tokens of the tile going to d, and expertPos[b, k] = the row of (b, k) among our tokens
-// for that expert (prefix plus earlier tokens of the tile choosing it).
+// Positions kernel: a thread per entry adds the tile's prefix to the in-tile rank:
+// send_pos[b, d] += prefix of b's tile for d, expertPos[b, k] += prefix of b's tile for its expert.
 #include <cstddef>
 
 #include "common/device_error.cuh"
@@ -41,23 +45,41 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   int* tileCounts = reinterpret_cast<int*>(c.local + l.tileCounts);
   __shared__ CountShared s;
 
+  int* expertPos = reinterpret_cast<int*>(c.local + l.expertPos);
+  const uint32_t lower = (1u << lane) - 1u;
   for (int t = blockIdx.x * kHTWarps + warp; t < tiles; t += gridDim.x * kHTWarps) {
     int* row = tileCounts + size_t(t) * cols;
     for (int i = lane; i < cols; i += 32) row[i] = 0;
     __syncwarp();
     const int b = t * kHTTile + lane;
+    const bool valid = b < p.numTokens;
     int e[KM];
-    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, b < p.numTokens, K, E, e, &err, kPhaseHTLayout);
+    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, valid, K, E, e, &err, kPhaseHTLayout);
     uint32_t destMask = 0;
 #pragma unroll
     for (int k = 0; k < KM; ++k) {
       if (e[k] < 0) continue;
-      atomicAdd(&row[R + e[k]], 1);
+      atomicOr(reinterpret_cast<unsigned*>(&row[R + e[k]]), 1u << lane);
       destMask |= 1u << (e[k] / L);
     }
+    // __syncwarp orders the lanes' atomics before the reads; the second one, the reads before the
+    // row's entries are overwritten with counts (every lane holding expert x writes the same count).
+    __syncwarp();
+    uint32_t lanes[KM];
+#pragma unroll
+    for (int k = 0; k < KM; ++k) lanes[k] = e[k] >= 0 ? __ldcg(reinterpret_cast<const unsigned*>(&row[R + e[k]])) : 0u;
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+      if (k >= K) break;
+      if (e[k] >= 0) row[R + e[k]] = __popc(lanes[k]);
+      if (valid) expertPos[int64_t(b) * l.maxTopk + k] = e[k] >= 0 ? __popc(lanes[k] & lower) : -1;
+    }
     for (int d = 0; d < R; ++d) {
-      const int n = __popc(__ballot_sync(kFull, (destMask >> d) & 1u));
-      if (lane == 0) row[d] = n;
+      const bool goes = (destMask >> d) & 1u;
+      const uint32_t ballot = __ballot_sync(kFull, goes);
+      if (lane == 0) row[d] = __popc(ballot);
+      if (valid) p.sendPos[int64_t(b) * R + d] = goes ? __popc(ballot & lower) : -1;
     }
   }
 
@@ -113,51 +135,23 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   if (threadIdx.x == 0) ht::state(c)->blocksDone[0] = 0;
 }
 
-template <int KM>
 __global__ void __launch_bounds__(kHTThreads) htPositionsKernel(const __grid_constant__ HTDispatchParams p) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
-  const int R = c.nRanks, E = c.numExperts, L = l.numLocalExperts, K = p.topk;
-  const int cols = R + E;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tiles = (p.numTokens + kHTTile - 1) / kHTTile;
+  const int R = c.nRanks, K = p.topk, cols = R + c.numExperts;
   const int* tileOffsets = reinterpret_cast<const int*>(c.local + l.tileCounts);
   int* expertPos = reinterpret_cast<int*>(c.local + l.expertPos);
-  const uint32_t lower = (1u << lane) - 1u;
-
-  for (int t = blockIdx.x * kHTWarps + warp; t < tiles; t += gridDim.x * kHTWarps) {
-    const int b = t * kHTTile + lane;
-    const bool valid = b < p.numTokens;
-    const int* off = tileOffsets + size_t(t) * cols;
-    int e[KM];
-    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, valid, K, E, e, nullptr, 0);
-    uint32_t mask = 0;
-#pragma unroll
-    for (int k = 0; k < KM; ++k)
-      if (e[k] >= 0) mask |= 1u << (e[k] / L);
-    for (int d = 0; d < R; ++d) {
-      const bool goes = (mask >> d) & 1u;
-      const uint32_t ballot = __ballot_sync(kFull, goes);
-      if (valid) p.sendPos[int64_t(b) * R + d] = goes ? off[d] + __popc(ballot & lower) : -1;
-    }
-    // Earlier tokens of the tile that chose the same expert (experts are distinct per token).
-    int before[KM];
-#pragma unroll
-    for (int k = 0; k < KM; ++k) before[k] = 0;
-    for (int src = 0; src < kHTTile; ++src) {
-#pragma unroll
-      for (int k2 = 0; k2 < KM; ++k2) {
-        if (k2 >= K) break;
-        const int other = __shfl_sync(kFull, e[k2], src);
-#pragma unroll
-        for (int k = 0; k < KM; ++k) before[k] += (src < lane && other >= 0 && other == e[k]) ? 1 : 0;
-      }
-    }
-    if (valid) {
-#pragma unroll
-      for (int k = 0; k < KM; ++k)
-        if (k < K) expertPos[int64_t(b) * l.maxTopk + k] = e[k] >= 0 ? off[R + e[k]] + before[k] : -1;
-    }
+  const int stride = gridDim.x * blockDim.x;  // entries fit in int: T * maxTopk slots are planned
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.numTokens * R; i += stride) {
+    const int b = i / R, d = i - b * R;
+    const int rank = p.sendPos[i];
+    if (rank >= 0) p.sendPos[i] = tileOffsets[size_t(b / kHTTile) * cols + d] + rank;
+  }
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.numTokens * K; i += stride) {
+    const int b = i / K, k = i - b * K;
+    int* pos = expertPos + size_t(b) * l.maxTopk + k;
+    const int rank = *pos;  // -1: no valid choice k (the count kernel checked the id)
+    if (rank >= 0) *pos = tileOffsets[size_t(b / kHTTile) * cols + R + int(ht::loadIdx(p.topkIdx, p.topkIdx64, i))] + rank;
   }
 }
 
@@ -171,9 +165,10 @@ int launchHTLayout(const HTDispatchParams& p, int numSms, cudaStream_t stream) {
   else if (p.topk <= 16) htCountKernel<16><<<blocks, kHTThreads, 0, stream>>>(p);
   else htCountKernel<32><<<blocks, kHTThreads, 0, stream>>>(p);
   if (tiles > 0) {
-    if (p.topk <= 8) htPositionsKernel<8><<<blocks, kHTThreads, 0, stream>>>(p);
-    else if (p.topk <= 16) htPositionsKernel<16><<<blocks, kHTThreads, 0, stream>>>(p);
-    else htPositionsKernel<32><<<blocks, kHTThreads, 0, stream>>>(p);
+    const int64_t entries = int64_t(p.numTokens) * (p.topk > p.c.nRanks ? p.topk : p.c.nRanks);
+    const int64_t wanted = (entries + kHTThreads - 1) / kHTThreads;
+    const int positionBlocks = int(wanted < 4 * numSms ? wanted : 4 * numSms);
+    htPositionsKernel<<<positionBlocks, kHTThreads, 0, stream>>>(p);
   }
   return int(cudaGetLastError());
 }
