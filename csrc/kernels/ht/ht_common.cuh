@@ -73,11 +73,49 @@ __device__ __forceinline__ void finishCall(const HTCommon& c, uint32_t seq, bool
     *lastShared = device::arriveLast(&s->blocksDone[1], gridDim.x);
     if (*lastShared) {
       s->blocksDone[1] = 0;
+      s->claimed = 0;
       s->seq = seq + 1;
       device::storeRelease(&s->done, uint64_t(seq) + 1);
     }
   }
 }
+
+// Dispatch senders take tokens in order from HTState.claimed, a warp at a time, so that every warp
+// finishes within about one token of the others (a fixed interleave left the warps whose tokens had
+// the most destinations sending alone at the end of the call). A warp keeps its next claim in
+// flight while it sends, and the row after that is prefetched into L2.
+class TokenClaims {
+ public:
+  __device__ __forceinline__ TokenClaims(const HTCommon& c, int lane) : counter_(&state(c)->claimed), lane_(lane) {
+    current_ = claimNow();
+    next_ = claimNow();
+  }
+  __device__ __forceinline__ int current() const { return current_; }
+
+  // Starts the claim after next and the prefetch of the next token's row; call once per token, then advance().
+  __device__ __forceinline__ void start(const void* rows, int64_t rowBytes, int numTokens) {
+    pending_ = lane_ == 0 ? int(atomicAdd(counter_, 1u)) : 0;
+    if (lane_ == 0 && next_ < numTokens && (rowBytes & 15) == 0) {
+      const char* row = static_cast<const char*>(rows) + next_ * rowBytes;
+      if ((reinterpret_cast<uintptr_t>(row) & 15) == 0)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"(uint32_t(rowBytes)) : "memory");
+    }
+  }
+  __device__ __forceinline__ void advance() {
+    current_ = next_;
+    next_ = __shfl_sync(kFull, pending_, 0);
+  }
+
+ private:
+  __device__ __forceinline__ int claimNow() {
+    int v = 0;
+    if (lane_ == 0) v = int(atomicAdd(counter_, 1u));
+    return __shfl_sync(kFull, v, 0);
+  }
+  uint32_t* counter_;
+  int lane_;
+  int current_ = 0, next_ = 0, pending_ = 0;
+};
 
 __device__ __forceinline__ int64_t loadIdx(const void* idx, int idx64, int64_t i) {
   return idx64 ? static_cast<const int64_t*>(idx)[i] : int64_t(static_cast<const int32_t*>(idx)[i]);

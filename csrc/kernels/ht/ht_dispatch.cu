@@ -1,6 +1,6 @@
 // HT dispatch transfer: each token goes once to every rank holding one of its experts.
 //
-// Blocks [0, sendBlocks) send: a warp per token (tokens interleaved over all sender warps) reads
+// Blocks [0, sendBlocks) send: a warp per token (claimed in token order, ht::TokenClaims) reads
 // the token's row once and stores it, with the token's metadata (local expert ids there, the
 // token's position within each of those experts, weights), into slot send_pos[b, d] of our
 // region in each destination d's window, 16-byte stores over NVLink. After a __syncwarp, one lane
@@ -39,7 +39,6 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
   const device::ErrorSink err = ht::sink(c);
   const int R = c.nRanks, K = p.topk, KM = l.maxTopk;
   const int lane = threadIdx.x & 31;
-  const int warps = c.sendBlocks * kHTWarps;
   const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5);
   if (w >= p.numTokens) return;
   const uint64_t epoch = uint64_t(seq) + 1;
@@ -52,7 +51,9 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
   if (!__all_sync(kFull, ready)) return;
 
   const int* expertPos = reinterpret_cast<const int*>(c.local + l.expertPos);
-  for (int b = w; b < p.numTokens; b += warps) {
+  for (ht::TokenClaims claims(c, lane); claims.current() < p.numTokens; claims.advance()) {
+    const int b = claims.current();
+    claims.start(p.x, p.rowBytes, p.numTokens);
     const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane, false, err, 0);
     const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
     const int pos = e >= 0 ? expertPos[int64_t(b) * KM + lane] : 0;

@@ -176,6 +176,7 @@ __device__ __forceinline__ void finishInternode(const transport::Peers<Net>& pee
     const bool last = device::arriveLast(&s->blocksDone[1], gridDim.x);
     if (last) {
       s->blocksDone[1] = 0;
+      s->claimed = 0;
       s->seq = seq + 1;
       if (kind == kCallDispatch) s->dispatches += 1;
       if (kind == kCallCombine) s->combines += 1;

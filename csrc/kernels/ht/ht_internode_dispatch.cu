@@ -73,10 +73,11 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
     ht::sendHeader(peers, c, t, p.numTokens, epoch);
   }
 
-  const int warps = c.sendBlocks * kHTWarps;
   const int* expertPos = reinterpret_cast<const int*>(c.local + l.expertPos);
   const int vectors = p.rowBytes / 16;
-  for (int b = blockIdx.x * kHTWarps + (threadIdx.x >> 5); ok && b < p.numTokens; b += warps) {
+  for (ht::TokenClaims claims(c, lane); ok && claims.current() < p.numTokens; claims.advance()) {
+    const int b = claims.current();
+    claims.start(p.x, p.rowBytes, p.numTokens);
     const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane, false, err, 0);
     const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
     const int pos = e >= 0 ? expertPos[int64_t(b) * KM + lane] : 0;

@@ -76,7 +76,7 @@ struct HTState {
   uint32_t dispatches;     // hierarchical path: dispatch calls completed (kHTSigCounts marks)
   uint64_t done;           // = seq once our receivers have read every message of that call
   uint32_t combines;       // hierarchical path: combine calls completed (kHTSigBack marks)
-  uint32_t pad2;
+  uint32_t claimed;        // dispatch senders: tokens claimed in the running call (0 between calls)
 };
 
 struct HTLayout {
