@@ -196,7 +196,10 @@ __device__ __forceinline__ void warpCopy16(int4* __restrict__ dst, const int4* _
 
 // Warp copy of n 16-byte vectors from src to several destinations: lane t of `targets` holds its
 // destination in `dst`. Each vector is read once; its stores to all destinations go out together.
-template <bool kWindow, int U = 8>
+// U = 14: a 7168-wide bf16 row (448 vectors) is read in one round of loads, not two: the HT
+// senders and receivers are bound by the latency of these rounds (a 12 / 12 block split beat both
+// 8 / 16 and 16 / 8 on 4x H200), not by NVLink.
+template <bool kWindow, int U = 14>
 __device__ __forceinline__ void warpFanout16(char* dst, uint32_t targets, const int4* __restrict__ src, int n,
                                              int lane) {
   for (int base = 0; base < n; base += 32 * U) {  // same trip count in every lane
@@ -233,6 +236,34 @@ __device__ __forceinline__ void warpCopyBytes(void* dst, const void* src, int by
     for (int i = lane; i < bytes; i += 32) d[i] = kWindow ? __ldcg(s + i) : __ldg(s + i);
   }
 }
+
+// A short row (the fp8 scales: at most 32 16-byte vectors, 16-byte aligned) held one vector per
+// lane, so that a warp writing it to several places loads it once, together with other loads.
+struct ShortRow {
+  int4 v;
+  int bytes;  // 0: not held (the row is absent, or too long or unaligned: copy it with warpCopyBytes)
+
+  template <bool kWindow>
+  __device__ __forceinline__ static ShortRow load(const void* src, int bytes, int lane) {
+    ShortRow r{make_int4(0, 0, 0, 0), 0};
+    if (bytes <= 0 || bytes > 32 * 16 || ((reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) & 15) != 0) return r;
+    r.bytes = bytes;
+    if (lane * 16 < bytes) {
+      const int4* s = static_cast<const int4*>(src) + lane;
+      r.v = kWindow ? __ldcg(s) : __ldg(s);
+    }
+    return r;
+  }
+  // Stores the row at dst (16-byte aligned when held), or copies it from src when it is not held.
+  template <bool kWindow>
+  __device__ __forceinline__ void store(void* dst, const void* src, int srcBytes, int lane) const {
+    if (bytes > 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+      if (lane * 16 < bytes) static_cast<int4*>(dst)[lane] = v;
+    } else if (srcBytes > 0) {
+      warpCopyBytes<kWindow>(dst, src, srcBytes, lane);
+    }
+  }
+};
 
 __device__ __forceinline__ void warpZeroBytes(void* dst, int bytes, int lane) {
   const uintptr_t align = reinterpret_cast<uintptr_t>(dst) | uintptr_t(bytes);

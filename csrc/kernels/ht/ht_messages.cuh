@@ -24,11 +24,12 @@ __device__ __forceinline__ void writeDispatchMessages(const HTDispatchParams& p,
   const int L = l.numLocalExperts, K = p.topk, KM = l.maxTopk;
   const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(b) * p.rowBytes);
   const char* scales = static_cast<const char*>(p.xScales) + int64_t(b) * p.scaleRowBytes;
+  const ShortRow heldScales = ShortRow::load<false>(scales, p.scaleRowBytes, lane);
   warpFanout16<false>(mine, dests, row, p.rowBytes / 16, lane);
   for (uint32_t m = dests; m != 0; m &= m - 1) {
     const int d = __ffs(m) - 1;
     char* msg = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(mine), d));
-    if (p.scaleRowBytes) warpCopyBytes<false>(msg + p.rowBytes, scales, p.scaleRowBytes, lane);
+    heldScales.store<false>(msg + p.rowBytes, scales, p.scaleRowBytes, lane);
     if (lane < K) {
       const bool here = e >= 0 && e / L == d;
       int* meta = reinterpret_cast<int*>(msg + l.payloadBytes);
@@ -164,6 +165,7 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
         pos = __ldcg(meta + KM + lane);
         weight = __ldcg(reinterpret_cast<const float*>(meta) + 2 * KM + lane);
       }
+      const ShortRow heldScales = ShortRow::load<true>(msg + p.rowBytes, p.scaleRowBytes, lane);
       int row;
       uint32_t targets;
       if (p.expertMajor) {
@@ -178,9 +180,8 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
       warpFanout16<true>(dst, targets, reinterpret_cast<const int4*>(msg), vectors, lane);
       for (uint32_t m = targets; m != 0; m &= m - 1) {
         const int r = __shfl_sync(kFull, row, __ffs(m) - 1);
-        if (p.scaleRowBytes)
-          warpCopyBytes<true>(static_cast<char*>(p.recvScales) + int64_t(r) * p.scaleRowBytes, msg + p.rowBytes,
-                              p.scaleRowBytes, lane);
+        heldScales.store<true>(static_cast<char*>(p.recvScales) + int64_t(r) * p.scaleRowBytes, msg + p.rowBytes,
+                               p.scaleRowBytes, lane);
         if (lane < K) {
           p.recvTopkIdx[int64_t(r) * K + lane] = local;
           if (p.recvTopkWeights != nullptr) p.recvTopkWeights[int64_t(r) * K + lane] = weight;
