@@ -196,10 +196,9 @@ __device__ __forceinline__ void warpCopy16(int4* __restrict__ dst, const int4* _
 
 // Warp copy of n 16-byte vectors from src to several destinations: lane t of `targets` holds its
 // destination in `dst`. Each vector is read once; its stores to all destinations go out together.
-// U = 14: a 7168-wide bf16 row (448 vectors) is read in one round of loads, not two: the HT
-// senders and receivers are bound by the latency of these rounds (a 12 / 12 block split beat both
-// 8 / 16 and 16 / 8 on 4x H200), not by NVLink.
-template <bool kWindow, int U = 14>
+// U = 8: U = 14 (a 7168-wide bf16 row in one round of loads) measured the same for bf16 and 7%
+// slower for fp8 dispatch on 4x H200 (bench/NOTES.md, session 4).
+template <bool kWindow, int U = 8>
 __device__ __forceinline__ void warpFanout16(char* dst, uint32_t targets, const int4* __restrict__ src, int n,
                                              int lane) {
   for (int base = 0; base < n; base += 32 * U) {  // same trip count in every lane
