@@ -26,8 +26,20 @@ VERSION = "0.1.0"
 MIN_NCCL = (2, 28)  # the NCCL Device API (ncclDevCommCreate, LSA barriers)
 
 # Commands that only need metadata: no torch import, no extension.
-_METADATA_ONLY = {"--version", "--name", "--fullname", "--author", "--help", "-h", "--help-commands",
-                  "egg_info", "dist_info", "sdist", "clean", "check"}
+_METADATA_ONLY = {
+    "--version",
+    "--name",
+    "--fullname",
+    "--author",
+    "--help",
+    "-h",
+    "--help-commands",
+    "egg_info",
+    "dist_info",
+    "sdist",
+    "clean",
+    "check",
+}
 
 
 def _log(msg):
@@ -73,11 +85,13 @@ def _want_extension():
     if force == "0":
         return False, "NCCLEP_BUILD_CUDA=0"
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         if force == "1":
-            _fail("NCCLEP_BUILD_CUDA=1 but torch cannot be imported in the build environment "
-                  "(install torch first and use `pip install --no-build-isolation`)")
+            _fail(
+                "NCCLEP_BUILD_CUDA=1 but torch cannot be imported in the build environment "
+                "(install torch first and use `pip install --no-build-isolation`)"
+            )
         return False, "torch is not importable in the build environment"
     cuda_home = _find_cuda_home()
     if force == "1":
@@ -134,6 +148,7 @@ def _find_nccl():
             candidates.append((loaded, "the libnccl loaded by torch"))
         try:
             import nvidia.nccl
+
             for path in list(nvidia.nccl.__path__):
                 candidates.append((path, "the nvidia.nccl wheel"))
         except ImportError:
@@ -144,9 +159,11 @@ def _find_nccl():
             return include_dir, lib_dir, where
         if home:
             _fail(f"NCCL_HOME={home} needs include/nccl.h and lib/libnccl.so.2")
-    _fail("cannot find NCCL: set NCCL_HOME to a directory with include/nccl.h and lib/libnccl.so.2, "
-          "or install the NCCL wheel that matches torch (nvidia-nccl-cu13 for CUDA 13 torch, "
-          "nvidia-nccl-cu12 for CUDA 12 torch)")
+    _fail(
+        "cannot find NCCL: set NCCL_HOME to a directory with include/nccl.h and lib/libnccl.so.2, "
+        "or install the NCCL wheel that matches torch (nvidia-nccl-cu13 for CUDA 13 torch, "
+        "nvidia-nccl-cu12 for CUDA 12 torch)"
+    )
 
 
 def _arch_flags():
@@ -179,7 +196,8 @@ def _sources():
 def _extension_config():
     """(ext_modules, cmdclass) for this build."""
     if any(arg in _METADATA_ONLY for arg in sys.argv[1:]) and not any(
-            arg.startswith(("build", "bdist", "install", "develop", "editable")) for arg in sys.argv[1:]):
+        arg.startswith(("build", "bdist", "install", "develop", "editable")) for arg in sys.argv[1:]
+    ):
         return [], {}
     build, reason = _want_extension()
     if not build:
@@ -199,10 +217,15 @@ def _extension_config():
 
     nccl_include, nccl_lib, where = _find_nccl()
     version = _nccl_header_version(nccl_include)
-    if version is None or version[:2] < MIN_NCCL or not os.path.exists(
-            os.path.join(nccl_include, "nccl_device.h")):
-        _fail(f"NCCL at {os.path.dirname(nccl_include)} ({where}) is version {version}; ncclep needs "
-              f">= {MIN_NCCL[0]}.{MIN_NCCL[1]} with the Device API (nccl_device.h)")
+    if (
+        version is None
+        or version[:2] < MIN_NCCL
+        or not os.path.exists(os.path.join(nccl_include, "nccl_device.h"))
+    ):
+        _fail(
+            f"NCCL at {os.path.dirname(nccl_include)} ({where}) is version {version}; ncclep needs "
+            f">= {MIN_NCCL[0]}.{MIN_NCCL[1]} with the Device API (nccl_device.h)"
+        )
     if os.path.exists(os.path.join(nccl_lib, "libnccl.so.2")):
         nccl_link = ["-l:libnccl.so.2"]  # the wheel ships no unversioned libnccl.so
     else:
@@ -223,9 +246,9 @@ def _extension_config():
             "cxx": ["-O3"],
             # No fast-math: kernels must be bit-exact with the CPU reference.
             # The NCCL Device API is header-only inline: no relocatable device code.
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + _arch_flags(),
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *_arch_flags()],
         },
-        extra_link_args=nccl_link + [f"-Wl,-rpath,{nccl_lib}"],
+        extra_link_args=[*nccl_link, f"-Wl,-rpath,{nccl_lib}"],
     )
     if cpu_torch:
         # Forced build against a CPU-only torch (compile checks): it has no CUDA libraries,

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-$PY -m ruff check ncclep tests examples bench
-$PY -m ruff format --check ncclep tests examples bench
+$PY -m ruff check ncclep tests examples bench setup.py
+$PY -m ruff format --check ncclep tests examples bench setup.py
 exec $PY -m pytest tests "$@"
