@@ -16,15 +16,14 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
 import ncclep
 from ncclep import fp8
-from ncclep.bootstrap import free_port
+from ncclep.bench.timing import QUEUE_AHEAD_CYCLES
+from ncclep.launch import launch
 from ncclep.workloads import make_routing
 
-SLEEP_CYCLES = 2_000_000  # ~1 ms: every launch of a step is queued before the sleep ends
 HIDDEN, EXPERTS, TOPK = 7168, 256, 8
 
 
@@ -32,7 +31,7 @@ def _queue_behind_sleep(token: torch.Tensor) -> None:
     # The all-reduce on the stream lines the ranks' GPUs up (host barriers leave tens of µs of skew).
     torch.cuda.synchronize()
     dist.all_reduce(token)
-    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
 
 
 def measure(tokens: int, use_fp8: bool, sms: int, reps: int = 30) -> dict[str, float]:
@@ -89,16 +88,9 @@ def measure(tokens: int, use_fp8: bool, sms: int, reps: int = 30) -> dict[str, f
     return result
 
 
-def run(rank: int, world: int, port: int) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        device_id=torch.device("cuda", rank),
-    )
+def run(_args: object, _pg: object, _device: torch.device) -> int:
+    """Per-rank entry point for ``ncclep.launch`` (spawned per GPU, or under torchrun / mpirun)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     dtypes = [d == "fp8" for d in os.environ.get("PHASE_DTYPES", "bf16,fp8").split(",")]
     sizes = [int(t) for t in os.environ.get("PHASE_TOKENS", "512,4096").split(",")]
     sms_list = [int(s) for s in os.environ.get("PHASE_SMS", "24").split(",")]
@@ -119,10 +111,8 @@ def run(rank: int, world: int, port: int) -> None:
                         cells = "  ".join(f"{n} {v:.1f}" for n, v in worst.items())
                         label = f"{'fp8 ' if use_fp8 else 'bf16'} tokens={tokens} sms={sms} split={split}"
                         print(f"{label}  {cells}", flush=True)
-    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    n = torch.cuda.device_count()
-    mp.spawn(run, args=(n, free_port()), nprocs=n)
-    sys.exit(0)
+    sys.exit(launch(run, None, None, "phase timing"))

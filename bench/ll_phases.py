@@ -10,13 +10,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ncclep
-from ncclep.bootstrap import free_port
+from ncclep.bench.timing import QUEUE_AHEAD_CYCLES
+from ncclep.launch import launch
 from ncclep.workloads import make_routing
-
-SLEEP_CYCLES = 2_000_000  # ~1 ms at 1.98 GHz: every launch below is queued before it ends
 
 
 def measure(tokens: int, use_fp8: bool, reps: int = 30) -> dict[str, float]:
@@ -43,7 +41,7 @@ def measure(tokens: int, use_fp8: bool, reps: int = 30) -> dict[str, float]:
         dist.barrier()
         torch.cuda.synchronize()
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(9)]
-        torch.cuda._sleep(SLEEP_CYCLES)
+        torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
         ev[0].record()
         d = group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
         ev[1].record()
@@ -97,7 +95,7 @@ def trace(tokens: int, use_fp8: bool) -> str:
     group._ll.trace = buf  # type: ignore[union-attr]
     dist.barrier()
     torch.cuda.synchronize()
-    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
     group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
     torch.cuda.synchronize()
     group._ll.trace = None  # type: ignore[union-attr]
@@ -124,24 +122,16 @@ def trace(tokens: int, use_fp8: bool) -> str:
     return f"rank {rank} tokens={tokens}: " + "; ".join(parts)
 
 
-def run(rank: int, world: int, port: int) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        device_id=torch.device("cuda", rank),
-    )
+def run(_args: object, _pg: object, _device: torch.device) -> int:
+    """Per-rank entry point for ``ncclep.launch`` (spawned per GPU, or under torchrun / mpirun)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     if os.environ.get("PHASE_TRACE"):
         for tokens in [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,128").split(",")]:
             lines: list = [None] * world
             dist.all_gather_object(lines, trace(tokens, False))
             if rank == 0:
                 print("\n".join(lines), flush=True)
-        dist.destroy_process_group()
-        return
+        return 0
     dtypes = [d == "fp8" for d in os.environ.get("PHASE_DTYPES", "bf16,fp8").split(",")]
     sizes = [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,32,128,256").split(",")]
     for use_fp8 in dtypes:
@@ -153,10 +143,8 @@ def run(rank: int, world: int, port: int) -> None:
                 worst = {n: max(m[n] for m in meds) for n in med}
                 cells = "  ".join(f"{n} {v:7.1f}" for n, v in worst.items())
                 print(f"{'fp8 ' if use_fp8 else 'bf16'} tokens={tokens:4d}  {cells}", flush=True)
-    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    n = torch.cuda.device_count()
-    mp.spawn(run, args=(n, free_port()), nprocs=n)
-    sys.exit(0)
+    sys.exit(launch(run, None, None, "phase timing"))

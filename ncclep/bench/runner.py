@@ -216,15 +216,14 @@ def run_case(
             if validated.startswith("FAILED"):
                 print(f"[rank {rank}] {case.label()} {backend}: {validated}", file=sys.stderr)
             step, graph_ops = _steps(group, case, inputs)
-            timings = time_steps(
-                step,
-                2,
-                warmup=settings.warmup,
-                iters=settings.iters,
-                device=device,
-                group=pg,
-                queue_ahead=settings.queue_ahead,
-            )
+            how: dict[str, Any] = {
+                "warmup": settings.warmup,
+                "iters": settings.iters,
+                "device": device,
+                "group": pg,
+                "queue_ahead": settings.queue_ahead,
+            }
+            timings = time_steps(step, 2, **how)
             graphs: list[Timing | None] = [None, None]
             if (
                 settings.graph
@@ -233,14 +232,7 @@ def run_case(
                 and device.type == "cuda"
             ):
                 for k, op in enumerate(graph_ops(inputs[0])):
-                    graphs[k] = time_graph_replays(
-                        op,
-                        warmup=settings.warmup,
-                        iters=settings.iters,
-                        device=device,
-                        group=pg,
-                        queue_ahead=settings.queue_ahead,
-                    )
+                    graphs[k] = time_graph_replays(op, **how)
             for k, op_name in enumerate(("dispatch", "combine")):
                 worst = slowest(timings[k], pg)
                 graph = slowest(graphs[k], pg)
