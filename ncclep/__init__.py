@@ -12,7 +12,7 @@ Quick start::
 from . import autograd, ops  # registers torch.ops.ncclep.* and the HT backward
 from ._native import available as cuda_extension_available
 from .config import GroupConfig
-from .errors import CommError, InvalidArgument, NcclepError
+from .errors import CommError, FallbackWarning, InvalidArgument, NcclepError
 from .group import Group, Pending, get_group
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CommError",
+    "FallbackWarning",
     "Group",
     "GroupConfig",
     "HTDispatchOutput",

@@ -27,3 +27,8 @@ def module() -> ModuleType:
 def has_kernels(mode: str) -> bool:
     """Whether the extension carries the dispatch/combine kernels of ``mode``."""
     return _C is not None and mode in getattr(_C, "KERNEL_MODES", ())
+
+
+def limits() -> dict[str, int]:
+    """The kernels' limits and defaults as the C library states them (empty without the extension)."""
+    return dict(_C.limits()) if _C is not None else {}

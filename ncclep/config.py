@@ -1,13 +1,24 @@
-"""The sizes a group is built for, and what follows from them."""
+"""The sizes a group is built for, and the output sizes that follow from them.
+
+This is the one Python module for what the reference backend and the fake (meta) kernels need.
+Where the CUDA extension is built, output sizes come from the C library (``ncclepHTNumRowsFor``),
+which owns them; the formulas here serve the pure-Python install and are checked against the C
+library's by the tests.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import _native
+from .errors import InvalidArgument
+
 MODES = ("ll", "ht")
 LAYOUTS = ("flat", "expert_major")
-MAX_TOPK_LIMIT = 32
-DEFAULT_HT_SMS = 24
+LAYOUT_IDS = {"flat": 0, "expert_major": 1}  # NCCLEP_HT_LAYOUT_*
+MODE_IDS = {"ll": 0, "ht": 1}  # NCCLEP_MODE_*
+LL_HIDDEN_MULTIPLE = 128  # one fp8 scale per 128 channels (ncclep.fp8.BLOCK)
+HT_HIDDEN_MULTIPLE = 8  # 16-byte bf16 rows
 
 
 @dataclass(frozen=True)
@@ -25,25 +36,31 @@ class GroupConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise InvalidArgument(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("num_experts", "max_tokens_per_rank", "hidden", "world_size", "max_topk"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
         if self.num_experts % self.world_size:
-            raise ValueError(
+            raise InvalidArgument(
                 f"num_experts ({self.num_experts}) must be divisible by the world size ({self.world_size})"
             )
-        if self.max_topk > MAX_TOPK_LIMIT:
-            raise ValueError(f"max_topk must be at most {MAX_TOPK_LIMIT}, got {self.max_topk}")
-        if self.mode == "ll" and self.hidden % 128:
-            raise ValueError(f"LL mode needs hidden divisible by 128, got {self.hidden}")
-        if self.mode == "ht" and self.hidden % 8:
-            raise ValueError(f"HT mode needs hidden divisible by 8 (16-byte rows), got {self.hidden}")
-        if self.num_sms is not None and self.num_sms <= 0:
-            raise ValueError(f"num_sms must be positive or None, got {self.num_sms}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.max_topk > self.num_experts:
+            raise InvalidArgument(
+                f"max_topk ({self.max_topk}) must be at most num_experts ({self.num_experts})"
+            )
+        if self.mode == "ll" and self.hidden % LL_HIDDEN_MULTIPLE:
+            raise InvalidArgument(
+                f"LL mode needs hidden divisible by {LL_HIDDEN_MULTIPLE}, got {self.hidden}"
+            )
+        if self.mode == "ht" and self.hidden % HT_HIDDEN_MULTIPLE:
+            raise InvalidArgument(
+                f"HT mode needs hidden divisible by {HT_HIDDEN_MULTIPLE} (16-byte rows), got {self.hidden}"
+            )
+        if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms <= 0):
+            raise InvalidArgument(f"num_sms must be a positive int or None, got {self.num_sms!r}")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise InvalidArgument(f"timeout_s must be positive, got {self.timeout_s!r}")
 
     @property
     def num_local_experts(self) -> int:
@@ -56,8 +73,26 @@ class GroupConfig:
 
     def ht_num_rows(self, topk: int, layout: str, alignment: int) -> int:
         """Worst-case rows of an HT dispatch output."""
-        slots = self.world_size * self.max_tokens_per_rank
-        if layout == "flat":
-            return slots
-        copies = min(topk, self.num_local_experts)
-        return slots * copies + self.num_local_experts * (alignment - 1)
+        if _native.available():
+            return int(
+                _native.module().ht_num_rows(
+                    self.num_experts,
+                    self.max_tokens_per_rank,
+                    self.hidden,
+                    self.max_topk,
+                    self.world_size,
+                    topk,
+                    LAYOUT_IDS[layout],
+                    alignment,
+                )
+            )
+        return ht_num_rows_python(self, topk, layout, alignment)
+
+
+def ht_num_rows_python(cfg: GroupConfig, topk: int, layout: str, alignment: int) -> int:
+    """The pure-Python install's copy of ``ncclepHTNumRowsFor`` (tests hold the two equal)."""
+    slots = cfg.world_size * cfg.max_tokens_per_rank
+    if layout == "flat":
+        return slots
+    copies = min(topk, cfg.num_local_experts)
+    return slots * copies + cfg.num_local_experts * (alignment - 1)

@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
-from . import fp8
-from .config import DEFAULT_HT_SMS, GroupConfig
+from . import fp8, outputs
+from .config import LAYOUT_IDS, GroupConfig
 from .device_errors import raise_device_error
 from .errors import InvalidArgument
 from .handles import HTDispatchOutput, HTHandle
-
-LAYOUT_IDS = {"flat": 0, "expert_major": 1}
 
 
 @dataclass
@@ -49,13 +47,6 @@ class CudaHT:
         self.comm = comm
         self.max_row_bytes = int(comm.ht_max_row_bytes())
 
-    @property
-    def num_sms(self) -> int:
-        """SMs the HT kernels use (the C API's choice: num_sms, else 24, capped by the device)."""
-        device_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        wanted = self.cfg.num_sms or DEFAULT_HT_SMS
-        return max(2, min(wanted, device_sms))
-
     def raise_device_error(self) -> None:
         """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
         raise_device_error(self.comm, self.cfg, self.rank)
@@ -72,35 +63,25 @@ class CudaHT:
         alignment: int,
     ) -> CudaHTDispatch:
         self.raise_device_error()
-        cfg = self.cfg
         dev = x.device
         tokens, hidden = x.shape
         topk = topk_idx.shape[1]
-        rows = cfg.ht_num_rows(topk, layout, alignment)
-        ranks, experts = cfg.world_size, cfg.num_local_experts
+        scale_spec = (x_scales.shape[1], x_scales.dtype) if x_scales is not None else None
+        out = outputs.ht_dispatch(
+            self.cfg,
+            tokens,
+            hidden,
+            x.dtype,
+            scale_spec,
+            topk,
+            topk_weights is not None,
+            layout,
+            alignment,
+            outputs.allocator(dev),
+        )
+        handle = out.handle
+        rows = out.x.shape[0]
         use_fp8 = x.dtype == fp8.FP8_DTYPE
-        scales = None
-        if x_scales is not None:
-            scales = torch.empty((rows, x_scales.shape[1]), dtype=x_scales.dtype, device=dev)
-        weights = None
-        if topk_weights is not None:
-            weights = torch.empty((rows, topk), dtype=torch.float32, device=dev)
-        recv_idx = torch.empty((rows, topk), dtype=torch.int32, device=dev)
-        handle = HTHandle(
-            send_pos=torch.empty((tokens, ranks), dtype=torch.int32, device=dev),
-            recv_slot=torch.empty((rows,), dtype=torch.int32, device=dev),
-            recv_counts=torch.empty((ranks,), dtype=torch.int32, device=dev),
-            recv_topk_idx=recv_idx,
-        )
-        out = HTDispatchOutput(
-            x=torch.empty((rows, hidden), dtype=x.dtype, device=dev),
-            scales=scales,
-            topk_idx=recv_idx,
-            topk_weights=weights,
-            num_recv=torch.empty((1,), dtype=torch.int32, device=dev),
-            expert_counts=torch.empty((experts,), dtype=torch.int32, device=dev),
-            handle=handle,
-        )
         self.comm.ht_dispatch(
             tokens,
             hidden,
@@ -116,9 +97,9 @@ class CudaHT:
             alignment,
             rows,
             _ptr(out.x),
-            _ptr(scales),
-            _ptr(recv_idx),
-            _ptr(weights),
+            _ptr(out.scales),
+            _ptr(out.topk_idx),
+            _ptr(out.topk_weights),
             _ptr(out.num_recv),
             _ptr(out.expert_counts),
             _ptr(handle.send_pos),
@@ -174,10 +155,9 @@ class CudaHT:
         expected = tuple(handle.recv_topk_idx.shape)
         if topk_weights is not None and tuple(topk_weights.shape) != expected:
             raise InvalidArgument(f"topk_weights must have shape {expected}, got {tuple(topk_weights.shape)}")
-        out = torch.empty((tokens, hidden), dtype=torch.bfloat16, device=x.device)
-        weights = None
-        if topk_weights is not None:
-            weights = torch.empty((tokens, topk), dtype=torch.float32, device=x.device)
+        new = outputs.allocator(x.device)
+        out = outputs.combine(tokens, hidden, new)
+        weights = outputs.combined_weights(tokens, topk, new) if topk_weights is not None else None
         self.comm.ht_combine(
             tokens,
             hidden,

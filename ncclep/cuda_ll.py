@@ -11,12 +11,10 @@ from typing import Any
 
 import torch
 
-from . import fp8
+from . import _native, outputs
 from .config import GroupConfig
 from .device_errors import raise_device_error
 from .handles import LLDispatchOutput, LLHandle
-
-PHASE_SEND, PHASE_RECV, PHASE_ALL = 1, 2, 3
 
 
 @dataclass
@@ -40,6 +38,8 @@ class CudaLL:
         self.cfg = cfg
         self.rank = rank
         self.comm = comm
+        c = _native.module()
+        self.phase_send, self.phase_recv, self.phase_all = c.PHASE_SEND, c.PHASE_RECV, c.PHASE_ALL
 
     def raise_device_error(self) -> None:
         """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
@@ -51,25 +51,8 @@ class CudaLL:
     # ------------------------------------------------------------------------------ dispatch
 
     def _dispatch_outputs(self, x: torch.Tensor, use_fp8: bool, ue8m0: bool) -> LLDispatchOutput:
-        cfg = self.cfg
-        dev = x.device
-        experts, rows, hidden = cfg.num_local_experts, cfg.ll_rows_per_expert, x.shape[1]
-        ranks, slots, kmax = cfg.world_size, cfg.max_tokens_per_rank, cfg.max_topk
-        scales = None
-        if use_fp8:
-            recv_x = torch.empty((experts, rows, hidden), dtype=fp8.FP8_DTYPE, device=dev)
-            scale_dtype = fp8.UE8M0_DTYPE if ue8m0 else torch.float32
-            scales = torch.empty((experts, rows, hidden // fp8.BLOCK), dtype=scale_dtype, device=dev)
-        else:
-            recv_x = torch.empty((experts, rows, hidden), dtype=torch.bfloat16, device=dev)
-        handle = LLHandle(
-            send_slots=torch.empty((x.shape[0], ranks), dtype=torch.int32, device=dev),
-            recv_rows=torch.empty((ranks, slots, kmax), dtype=torch.int32, device=dev),
-            recv_weights=torch.empty((ranks, slots, kmax), dtype=torch.float32, device=dev),
-            recv_slot_counts=torch.empty((ranks,), dtype=torch.int32, device=dev),
-        )
-        counts = torch.empty((experts,), dtype=torch.int32, device=dev)
-        return LLDispatchOutput(recv_x, scales, counts, handle)
+        new = outputs.allocator(x.device)
+        return outputs.ll_dispatch(self.cfg, x.shape[0], x.shape[1], use_fp8, ue8m0, new)
 
     trace: torch.Tensor | None = None
     """Set to an int64 CUDA tensor [blocks, 16] to record per-block step times (bench/ll_phases.py)."""
@@ -111,7 +94,7 @@ class CudaLL:
     ) -> LLDispatchOutput:
         self.raise_device_error()
         out = self._dispatch_outputs(x, use_fp8, ue8m0)
-        self._launch_dispatch(PHASE_ALL, self._dispatch_args(x, idx, w, use_fp8, ue8m0, out), x.device)
+        self._launch_dispatch(self.phase_all, self._dispatch_args(x, idx, w, use_fp8, ue8m0, out), x.device)
         return out
 
     def dispatch_send(
@@ -120,11 +103,11 @@ class CudaLL:
         self.raise_device_error()
         out = self._dispatch_outputs(x, use_fp8, ue8m0)
         args = self._dispatch_args(x, idx, w, use_fp8, ue8m0, out)
-        self._launch_dispatch(PHASE_SEND, args, x.device)
+        self._launch_dispatch(self.phase_send, args, x.device)
         return CudaLLDispatch(out, args)
 
     def dispatch_recv(self, state: CudaLLDispatch) -> LLDispatchOutput:
-        self._launch_dispatch(PHASE_RECV, state.args, state.out.x.device)
+        self._launch_dispatch(self.phase_recv, state.args, state.out.x.device)
         return state.out
 
     # ------------------------------------------------------------------------------ combine
@@ -146,8 +129,8 @@ class CudaLL:
     ) -> torch.Tensor:
         if out is not None:
             return out
-        shape = (handle.send_slots.shape[0], expert_out.shape[2])
-        return torch.empty(shape, dtype=torch.bfloat16, device=expert_out.device)
+        new = outputs.allocator(expert_out.device)
+        return outputs.combine(handle.send_slots.shape[0], expert_out.shape[2], new)
 
     def combine(
         self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
@@ -155,7 +138,7 @@ class CudaLL:
         self.raise_device_error()
         out = self._combine_out(expert_out, handle, out)
         self.comm.ll_combine(
-            PHASE_ALL, *self._combine_args(expert_out, handle, out), self._stream(out.device)
+            self.phase_all, *self._combine_args(expert_out, handle, out), self._stream(out.device)
         )
         return out
 
@@ -165,9 +148,9 @@ class CudaLL:
         self.raise_device_error()
         out = self._combine_out(expert_out, handle, out)
         args = self._combine_args(expert_out, handle, out)
-        self.comm.ll_combine(PHASE_SEND, *args, self._stream(out.device))
+        self.comm.ll_combine(self.phase_send, *args, self._stream(out.device))
         return CudaLLCombine(out, args)
 
     def combine_recv(self, state: CudaLLCombine, out: torch.Tensor | None = None) -> torch.Tensor:
-        self.comm.ll_combine(PHASE_RECV, *state.args, self._stream(state.out.device))
+        self.comm.ll_combine(self.phase_recv, *state.args, self._stream(state.out.device))
         return state.out

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import os
 import socket
-import threading
 import zlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -13,33 +11,21 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import _native, validate
+from . import _native, backends, env, registry, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
-from .config import GroupConfig
-from .cuda_ht import CudaHT
-from .cuda_ll import CudaLL
+from .config import MODE_IDS, GroupConfig
 from .errors import InvalidArgument, NcclepError
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
-from .reference import ReferenceHT, ReferenceLL
 
 T = TypeVar("T")
-BACKENDS = ("auto", "reference", "cuda")
-MODE_IDS = {"ll": 0, "ht": 1}
-LL_KERNEL_MAX_TOPK = 16
-LL_KERNEL_MAX_ENTRIES = 16384  # max_tokens_per_rank * max_topk (kLLMaxEntries)
-HT_KERNEL_MAX_RANKS, HT_KERNEL_MAX_EXPERTS = 32, 4096  # kHTMaxRanks, kHTMaxExperts (half of it per rank)
+BACKENDS = backends.BACKENDS
 
-_groups: dict[int, Group] = {}
 _ids = itertools.count(1)
-_lock = threading.Lock()
 
 
 def get_group(group_id: int) -> Group:
     """The open group with this id (ops carry groups as integers)."""
-    try:
-        return _groups[group_id]
-    except KeyError:
-        raise NcclepError(f"no open ncclep group has id {group_id}") from None
+    return registry.lookup(group_id).group
 
 
 class Pending(Generic[T]):
@@ -58,17 +44,6 @@ class Pending(Generic[T]):
     __call__ = wait
 
 
-def _virtual_nodes() -> int:
-    value = os.environ.get("NCCLEP_VIRTUAL_NODES", "1")
-    try:
-        nodes = int(value)
-    except ValueError:
-        raise InvalidArgument(f"NCCLEP_VIRTUAL_NODES must be an integer, got {value!r}") from None
-    if nodes < 1:
-        raise InvalidArgument(f"NCCLEP_VIRTUAL_NODES must be at least 1, got {nodes}")
-    return nodes
-
-
 class Group:
     """An expert-parallel group over a torch.distributed process group or an mpi4py communicator.
 
@@ -83,8 +58,13 @@ class Group:
         max_topk: the largest top-k the group accepts.
         num_sms: SMs the kernels may use (None: the mode's default).
         timeout_s: deadline of every device-side wait.
-        backend: ``"auto"`` (CUDA kernels where this install has them for ``mode``, else the
-            reference), ``"reference"`` or ``"cuda"``.
+        backend: ``"auto"`` (the CUDA kernels where they can serve the group, else the reference
+            backend, with a :class:`ncclep.FallbackWarning` naming the reason when the group is on
+            CUDA devices), ``"reference"`` or ``"cuda"`` (raises :class:`ncclep.NcclepError` with
+            the reason when the kernels cannot serve the group).
+
+    ``group.backend`` says which backend runs the ops and ``group.backend_reason`` why it is not
+    ``"cuda"`` (None when it is).
     """
 
     def __init__(
@@ -125,26 +105,19 @@ class Group:
         self.device = self._pick_device()
         self._native: Any = None
         self._native_info: dict[str, Any] = {}
-        if self.device.type == "cuda" and _native.available():
+        if self.device.type == "cuda" and _native.available() and backend != "reference":
             self._open_native()
-        self.backend = self._pick_backend(backend)
+        self.backend, self.backend_reason = backends.choose(backend, self.config, self.device, self._native)
+        if self.backend != "cuda" and self._native is not None:
+            self._native.close()  # the reference backend needs none of its window
+            self._native = None
         self._local_ranks, self._nodes = self._topology()
-        self._ll: ReferenceLL | CudaLL
-        if self.backend == "cuda" and mode == "ll":
-            self._ll = CudaLL(self.config, self.rank, self._native)
-        else:
-            self._ll = ReferenceLL(self.config, self.rank, self.process_group)
-        self._ht: ReferenceHT | CudaHT
-        if self.backend == "cuda" and mode == "ht":
-            self._ht = CudaHT(self.config, self.rank, self._native)
-        else:
-            self._ht = ReferenceHT(self.config, self.rank, self.process_group)
-        with _lock:
-            # Compiled graphs hold the id as a constant and the fake kernels read the sizes through
-            # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
-            # graph) from handing a graph traced for one configuration to a group with another.
-            self.id = (zlib.crc32(repr(self.config).encode()) << 20) | (next(_ids) & 0xFFFFF)
-            _groups[self.id] = self
+        self._backend = backends.build(self.backend, self.config, self.rank, self.process_group, self._native)
+        # Compiled graphs hold the id as a constant and the fake kernels read the sizes through
+        # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
+        # graph) from handing a graph traced for one configuration to a group with another.
+        self.id = (zlib.crc32(repr(self.config).encode()) << 20) | (next(_ids) & 0xFFFFF)
+        registry.add(self.id, registry.Entry(self, self.config, self._backend))
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -153,52 +126,6 @@ class Group:
         if "nccl" in pg_backend and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-    def _cuda_unavailable(self) -> str | None:
-        """Why the CUDA kernels cannot serve this group, or None."""
-        cfg = self.config
-        if self.device.type != "cuda":
-            return "the group is not on CUDA devices"
-        if not _native.has_kernels(cfg.mode):
-            detail = _native.IMPORT_ERROR or "extension present"
-            return f"this build of ncclep has no {cfg.mode.upper()} kernels ({detail})"
-        info = self._native_info
-        if not info.get("device_api"):
-            return f"the NCCL device API is unavailable: {self._native.device_api_error}"
-        if info.get("n_lsa_teams", 0) > 1 and not info.get("gin"):
-            return "peers off the NVLink (LSA) team need GIN, which NCCL did not enable"
-        if cfg.mode == "ht":
-            return self._ht_kernels_unavailable()
-        if cfg.mode == "ll" and cfg.max_topk > LL_KERNEL_MAX_TOPK:
-            return f"the LL kernels take max_topk <= {LL_KERNEL_MAX_TOPK}, got {cfg.max_topk}"
-        if cfg.mode == "ll" and cfg.max_tokens_per_rank * cfg.max_topk > LL_KERNEL_MAX_ENTRIES:
-            return (
-                f"the LL kernels take max_tokens_per_rank * max_topk <= {LL_KERNEL_MAX_ENTRIES}, "
-                f"got {cfg.max_tokens_per_rank} * {cfg.max_topk}"
-            )
-        return None
-
-    def _ht_kernels_unavailable(self) -> str | None:
-        cfg = self.config
-        if self._native_info.get("n_lsa_teams", 0) > 1:
-            return "the HT kernels reach peers in one NVLink (LSA) team only (no hierarchical path yet)"
-        if cfg.world_size > HT_KERNEL_MAX_RANKS:
-            return f"the HT kernels take at most {HT_KERNEL_MAX_RANKS} ranks, got {cfg.world_size}"
-        if cfg.num_experts > HT_KERNEL_MAX_EXPERTS or cfg.num_local_experts > HT_KERNEL_MAX_EXPERTS // 2:
-            return (
-                f"the HT kernels take at most {HT_KERNEL_MAX_EXPERTS} experts and "
-                f"{HT_KERNEL_MAX_EXPERTS // 2} per rank, got {cfg.num_experts}"
-            )
-        return None
-
-    def _pick_backend(self, requested: str) -> str:
-        why = self._cuda_unavailable()
-        kernels = why is None
-        if requested == "cuda" and not kernels:
-            raise NcclepError(f"backend='cuda' is not available: {why}")
-        if requested == "auto":
-            return "cuda" if kernels else "reference"
-        return requested
 
     def _broadcast_from_rank0(self, value: Any) -> Any:
         if self._mpi_comm is not None:
@@ -225,14 +152,14 @@ class Group:
             cfg.max_topk,
             cfg.num_sms or 0,
             cfg.timeout_s,
-            virtual_nodes=_virtual_nodes(),
+            virtual_nodes=env.virtual_nodes(),
         )
         self._native_info = dict(self._native.info())
 
     def _topology(self) -> tuple[int, int]:
         """(ranks per node, nodes), with NCCLEP_VIRTUAL_NODES splitting each host."""
-        virtual = _virtual_nodes()
-        if self._native_info:
+        virtual = env.virtual_nodes()
+        if self._native_info.get("device_api"):
             per_host = int(self._native_info["lsa_size"])
             hosts = int(self._native_info["n_lsa_teams"])
         else:
@@ -284,12 +211,7 @@ class Group:
     @property
     def kernel_sms(self) -> int | None:
         """SMs the CUDA kernels of this group use (None on the reference backend)."""
-        if isinstance(self._ht, CudaHT):
-            return self._ht.num_sms
-        if self.backend != "cuda":
-            return None
-        device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return min(self.config.num_sms or device_sms, device_sms)
+        return int(self._native_info["kernel_sms"]) if self.backend == "cuda" else None
 
     @property
     def native_info(self) -> dict[str, Any]:
@@ -306,17 +228,14 @@ class Group:
         """Wait for this group's work on the current stream, then raise what a kernel reported."""
         if self.backend == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-            for backend in (self._ll, self._ht):
-                if isinstance(backend, (CudaLL, CudaHT)):
-                    backend.raise_device_error()
+            self._backend.raise_device_error()
 
     @property
     def closed(self) -> bool:
-        return self.id not in _groups
+        return not registry.contains(self.id)
 
     def close(self) -> None:
-        with _lock:
-            _groups.pop(self.id, None)
+        registry.remove(self.id)
         if self._native is not None:
             self._native.close()
             self._native = None
@@ -364,8 +283,8 @@ class Group:
         if ue8m0 and not use_fp8:
             raise InvalidArgument("ue8m0 scales need use_fp8=True")
         if send_only:
-            state = self._ll.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
-            return Pending(lambda: self._ll.dispatch_recv(state))
+            state = self._backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
+            return Pending(lambda: self._backend.dispatch_recv(state))
         outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
         return ll_output(outs, use_fp8)
 
@@ -383,8 +302,8 @@ class Group:
         if out is not None:
             validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
         if send_only:
-            state = self._ll.combine_send(expert_out, handle, out)
-            return Pending(lambda: self._ll.combine_recv(state, out))
+            state = self._backend.combine_send(expert_out, handle, out)
+            return Pending(lambda: self._backend.combine_recv(state, out))
         if out is not None:
             torch.ops.ncclep.ll_combine_out(self.id, expert_out, *handle.tensors(), out)
             return out
@@ -412,8 +331,8 @@ class Group:
             self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
         )
         if send_only:
-            state = self._ht.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
-            return Pending(lambda: self._ht.dispatch_recv(state))
+            state = self._backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
+            return Pending(lambda: self._backend.dispatch_recv(state))
         outs = torch.ops.ncclep.ht_dispatch(self.id, x, x_scales, topk_idx, topk_weights, layout, alignment)
         return ht_output(outs, x_scales is not None, topk_weights is not None)
 
@@ -432,8 +351,8 @@ class Group:
         rows, topk = handle.recv_topk_idx.shape
         validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
         if send_only:
-            state = self._ht.combine_send(x, handle, topk_weights)
-            return Pending(lambda: self._ht.combine_recv(state))
+            state = self._backend.combine_send(x, handle, topk_weights)
+            return Pending(lambda: self._backend.combine_recv(state))
         out, weights = torch.ops.ncclep.ht_combine(self.id, x, *handle.tensors(), topk_weights)
         return out, (weights if topk_weights is not None else None)
 

@@ -14,10 +14,10 @@ CFG = GroupConfig(num_experts=64, max_tokens_per_rank=8, hidden=256, mode="ll", 
 
 
 class Word:
-    def __init__(self, record: tuple[int, int, int, int] | None) -> None:
+    def __init__(self, record: tuple[str, str, int, int] | None) -> None:
         self.record = record
 
-    def device_error(self) -> tuple[int, int, int, int] | None:
+    def device_error(self) -> tuple[str, str, int, int] | None:
         return self.record
 
 
@@ -28,19 +28,22 @@ def test_no_record_raises_nothing() -> None:
 def test_timeout_names_phase_and_peer() -> None:
     expected = "ht_combine receive: rank 2 waited past the 3.0 s deadline for rank 1"
     with pytest.raises(CommError, match=re.escape(expected)) as e:
-        raise_device_error(Word((1, 9, 1, 0)), CFG, 2)
+        raise_device_error(Word(("timeout", "ht_combine receive", 1, 0)), CFG, 2)
     assert (e.value.peer, e.value.phase) == (1, "ht_combine receive")
 
 
 @pytest.mark.parametrize(
     "record,text",
-    [((2, 1, -1, 99), r"expert id 99; ids must be -1 or in \[0, 64\)"), ((3, 6, -1, 5), "row 5 .* twice")],
+    [
+        (("bad_expert", "ll_dispatch send", -1, 99), r"expert id 99; ids must be -1 or in \[0, 64\)"),
+        (("duplicate_expert", "ht_dispatch send", -1, 5), "row 5 .* twice"),
+    ],
 )
-def test_bad_input_is_invalid_argument(record: tuple[int, int, int, int], text: str) -> None:
+def test_bad_input_is_invalid_argument(record: tuple[str, str, int, int], text: str) -> None:
     with pytest.raises(InvalidArgument, match=text):
         raise_device_error(Word(record), CFG, 0)
 
 
 def test_unknown_code_is_comm_error() -> None:
-    with pytest.raises(CommError, match="phase 42: device error code 4"):
-        raise_device_error(Word((4, 42, 3, 7)), CFG, 0)
+    with pytest.raises(CommError, match="unknown phase: device error code 9"):
+        raise_device_error(Word(("code 9", "unknown phase", 3, 7)), CFG, 0)

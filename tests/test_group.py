@@ -40,6 +40,7 @@ def _properties_worker() -> dict[str, Any]:
             num_nodes=group.num_nodes,
             buffer_bytes=group.buffer_bytes,
             backend=group.backend,
+            backend_reason=group.backend_reason,
             native_info=group.native_info,
             device=str(group.device),
         )
@@ -70,8 +71,16 @@ def _properties_worker() -> dict[str, Any]:
     expect(
         ValueError, r"HT mode needs hidden divisible by 8", lambda: ncclep.Group(experts, T, 100, mode="ht")
     )
-    expect(ValueError, r"max_topk must be at most 32", lambda: ncclep.Group(experts, T, H, max_topk=33))
+    expect(
+        ValueError,
+        rf"max_topk \(33\) must be at most num_experts \({experts}\)",
+        lambda: ncclep.Group(experts, T, H, max_topk=33),
+    )
     expect(ValueError, r"timeout_s must be positive", lambda: ncclep.Group(experts, T, H, timeout_s=0))
+    # every constructor error is an InvalidArgument, so `except ncclep.NcclepError` catches it too
+    for bad in (dict(mode="xl"), dict(max_topk=0), dict(num_sms=-1), dict(backend="gpu")):
+        expect(ncclep.InvalidArgument, "", lambda bad=bad: ncclep.Group(experts, T, H, **bad))
+        expect(ncclep.NcclepError, "", lambda bad=bad: ncclep.Group(experts, T, H, **bad))
     return props
 
 
@@ -92,6 +101,7 @@ def test_group_properties(world_name: str, request: pytest.FixtureRequest) -> No
             num_nodes=1,
             buffer_bytes=0,
             backend="reference",
+            backend_reason="the group is not on CUDA devices (its process group is not NCCL)",
             native_info={},
             device="cpu",
         )

@@ -20,6 +20,15 @@ enum DevicePhase : int32_t {
   kPhaseLLDispatchRecv = 2,
   kPhaseLLCombineSend = 3,
   kPhaseLLCombineRecv = 4,
+  kPhaseHTLayout = 5,
+  kPhaseHTDispatchSend = 6,
+  kPhaseHTDispatchRecv = 7,
+  kPhaseHTCombineSend = 8,
+  kPhaseHTCombineRecv = 9,
+  kPhaseHTCachedSend = 10,
+  kPhaseHTCachedRecv = 11,
+  kPhaseHTForward = 12,  // hierarchical path: a forwarder waiting for a source's network messages
+  kNumPhases,
 };
 
 struct DeviceError {

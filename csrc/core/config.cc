@@ -2,12 +2,11 @@
 
 #include <cmath>
 
-#include "core/errors.h"
+#include "core/last_error.h"
+#include "kernels/limits.h"
 
 namespace ncclep {
 namespace {
-
-constexpr int kMaxTopk = 1024;  // sanity bound; kernels may impose tighter ones
 
 ncclepResult_t bad(const char* field, long long value, const char* rule) {
   return setError(ncclepInvalidArgument, "invalid ncclepGroupConfig_t.%s = %lld: %s", field, value, rule);

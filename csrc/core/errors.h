@@ -1,4 +1,4 @@
-// Status codes, the thread-local last-error message, and checked-call macros.
+// Failed CUDA/NCCL calls as status codes (the last-error message: last_error.h), and checked-call macros.
 #pragma once
 
 #include <exception>
@@ -7,13 +7,10 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include "core/last_error.h"
 #include "ncclep.h"
 
 namespace ncclep {
-
-// Sets the calling thread's last-error message and returns `code`.
-ncclepResult_t setError(ncclepResult_t code, const char* fmt, ...)
-    __attribute__((format(printf, 2, 3)));
 
 // Maps a failed CUDA call to a status (cudaErrorMemoryAllocation -> OutOfMemory)
 // and records "<what> failed: <cuda error name>: <description>".
@@ -26,12 +23,6 @@ ncclepResult_t ncclFailure(ncclResult_t res, ncclComm_t comm, const char* whatFm
     __attribute__((format(printf, 3, 4)));
 
 }  // namespace ncclep
-
-#define NCCLEP_CHECK(call)                                  \
-  do {                                                      \
-    ncclepResult_t ncclepRes_ = (call);                     \
-    if (ncclepRes_ != ncclepSuccess) return ncclepRes_;     \
-  } while (0)
 
 // NCCLEP_CUDA_CHECK(cudaMalloc(&p, n), "cudaMalloc(%zu)", n)
 #define NCCLEP_CUDA_CHECK(call, ...)                                           \

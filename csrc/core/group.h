@@ -38,7 +38,7 @@ struct ncclepGroup {
   uint32_t checkCalls = 0;
 
   ncclep::BufferPlan plan{};
-  int numSms = 0;
+  int deviceSms = 0;  // multiprocessors of cudaDevice
   int virtualNodes = 1;  // NCCLEP_VIRTUAL_NODES: one NVLink host split into this many nodes
   int nodeSize = 0;      // ranks per (virtual) node; 0 until the device API is up
   // The error word: pinned host memory the kernels write through its device mapping.

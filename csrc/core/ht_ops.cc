@@ -5,47 +5,12 @@
 
 #include "core/errors.h"
 #include "core/group.h"
+#include "core/kernel_facts.h"
 #include "core/ops_common.h"
 #include "kernels/ht/ht_params.h"
 
 namespace ncclep {
 namespace {
-
-// The group spans several (virtual) nodes: the hierarchical kernels (ht_internode_*.cu) run.
-bool hierarchical(const ncclepGroup* g) { return g->nodeSize > 0 && g->nodeSize < g->nRanks; }
-
-ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
-  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
-  if (g->nLsaTeams > 1 && !g->ginEnabled)
-    return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need GIN, which NCCL did not enable",
-                    call);
-  if (hierarchical(g) && g->plan.ht.nodes != g->nRanks / g->nodeSize)
-    return setError(ncclepUnsupported,
-                    "%s: the group spans %d nodes but its window was planned for %d (a windowBytes too small "
-                    "for the HT hierarchical regions of that many nodes)",
-                    call, g->nRanks / g->nodeSize, g->plan.ht.nodes);
-  const int localExperts = g->config.numExperts / g->nRanks;
-  if (g->nRanks > kHTMaxRanks || g->config.numExperts > kHTMaxExperts || localExperts > kHTMaxExperts / 2 ||
-      g->config.maxTopk > kHTMaxTopk)
-    return setError(ncclepUnsupported, "%s: HT kernels take at most %d ranks, %d experts (%d per rank) and top-k %d",
-                    call, kHTMaxRanks, kHTMaxExperts, kHTMaxExperts / 2, kHTMaxTopk);
-  return ncclepSuccess;
-}
-
-long long numRows(const ncclepGroup* g, int topk, int layout, int alignment) {
-  const long long slots = (long long)g->nRanks * g->config.maxTokensPerRank;
-  if (layout == NCCLEP_HT_LAYOUT_FLAT) return slots;
-  const int local = g->config.numExperts / g->nRanks;
-  const int copies = topk < local ? topk : local;
-  return slots * copies + (long long)local * (alignment - 1);
-}
-
-// SMs of the HT kernels: the config's numSms, else the HT default, never more than the device's.
-int htSms(const ncclepGroup* g) {
-  int sms = g->config.numSms > 0 ? g->numSms : (g->numSms < kHTDefaultSms ? g->numSms : kHTDefaultSms);
-  const int least = hierarchical(g) ? 3 : 2;  // one block per role: send, (forward,) receive
-  return sms < least ? least : sms;
-}
 
 // Blocks that send (the rest receive). Dispatch: half. Combine: two thirds, because its send side
 // (local reads, NVLink stores) is the slower one: on 4x H200 at 4096 tokens and 24 SMs, 12 / 16
@@ -118,7 +83,7 @@ extern "C" ncclepResult_t ncclepHTNumRows(ncclepGroup_t g, int topk, int layout,
                  "ncclepHTNumRows: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", layout);
   NCCLEP_REQUIRE(alignment >= 1 && (layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || alignment == 1),
                  "ncclepHTNumRows: alignment = %d: must be >= 1, and 1 for the flat layout", alignment);
-  *rows = numRows(g, topk, layout, alignment);
+  *rows = htNumRows(g->config, g->nRanks, topk, layout, alignment);
   return ncclepSuccess;
 }
 
@@ -134,7 +99,7 @@ extern "C" ncclepResult_t ncclepHTMaxRowBytes(ncclepGroup_t g, int* bytes) {
 extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispatchArgs_t* a, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepHTDispatch";
-  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
   NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTDispatchArgs_t), call));
   NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
@@ -152,7 +117,7 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
                  "%s: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", call, a->layout);
   NCCLEP_REQUIRE(a->alignment >= 1 && (a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || a->alignment == 1),
                  "%s: alignment = %d: must be >= 1, and 1 for the flat layout", call, a->alignment);
-  const long long rows = numRows(g, a->topk, a->layout, a->alignment);
+  const long long rows = htNumRows(g->config, g->nRanks, a->topk, a->layout, a->alignment);
   NCCLEP_REQUIRE(a->numRows == rows, "%s: numRows = %lld: this layout needs %lld", call, a->numRows, rows);
   NCCLEP_REQUIRE(rows <= 0x7fffffffLL, "%s: %lld output rows exceed the kernels' int range", call, rows);
   NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->topkIdx && a->sendPos && (!a->useFp8 || a->xScales)),
@@ -162,7 +127,7 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
                  "%s: an output pointer is NULL", call);
   NCCLEP_REQUIRE(aligned16(a->x) && aligned16(a->recvX), "%s: x and recvX must be 16-byte aligned", call);
 
-  const int blocks = htSms(g);
+  const int blocks = groupKernelSms(g);
   HTDispatchParams p{};
   p.c = common(g, blocks, HTOp::Dispatch);
   p.x = a->x;
@@ -203,7 +168,7 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
 extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombineArgs_t* a, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepHTCombine";
-  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
   NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTCombineArgs_t), call));
   NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
@@ -212,7 +177,7 @@ extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombine
                  g->config.hidden);
   NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
                  g->config.maxTopk);
-  const long long flat = numRows(g, a->topk, NCCLEP_HT_LAYOUT_FLAT, 1);
+  const long long flat = htNumRows(g->config, g->nRanks, a->topk, NCCLEP_HT_LAYOUT_FLAT, 1);
   NCCLEP_REQUIRE(a->numRows >= flat && a->numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
                  a->numRows, flat);
   NCCLEP_REQUIRE(a->x && a->recvSlot && a->recvCounts && (!a->topkWeights || a->recvTopkIdx),
@@ -221,7 +186,7 @@ extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombine
                  "%s: sendPos and out (and outWeights with topkWeights) are required", call);
   NCCLEP_REQUIRE(aligned16(a->x) && aligned16(a->out), "%s: x and out must be 16-byte aligned", call);
 
-  const int blocks = htSms(g);
+  const int blocks = groupKernelSms(g);
   HTCombineParams p{};
   p.c = common(g, blocks, HTOp::Combine);
   p.x = a->x;
@@ -251,19 +216,19 @@ extern "C" ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t g, const ncclepHT
                                                  cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepHTCachedDispatch";
-  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
   NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTCachedDispatchArgs_t), call));
   NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
   NCCLEP_REQUIRE(a->rowBytes > 0 && a->rowBytes <= int(g->plan.ht.flagOffset),
                  "%s: rowBytes = %d: must be in [1, %u]", call, a->rowBytes, g->plan.ht.flagOffset);
-  const long long flat = numRows(g, 1, NCCLEP_HT_LAYOUT_FLAT, 1);
+  const long long flat = htNumRows(g->config, g->nRanks, 1, NCCLEP_HT_LAYOUT_FLAT, 1);
   NCCLEP_REQUIRE(a->numRows >= flat && a->numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
                  a->numRows, flat);
   NCCLEP_REQUIRE(a->recvSlot && a->out, "%s: recvSlot and out are required", call);
   NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->sendPos), "%s: x and sendPos are required", call);
 
-  const int blocks = htSms(g);
+  const int blocks = groupKernelSms(g);
   HTCachedParams p{};
   p.c = common(g, blocks, HTOp::Dispatch);
   p.x = a->x;

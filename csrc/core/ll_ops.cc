@@ -9,20 +9,6 @@
 namespace ncclep {
 namespace {
 
-// The common checks, then what the LL kernels cannot serve.
-ncclepResult_t checkUsable(ncclepGroup* g, const char* call) {
-  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
-  if (g->nLsaTeams > 1 && !g->ginEnabled)
-    return setError(ncclepUnsupported, "%s: peers off the NVLink (LSA) team need GIN, which NCCL did not enable",
-                    call);
-  if (g->nRanks > kLLMaxRanks || g->config.numExperts > kLLMaxExperts ||
-      int64_t(g->config.maxTokensPerRank) * g->config.maxTopk > kLLMaxEntries)
-    return setError(ncclepUnsupported,
-                    "%s: LL kernels take at most %d ranks, %d experts and maxTokensPerRank * maxTopk <= %d", call,
-                    kLLMaxRanks, kLLMaxExperts, kLLMaxEntries);
-  return ncclepSuccess;
-}
-
 ncclepResult_t checkHidden(const ncclepGroup* g, int hidden, const char* call) {
   if (hidden <= 0 || hidden % 128 != 0 || hidden > g->config.hidden)
     return setError(ncclepInvalidArgument, "%s: hidden = %d: must be a positive multiple of 128 up to the group's %d",
@@ -61,7 +47,7 @@ using namespace ncclep;
 extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispatchArgs_t* a, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepLLDispatch";
-  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
   NCCLEP_REQUIRE(a->size == sizeof(ncclepLLDispatchArgs_t) && a->version == NCCLEP_LL_ARGS_VERSION,
                  "%s: args.size/version = %zu/%u, expected %zu/%u", call, a->size, a->version,
@@ -71,10 +57,8 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   NCCLEP_REQUIRE(a->numTokens >= 0 && a->numTokens <= g->config.maxTokensPerRank,
                  "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a->numTokens,
                  g->config.maxTokensPerRank);
-  const int maxK = g->config.maxTopk < kLLMaxTopk ? g->config.maxTopk : kLLMaxTopk;
-  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= maxK, "%s: topk = %d: must be in [1, %d]", call, a->topk, maxK);
-  NCCLEP_REQUIRE(g->config.maxTopk <= kLLMaxTopk, "%s: the group's maxTopk (%d) exceeds the LL kernels' %d", call,
-                 g->config.maxTopk, kLLMaxTopk);
+  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
+                 g->config.maxTopk);
   NCCLEP_REQUIRE(a->topkIdxBits == 32 || a->topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
                  a->topkIdxBits);
   NCCLEP_REQUIRE(!a->ue8m0 || a->useFp8, "%s: ue8m0 needs useFp8", call);
@@ -110,7 +94,7 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   p.trace = a->trace;
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
-  NCCLEP_CUDA_CHECK(cudaError_t(launchLLDispatch(p, g->numSms, stream)), "launching the LL dispatch kernel");
+  NCCLEP_CUDA_CHECK(cudaError_t(launchLLDispatch(p, groupKernelSms(g), stream)), "launching the LL dispatch kernel");
   return ncclepSuccess;
   NCCLEP_API_CATCH
 }
@@ -118,7 +102,7 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
 extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombineArgs_t* a, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepLLCombine";
-  NCCLEP_CHECK(checkUsable(g, call));
+  NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
   NCCLEP_REQUIRE(a->size == sizeof(ncclepLLCombineArgs_t) && a->version == NCCLEP_LL_ARGS_VERSION,
                  "%s: args.size/version = %zu/%u, expected %zu/%u", call, a->size, a->version,
@@ -147,7 +131,7 @@ extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombine
   p.out = a->out;
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
-  NCCLEP_CUDA_CHECK(cudaError_t(launchLLCombine(p, g->numSms, stream)), "launching the LL combine kernel");
+  NCCLEP_CUDA_CHECK(cudaError_t(launchLLCombine(p, groupKernelSms(g), stream)), "launching the LL combine kernel");
   return ncclepSuccess;
   NCCLEP_API_CATCH
 }

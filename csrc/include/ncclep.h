@@ -99,9 +99,9 @@ typedef struct ncclepGroupConfig_v1 {
  * Group information. Initialise with NCCLEP_GROUP_INFO_INITIALIZER (the
  * library checks size and version) before calling ncclepGroupGetInfo.
  */
-#define NCCLEP_GROUP_INFO_VERSION 1u
+#define NCCLEP_GROUP_INFO_VERSION 2u
 
-typedef struct ncclepGroupInfo_v1 {
+typedef struct ncclepGroupInfo_v2 {
   size_t size;            /* sizeof(ncclepGroupInfo_t) */
   unsigned int version;   /* NCCLEP_GROUP_INFO_VERSION */
   int rank;
@@ -117,10 +117,12 @@ typedef struct ncclepGroupInfo_v1 {
   int nodeSize;           /* ranks per node as the kernels see it: lsaSize, divided by
                              NCCLEP_VIRTUAL_NODES on one host; peers off our node take the
                              network path (GIN, or its emulation over LSA) */
+  int kernelSms;          /* SMs the group's kernels use (numSms, the mode's default, the device's) */
+  int ncclHeaderVersion;  /* NCCL_VERSION_CODE of the headers ncclep was built against */
 } ncclepGroupInfo_t;
 
 #define NCCLEP_GROUP_INFO_INITIALIZER \
-  { sizeof(ncclepGroupInfo_t), NCCLEP_GROUP_INFO_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  { sizeof(ncclepGroupInfo_t), NCCLEP_GROUP_INFO_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /* NCCLEP_VERSION_CODE of the library (may differ from the header's). */
 NCCLEP_API ncclepResult_t ncclepGetVersion(int* version);
@@ -167,6 +169,63 @@ NCCLEP_API ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t group, ncclepGroupInf
  * can only be destroyed.
  */
 NCCLEP_API ncclepResult_t ncclepGroupCheckLsa(ncclepGroup_t group, cudaStream_t stream, int* ok);
+
+/* ------------------------------------------------------------------------------------------
+ * What the kernels can serve. These need no group, device or NCCL call: bindings and launchers
+ * ask here instead of restating the limits (the Python package reads them through ncclep._C).
+ * ------------------------------------------------------------------------------------------ */
+#define NCCLEP_LIMITS_VERSION 1u
+
+typedef struct ncclepLimits_v1 {
+  size_t size;              /* sizeof(ncclepLimits_t) */
+  unsigned int version;     /* NCCLEP_LIMITS_VERSION */
+  int maxTopk;              /* largest maxTopk a config may name (a sanity bound) */
+  int fp8Block;             /* channels per fp8 scale */
+  int llMaxRanks;
+  int llMaxExperts;
+  int llMaxTopk;
+  int llMaxEntries;         /* maxTokensPerRank * maxTopk */
+  int llHiddenMultiple;
+  int htMaxRanks;
+  int htMaxExperts;
+  int htMaxLocalExperts;
+  int htMaxTopk;
+  int htHiddenMultiple;
+  int htDefaultSms;         /* SMs of the HT kernels when the config's numSms is 0 */
+  int htMinSms;             /* fewest SMs of the HT kernels on one node */
+  int htMinSmsHierarchical; /* and across (virtual) nodes */
+} ncclepLimits_t;
+
+#define NCCLEP_LIMITS_INITIALIZER { sizeof(ncclepLimits_t), NCCLEP_LIMITS_VERSION }
+
+NCCLEP_API ncclepResult_t ncclepGetLimits(ncclepLimits_t* limits);
+
+/* The topology a group runs on, as ncclepGroupGetInfo reports it once the group exists. */
+#define NCCLEP_TOPOLOGY_VERSION 1u
+
+typedef struct ncclepTopology_v1 {
+  size_t size;            /* sizeof(ncclepTopology_t) */
+  unsigned int version;   /* NCCLEP_TOPOLOGY_VERSION */
+  int nRanks;
+  int nLsaTeams;          /* NVLink (LSA) teams the ranks form: the real nodes */
+  int ginEnabled;         /* network resources for peers off our LSA team (nLsaTeams > 1) */
+  int deviceApiAvailable; /* the NCCL device communicator exists */
+} ncclepTopology_t;
+
+#define NCCLEP_TOPOLOGY_INITIALIZER { sizeof(ncclepTopology_t), NCCLEP_TOPOLOGY_VERSION, 0, 0, 0, 0 }
+
+/* *supported = 1 when the kernels of config->mode can serve a group of this config on this
+ * topology; otherwise 0, and `why` (whyBytes long, may be NULL when whyBytes is 0) says why.
+ * `why` is "" when supported. */
+NCCLEP_API ncclepResult_t ncclepQueryKernelSupport(const ncclepGroupConfig_t* config,
+                                                   const ncclepTopology_t* topology, int* supported,
+                                                   char* why, size_t whyBytes);
+/* The same for an existing group: its topology, device API state and window plan. */
+NCCLEP_API ncclepResult_t ncclepGroupQueryKernelSupport(ncclepGroup_t group, int* supported, char* why,
+                                                        size_t whyBytes);
+
+/* Name of a device-error phase (ncclepDeviceError_t.phase), e.g. "ht_dispatch send"; never NULL. */
+NCCLEP_API const char* ncclepPhaseName(int phase);
 
 /* ------------------------------------------------------------------------------------------
  * LL mode (low latency): dispatch and combine kernels. Every call is collective over the group
@@ -328,6 +387,9 @@ typedef struct ncclepHTCachedDispatchArgs_v1 {
 /* Worst-case rows of an HT dispatch output (layout NCCLEP_HT_LAYOUT_*). */
 NCCLEP_API ncclepResult_t ncclepHTNumRows(ncclepGroup_t group, int topk, int layout, int alignment,
                                           long long* rows);
+/* The same from a config and a rank count, before any group exists. */
+NCCLEP_API ncclepResult_t ncclepHTNumRowsFor(const ncclepGroupConfig_t* config, int nRanks, int topk, int layout,
+                                             int alignment, long long* rows);
 /* The largest row ncclepHTCachedDispatch moves. */
 NCCLEP_API ncclepResult_t ncclepHTMaxRowBytes(ncclepGroup_t group, int* bytes);
 

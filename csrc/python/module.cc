@@ -10,6 +10,7 @@
 
 #include <nccl.h>
 
+#include "common/device_error.h"
 #include "ncclep.h"
 
 #ifndef TORCH_EXTENSION_NAME
@@ -53,6 +54,22 @@ ncclepGroupConfig_t makeConfig(int mode, int numExperts, int maxTokensPerRank, i
   config.windowBytes = windowBytes;
   config.virtualNodes = virtualNodes;
   return config;
+}
+
+// None when the kernels serve it, else the reason (ncclepQueryKernelSupport / ...GroupQuery...).
+py::object supportReason(int supported, const char* why) {
+  if (supported) return py::none();
+  return py::str(why);
+}
+
+std::string deviceErrorName(int code) {
+  switch (code) {
+    case ncclep::kDeviceTimeout: return "timeout";
+    case ncclep::kDeviceBadExpert: return "bad_expert";
+    case ncclep::kDeviceDuplicateExpert: return "duplicate_expert";
+    case ncclep::kDeviceProtocol: return "protocol";
+    default: return "code " + std::to_string(code);
+  }
 }
 
 bool interpreterFinalizing() {
@@ -117,7 +134,18 @@ class Communicator {
     d["window_bytes"] = info.windowBytes;
     d["nccl_version"] = info.ncclVersion;
     d["node_size"] = info.nodeSize;
+    d["kernel_sms"] = info.kernelSms;
+    d["nccl_header_version"] = info.ncclHeaderVersion;
     return d;
+  }
+
+  // None when this group's kernels can serve it, else why not.
+  py::object kernelSupport() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int supported = 0;
+    char why[512] = {0};
+    check(ncclepGroupQueryKernelSupport(openGroup(), &supported, why, sizeof(why)));
+    return supportReason(supported, why);
   }
 
   // stream: a raw cudaStream_t as an int; None = torch's current stream on the group's device.
@@ -280,13 +308,15 @@ class Communicator {
     return bytes;
   }
 
-  // None, or (code, phase, peer, value) of the error word; bad-input codes are cleared by the read.
+  // None, or (code, phase, peer, value) of the error word with the code and phase by name
+  // ("timeout", "bad_expert", "duplicate_expert", "protocol"; ncclepPhaseName); bad-input codes
+  // are cleared by the read.
   py::object deviceError() {
     std::lock_guard<std::mutex> lock(mu_);
     ncclepDeviceError_t e;
     check(ncclepGroupGetDeviceError(openGroup(), &e));
-    if (e.code == 0) return py::none();
-    return py::make_tuple(e.code, e.phase, e.peer, e.value);
+    if (e.code == ncclep::kDeviceOk) return py::none();
+    return py::make_tuple(deviceErrorName(e.code), ncclepPhaseName(e.phase), e.peer, e.value);
   }
 
   py::object deviceApiError() const {
@@ -330,6 +360,69 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HT_LAYOUT_FLAT") = NCCLEP_HT_LAYOUT_FLAT;
   m.attr("HT_LAYOUT_EXPERT_MAJOR") = NCCLEP_HT_LAYOUT_EXPERT_MAJOR;
 
+  m.attr("NCCL_HEADER_VERSION") = NCCL_VERSION_CODE;
+
+  m.def("phase_name", &ncclepPhaseName, py::arg("phase"), "name of a device-error phase");
+
+  m.def(
+      "limits",
+      []() {
+        ncclepLimits_t l = NCCLEP_LIMITS_INITIALIZER;
+        check(ncclepGetLimits(&l));
+        py::dict d;
+        d["max_topk"] = l.maxTopk;
+        d["fp8_block"] = l.fp8Block;
+        d["ll_max_ranks"] = l.llMaxRanks;
+        d["ll_max_experts"] = l.llMaxExperts;
+        d["ll_max_topk"] = l.llMaxTopk;
+        d["ll_max_entries"] = l.llMaxEntries;
+        d["ll_hidden_multiple"] = l.llHiddenMultiple;
+        d["ht_max_ranks"] = l.htMaxRanks;
+        d["ht_max_experts"] = l.htMaxExperts;
+        d["ht_max_local_experts"] = l.htMaxLocalExperts;
+        d["ht_max_topk"] = l.htMaxTopk;
+        d["ht_hidden_multiple"] = l.htHiddenMultiple;
+        d["ht_default_sms"] = l.htDefaultSms;
+        d["ht_min_sms"] = l.htMinSms;
+        d["ht_min_sms_hierarchical"] = l.htMinSmsHierarchical;
+        return d;
+      },
+      "the kernels' limits and defaults (ncclepGetLimits)");
+
+  m.def(
+      "kernel_support",
+      [](int mode, int numExperts, int maxTokensPerRank, int hidden, int maxTopk, int nRanks, int nLsaTeams,
+         bool ginEnabled, bool deviceApiAvailable) {
+        ncclepGroupConfig_t config =
+            makeConfig(mode, numExperts, maxTokensPerRank, hidden, maxTopk, 0, 100.0, 0, 0);
+        ncclepTopology_t topology = NCCLEP_TOPOLOGY_INITIALIZER;
+        topology.nRanks = nRanks;
+        topology.nLsaTeams = nLsaTeams;
+        topology.ginEnabled = ginEnabled;
+        topology.deviceApiAvailable = deviceApiAvailable;
+        int supported = 0;
+        char why[512] = {0};
+        check(ncclepQueryKernelSupport(&config, &topology, &supported, why, sizeof(why)));
+        return supportReason(supported, why);
+      },
+      py::arg("mode"), py::arg("num_experts"), py::arg("max_tokens_per_rank"), py::arg("hidden"),
+      py::arg("max_topk"), py::arg("n_ranks"), py::arg("n_lsa_teams"), py::arg("gin_enabled"),
+      py::arg("device_api_available"), "None when the kernels serve such a group, else why not");
+
+  m.def(
+      "ht_num_rows",
+      [](int numExperts, int maxTokensPerRank, int hidden, int maxTopk, int nRanks, int topk, int layout,
+         int alignment) {
+        ncclepGroupConfig_t config =
+            makeConfig(NCCLEP_MODE_HT, numExperts, maxTokensPerRank, hidden, maxTopk, 0, 100.0, 0, 0);
+        long long rows = 0;
+        check(ncclepHTNumRowsFor(&config, nRanks, topk, layout, alignment, &rows));
+        return rows;
+      },
+      py::arg("num_experts"), py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("max_topk"),
+      py::arg("n_ranks"), py::arg("topk"), py::arg("layout"), py::arg("alignment"),
+      "worst-case rows of an HT dispatch output (ncclepHTNumRowsFor)");
+
   m.def("last_error", []() { return std::string(ncclepGetLastError()); },
         "ncclepGetLastError() of this thread, e.g. why check_lsa returned False");
 
@@ -370,6 +463,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("num_experts"), py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("max_topk"),
            py::arg("num_sms"), py::arg("timeout_s"), py::arg("window_bytes") = 0, py::arg("virtual_nodes") = 0)
       .def("info", &Communicator::info)
+      .def("kernel_support", &Communicator::kernelSupport)
       .def("check_lsa", &Communicator::checkLsa, py::arg("stream") = py::none())
       .def("close", &Communicator::close)
       .def("ll_dispatch", &Communicator::llDispatch, "phases, tokens, hidden, topk, pointers..., stream, trace=0",

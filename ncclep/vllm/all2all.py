@@ -23,12 +23,15 @@ import torch.distributed as dist
 from vllm.distributed.device_communicators.base_device_communicator import All2AllManagerBase
 from vllm.logger import init_logger
 
-from ..group import LL_KERNEL_MAX_TOPK, Group
+from .. import _native
+from ..group import Group
 
 logger = init_logger("vllm.ncclep")
 
 ENV_BACKEND = "NCCLEP_VLLM_BACKEND"  # auto (default), reference or cuda
-ENV_MAX_TOPK = "NCCLEP_VLLM_MAX_TOPK"  # LL: the largest top-k (vLLM does not pass it); default 16
+ENV_MAX_TOPK = "NCCLEP_VLLM_MAX_TOPK"  # LL: the largest top-k (vLLM does not pass it)
+# Without it: the LL kernels' largest top-k (the C library's), or this on a pure-Python install.
+DEFAULT_MAX_TOPK = 16
 
 
 def _env_int(name: str, default: int) -> int:
@@ -143,7 +146,7 @@ class NcclepLLAll2AllManager(_NcclepAll2AllManager):
                 f"ncclep needs num_global_experts ({num_experts}) = num_local_experts "
                 f"({kwargs['num_local_experts']}) x num_ep_ranks ({num_ranks})"
             )
-        max_topk = _env_int(ENV_MAX_TOPK, LL_KERNEL_MAX_TOPK)
+        max_topk = _env_int(ENV_MAX_TOPK, _native.limits().get("ll_max_topk", DEFAULT_MAX_TOPK))
         key = (max_tokens, hidden, num_experts, max_topk, self.num_sms)
         return self._cached_group(
             key,

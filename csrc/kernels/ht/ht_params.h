@@ -9,27 +9,12 @@
 
 #include "common/device_error.h"
 #include "kernels/ht/ht_layout.h"
+#include "kernels/limits.h"
 
 namespace ncclep {
 
-constexpr int kHTMaxTopk = 32;     // one warp lane per top-k choice
-constexpr int kHTMaxRanks = 32;    // one warp lane per rank
-constexpr int kHTMaxExperts = 4096;
 constexpr int kHTThreads = 512;    // 16 warps per block
 constexpr int kHTWarps = kHTThreads / 32;
-constexpr int kHTDefaultSms = 24;
-
-// Phases reported through the error word (after the LL ones, 1..4).
-enum HTPhase : int32_t {
-  kPhaseHTLayout = 5,
-  kPhaseHTDispatchSend = 6,
-  kPhaseHTDispatchRecv = 7,
-  kPhaseHTCombineSend = 8,
-  kPhaseHTCombineRecv = 9,
-  kPhaseHTCachedSend = 10,
-  kPhaseHTCachedRecv = 11,
-  kPhaseHTForward = 12,  // hierarchical path: a forwarder waiting for a source's network messages
-};
 
 struct HTCommon {
   ncclWindow_t window;

@@ -8,16 +8,12 @@
 #include <nccl_device.h>
 
 #include "common/device_error.h"
+#include "kernels/limits.h"
 #include "kernels/ll/ll_layout.h"
 
 namespace ncclep {
 
-constexpr int kLLMaxTopk = 16;
-constexpr int kLLMaxRanks = 128;
-constexpr int kLLMaxExperts = 4096;
 constexpr int kLLThreads = 512;
-// Top-k entries (tokens x top-k) a dispatch ranks in shared memory: maxTokens * maxTopk <= this.
-constexpr int kLLMaxEntries = 16384;
 
 enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 
