@@ -8,6 +8,7 @@
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/spin_wait.cuh"
 #include "transport/lsa.cuh"
 #include "transport/net.cuh"
 
@@ -52,7 +53,7 @@ struct Peers {
                                              uint64_t timeoutNs, const device::ErrorSink& err, int phase) const {
     const bool remote = viaNet(peer);
     const uint64_t* word = reinterpret_cast<const uint64_t*>(net.local + counterOffset);
-    return device::waitUntil(
+    return device::waitUntil<device::SignalBackoff>(
         [&] { return (remote ? net.readSignal(signal, counterOffset) : device::loadAcquire(word)) >= least; },
         timeoutNs, err, phase, peer, int32_t(least));
   }
