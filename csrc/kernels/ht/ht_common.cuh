@@ -1,4 +1,4 @@
-// Device helpers shared by the HT kernels: state and error sink, deadline waits, reading and
+// Device helpers shared by the HT kernels: state and error sink, flag waits, reading and
 // checking top-k rows, warp copies, bf16 accumulation.
 #pragma once
 
@@ -9,6 +9,7 @@
 #include "common/bf16.cuh"
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/spin_wait.cuh"
 #include "kernels/ht/ht_params.h"
 
 namespace ncclep {
@@ -27,30 +28,13 @@ __device__ __forceinline__ uint32_t callSeq(const HTCommon& c) {
   return *reinterpret_cast<const volatile uint32_t*>(&state(c)->seq);
 }
 
-// Spins until `ready()`; false after reporting a timeout (phase, peer, value), or at once when
-// another thread already failed. Backs off so spinning warps leave issue slots to working ones.
-template <typename Ready>
-__device__ __forceinline__ bool waitFor(Ready ready, uint64_t timeoutNs, const device::ErrorSink& err, int phase,
-                                        int peer, int value) {
-  if (ready()) return true;
-  const uint64_t start = device::globalTimerNs();
-  for (unsigned polls = 1;; ++polls) {
-    if (ready()) return true;
-    if (device::hasError(err)) return false;
-    if (polls > 8) __nanosleep(64);
-    if (device::globalTimerNs() - start > timeoutNs) {
-      device::reportError(err, kDeviceTimeout, phase, peer, value);
-      return false;
-    }
-  }
-}
-
 // A flag word written by a peer with release semantics carries `epoch` in its upper half.
 __device__ __forceinline__ bool waitEpoch(const uint64_t* flag, uint32_t epoch, uint64_t* value,
                                           const HTCommon& c, int phase, int peer) {
   uint64_t v = 0;
-  const bool ok = waitFor([&] { v = device::loadAcquire(flag); return uint32_t(v >> 32) == epoch; },
-                          c.timeoutNs, sink(c), phase, peer, int(epoch));
+  const bool ok = device::waitUntil<device::FlagBackoff>(
+      [&] { v = device::loadAcquire(flag); return uint32_t(v >> 32) == epoch; }, c.timeoutNs, sink(c), phase, peer,
+      int(epoch));
   *value = v;
   return ok;
 }
@@ -59,8 +43,8 @@ __device__ __forceinline__ bool waitEpoch(const uint64_t* flag, uint32_t epoch, 
 // writes of call seq + 1 into its slots cannot overtake its reads.
 __device__ __forceinline__ bool waitPeerDone(const HTCommon& c, const uint64_t* peerDone, uint32_t seq, int phase,
                                              int peer) {
-  return waitFor([&] { return device::loadAcquire(peerDone) >= uint64_t(seq); }, c.timeoutNs, sink(c), phase, peer,
-                 int(seq));
+  return device::waitUntil<device::FlagBackoff>([&] { return device::loadAcquire(peerDone) >= uint64_t(seq); },
+                                                c.timeoutNs, sink(c), phase, peer, int(seq));
 }
 
 // Ends a transfer kernel: the last block to arrive advances the sequence and tells peers our slots

@@ -51,11 +51,11 @@ __device__ void sendCounts(const transport::Peers<Net>& peers, const HTDispatchP
   }
   __syncthreads();
   for (int d = 0; d < R; ++d)
-    peers.ship(d, dstOffset, l.countStage + size_t(d) * l.countBytes, l.countBytes, threadIdx.x, blockDim.x);
+    peers.put(d, dstOffset, l.countStage + size_t(d) * l.countBytes, l.countBytes, threadIdx.x, blockDim.x);
   __syncthreads();
   // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
   if (threadIdx.x == 0)
-    for (int d = 0; d < R; ++d) ht::signalPeer(peers, c, d, kHTSigCounts, 1);
+    for (int d = 0; d < R; ++d) peers.signal(d, kHTSigCounts, 1);
 }
 
 template <class Net>
@@ -101,7 +101,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
         meta[KM + lane] = e >= 0 ? pos : 0;
         reinterpret_cast<float*>(meta)[2 * KM + lane] = e >= 0 ? weight : 0.0f;
       }
-      ht::shipToForwarders(peers, c, t, epoch, b, slot);
+      ht::putToForwarders(peers, c, t, epoch, b, slot);
     }
   }
   if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
@@ -119,7 +119,8 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTDispatchPar
   auto counts = [&](int r) { return reinterpret_cast<const int*>(c.local + l.netCounts + size_t(r) * l.countBytes); };
 
   int tokens = 0;  // warp 0, lane r: tokens from source r, after its counts signal
-  if (threadIdx.x < 32 && lane < R && ht::waitPeer(peers, c, lane, kHTSigCounts, countsMark, kPhaseHTDispatchRecv))
+  if (threadIdx.x < 32 && lane < R &&
+      peers.wait(lane, kHTSigCounts, countsMark, c.timeoutNs, ht::sink(c), kPhaseHTDispatchRecv))
     tokens = __ldcg(counts(lane) + L);
   ht::planRows(p, s, tokens, [&](int r, int e) { return __ldcg(counts(r) + e); }, block, blocks);
   ht::receiveDispatchMessages(p, s, block, blocks, seq + 1);
@@ -129,7 +130,7 @@ template <class Net>
 __global__ void __launch_bounds__(kHTThreads, 1) htInternodeDispatchKernel(const __grid_constant__ HTDispatchParams p) {
   __shared__ Shared s;
   const HTCommon& c = p.c;
-  const transport::Peers<Net> peers = ht::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {c.layout.netSignals, c.nRanks});
   const ht::Topo t = ht::topo(c);
   const uint32_t seq = ht::callSeq(c);
   const int block = blockIdx.x;

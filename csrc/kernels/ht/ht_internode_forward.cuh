@@ -80,7 +80,7 @@ __device__ void forwardMessages(const transport::Peers<Net>& peers, const HTComm
 // staging offset, then here its send_pos row and token word) put to the forwarder of every other
 // node that holds one of its experts. `slot` is lane d's send_pos[b, d] (lanes >= R: -1).
 template <class Net>
-__device__ __forceinline__ void shipToForwarders(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
+__device__ __forceinline__ void putToForwarders(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
                                                  uint32_t epoch, int b, int slot) {
   const HTLayout& l = c.layout;
   const int lane = threadIdx.x & 31;
@@ -92,7 +92,7 @@ __device__ __forceinline__ void shipToForwarders(const transport::Peers<Net>& pe
   __syncwarp();  // the message is complete before any lane copies it (emulation) or lane 0 puts it
   for (uint32_t m = nodes; m != 0; m &= m - 1) {
     const int node = __ffs(m) - 1;
-    peers.ship(t.forwarder(c.rank, node), netRecvAt(l, t.node, b), netStageAt(l, b), l.netMsgBytes, lane, 32);
+    peers.put(t.forwarder(c.rank, node), netRecvAt(l, t.node, b), netStageAt(l, b), l.netMsgBytes, lane, 32);
   }
 }
 
