@@ -34,7 +34,11 @@ napoleon_numpy_docstring = False
 
 html_theme = "alabaster"
 html_title = f"ncclep {release}"
-html_theme_options = {"description": "Expert-parallel MoE dispatch/combine on NCCL's Device API"}
+html_theme_options = {
+    "description": "Expert-parallel MoE dispatch/combine on NCCL's Device API",
+    "page_width": "1240px",  # room for the 100-column code blocks and the wide tables
+    "sidebar_width": "240px",
+}
 
 
 # Napoleon reads a property's first line "text: more text" as "type: description". ncclep's
