@@ -258,6 +258,7 @@ def _extension_config():
 
 
 ext_modules, cmdclass = _extension_config()
+PLOT = ["matplotlib"]
 
 setup(
     name="ncclep",
@@ -267,9 +268,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "numpy"],
     extras_require={
-        "mpi": ["mpi4py"],
-        "test": ["pytest", "matplotlib", "ruff"],
-        "plot": ["matplotlib"],
+        "mpi": ["mpi4py"],  # launching under mpirun (ncclep.bootstrap); the C examples need only MPI
+        "plot": PLOT,  # ncclep-bench --plot
+        "test": ["pytest", "ruff", *PLOT],  # scripts/test.sh: pytest, the linter, the bench's --plot test
+        "docs": ["sphinx>=7", "myst-parser>=2"],  # scripts/docs.sh: docs/ (Markdown pages, autodoc)
         "vllm": ["vllm>=0.32"],
     },
     entry_points={

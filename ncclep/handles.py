@@ -16,12 +16,12 @@ import torch
 class LLHandle:
     """Routing of one LL dispatch.
 
-    send_slots [B, R] int32: slot of token b in rank d's receive area from this rank, -1 if b did
-        not go to d. Slots are numbered in token order.
-    recv_rows [R, T, Kmax] int32: for the token in slot j from rank r, the flattened output row
-        (``expert * R*T + position``) of its k-th choice when that expert is local, else -1.
-    recv_weights [R, T, Kmax] float32: its top-k weights (0 where recv_rows is -1).
-    recv_slot_counts [R] int32: how many slots each rank filled.
+    * ``send_slots [B, R]`` int32: slot of token b in rank d's receive area from this rank, -1 if
+      b did not go to d. Slots are numbered in token order.
+    * ``recv_rows [R, T, Kmax]`` int32: for the token in slot j from rank r, the flattened output
+      row (``expert * R*T + position``) of its k-th choice when that expert is local, else -1.
+    * ``recv_weights [R, T, Kmax]`` float32: its top-k weights (0 where recv_rows is -1).
+    * ``recv_slot_counts [R]`` int32: how many slots each rank filled.
     """
 
     send_slots: torch.Tensor
@@ -37,11 +37,12 @@ class LLHandle:
 class HTHandle:
     """Routing of one HT dispatch.
 
-    send_pos [B, R] int32: slot of token b among the tokens this rank sent to rank d, -1 if none.
-    recv_slot [N] int32: ``src_rank * T + slot`` of the token each output row holds, -1 on
-        padding rows.
-    recv_counts [R] int32: tokens received from each rank.
-    recv_topk_idx [N, K]: local expert ids of each row (-1 where the expert is elsewhere).
+    * ``send_pos [B, R]`` int32: slot of token b among the tokens this rank sent to rank d, -1 if
+      none.
+    * ``recv_slot [N]`` int32: ``src_rank * T + slot`` of the token each output row holds, -1 on
+      padding rows.
+    * ``recv_counts [R]`` int32: tokens received from each rank.
+    * ``recv_topk_idx [N, K]``: local expert ids of each row (-1 where the expert is elsewhere).
     """
 
     send_pos: torch.Tensor
