@@ -43,7 +43,7 @@ def measure(tokens: int, use_fp8: bool, sms: int, reps: int = 30) -> dict[str, f
             t = getattr(r, figure)
             if t is not None:
                 result[f"[{r.op}] {figure}"] = t.median_us
-        result.update(r.kernels)
+        result.update({f"{r.op}: {name}": us for name, us in r.kernels.items()})
     return result
 
 

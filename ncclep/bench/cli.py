@@ -213,7 +213,10 @@ def _progress_line(r: Row) -> str:
         if t is not None:
             cells.append(f"{figure} {t.median_us:9.1f}")
     sms = f" {r.sms} SMs" if r.sms else ""
-    return f"    {r.backend:>9}{sms} {r.op:<8} " + "  ".join(cells) + f"  us  check: {r.validated}"
+    line = f"    {r.backend:>9}{sms} {r.op:<8} " + "  ".join(cells) + f"  us  check: {r.validated}"
+    if r.kernels and r.backend != "reference" and r.op != "pair":
+        line += "\n" + " " * 14 + "  ".join(f"{name} {us:.1f}" for name, us in r.kernels.items())
+    return line
 
 
 def render(doc: dict[str, Any], args: argparse.Namespace) -> None:
