@@ -66,8 +66,8 @@ def measure(tokens: int, use_fp8: bool, reps: int = 30) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for clock in ("event", "kernel"):
-        measured = time_steps(step, len(PHASES), warmup=5, iters=reps, device=dev, group=None, clock=clock)
-        for name, t in zip(PHASES, measured.phases, strict=True):
+        timings = time_steps(step, len(PHASES), warmup=5, iters=reps, device=dev, group=None, clock=clock)
+        for name, t in zip(PHASES, timings, strict=True):
             out[f"{name} ({clock})"] = t.median_us
     group.check()
     group.close()

@@ -96,8 +96,9 @@ def header(doc: dict[str, Any]) -> str:
         text = FIGURE_HELP[f] if meta.get("gpu", True) or f != "host" else CPU_HOST_HELP
         lines.append(f"  {f + ' us':<9} {text}")
     lines.append(
-        "bytes: LL valid selections x row (bf16 hidden*2, fp8 hidden+hidden/128*4+16), combine "
-        "hidden*2; HT rows received incl. own rank (mean over ranks); NVL: the part to other ranks"
+        "bytes (DeepEP's): LL valid selections x row (bf16 hidden*2, fp8 hidden+hidden/128*4+16); HT rows "
+        "received incl. own rank (mean over ranks) x row (bf16 hidden*2, fp8 hidden*(1+4/128)); combine "
+        "rows x hidden*2; NVL GB/s: the part to other ranks"
     )
     for b in meta.get("backends", []):
         if b.get("reason") is None and b.get("backend") == b.get("requested"):

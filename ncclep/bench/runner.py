@@ -13,7 +13,7 @@ from .. import _native, fp8
 from ..errors import NcclepError
 from ..group import Group
 from .check import check_case
-from .timing import Measured, Timing, slowest, slowest_kernels, time_graph_replays, time_steps
+from .timing import Measured, Timing, measure_steps, slowest, slowest_kernels, time_graph_replays
 from .workloads import Case, case_routing
 
 OPS = ("dispatch", "combine", "pair")
@@ -222,9 +222,9 @@ def _measure(
         figures[figure] = [*measured.phases, measured.total]
 
     if gpu:
-        keep("event", time_steps(step, 2, clock="event", queue_ahead=settings.queue_ahead, **how))
+        keep("event", measure_steps(step, 2, clock="event", queue_ahead=settings.queue_ahead, **how))
         if settings.profile:
-            measured = time_steps(step, 2, clock="kernel", queue_ahead=settings.queue_ahead, **how)
+            measured = measure_steps(step, 2, clock="kernel", queue_ahead=settings.queue_ahead, **how)
             if measured.total.median_us > 0:
                 keep("kernel", measured)
                 pair: dict[str, float] = {}
@@ -237,7 +237,7 @@ def _measure(
     # The reference backend waits for the GPU inside its calls (host syncs): behind the sleep its
     # host time would include the sleep, so it is timed from a drained queue (the call's wall time).
     host_queue_ahead = settings.queue_ahead and group.backend != "reference"
-    measured = time_steps(step, 2, clock="host", queue_ahead=host_queue_ahead, **how)
+    measured = measure_steps(step, 2, clock="host", queue_ahead=host_queue_ahead, **how)
     keep("host", measured)
     if gpu and not host_queue_ahead:
         notes["host_queue"] = "drained"

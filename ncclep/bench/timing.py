@@ -2,7 +2,8 @@
 
 A *step* runs one or more ops back to back (dispatch then combine, as a MoE layer does) and calls
 ``mark()`` at each boundary; phase k is what runs between marks k and k+1, and the *total* is the
-whole step. :func:`time_steps` measures steps with one of three clocks:
+whole step. :func:`measure_steps` measures steps with one of three clocks (:func:`time_steps`
+gives the phases alone):
 
 ``event``
     CUDA events recorded at the marks (``time.perf_counter`` on CPU processes).
@@ -188,6 +189,30 @@ def time_steps(
     group: dist.ProcessGroup | None,
     queue_ahead: bool = True,
     clock: str = "event",
+) -> list[Timing]:
+    """Each phase's timing: :func:`measure_steps`'s ``phases`` (examples/moe_layer.py uses it)."""
+    return measure_steps(
+        step,
+        phases,
+        warmup=warmup,
+        iters=iters,
+        device=device,
+        group=group,
+        queue_ahead=queue_ahead,
+        clock=clock,
+    ).phases
+
+
+def measure_steps(
+    step: Callable[[int, Mark], Any],
+    phases: int,
+    *,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+    queue_ahead: bool = True,
+    clock: str = "event",
 ) -> Measured:
     """Run ``step(i, mark)`` ``warmup`` times untimed, then ``iters`` times timed with ``clock``."""
     if clock not in CLOCKS:
@@ -303,7 +328,7 @@ def time_graph_replays(
 
     return time_steps(
         replay, 1, warmup=warmup, iters=iters, device=device, group=group, queue_ahead=queue_ahead
-    ).total
+    )[0]
 
 
 def slowest_of(timings: list[Timing | None]) -> Timing | None:
