@@ -1,4 +1,4 @@
-"""``python -m ncclep.bench`` / ``ncclep-bench``: the LL and HT workloads of BENCHMARKS.md.
+"""``python -m ncclep.bench`` / ``ncclep-bench``: the LL and HT workloads of docs/benchmarking.md.
 
 Started by itself it spawns one process per visible GPU (or, with no GPU, a few CPU processes
 running the reference backend at small sizes, and says so); under ``torchrun`` or ``mpirun`` it
@@ -34,7 +34,7 @@ from .workloads import default_cases
 
 CPU_NOTICE = (
     "no GPU found: running the reference backend on {n} CPU processes (gloo) at small sizes; "
-    "these are CPU timings, not comparable with the GPU figures of BENCHMARKS.md"
+    "these are CPU timings, not comparable with GPU figures"
 )
 PLOT_MISSING = "--plot needs matplotlib: pip install 'ncclep[plot]' (or pip install matplotlib)"
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=("ll", "ht", "all"), default="all")
     p.add_argument("--dtype", choices=("bf16", "fp8", "all"), default="all", help="dispatch payload")
-    p.add_argument("--tokens", type=_csv_ints, help="tokens per rank, e.g. 8,128 (default: BENCHMARKS.md)")
+    p.add_argument("--tokens", type=_csv_ints, help="tokens per rank, e.g. 8,128 (default: docs/benchmarking.md)")
     p.add_argument("--hidden", type=int)
     p.add_argument("--topk", type=int)
     p.add_argument("--experts", type=int)

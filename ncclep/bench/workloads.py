@@ -1,4 +1,4 @@
-"""The benchmark's case list (BENCHMARKS.md), and the smaller one for hosts without a GPU."""
+"""The benchmark's case list (docs/benchmarking.md), and the smaller one for hosts without a GPU."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def default_cases(
     experts: int | None,
     routings: list[str] | None,
 ) -> list[Case]:
-    """The main rows of BENCHMARKS.md; with ``full``, the extra hidden sizes, top-k and routings
+    """The main rows of docs/benchmarking.md; with ``full``, the extra hidden sizes, top-k and routings
     at the bold sizes. Explicit ``tokens``/``hidden``/``topk``/``experts``/``routings`` override."""
     h, k, e = shape(gpu, hidden, topk, experts)
     cases: list[Case] = []
