@@ -91,7 +91,7 @@ def header(doc: dict[str, Any]) -> str:
         f"{s.get('sets')} input sets rotated; every step {start}"
     )
     if meta.get("gpu") and (s.get("iters", 50) < 50 or s.get("warmup", 20) < 20 or s.get("sets", 4) < 4):
-        lines.append("  (fewer calls, warm-ups or input sets than the protocol's 50, 20 and 4 (docs/benchmarking.md))")
+        lines.append("  (fewer calls, warm-ups or input sets than the protocol's 50, 20 and 4)")
     for f in [f for f in ("kernel", "event", "graph", "host") if any(r.get(f) for r in rows)]:
         text = FIGURE_HELP[f] if meta.get("gpu", True) or f != "host" else CPU_HOST_HELP
         lines.append(f"  {f + ' us':<9} {text}")

@@ -139,7 +139,7 @@ def make_group(case: Case, backend: str, pg: dist.ProcessGroup | None, sms: int 
             case.hidden,
             mode=case.mode,
             process_group=pg,
-            max_topk=max(case.topk, 8),
+            max_topk=min(max(case.topk, 8), case.experts),
             num_sms=sms,
             backend=backend,
         )
