@@ -1,6 +1,5 @@
 // Group lifecycle: NCCL communicator, symmetric window, device communicator.
 #include "core/group.h"
-#include "core/ops_common.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -153,7 +152,7 @@ void createDeviceComm(ncclepGroup* g) {
     g->deviceApiError = "ncclGetVersion failed";
     return;
   }
-  std::string why;
+  std::string why;  // checked before the first device-API call
   if (!ncclRuntimeRunsOurKernels(runtime, /*needsGin=*/false, &why)) {
     g->deviceApiError = why;
     return;
@@ -179,6 +178,7 @@ void createDeviceComm(ncclepGroup* g) {
     return;
   }
 
+  // Again now that the teams are known: GIN kernels need the NCCL minor release they were built for.
   if (!ncclRuntimeRunsOurKernels(runtime, /*needsGin=*/g->nLsaTeams > 1, &why)) {
     g->deviceApiError = why;
     return;
@@ -262,8 +262,9 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
                     "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
   NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-  NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->deviceSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
+  NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->numSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
+  if (g->config.numSms > 0 && g->config.numSms < g->numSms) g->numSms = g->config.numSms;
   // The config's virtualNodes wins; C programs may also set NCCLEP_VIRTUAL_NODES.
   if (g->config.virtualNodes > 1) {
     g->virtualNodes = g->config.virtualNodes;
@@ -475,7 +476,5 @@ extern "C" ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t g, ncclepGroupInfo_t*
   info->windowBytes = g->windowBytes;
   info->ncclVersion = ncclVersion;
   info->nodeSize = g->nodeSize;
-  info->kernelSms = ncclep::groupKernelSms(g);
-  info->ncclHeaderVersion = NCCL_VERSION_CODE;
   return ncclepSuccess;
 }
