@@ -1,5 +1,6 @@
 // Group lifecycle: NCCL communicator, symmetric window, device communicator.
 #include "core/group.h"
+#include "core/ops_common.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -262,9 +263,8 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
                     "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
   NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-  NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->numSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
+  NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->deviceSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
-  if (g->config.numSms > 0 && g->config.numSms < g->numSms) g->numSms = g->config.numSms;
   // The config's virtualNodes wins; C programs may also set NCCLEP_VIRTUAL_NODES.
   if (g->config.virtualNodes > 1) {
     g->virtualNodes = g->config.virtualNodes;
@@ -476,5 +476,7 @@ extern "C" ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t g, ncclepGroupInfo_t*
   info->windowBytes = g->windowBytes;
   info->ncclVersion = ncclVersion;
   info->nodeSize = g->nodeSize;
+  info->kernelSms = ncclep::groupKernelSms(g);
+  info->ncclHeaderVersion = NCCL_VERSION_CODE;
   return ncclepSuccess;
 }
