@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import outputs, registry
-from .handles import HTHandle, LLHandle
+from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
 LLDispatchTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 HTDispatchTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -29,6 +29,26 @@ def _fake_allocator(like: Tensor) -> outputs.Allocator:
 
 def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return torch.empty(0, dtype=torch.float32, device=like.device) if t is None else t
+
+
+def _ll_dispatch_tensors(out: LLDispatchOutput, like: Tensor) -> LLDispatchTensors:
+    """The op's flat outputs: optional tensors travel as empty ones."""
+    return (out.x, _none_as_empty(out.scales, like), out.expert_counts, *out.handle.tensors())  # type: ignore[return-value]
+
+
+def _ht_dispatch_tensors(out: HTDispatchOutput, like: Tensor) -> HTDispatchTensors:
+    h = out.handle
+    return (
+        out.x,
+        _none_as_empty(out.scales, like),
+        out.topk_idx,
+        _none_as_empty(out.topk_weights, like),
+        out.num_recv,
+        out.expert_counts,
+        h.send_pos,
+        h.recv_slot,
+        h.recv_counts,
+    )
 
 
 # --------------------------------------------------------------------------------------- LL
@@ -47,14 +67,14 @@ def ll_dispatch(
     the last four are the :class:`ncclep.LLHandle`. Raises ``InvalidArgument`` / ``CommError``
     as the method does (the method validates; the op trusts its caller)."""
     out = registry.lookup(group).backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0)
-    return (out.x, _none_as_empty(out.scales, x), out.expert_counts, *out.handle.tensors())
+    return _ll_dispatch_tensors(out, x)
 
 
 @ll_dispatch.register_fake
 def _(group: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bool, ue8m0: bool):
     cfg = registry.lookup(group).config
     out = outputs.ll_dispatch(cfg, x.shape[0], x.shape[1], use_fp8, ue8m0, _fake_allocator(x))
-    return (out.x, _none_as_empty(out.scales, x), out.expert_counts, *out.handle.tensors())
+    return _ll_dispatch_tensors(out, x)
 
 
 def _ll_combine(group: int, expert_out: Tensor, handle: LLHandle, out: Tensor | None) -> Tensor:
@@ -123,18 +143,7 @@ def ht_dispatch(
     recv_counts`` and ``topk_idx`` form the :class:`ncclep.HTHandle`."""
     backend = registry.lookup(group).backend
     out = backend.dispatch_recv(backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment))
-    h = out.handle
-    return (
-        out.x,
-        _none_as_empty(out.scales, x),
-        out.topk_idx,
-        _none_as_empty(out.topk_weights, x),
-        out.num_recv,
-        out.expert_counts,
-        h.send_pos,
-        h.recv_slot,
-        h.recv_counts,
-    )
+    return _ht_dispatch_tensors(out, x)
 
 
 @ht_dispatch.register_fake
@@ -153,18 +162,7 @@ def _(group, x, x_scales, topk_idx, topk_weights, layout, alignment):  # type: i
         alignment,
         _fake_allocator(x),
     )
-    h = out.handle
-    return (
-        out.x,
-        _none_as_empty(out.scales, x),
-        out.topk_idx,
-        _none_as_empty(out.topk_weights, x),
-        out.num_recv,
-        out.expert_counts,
-        h.send_pos,
-        h.recv_slot,
-        h.recv_counts,
-    )
+    return _ht_dispatch_tensors(out, x)
 
 
 @torch.library.custom_op("ncclep::ht_combine", mutates_args=())
