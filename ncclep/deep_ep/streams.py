@@ -25,11 +25,17 @@ from .utils import EventHandle, EventOverlap
 
 
 class StreamState:
-    """A Buffer's communication streams (one per device) and the end of its last launch."""
+    """A Buffer's communication streams (one per device) and where its last launch ran.
+
+    A launch on another stream than the last one first waits for the last one's event; launches
+    on one stream need nothing (stream order). Inside CUDA graph capture neither happens: the
+    graph orders what it captured, and an event recorded outside the capture cannot be waited for
+    inside it.
+    """
 
     def __init__(self) -> None:
         self._comm: dict[int, torch.cuda.Stream] = {}
-        self.last_launch: torch.cuda.Event | None = None
+        self._last: tuple[torch.cuda.Stream, torch.cuda.Event] | None = None
 
     def comm_stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -38,13 +44,18 @@ class StreamState:
         return self._comm[index]
 
     def wait_for_last_launch(self, stream: torch.cuda.Stream) -> None:
-        if self.last_launch is not None:
-            stream.wait_event(self.last_launch)
+        if self._last is None or torch.cuda.is_current_stream_capturing():
+            return
+        last_stream, event = self._last
+        if last_stream != stream:
+            stream.wait_event(event)
 
     def note_launch(self, stream: torch.cuda.Stream) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return
         event = torch.cuda.Event()
         event.record(stream)
-        self.last_launch = event
+        self._last = (stream, event)
 
 
 def _cuda_event(previous_event: Any) -> torch.cuda.Event | None:
@@ -101,12 +112,13 @@ class Launch:
         self.state.note_launch(self.stream)
         if not self.async_finish:
             return EventOverlap()
-        for t in outputs:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(self.compute)
-        for t in inputs:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(self.stream)
+        if not torch.cuda.is_current_stream_capturing():  # in a graph, extra_tensors keep them
+            for t in outputs:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self.compute)
+            for t in inputs:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self.stream)
         return EventOverlap(EventHandle(self.stream), _tensors(inputs, outputs))
 
 
