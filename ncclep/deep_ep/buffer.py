@@ -189,7 +189,7 @@ class Buffer:
         event that has already passed).
 
         Returns:
-            event: the captured event.
+            ``event``, the captured event.
         """
         return EventOverlap(EventHandle())
 
@@ -208,8 +208,8 @@ class Buffer:
             num_experts: the number of all experts.
 
         Returns:
-            size: the bytes of the ncclep LL group for these sizes and the largest top-k the LL
-                kernels take (ncclep's figure, not DeepEP's).
+            ``size``, the bytes of the ncclep LL group for these sizes and the largest top-k the LL kernels
+            take (ncclep's figure, not DeepEP's).
         """
         return budget.low_latency_rdma_size_hint(
             num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
@@ -220,7 +220,7 @@ class Buffer:
         Get the communication stream (the stream ``async_finish`` calls run on; CUDA only).
 
         Returns:
-            stream: the communication stream.
+            ``stream``, the communication stream.
         """
         if not torch.cuda.is_available():
             raise InvalidArgument("get_comm_stream: there are no streams without CUDA")
@@ -235,11 +235,11 @@ class Buffer:
         """
         Get a recommended dispatch config.
 
-        Argument:
+        Arguments:
             num_ranks: the number of ranks.
 
         Returns:
-            config: ``Config(Buffer.num_sms)`` for any number of ranks (ncclep uses only its SMs).
+            ``config``, ``Config(Buffer.num_sms)`` for any number of ranks (ncclep uses only its SMs).
         """
         return Config(Buffer.num_sms)
 
@@ -248,11 +248,11 @@ class Buffer:
         """
         Get a recommended combine config.
 
-        Argument:
+        Arguments:
             num_ranks: the number of ranks.
 
         Returns:
-            config: ``Config(Buffer.num_sms)`` for any number of ranks (ncclep uses only its SMs).
+            ``config``, ``Config(Buffer.num_sms)`` for any number of ranks (ncclep uses only its SMs).
         """
         return Config(Buffer.num_sms)
 
@@ -281,15 +281,17 @@ class Buffer:
                 communication stream.
 
         Returns:
-            num_tokens_per_rank: `[num_ranks]` with `torch.int`, the number of tokens to be sent to each
-                rank.
-            num_tokens_per_rdma_rank: `[num_rdma_ranks]` with `torch.int`, the number of tokens to be sent
-                to each node, `None` when the group is on one node.
-            num_tokens_per_expert: `[num_experts]` with `torch.int`, the number of tokens to be sent to
-                each expert.
-            is_token_in_rank: `[num_tokens, num_ranks]` with `torch.bool`, whether a token be sent to a
-                rank.
-            event: the event after executing the kernel (valid only if `async_finish` is set).
+            tuple: the five values below, in this order
+
+            - ``num_tokens_per_rank``: `[num_ranks]` with `torch.int`, the number of tokens to be sent to each
+              rank.
+            - ``num_tokens_per_rdma_rank``: `[num_rdma_ranks]` with `torch.int`, the number of tokens to be
+              sent to each node, `None` when the group is on one node.
+            - ``num_tokens_per_expert``: `[num_experts]` with `torch.int`, the number of tokens to be sent to
+              each expert.
+            - ``is_token_in_rank``: `[num_tokens, num_ranks]` with `torch.bool`, whether a token be sent to a
+              rank.
+            - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
         """
         self._open()
         _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
@@ -356,17 +358,19 @@ class Buffer:
                 communication stream.
 
         Returns:
-            recv_x: received tokens, the same type and tuple as the input `x`, but the number of tokens
-                equals to the received token count (`num_worst_tokens` rows if given), ordered by source
-                rank, then token index.
-            recv_topk_idx: received expert indices: local expert ids, `-1` for experts of other ranks and
-                on rows past the received tokens; the dtype of `topk_idx`; None without `topk_idx`.
-            recv_topk_weights: received expert weights (0 where `recv_topk_idx` is `-1`); None without.
-            num_recv_tokens_per_expert_list: Python list shaped `[num_local_experts]`, the received token
-                count by each local expert, aligned to the input `expert_alignment`. If
-                `num_worst_tokens` is specified, the list will be empty.
-            handle: the returned communication handle (None for a cached dispatch).
-            event: the event after executing the kernel (valid only if `async_finish` is set).
+            tuple: the six values below, in this order
+
+            - ``recv_x``: received tokens, the same type and tuple as the input `x`, but the number of tokens
+              equals to the received token count (`num_worst_tokens` rows if given), ordered by source rank,
+              then token index.
+            - ``recv_topk_idx``: received expert indices: local expert ids, `-1` for experts of other ranks
+              and on rows past the received tokens; the dtype of `topk_idx`; None without `topk_idx`.
+            - ``recv_topk_weights``: received expert weights (0 where `recv_topk_idx` is `-1`); None without.
+            - ``num_recv_tokens_per_expert_list``: Python list shaped `[num_local_experts]`, the received
+              token count by each local expert, aligned to the input `expert_alignment`. If `num_worst_tokens`
+              is specified, the list will be empty.
+            - ``handle``: the returned communication handle (None for a cached dispatch).
+            - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
 
         ncclep: without `num_worst_tokens`, every rank's layout counts are gathered and read on the host
         before the tokens move (DeepEP's exact-size synchronisation, as one `all_gather`); that also
@@ -433,9 +437,11 @@ class Buffer:
                 communication stream.
 
         Returns:
-            recv_x: the reduced token from its dispatched ranks (summed in fp32, in rank order).
-            recv_topk_weights: the reduced top-k weights from its dispatch ranks.
-            event: the event after executing the kernel (valid only if `async_finish` is set).
+            tuple: ``(recv_x, recv_topk_weights, event)``
+
+            - ``recv_x``: the reduced token from its dispatched ranks (summed in fp32, in rank order).
+            - ``recv_topk_weights``: the reduced top-k weights from its dispatch ranks.
+            - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
 
         ncclep: the rows are copied into ncclep's worst-case `[N, hidden]` layout first, unless the
         dispatch returned `N` rows (`num_worst_tokens = N`).
@@ -523,23 +529,24 @@ class Buffer:
                 will use. A combine passed this same tensor (unmodified) skips exchanging the weights.
 
         Returns:
-            recv_x: a tensor or tuple with received tokens for each expert.
-                With `use_fp8=True`: the first element is a `torch.Tensor` shaped as
-                `[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden]` with
-                `torch.float8_e4m3fn`. The second tensor is the corresponding scales for the first element
-                with shape `[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden // 128]`
-                with `torch.float`, if `use_ue8m0=False`. With `use_ue8m0=True`, the second one is packed
-                and shaped as `[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks,
-                hidden // 512]` with type `torch.int`. The last two dimensions of the scaling tensors are
-                column-major. With `use_fp8=False`, the result is a `torch.bfloat16` tensor shaped as
-                `[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden]`. Only the
-                first `recv_count[e]` rows of expert `e` are valid; ncclep orders them by source rank,
-                then token index.
-            recv_count: a tensor shaped `[num_local_experts]` with type `torch.int`, indicating how many
-                tokens each expert receives.
-            handle: the communication handle to be used in the `low_latency_combine` function.
-            event: the event after executing the kernel (valid only if `async_finish` is set).
-            hook: the receiving hook function (valid only if `return_recv_hook` is set).
+            tuple: ``(recv_x, recv_count, handle, event, hook)``
+
+            - ``recv_x``: a tensor or tuple with received tokens for each expert. With `use_fp8=True`: the
+              first element is a `torch.Tensor` shaped as `[num_local_experts,
+              num_max_dispatch_tokens_per_rank * num_ranks, hidden]` with `torch.float8_e4m3fn`. The second
+              tensor is the corresponding scales for the first element with shape `[num_local_experts,
+              num_max_dispatch_tokens_per_rank * num_ranks, hidden // 128]` with `torch.float`, if
+              `use_ue8m0=False`. With `use_ue8m0=True`, the second one is packed and shaped as
+              `[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden // 512]` with type
+              `torch.int`. The last two dimensions of the scaling tensors are column-major. With
+              `use_fp8=False`, the result is a `torch.bfloat16` tensor shaped as `[num_local_experts,
+              num_max_dispatch_tokens_per_rank * num_ranks, hidden]`. Only the first `recv_count[e]` rows of
+              expert `e` are valid; ncclep orders them by source rank, then token index.
+            - ``recv_count``: a tensor shaped `[num_local_experts]` with type `torch.int`, indicating how many
+              tokens each expert receives.
+            - ``handle``: the communication handle to be used in the `low_latency_combine` function.
+            - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
+            - ``hook``: the receiving hook function (valid only if `return_recv_hook` is set).
         """
         self._open()
         if not self.low_latency_mode:
@@ -615,11 +622,13 @@ class Buffer:
             combine_wait_recv_cost_stats: (ncclep: not supported; a tensor raises).
 
         Returns:
-            combined_x: the reduced token tensor, with shape `[num_combined_tokens, hidden]` and type
-                `torch.bfloat16`: each expert rank sums its experts' weighted rows in fp32, the token's
-                rank sums those in rank order in fp32.
-            event: the event after executing the kernel (valid only if `async_finish` is set).
-            hook: the receiving hook function (valid only if `return_recv_hook` is set).
+            tuple: ``(combined_x, event, hook)``
+
+            - ``combined_x``: the reduced token tensor, with shape `[num_combined_tokens, hidden]` and type
+              `torch.bfloat16`: each expert rank sums its experts' weighted rows in fp32, the token's rank
+              sums those in rank order in fp32.
+            - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
+            - ``hook``: the receiving hook function (valid only if `return_recv_hook` is set).
         """
         self._open()
         if use_logfmt:
@@ -642,9 +651,9 @@ class Buffer:
             handle: the communication handle given by the `dispatch` function.
 
         Returns:
-            buffer: a BF16 tensor shaped
-                `[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]` (ncclep: an
-                ordinary contiguous tensor, one per size, reused by every call).
+            ``buffer``, a BF16 tensor shaped `[num_local_experts, num_ranks *
+            num_max_dispatch_tokens_per_rank, hidden]` (ncclep: an ordinary contiguous tensor, one per size,
+            reused by every call).
         """
         self._open()
         if not isinstance(handle, LowLatencyHandle):

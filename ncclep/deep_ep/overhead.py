@@ -13,8 +13,9 @@ dispatch). Rank 0 prints medians: the shim call, the Group call, and the shim's 
 
 On the reference backend (CPU, gloo) a Group op runs to completion, transfer included, so the
 end-to-end medians are noisy on a busy machine; the shim's own time is not (it excludes the Group
-op). On GPUs (``--gpu``: one per process, NCCL) calls only launch, and every call is synchronised
-first.
+op). Every call starts after a barrier (and, on GPUs, a device synchronisation), so that waiting
+for a late peer is not counted as the shim's. On GPUs (``--gpu``: one per process, NCCL) the
+calls only launch: the times are host times.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ Call = Callable[[], Any]
 
 
 def _sync(device: torch.device) -> None:
+    """Finish the device's work and line the ranks up, so that no call starts by waiting for a
+    peer that is still in the previous one (that wait would be counted as the shim's own)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    dist.barrier()
 
 
 class InnerClock:
