@@ -6,6 +6,7 @@ switch of the ``deep_ep`` alias package, and a DeepEP V1 script run through it u
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -232,3 +233,22 @@ def lifecycle_worker() -> list[str]:
 
 def test_buffer_lifecycle(world2: Any) -> None:
     assert world2.run(lifecycle_worker)[0] == ["made", "destroyed"]
+
+
+def test_overhead_script_runs(tmp_path: Path) -> None:
+    """``python -m ncclep.deep_ep.overhead`` (the measurement docs/deep_ep.md reports), tiny sizes."""
+    out = tmp_path / "overhead.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = ["--iters", "2", "--warmup", "1", "--hidden", "128", "--ll-tokens", "4", "--ht-tokens", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ncclep.deep_ep.overhead", *args, "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert "ll_combine (weights exchanged)" in results and "dispatch, exact size" in results
+    assert all(r["shim_own_us"] >= 0 for r in results.values()), results
