@@ -129,6 +129,21 @@ def _case_problem(case: Any, world: int) -> str | None:
     return None
 
 
+def _cases(args: argparse.Namespace, modes: list[str], dtypes: list[str], gpu: bool) -> list[Any]:
+    """The run's cases from the arguments (the same list for the checks and the run)."""
+    return default_cases(
+        modes,
+        dtypes,
+        gpu=gpu,
+        full=args.full,
+        tokens=args.tokens,
+        hidden=args.hidden,
+        topk=args.topk,
+        experts=args.experts,
+        routings=args.routing,
+    )
+
+
 def check_args(args: argparse.Namespace, world: int, gpu: bool) -> str | None:
     """The first problem with the arguments taken together, for ``world`` processes, or None:
     found before any process is spawned."""
@@ -155,17 +170,7 @@ def check_args(args: argparse.Namespace, world: int, gpu: bool) -> str | None:
         return "--backend cuda needs CUDA GPUs (none visible)"
     modes = ["ll", "ht"] if args.mode == "all" else [args.mode]
     dtypes = ["bf16", "fp8"] if args.dtype == "all" else [args.dtype]
-    cases = default_cases(
-        modes,
-        dtypes,
-        gpu=gpu,
-        full=args.full,
-        tokens=args.tokens,
-        hidden=args.hidden,
-        topk=args.topk,
-        experts=args.experts,
-        routings=args.routing,
-    )
+    cases = _cases(args, modes, dtypes, gpu)
     for case in cases:
         problem = _case_problem(case, world)
         if problem is not None:
@@ -259,17 +264,7 @@ def run_rank(args: argparse.Namespace, pg: dist.ProcessGroup | None, device: tor
         sms=args.sms,
         profile=not args.no_profile,
     )
-    cases = default_cases(
-        modes,
-        dtypes,
-        gpu=gpu,
-        full=args.full,
-        tokens=args.tokens,
-        hidden=args.hidden,
-        topk=args.topk,
-        experts=args.experts,
-        routings=args.routing,
-    )
+    cases = _cases(args, modes, dtypes, gpu)
     rows: list[Row] = []
     served: list[dict[str, Any]] = []
     for i, case in enumerate(cases, 1):
