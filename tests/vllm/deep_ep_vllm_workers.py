@@ -24,7 +24,6 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import (
     FUSED_MOE_UNQUANTIZED_CONFIG,
     FusedMoEConfig,
-    RoutingMethodType,
 )
 from vllm.model_executor.layers.fused_moe.experts.fused_batched_moe import NaiveBatchedExperts
 from vllm.model_executor.layers.fused_moe.prepare_finalize import BatchedPrepareAndFinalize
@@ -32,7 +31,13 @@ from vllm.model_executor.layers.fused_moe.prepare_finalize import BatchedPrepare
 ALIAS = Path(__file__).resolve().parents[2] / "ncclep" / "deep_ep" / "alias"
 
 # DeepEP LL (and so vLLM's DeepEPLLPrepareAndFinalize) takes hidden sizes from 2048 up only.
-LL_HIDDEN, EXPERTS, TOPK, INTER, MAX_TOKENS = 2048, 8, 2, 128, 6
+LL_HIDDEN = 2048
+EXPERTS, TOPK, INTER, MAX_TOKENS = (
+    vllm_workers.EXPERTS,
+    vllm_workers.TOPK,
+    vllm_workers.INTER,
+    vllm_workers.MAX_TOKENS,
+)
 
 
 def use_shim() -> Any:
@@ -50,23 +55,8 @@ def use_shim() -> Any:
 
 
 def ll_moe_config(ep: bool) -> FusedMoEConfig:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ep else (0, 1)
-    return FusedMoEConfig(
-        num_experts=EXPERTS,
-        experts_per_token=TOPK,
-        hidden_dim=LL_HIDDEN,
-        intermediate_size=INTER,
-        num_local_experts=EXPERTS // world,
-        num_logical_experts=EXPERTS,
-        activation=MoEActivation.SILU,
-        device="cpu",
-        routing_method=RoutingMethodType.TopK,
-        moe_parallel_config=vllm_workers.parallel_config(
-            "deepep_low_latency" if ep else "naive", rank, world, ep
-        ),
-        in_dtype=torch.bfloat16,
-        max_num_tokens=MAX_TOKENS,
-    )
+    """The LL layer: vllm_workers' config at the hidden size DeepEP's LL kernels take."""
+    return vllm_workers.moe_config("deepep_low_latency" if ep else "naive", ep, hidden=LL_HIDDEN)
 
 
 def ll_weights() -> tuple[torch.Tensor, torch.Tensor]:
