@@ -16,6 +16,7 @@
 #include <cstddef>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_messages.cuh"
@@ -36,7 +37,6 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
-  const device::ErrorSink err = ht::sink(c);
   const int R = c.nRanks, K = p.topk, KM = l.maxTopk;
   const int lane = threadIdx.x & 31;
   const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5);
@@ -54,7 +54,7 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
   for (ht::TokenClaims claims(c, lane); claims.current() < p.numTokens; claims.advance()) {
     const int b = claims.current();
     claims.start(p.x, p.rowBytes, p.numTokens);
-    const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane, false, err, 0);
+    const int e = device::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane);
     const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
     const int pos = e >= 0 ? expertPos[int64_t(b) * KM + lane] : 0;
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;

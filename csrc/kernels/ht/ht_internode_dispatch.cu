@@ -19,6 +19,7 @@
 #include <cstddef>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
@@ -63,7 +64,6 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
                          uint32_t seq, Shared& s) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
-  const device::ErrorSink err = ht::sink(c);
   const int R = c.nRanks, K = p.topk, KM = l.maxTopk;
   const int lane = threadIdx.x & 31;
   const uint32_t epoch = seq + 1;
@@ -78,7 +78,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
   for (ht::TokenClaims claims(c, lane); ok && claims.current() < p.numTokens; claims.advance()) {
     const int b = claims.current();
     claims.start(p.x, p.rowBytes, p.numTokens);
-    const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane, false, err, 0);
+    const int e = device::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane);
     const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
     const int pos = e >= 0 ? expertPos[int64_t(b) * KM + lane] : 0;
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
