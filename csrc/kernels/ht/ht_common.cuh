@@ -2,6 +2,7 @@
 // accumulation.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -11,6 +12,7 @@
 #include "common/memory_order.cuh"
 #include "common/spin_wait.cuh"
 #include "kernels/ht/ht_params.h"
+#include "transport/lsa.cuh"
 
 namespace ncclep {
 namespace ht {
@@ -39,12 +41,21 @@ __device__ __forceinline__ bool waitEpoch(const uint64_t* flag, uint32_t epoch, 
   return ok;
 }
 
-// Waits until peer `d` has read every message of call `seq` (its `done` reached it), so that our
-// writes of call seq + 1 into its slots cannot overtake its reads.
-__device__ __forceinline__ bool waitPeerDone(const HTCommon& c, const uint64_t* peerDone, uint32_t seq, int phase,
-                                             int peer) {
+// Waits until `peer` (on our node) has read every message of call `seq` (its `done` reached it),
+// so that our writes of call seq + 1 into its slots cannot overtake its reads.
+__device__ __forceinline__ bool waitPeerDone(const HTCommon& c, const transport::Lsa& lsa, int peer, uint32_t seq,
+                                             int phase) {
+  const uint64_t* peerDone = lsa.peerPtr<uint64_t>(peer, c.layout.state + offsetof(HTState, done));
   return device::waitUntil<device::FlagBackoff>([&] { return device::loadAcquire(peerDone) >= uint64_t(seq); },
                                                 c.timeoutNs, sink(c), phase, peer, int(seq));
+}
+
+// A warp: lane d < nRanks waits for peer d as waitPeerDone does; true in every lane once all have.
+__device__ __forceinline__ bool warpWaitPeersDone(const HTCommon& c, const transport::Lsa& lsa, uint32_t seq,
+                                                  int phase, int lane) {
+  bool ready = true;
+  if (lane < c.nRanks) ready = waitPeerDone(c, lsa, lane, seq, phase);
+  return __all_sync(kFull, ready);
 }
 
 // Ends a transfer kernel: the last block to arrive advances the sequence and tells peers our slots

@@ -44,11 +44,7 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
   const uint64_t epoch = uint64_t(seq) + 1;
 
   // Our slots at d still hold call seq until d has read them.
-  bool ready = true;
-  if (lane < R)
-    ready = ht::waitPeerDone(c, lsa.peerPtr<uint64_t>(lane, l.state + offsetof(HTState, done)), seq,
-                             kPhaseHTDispatchSend, lane);
-  if (!__all_sync(kFull, ready)) return;
+  if (!ht::warpWaitPeersDone(c, lsa, seq, kPhaseHTDispatchSend, lane)) return;
 
   const int* expertPos = reinterpret_cast<const int*>(c.local + l.expertPos);
   for (ht::TokenClaims claims(c, lane); claims.current() < p.numTokens; claims.advance()) {
@@ -63,7 +59,7 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
     char* mine =
         slot >= 0 ? lsa.peerPtr<char>(lane, l.slots + (size_t(c.rank) * l.maxTokens + size_t(slot)) * l.msgBytes)
                   : nullptr;
-    ht::writeDispatchMessages(p, mine, dests, b, e, pos, weight, epoch, lane);
+    ht::writeDispatchMessages(p, mine, dests, b, {e, pos, weight}, epoch, lane);
   }
 }
 

@@ -86,7 +86,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
     const bool near = slot >= 0 && t.nodeOf(lane) == t.node;
     const uint32_t dests = __ballot_sync(kFull, near);
     char* mine = near ? peers.net.lsa.template peerPtr<char>(lane, ht::slotAt(l, c.rank, slot)) : nullptr;
-    ht::writeDispatchMessages(p, mine, dests, b, e, pos, weight, epoch, lane);
+    ht::writeDispatchMessages(p, mine, dests, b, {e, pos, weight}, epoch, lane);
 
     // Other nodes: one network message, put to our forwarder on each node that needs it.
     if (__any_sync(kFull, slot >= 0 && !near)) {
@@ -95,12 +95,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
       char* msg = c.local + ht::netStageAt(l, b);
       ht::warpCopy16<false>(reinterpret_cast<int4*>(msg), row, vectors, lane);
       if (p.scaleRowBytes) ht::warpCopyBytes<false>(msg + p.rowBytes, scales, p.scaleRowBytes, lane);
-      if (lane < K) {
-        int* meta = reinterpret_cast<int*>(msg + l.payloadBytes);
-        meta[lane] = e;
-        meta[KM + lane] = e >= 0 ? pos : 0;
-        reinterpret_cast<float*>(meta)[2 * KM + lane] = e >= 0 ? weight : 0.0f;
-      }
+      if (lane < K) ht::Choice{e, e >= 0 ? pos : 0, e >= 0 ? weight : 0.0f}.store(msg, l, lane);
       ht::putToForwarders(peers, c, t, epoch, b, slot);
     }
   }
@@ -137,12 +132,9 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeDispatchKernel(const
   if (block < c.sendBlocks) {
     sendRole(peers, p, t, seq, s);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
-    if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
-      ht::waitSources(peers, c, t, seq, s.tokens);
-      // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
-      const int bytes = (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16;
-      ht::forwardMessages<Net, true>(peers, c, t, seq, s.tokens, bytes, p.topk);
-    }
+    // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
+    const int bytes = (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16;
+    ht::forwardRole<Net, true>(peers, c, t, seq, s.tokens, bytes, p.topk);
   } else {
     recvRole(peers, p, seq, s.plan);
   }

@@ -119,8 +119,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   const transport::Lsa lsa{c.window, 0};
   // Parity `parity` of d's counts was last read by d's call seq - 1: wait until d finished it.
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(HTState, done));
-    ht::waitPeerDone(c, done, seq >= 1 ? seq - 1 : 0, kPhaseHTLayout, d);
+    ht::waitPeerDone(c, lsa, d, seq >= 1 ? seq - 1 : 0, kPhaseHTLayout);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
