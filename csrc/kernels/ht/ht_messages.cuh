@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_params.h"
@@ -44,6 +45,19 @@ struct Choice {
     return {here ? expert - d * l.numLocalExperts : -1, here ? pos : 0, here ? weight : 0.0f};
   }
 };
+
+// Choice `lane` (< topk) of token b as the dispatch senders read it: the checked global expert
+// (the layout step reported bad ids), the token's position within it (from the layout step), its
+// weight.
+__device__ __forceinline__ Choice tokenChoice(const HTDispatchParams& p, int b, int lane) {
+  const HTCommon& c = p.c;
+  const int K = p.topk;
+  const int* expertPos = reinterpret_cast<const int*>(c.local + c.layout.expertPos);
+  const int e = device::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane);
+  const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
+  const int pos = e >= 0 ? expertPos[int64_t(b) * c.layout.maxTopk + lane] : 0;
+  return {e, pos, weight};
+}
 
 // Token b's dispatch message to the ranks in `dests`; lane d holds the slot's address at rank d in
 // `mine`. Lane k < topk holds the token's choice k (global expert).
