@@ -10,8 +10,8 @@
 namespace ncclep {
 namespace device {
 
-// How a wait backs off: kSpinPolls polls back to back, then a __nanosleep(kSleepNs) before each
-// poll, so that spinning warps leave the SM's issue slots to working ones.
+// How a wait backs off: after kSpinPolls polls back to back it sleeps kSleepNs between polls, so
+// that spinning warps leave the SM's issue slots to working ones.
 template <unsigned SpinPolls, unsigned SleepNs>
 struct Backoff {
   static constexpr unsigned kSpinPolls = SpinPolls;
@@ -22,7 +22,8 @@ using FlagBackoff = Backoff<8, 64>;     // HT's message flags and peers' `done` 
 
 // Spins until `ready()` holds; false (after reporting a timeout with phase, peer, value) when the
 // deadline passes first, or false at once when another thread of the group already failed.
-template <class Backoff, typename Ready>
+// `Policy`: a Backoff.
+template <class Policy, typename Ready>
 __device__ __forceinline__ bool waitUntil(Ready ready, uint64_t timeoutNs, const ErrorSink& err, int32_t phase,
                                           int32_t peer, int32_t value) {
   if (ready()) return true;
@@ -30,7 +31,7 @@ __device__ __forceinline__ bool waitUntil(Ready ready, uint64_t timeoutNs, const
   for (unsigned polls = 1;; ++polls) {
     if (ready()) return true;
     if (hasError(err)) return false;
-    if (polls > Backoff::kSpinPolls) __nanosleep(Backoff::kSleepNs);
+    if (polls > Policy::kSpinPolls) __nanosleep(Policy::kSleepNs);
     if (globalTimerNs() - start > timeoutNs) {
       reportError(err, kDeviceTimeout, phase, peer, value);
       return false;

@@ -61,8 +61,7 @@ __device__ __forceinline__ bool waitPeersFree(const transport::Peers<Net>& peers
     if (peers.viaNet(d)) {
       peers.wait(d, kHTSigDone, seq, c.timeoutNs, sink(c), phase);
     } else {
-      const uint64_t* done = peers.net.lsa.template peerPtr<uint64_t>(d, c.layout.state + offsetof(HTState, done));
-      waitPeerDone(c, done, seq, phase, d);
+      waitPeerDone(c, peers.net.lsa, d, seq, phase);
     }
   }
   return __syncthreads_or(device::hasError(sink(c)) ? 1 : 0) == 0;  // the same answer in every thread

@@ -72,10 +72,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const _
   if (block < c.sendBlocks) {
     sendRole(peers, p, t, seq, s);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
-    if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
-      ht::waitSources(peers, c, t, seq, s.tokens);
-      ht::forwardMessages<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
-    }
+    ht::forwardRole<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
   } else {
     const int first = c.sendBlocks + c.forwardBlocks;
     ht::receiveCachedRows(p, (block - first) * kHTWarps + (threadIdx.x >> 5), (gridDim.x - first) * kHTWarps, seq + 1);

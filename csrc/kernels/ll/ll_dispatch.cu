@@ -15,9 +15,9 @@
 #include <cuda_fp8.h>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
-#include "kernels/ll/ll_routing.cuh"
 #include "kernels/ll/ll_receive.cuh"
 #include "transport/peers.cuh"
 
@@ -82,12 +82,9 @@ __device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const d
   const int warps = blockDim.x >> 5, warp = tid >> 5;
   for (int i = tid; i < c.numExperts; i += blockDim.x) r.expertTotal[i] = 0;
   for (int i = tid; i < c.nRanks * warps; i += blockDim.x) r.warpDest[i] = 0;
-  for (int i = tid; i < entries; i += blockDim.x) {
-    const int64_t raw = ll::loadExpert(p.topkIdx, p.topkIdx64, i);
-    const bool ok = raw >= -1 && raw < c.numExperts;
-    if (!ok && report) device::reportError(err, kDeviceBadExpert, kPhaseLLDispatchSend, -1, int32_t(raw));
-    r.raw[i] = int16_t(ok ? raw : -1);
-  }
+  for (int i = tid; i < entries; i += blockDim.x)
+    r.raw[i] = int16_t(device::checkExpertId(device::loadExpertId(p.topkIdx, p.topkIdx64, i), c.numExperts, report,
+                                             err, kPhaseLLDispatchSend));
   __syncthreads();
   // A repeat of an earlier choice is dropped; a choice is first on its rank if no earlier one is
   // there (comparing raw ids is enough: a repeat has the same rank as the choice it repeats).
@@ -98,8 +95,7 @@ __device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const d
     bool first = e >= 0;
     for (int j = 0; j < k && e >= 0; ++j) {
       if (token[j] == e) {
-        if (report) device::reportError(err, kDeviceDuplicateExpert, kPhaseLLDispatchSend, -1, i / K);
-        e = -1;
+        e = device::dropRepeat(i / K, report, err, kPhaseLLDispatchSend);
       } else if (token[j] >= 0 && token[j] / L == e / L) {
         first = false;
       }
