@@ -101,13 +101,13 @@ def trace(tokens: int, use_fp8: bool) -> str:
     for _ in range(10):
         group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
     buf = torch.zeros(blocks, 16, dtype=torch.int64, device=dev)
-    group._ll.trace = buf  # type: ignore[union-attr]
+    group._backend.trace = buf  # type: ignore[union-attr]
     dist.barrier()
     torch.cuda.synchronize()
     torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
     group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
     torch.cuda.synchronize()
-    group._ll.trace = None  # type: ignore[union-attr]
+    group._backend.trace = None  # type: ignore[union-attr]
     group.close()
     t = buf.cpu().double()
     t0 = t[:, 0][t[:, 0] > 0].min()

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from . import fp8, outputs
+from . import _native, outputs
 from .config import LAYOUT_IDS, GroupConfig
-from .device_errors import raise_device_error
+from .device_errors import raise_device_error, recorded_error
 from .errors import InvalidArgument
 from .handles import HTDispatchOutput, HTHandle
 
@@ -32,26 +32,39 @@ class CudaHTCombine:
     weights: torch.Tensor | None
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 class CudaHT:
     def __init__(self, cfg: GroupConfig, rank: int, comm: Any) -> None:
         self.cfg = cfg
         self.rank = rank
         self.comm = comm
         self.max_row_bytes = int(comm.ht_max_row_bytes())
+        self._c = _native.module()
+        self._pending = self._c.DeviceErrorPending
+        self._dispatch_plans: dict[tuple[Any, ...], Any] = {}
+        self._combine_plans: dict[tuple[int, int, bool], Any] = {}
 
     def raise_device_error(self) -> None:
         """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
         raise_device_error(self.comm, self.cfg, self.rank)
 
     # ------------------------------------------------------------------------------ dispatch
+
+    def _dispatch_plan(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk: int,
+        has_weights: bool,
+        layout: str,
+        alignment: int,
+    ) -> Any:
+        scales = (x_scales.shape[1], x_scales.dtype) if x_scales is not None else None
+        key = (x.shape[1], x.dtype, scales, topk, has_weights, layout, alignment)
+        plan = self._dispatch_plans.get(key)
+        if plan is None:
+            specs = outputs.ht_dispatch_specs(self.cfg, outputs.TOKENS, *key)
+            plan = self._dispatch_plans[key] = outputs.plan(self._c, self._c.HT_DISPATCH_OUTPUTS, specs)
+        return plan
 
     def dispatch_send(
         self,
@@ -62,59 +75,33 @@ class CudaHT:
         layout: str,
         alignment: int,
     ) -> CudaHTDispatch:
-        self.raise_device_error()
-        dev = x.device
-        tokens, hidden = x.shape
-        topk = topk_idx.shape[1]
-        scale_spec = (x_scales.shape[1], x_scales.dtype) if x_scales is not None else None
-        out = outputs.ht_dispatch(
-            self.cfg,
-            tokens,
-            hidden,
-            x.dtype,
-            scale_spec,
-            topk,
-            topk_weights is not None,
-            layout,
-            alignment,
-            outputs.allocator(dev),
+        return CudaHTDispatch(self.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment))
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        layout: str,
+        alignment: int,
+    ) -> HTDispatchOutput:
+        plan = self._dispatch_plan(
+            x, x_scales, topk_idx.shape[1], topk_weights is not None, layout, alignment
         )
-        handle = out.handle
-        rows = out.x.shape[0]
-        use_fp8 = x.dtype == fp8.FP8_DTYPE
-        self.comm.ht_dispatch(
-            tokens,
-            hidden,
-            topk,
-            use_fp8,
-            x_scales.element_size() if x_scales is not None else 0,
-            _ptr(x),
-            _ptr(x_scales),
-            _ptr(topk_idx),
-            64 if topk_idx.dtype == torch.int64 else 32,
-            _ptr(topk_weights),
-            LAYOUT_IDS[layout],
-            alignment,
-            rows,
-            _ptr(out.x),
-            _ptr(out.scales),
-            _ptr(out.topk_idx),
-            _ptr(out.topk_weights),
-            _ptr(out.num_recv),
-            _ptr(out.expert_counts),
-            _ptr(handle.send_pos),
-            _ptr(handle.recv_slot),
-            _ptr(handle.recv_counts),
-            _stream(dev),
-        )
-        return CudaHTDispatch(out)
+        try:
+            out = self.comm.ht_dispatch(
+                plan, x, x_scales, topk_idx, topk_weights, LAYOUT_IDS[layout], alignment
+            )
+        except self._pending as err:
+            raise recorded_error(err.args, self.cfg, self.rank) from None
+        return outputs.ht_dispatch_output(out)
 
     def dispatch_recv(self, state: CudaHTDispatch) -> HTDispatchOutput:
         return state.out
 
     def dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
         """Route ``x [B, ...]`` along an earlier dispatch: ``[N, ...]``, zeros on rows holding no token."""
-        self.raise_device_error()
         tokens = handle.send_pos.shape[0]
         if x.shape[0] != tokens:
             raise InvalidArgument(f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens")
@@ -127,53 +114,44 @@ class CudaHT:
         rows = handle.recv_slot.shape[0]
         out = torch.empty((rows, *rest), dtype=x.dtype, device=x.device)
         if row_bytes == 0:
+            self.raise_device_error()
             return out
-        x = x.contiguous()
-        self.comm.ht_dispatch_cached(
-            tokens,
-            row_bytes,
-            rows,
-            _ptr(x),
-            _ptr(handle.send_pos),
-            _ptr(handle.recv_slot),
-            _ptr(out),
-            _stream(x.device),
-        )
+        try:
+            self.comm.ht_dispatch_cached(x.contiguous(), handle.send_pos, handle.recv_slot, out, row_bytes)
+        except self._pending as err:
+            raise recorded_error(err.args, self.cfg, self.rank) from None
         return out
 
     # ------------------------------------------------------------------------------ combine
 
-    def combine_send(
+    def combine(
         self, x: torch.Tensor, handle: HTHandle, topk_weights: torch.Tensor | None
-    ) -> CudaHTCombine:
-        self.raise_device_error()
-        rows, hidden = x.shape
-        tokens = handle.send_pos.shape[0]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = x.shape[1]
         topk = handle.recv_topk_idx.shape[1]
         if hidden % 8:
             raise InvalidArgument(f"HT combine needs hidden divisible by 8, got {hidden}")
-        expected = tuple(handle.recv_topk_idx.shape)
-        if topk_weights is not None and tuple(topk_weights.shape) != expected:
+        if topk_weights is not None and topk_weights.shape != handle.recv_topk_idx.shape:
+            expected = tuple(handle.recv_topk_idx.shape)
             raise InvalidArgument(f"topk_weights must have shape {expected}, got {tuple(topk_weights.shape)}")
-        new = outputs.allocator(x.device)
-        out = outputs.combine(tokens, hidden, new)
-        weights = outputs.combined_weights(tokens, topk, new) if topk_weights is not None else None
-        self.comm.ht_combine(
-            tokens,
-            hidden,
-            topk,
-            rows,
-            _ptr(x),
-            _ptr(topk_weights),
-            _ptr(handle.send_pos),
-            _ptr(handle.recv_slot),
-            _ptr(handle.recv_counts),
-            _ptr(handle.recv_topk_idx),
-            _ptr(out),
-            _ptr(weights),
-            _stream(x.device),
-        )
-        return CudaHTCombine(out, weights)
+        key = (hidden, topk, topk_weights is not None)
+        plan = self._combine_plans.get(key)
+        if plan is None:
+            specs = outputs.ht_combine_specs(outputs.TOKENS, *key)
+            plan = self._combine_plans[key] = outputs.plan(self._c, self._c.HT_COMBINE_OUTPUTS, specs)
+        h = handle
+        try:
+            out, weights = self.comm.ht_combine(
+                plan, x, h.send_pos, h.recv_slot, h.recv_counts, h.recv_topk_idx, topk_weights
+            )
+        except self._pending as err:
+            raise recorded_error(err.args, self.cfg, self.rank) from None
+        return out, weights
+
+    def combine_send(
+        self, x: torch.Tensor, handle: HTHandle, topk_weights: torch.Tensor | None
+    ) -> CudaHTCombine:
+        return CudaHTCombine(*self.combine(x, handle, topk_weights))
 
     def combine_recv(self, state: CudaHTCombine) -> tuple[torch.Tensor, torch.Tensor | None]:
         return state.out, state.weights

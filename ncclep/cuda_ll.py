@@ -1,7 +1,8 @@
-"""The CUDA backend of the LL ops: output allocation and launches of ``ncclep._C``'s kernels.
+"""The CUDA backend of the LL ops: launches of ``ncclep._C``'s kernels.
 
 Same interface as :class:`ncclep.reference.ReferenceLL`. The send and receive halves of a call
-are the two phases of one kernel; ``dispatch``/``combine`` launch both phases at once.
+are the two phases of one kernel; ``dispatch``/``combine`` launch both phases at once. Outputs are
+allocated in C++ from an ``OutputPlan`` made once per shape key from :mod:`ncclep.outputs`.
 """
 
 from __future__ import annotations
@@ -13,24 +14,20 @@ import torch
 
 from . import _native, outputs
 from .config import GroupConfig
-from .device_errors import raise_device_error
+from .device_errors import raise_device_error, recorded_error
 from .handles import LLDispatchOutput, LLHandle
 
 
 @dataclass
 class CudaLLDispatch:
-    out: LLDispatchOutput
-    args: tuple[Any, ...]
+    out: list[torch.Tensor]
+    inputs: tuple[Any, ...]
 
 
 @dataclass
 class CudaLLCombine:
     out: torch.Tensor
-    args: tuple[Any, ...]
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+    inputs: tuple[Any, ...]
 
 
 class CudaLL:
@@ -39,118 +36,82 @@ class CudaLL:
         self.rank = rank
         self.comm = comm
         c = _native.module()
+        self._c = c
+        self._pending = c.DeviceErrorPending
         self.phase_send, self.phase_recv, self.phase_all = c.PHASE_SEND, c.PHASE_RECV, c.PHASE_ALL
+        self._dispatch_plans: dict[tuple[int, bool, bool], Any] = {}
+        self._combine_plans: dict[int, Any] = {}
 
     def raise_device_error(self) -> None:
         """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
         raise_device_error(self.comm, self.cfg, self.rank)
 
-    def _stream(self, device: torch.device) -> int:
-        return torch.cuda.current_stream(device).cuda_stream
-
-    # ------------------------------------------------------------------------------ dispatch
-
-    def _dispatch_outputs(self, x: torch.Tensor, use_fp8: bool, ue8m0: bool) -> LLDispatchOutput:
-        new = outputs.allocator(x.device)
-        return outputs.ll_dispatch(self.cfg, x.shape[0], x.shape[1], use_fp8, ue8m0, new)
-
     trace: torch.Tensor | None = None
     """Set to an int64 CUDA tensor [blocks, 16] to record per-block step times (bench/ll_phases.py)."""
 
-    def _launch_dispatch(self, phases: int, args: tuple[Any, ...], device: torch.device) -> None:
-        self.comm.ll_dispatch(phases, *args, self._stream(device), _ptr(self.trace))
+    # ------------------------------------------------------------------------------ dispatch
 
-    def _dispatch_args(
-        self,
-        x: torch.Tensor,
-        idx: torch.Tensor,
-        w: torch.Tensor,
-        use_fp8: bool,
-        ue8m0: bool,
-        out: LLDispatchOutput,
-    ) -> tuple[Any, ...]:
-        h = out.handle
-        return (
-            x.shape[0],
-            x.shape[1],
-            idx.shape[1],
-            _ptr(x),
-            _ptr(idx),
-            64 if idx.dtype == torch.int64 else 32,
-            _ptr(w),
-            use_fp8,
-            ue8m0,
-            _ptr(out.x),
-            _ptr(out.scales),
-            _ptr(out.expert_counts),
-            _ptr(h.send_slots),
-            _ptr(h.recv_rows),
-            _ptr(h.recv_weights),
-            _ptr(h.recv_slot_counts),
-        )
+    def _dispatch_plan(self, hidden: int, use_fp8: bool, ue8m0: bool) -> Any:
+        key = (hidden, use_fp8, ue8m0)
+        plan = self._dispatch_plans.get(key)
+        if plan is None:
+            specs = outputs.ll_dispatch_specs(self.cfg, outputs.TOKENS, hidden, use_fp8, ue8m0)
+            plan = self._dispatch_plans[key] = outputs.plan(self._c, self._c.LL_DISPATCH_OUTPUTS, specs)
+        return plan
+
+    def _dispatch(
+        self, phases: int, inputs: tuple[Any, ...], out: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        x, idx, w, use_fp8, ue8m0 = inputs
+        plan = self._dispatch_plan(x.shape[1], use_fp8, ue8m0)
+        try:
+            return self.comm.ll_dispatch(plan, x, idx, w, use_fp8, ue8m0, phases, out, self.trace)
+        except self._pending as err:
+            raise recorded_error(err.args, self.cfg, self.rank) from None
 
     def dispatch(
         self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, use_fp8: bool, ue8m0: bool
     ) -> LLDispatchOutput:
-        self.raise_device_error()
-        out = self._dispatch_outputs(x, use_fp8, ue8m0)
-        self._launch_dispatch(self.phase_all, self._dispatch_args(x, idx, w, use_fp8, ue8m0, out), x.device)
-        return out
+        return outputs.ll_dispatch_output(self._dispatch(self.phase_all, (x, idx, w, use_fp8, ue8m0), None))
 
     def dispatch_send(
         self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, use_fp8: bool, ue8m0: bool
     ) -> CudaLLDispatch:
-        self.raise_device_error()
-        out = self._dispatch_outputs(x, use_fp8, ue8m0)
-        args = self._dispatch_args(x, idx, w, use_fp8, ue8m0, out)
-        self._launch_dispatch(self.phase_send, args, x.device)
-        return CudaLLDispatch(out, args)
+        inputs = (x, idx, w, use_fp8, ue8m0)
+        return CudaLLDispatch(self._dispatch(self.phase_send, inputs, None), inputs)
 
     def dispatch_recv(self, state: CudaLLDispatch) -> LLDispatchOutput:
-        self._launch_dispatch(self.phase_recv, state.args, state.out.x.device)
-        return state.out
+        return outputs.ll_dispatch_output(self._dispatch(self.phase_recv, state.inputs, state.out))
 
     # ------------------------------------------------------------------------------ combine
 
-    def _combine_args(self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor) -> tuple[Any, ...]:
-        return (
-            handle.send_slots.shape[0],
-            expert_out.shape[2],
-            _ptr(expert_out),
-            _ptr(handle.send_slots),
-            _ptr(handle.recv_rows),
-            _ptr(handle.recv_weights),
-            _ptr(handle.recv_slot_counts),
-            _ptr(out),
-        )
-
-    def _combine_out(
-        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None
+    def _combine(
+        self, phases: int, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None
     ) -> torch.Tensor:
-        if out is not None:
-            return out
-        new = outputs.allocator(expert_out.device)
-        return outputs.combine(handle.send_slots.shape[0], expert_out.shape[2], new)
+        hidden = expert_out.shape[2]
+        plan = self._combine_plans.get(hidden)
+        if plan is None:
+            specs = outputs.combine_specs(outputs.TOKENS, hidden)
+            plan = self._combine_plans[hidden] = outputs.plan(self._c, self._c.LL_COMBINE_OUTPUTS, specs)
+        h = handle
+        try:
+            return self.comm.ll_combine(
+                plan, expert_out, h.send_slots, h.recv_rows, h.recv_weights, h.recv_slot_counts, phases, out
+            )
+        except self._pending as err:
+            raise recorded_error(err.args, self.cfg, self.rank) from None
 
     def combine(
         self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        self.raise_device_error()
-        out = self._combine_out(expert_out, handle, out)
-        self.comm.ll_combine(
-            self.phase_all, *self._combine_args(expert_out, handle, out), self._stream(out.device)
-        )
-        return out
+        return self._combine(self.phase_all, expert_out, handle, out)
 
     def combine_send(
         self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
     ) -> CudaLLCombine:
-        self.raise_device_error()
-        out = self._combine_out(expert_out, handle, out)
-        args = self._combine_args(expert_out, handle, out)
-        self.comm.ll_combine(self.phase_send, *args, self._stream(out.device))
-        return CudaLLCombine(out, args)
+        out = self._combine(self.phase_send, expert_out, handle, out)
+        return CudaLLCombine(out, (expert_out, handle))
 
     def combine_recv(self, state: CudaLLCombine, out: torch.Tensor | None = None) -> torch.Tensor:
-        self.comm.ll_combine(self.phase_recv, *state.args, self._stream(state.out.device))
-        return state.out
+        expert_out, handle = state.inputs
+        return self._combine(self.phase_recv, expert_out, handle, state.out)

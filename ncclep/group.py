@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import _native, backends, env, registry, validate
+from . import _native, backends, env, ops, registry, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import MODE_IDS, GroupConfig
 from .errors import InvalidArgument, NcclepError
@@ -308,6 +308,8 @@ class Group:
         if send_only:
             state = self._backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
             return Pending(lambda: self._backend.dispatch_recv(state))
+        if ops.eager(x):
+            return self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0)
         outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
         return ll_output(outs, use_fp8)
 
@@ -344,6 +346,8 @@ class Group:
         if send_only:
             state = self._backend.combine_send(expert_out, handle, out)
             return Pending(lambda: self._backend.combine_recv(state, out))
+        if ops.eager(expert_out):
+            return self._backend.combine(expert_out, handle, out)
         if out is not None:
             torch.ops.ncclep.ll_combine_out(self.id, expert_out, *handle.tensors(), out)
             return out
@@ -397,6 +401,8 @@ class Group:
         if send_only:
             state = self._backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
             return Pending(lambda: self._backend.dispatch_recv(state))
+        if ops.eager(x, topk_weights):
+            return self._backend.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment)
         outs = torch.ops.ncclep.ht_dispatch(self.id, x, x_scales, topk_idx, topk_weights, layout, alignment)
         return ht_output(outs, x_scales is not None, topk_weights is not None)
 
@@ -430,6 +436,8 @@ class Group:
         if send_only:
             state = self._backend.combine_send(x, handle, topk_weights)
             return Pending(lambda: self._backend.combine_recv(state))
+        if ops.eager(x, topk_weights):
+            return self._backend.combine(x, handle, topk_weights)
         out, weights = torch.ops.ncclep.ht_combine(self.id, x, *handle.tensors(), topk_weights)
         return out, (weights if topk_weights is not None else None)
 

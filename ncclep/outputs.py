@@ -1,9 +1,15 @@
-"""Each op's outputs, shaped once for the three places that allocate them: the fake (meta)
-kernels, the CUDA backend and the reference backend. ``new(shape, dtype)`` allocates."""
+"""Each op's outputs, shaped once for the places that allocate them: the fake (meta) kernels, the
+reference backend and the CUDA backend (which hands the shapes to ``ncclep._C`` once per shape key
+as an ``OutputPlan`` and allocates in C++). ``new(shape, dtype)`` allocates.
+
+Each ``*_specs`` function maps output names to ``(shape, dtype)`` (None where the call has no such
+output); the CUDA backend passes ``tokens=-1``, which the plan replaces with each call's count.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -12,69 +18,145 @@ from .config import GroupConfig
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
 Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+Spec = tuple[tuple[Any, ...], torch.dtype]
+Specs = dict[str, Spec | None]
+
+TOKENS = -1
+"""The token count in the specs of a plan: ``ncclep._C.OutputPlan`` puts each call's there."""
 
 
 def allocator(device: torch.device) -> Allocator:
     return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
 
 
-def ll_dispatch(
-    cfg: GroupConfig, tokens: int, hidden: int, use_fp8: bool, ue8m0: bool, new: Allocator
-) -> LLDispatchOutput:
+def allocate(specs: Specs, new: Allocator) -> dict[str, torch.Tensor | None]:
+    return {name: None if spec is None else new(*spec) for name, spec in specs.items()}
+
+
+def plan(c: Any, names: Sequence[str], specs: Specs) -> Any:
+    """``ncclep._C.OutputPlan`` of ``specs`` in the order of the C call's outputs (``names``)."""
+    if set(names) != set(specs):
+        raise AssertionError(f"outputs {sorted(specs)} do not match the C call's {sorted(names)}")
+    return c.OutputPlan([specs[name] for name in names])
+
+
+# --------------------------------------------------------------------------------------- LL
+
+
+def ll_dispatch_specs(cfg: GroupConfig, tokens: Any, hidden: Any, use_fp8: bool, ue8m0: bool) -> Specs:
     experts, rows = cfg.num_local_experts, cfg.ll_rows_per_expert
     ranks, slots, kmax = cfg.world_size, cfg.max_tokens_per_rank, cfg.max_topk
-    scales = None
+    scales: Spec | None = None
     if use_fp8:
-        recv_x = new((experts, rows, hidden), fp8.FP8_DTYPE)
-        scale_dtype = fp8.UE8M0_DTYPE if ue8m0 else torch.float32
-        scales = new((experts, rows, hidden // fp8.BLOCK), scale_dtype)
-    else:
-        recv_x = new((experts, rows, hidden), torch.bfloat16)
-    handle = LLHandle(
-        send_slots=new((tokens, ranks), torch.int32),
-        recv_rows=new((ranks, slots, kmax), torch.int32),
-        recv_weights=new((ranks, slots, kmax), torch.float32),
-        recv_slot_counts=new((ranks,), torch.int32),
+        scales = ((experts, rows, hidden // fp8.BLOCK), fp8.UE8M0_DTYPE if ue8m0 else torch.float32)
+    return {
+        "x": ((experts, rows, hidden), fp8.FP8_DTYPE if use_fp8 else torch.bfloat16),
+        "scales": scales,
+        "expert_counts": ((experts,), torch.int32),
+        "send_slots": ((tokens, ranks), torch.int32),
+        "recv_rows": ((ranks, slots, kmax), torch.int32),
+        "recv_weights": ((ranks, slots, kmax), torch.float32),
+        "recv_slot_counts": ((ranks,), torch.int32),
+    }
+
+
+def ll_dispatch_output(t: dict[str, Any] | Sequence[Any]) -> LLDispatchOutput:
+    """The output tuple from tensors by name, or in the C call's order (``LL_DISPATCH_OUTPUTS``)."""
+    if not isinstance(t, dict):
+        x, scales, counts, *handle = t
+        return LLDispatchOutput(x, scales, counts, LLHandle(*handle))
+    handle = LLHandle(t["send_slots"], t["recv_rows"], t["recv_weights"], t["recv_slot_counts"])
+    return LLDispatchOutput(t["x"], t["scales"], t["expert_counts"], handle)
+
+
+def ll_dispatch(
+    cfg: GroupConfig, tokens: Any, hidden: Any, use_fp8: bool, ue8m0: bool, new: Allocator
+) -> LLDispatchOutput:
+    return ll_dispatch_output(allocate(ll_dispatch_specs(cfg, tokens, hidden, use_fp8, ue8m0), new))
+
+
+def combine_specs(tokens: Any, hidden: Any) -> Specs:
+    """``out [B, H]`` bf16: the output of both modes' combine."""
+    return {"out": ((tokens, hidden), torch.bfloat16)}
+
+
+def combine(tokens: Any, hidden: Any, new: Allocator) -> torch.Tensor:
+    out = allocate(combine_specs(tokens, hidden), new)["out"]
+    assert out is not None
+    return out
+
+
+# --------------------------------------------------------------------------------------- HT
+
+
+def ht_dispatch_specs(
+    cfg: GroupConfig,
+    tokens: Any,
+    hidden: Any,
+    x_dtype: torch.dtype,
+    scales: tuple[Any, torch.dtype] | None,
+    topk: Any,
+    has_weights: bool,
+    layout: str,
+    alignment: Any,
+) -> Specs:
+    """``scales`` is (columns, dtype) of fp8 inputs' scales, None for bf16. The handle's
+    ``recv_topk_idx`` is the ``topk_idx`` output itself."""
+    rows = cfg.ht_num_rows(topk, layout, alignment)
+    ranks = cfg.world_size
+    return {
+        "x": ((rows, hidden), x_dtype),
+        "scales": ((rows, scales[0]), scales[1]) if scales is not None else None,
+        "topk_idx": ((rows, topk), torch.int32),
+        "topk_weights": ((rows, topk), torch.float32) if has_weights else None,
+        "num_recv": ((1,), torch.int32),
+        "expert_counts": ((cfg.num_local_experts,), torch.int32),
+        "send_pos": ((tokens, ranks), torch.int32),
+        "recv_slot": ((rows,), torch.int32),
+        "recv_counts": ((ranks,), torch.int32),
+    }
+
+
+def ht_dispatch_output(t: dict[str, Any] | Sequence[Any]) -> HTDispatchOutput:
+    """The output tuple from tensors by name, or in the C call's order (``HT_DISPATCH_OUTPUTS``)."""
+    if not isinstance(t, dict):
+        x, scales, idx, weights, num_recv, counts, send_pos, recv_slot, recv_counts = t
+        handle = HTHandle(send_pos, recv_slot, recv_counts, idx)
+        return HTDispatchOutput(x, scales, idx, weights, num_recv, counts, handle)
+    handle = HTHandle(t["send_pos"], t["recv_slot"], t["recv_counts"], t["topk_idx"])
+    return HTDispatchOutput(
+        t["x"], t["scales"], t["topk_idx"], t["topk_weights"], t["num_recv"], t["expert_counts"], handle
     )
-    return LLDispatchOutput(recv_x, scales, new((experts,), torch.int32), handle)
-
-
-def combine(tokens: int, hidden: int, new: Allocator) -> torch.Tensor:
-    """``[B, H]`` bf16: the output of both modes' combine."""
-    return new((tokens, hidden), torch.bfloat16)
-
-
-def combined_weights(tokens: int, topk: int, new: Allocator) -> torch.Tensor:
-    return new((tokens, topk), torch.float32)
 
 
 def ht_dispatch(
     cfg: GroupConfig,
-    tokens: int,
-    hidden: int,
+    tokens: Any,
+    hidden: Any,
     x_dtype: torch.dtype,
-    scales: tuple[int, torch.dtype] | None,
-    topk: int,
+    scales: tuple[Any, torch.dtype] | None,
+    topk: Any,
     has_weights: bool,
     layout: str,
-    alignment: int,
+    alignment: Any,
     new: Allocator,
 ) -> HTDispatchOutput:
-    """``scales`` is (columns, dtype) of fp8 inputs' scales, None for bf16."""
-    rows = cfg.ht_num_rows(topk, layout, alignment)
-    ranks = cfg.world_size
-    recv_idx = new((rows, topk), torch.int32)
-    return HTDispatchOutput(
-        x=new((rows, hidden), x_dtype),
-        scales=new((rows, scales[0]), scales[1]) if scales is not None else None,
-        topk_idx=recv_idx,
-        topk_weights=new((rows, topk), torch.float32) if has_weights else None,
-        num_recv=new((1,), torch.int32),
-        expert_counts=new((cfg.num_local_experts,), torch.int32),
-        handle=HTHandle(
-            send_pos=new((tokens, ranks), torch.int32),
-            recv_slot=new((rows,), torch.int32),
-            recv_counts=new((ranks,), torch.int32),
-            recv_topk_idx=recv_idx,
-        ),
-    )
+    specs = ht_dispatch_specs(cfg, tokens, hidden, x_dtype, scales, topk, has_weights, layout, alignment)
+    return ht_dispatch_output(allocate(specs, new))
+
+
+def ht_combine_specs(tokens: Any, hidden: Any, topk: Any, has_weights: bool) -> Specs:
+    """``out [B, H]`` bf16 and, with weights, their per-token sums ``[B, K]`` float32."""
+    return {
+        **combine_specs(tokens, hidden),
+        "weights": ((tokens, topk), torch.float32) if has_weights else None,
+    }
+
+
+def ht_combine(
+    tokens: Any, hidden: Any, topk: Any, has_weights: bool, new: Allocator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    t = allocate(ht_combine_specs(tokens, hidden, topk, has_weights), new)
+    out = t["out"]
+    assert out is not None
+    return out, t["weights"]

@@ -1,25 +1,46 @@
 // ncclep._C: Python binding of the C API (csrc/include/ncclep.h).
 // Errors raise RuntimeError carrying ncclepGetLastError()'s text.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <nccl.h>
 
 #include "common/device_error.h"
 #include "ncclep.h"
+#include "python/output_plan.h"
 
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
 
 namespace py = pybind11;
+using ncclep::python::cptr;
+using ncclep::python::OutputPlan;
+using ncclep::python::ptr;
 
 namespace {
+
+// The order of each op's outputs (exported as *_OUTPUTS name tuples; ncclep/outputs.py builds
+// the plans in it).
+enum LLDispatchOutput { LLD_X, LLD_SCALES, LLD_EXPERT_COUNTS, LLD_SEND_SLOTS, LLD_RECV_ROWS, LLD_RECV_WEIGHTS,
+                        LLD_RECV_SLOT_COUNTS, kLLDispatchOutputs };
+enum HTDispatchOutput { HTD_X, HTD_SCALES, HTD_TOPK_IDX, HTD_TOPK_WEIGHTS, HTD_NUM_RECV, HTD_EXPERT_COUNTS,
+                        HTD_SEND_POS, HTD_RECV_SLOT, HTD_RECV_COUNTS, kHTDispatchOutputs };
+enum HTCombineOutput { HTC_OUT, HTC_WEIGHTS, kHTCombineOutputs };
+
+// ncclep._C.DeviceErrorPending, raised with the args (code, phase, peer, value).
+PyObject* deviceErrorPending = nullptr;
 
 // A versioned args struct of the C API, zeroed, with its size and version set.
 template <typename Args>
@@ -179,119 +200,144 @@ class Communicator {
     check(res);
   }
 
-  // The LL calls take raw device pointers (ints) and a raw cudaStream_t; ncclep/ops.py owns the
-  // tensors and their checks.
-  void llDispatch(int phases, int numTokens, int hidden, int topk, uintptr_t x, uintptr_t topkIdx, int topkIdxBits,
-                  uintptr_t topkWeights, bool useFp8, bool ue8m0, uintptr_t recvX, uintptr_t recvScales,
-                  uintptr_t expertCounts, uintptr_t sendSlots, uintptr_t recvRows, uintptr_t recvWeights,
-                  uintptr_t recvSlotCounts, uintptr_t stream, uintptr_t trace) {
+  // The op calls take tensors. Outputs come from an OutputPlan (shapes from ncclep/outputs.py),
+  // or are passed back in for the receive half of a send_only call; kernels go on torch's current
+  // stream of the input's device. Each returns its outputs in the order of the matching *_OUTPUTS
+  // name tuple. An error a kernel recorded in an earlier call raises DeviceErrorPending(code,
+  // phase, peer, value) before anything is launched (that read clears bad-input codes); the
+  // receive half of a send_only call is launched regardless, as its peers expect it.
+  std::vector<at::Tensor> llDispatch(const OutputPlan& plan, const at::Tensor& x, const at::Tensor& topkIdx,
+                                     const at::Tensor& topkWeights, bool useFp8, bool ue8m0, int phases,
+                                     std::optional<std::vector<at::Tensor>> outputs,
+                                     const std::optional<at::Tensor>& trace) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ncclepGroup_t g = openGroup();
+    if (phases & NCCLEP_PHASE_SEND) raisePendingDeviceError(g);  // a receive half always follows its send
+    std::vector<at::Tensor> o = takeOutputs(plan, std::move(outputs), x.size(0), x.device(), kLLDispatchOutputs);
     auto a = zeroedArgs<ncclepLLDispatchArgs_t>(NCCLEP_LL_ARGS_VERSION);
     a.phases = phases;
-    a.numTokens = numTokens;
-    a.hidden = hidden;
-    a.topk = topk;
-    a.x = reinterpret_cast<const void*>(x);
-    a.topkIdx = reinterpret_cast<const void*>(topkIdx);
-    a.topkIdxBits = topkIdxBits;
-    a.topkWeights = reinterpret_cast<const float*>(topkWeights);
+    a.numTokens = static_cast<int>(x.size(0));
+    a.hidden = static_cast<int>(x.size(1));
+    a.topk = static_cast<int>(topkIdx.size(1));
+    a.x = cptr(x);
+    a.topkIdx = cptr(topkIdx);
+    a.topkIdxBits = topkIdx.scalar_type() == at::kLong ? 64 : 32;
+    a.topkWeights = static_cast<const float*>(cptr(topkWeights));
     a.useFp8 = useFp8;
     a.ue8m0 = ue8m0;
-    a.recvX = reinterpret_cast<void*>(recvX);
-    a.recvScales = reinterpret_cast<void*>(recvScales);
-    a.expertCounts = reinterpret_cast<int*>(expertCounts);
-    a.sendSlots = reinterpret_cast<int*>(sendSlots);
-    a.recvRows = reinterpret_cast<int*>(recvRows);
-    a.recvWeights = reinterpret_cast<float*>(recvWeights);
-    a.recvSlotCounts = reinterpret_cast<int*>(recvSlotCounts);
-    a.trace = reinterpret_cast<unsigned long long*>(trace);
-    std::lock_guard<std::mutex> lock(mu_);
-    check(ncclepLLDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+    a.recvX = ptr(o[LLD_X]);
+    a.recvScales = ptr(o[LLD_SCALES]);
+    a.expertCounts = static_cast<int*>(ptr(o[LLD_EXPERT_COUNTS]));
+    a.sendSlots = static_cast<int*>(ptr(o[LLD_SEND_SLOTS]));
+    a.recvRows = static_cast<int*>(ptr(o[LLD_RECV_ROWS]));
+    a.recvWeights = static_cast<float*>(ptr(o[LLD_RECV_WEIGHTS]));
+    a.recvSlotCounts = static_cast<int*>(ptr(o[LLD_RECV_SLOT_COUNTS]));
+    a.trace = static_cast<unsigned long long*>(trace ? ptr(*trace) : nullptr);
+    check(ncclepLLDispatch(g, &a, currentStream(x)));
+    return o;
   }
 
-  void llCombine(int phases, int numTokens, int hidden, uintptr_t expertOut, uintptr_t sendSlots, uintptr_t recvRows,
-                 uintptr_t recvWeights, uintptr_t recvSlotCounts, uintptr_t out, uintptr_t stream) {
+  // handle: the dispatch's send_slots, recv_rows, recv_weights, recv_slot_counts.
+  at::Tensor llCombine(const OutputPlan& plan, const at::Tensor& expertOut, const at::Tensor& sendSlots,
+                       const at::Tensor& recvRows, const at::Tensor& recvWeights, const at::Tensor& recvSlotCounts,
+                       int phases, std::optional<at::Tensor> out) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ncclepGroup_t g = openGroup();
+    if (phases & NCCLEP_PHASE_SEND) raisePendingDeviceError(g);
+    const int64_t tokens = sendSlots.size(0);
+    at::Tensor o = out ? std::move(*out) : plan.allocate(tokens, expertOut.device()).at(0);
     auto a = zeroedArgs<ncclepLLCombineArgs_t>(NCCLEP_LL_ARGS_VERSION);
     a.phases = phases;
-    a.numTokens = numTokens;
-    a.hidden = hidden;
-    a.expertOut = reinterpret_cast<const void*>(expertOut);
-    a.sendSlots = reinterpret_cast<const int*>(sendSlots);
-    a.recvRows = reinterpret_cast<const int*>(recvRows);
-    a.recvWeights = reinterpret_cast<const float*>(recvWeights);
-    a.recvSlotCounts = reinterpret_cast<const int*>(recvSlotCounts);
-    a.out = reinterpret_cast<void*>(out);
-    std::lock_guard<std::mutex> lock(mu_);
-    check(ncclepLLCombine(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+    a.numTokens = static_cast<int>(tokens);
+    a.hidden = static_cast<int>(expertOut.size(2));
+    a.expertOut = cptr(expertOut);
+    a.sendSlots = static_cast<const int*>(cptr(sendSlots));
+    a.recvRows = static_cast<const int*>(cptr(recvRows));
+    a.recvWeights = static_cast<const float*>(cptr(recvWeights));
+    a.recvSlotCounts = static_cast<const int*>(cptr(recvSlotCounts));
+    a.out = ptr(o);
+    check(ncclepLLCombine(g, &a, currentStream(expertOut)));
+    return o;
   }
 
-  // The HT calls, like the LL ones: raw device pointers and a raw cudaStream_t (ncclep/cuda_ht.py).
-  void htDispatch(int numTokens, int hidden, int topk, bool useFp8, int scaleBytes, uintptr_t x, uintptr_t xScales,
-                  uintptr_t topkIdx, int topkIdxBits, uintptr_t topkWeights, int layout, int alignment,
-                  long long numRows, uintptr_t recvX, uintptr_t recvScales, uintptr_t recvTopkIdx,
-                  uintptr_t recvTopkWeights, uintptr_t numRecv, uintptr_t expertCounts, uintptr_t sendPos,
-                  uintptr_t recvSlot, uintptr_t recvCounts, uintptr_t stream) {
+  std::vector<at::Tensor> htDispatch(const OutputPlan& plan, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& xScales, const at::Tensor& topkIdx,
+                                     const std::optional<at::Tensor>& topkWeights, int layout, int alignment) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ncclepGroup_t g = openGroup();
+    raisePendingDeviceError(g);
+    std::vector<at::Tensor> o = takeOutputs(plan, std::nullopt, x.size(0), x.device(), kHTDispatchOutputs);
     auto a = zeroedArgs<ncclepHTDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
-    a.numTokens = numTokens;
-    a.hidden = hidden;
-    a.topk = topk;
-    a.useFp8 = useFp8;
-    a.scaleBytes = scaleBytes;
-    a.x = reinterpret_cast<const void*>(x);
-    a.xScales = reinterpret_cast<const void*>(xScales);
-    a.topkIdx = reinterpret_cast<const void*>(topkIdx);
-    a.topkIdxBits = topkIdxBits;
-    a.topkWeights = reinterpret_cast<const float*>(topkWeights);
+    a.numTokens = static_cast<int>(x.size(0));
+    a.hidden = static_cast<int>(x.size(1));
+    a.topk = static_cast<int>(topkIdx.size(1));
+    a.useFp8 = x.scalar_type() == at::kFloat8_e4m3fn;
+    a.scaleBytes = xScales ? static_cast<int>(xScales->element_size()) : 0;
+    a.x = cptr(x);
+    a.xScales = cptr(xScales);
+    a.topkIdx = cptr(topkIdx);
+    a.topkIdxBits = topkIdx.scalar_type() == at::kLong ? 64 : 32;
+    a.topkWeights = static_cast<const float*>(cptr(topkWeights));
     a.layout = layout;
     a.alignment = alignment;
-    a.numRows = numRows;
-    a.recvX = reinterpret_cast<void*>(recvX);
-    a.recvScales = reinterpret_cast<void*>(recvScales);
-    a.recvTopkIdx = reinterpret_cast<int*>(recvTopkIdx);
-    a.recvTopkWeights = reinterpret_cast<float*>(recvTopkWeights);
-    a.numRecv = reinterpret_cast<int*>(numRecv);
-    a.expertCounts = reinterpret_cast<int*>(expertCounts);
-    a.sendPos = reinterpret_cast<int*>(sendPos);
-    a.recvSlot = reinterpret_cast<int*>(recvSlot);
-    a.recvCounts = reinterpret_cast<int*>(recvCounts);
-    std::lock_guard<std::mutex> lock(mu_);
-    check(ncclepHTDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+    a.numRows = o[HTD_X].size(0);
+    a.recvX = ptr(o[HTD_X]);
+    a.recvScales = ptr(o[HTD_SCALES]);
+    a.recvTopkIdx = static_cast<int*>(ptr(o[HTD_TOPK_IDX]));
+    a.recvTopkWeights = static_cast<float*>(ptr(o[HTD_TOPK_WEIGHTS]));
+    a.numRecv = static_cast<int*>(ptr(o[HTD_NUM_RECV]));
+    a.expertCounts = static_cast<int*>(ptr(o[HTD_EXPERT_COUNTS]));
+    a.sendPos = static_cast<int*>(ptr(o[HTD_SEND_POS]));
+    a.recvSlot = static_cast<int*>(ptr(o[HTD_RECV_SLOT]));
+    a.recvCounts = static_cast<int*>(ptr(o[HTD_RECV_COUNTS]));
+    check(ncclepHTDispatch(g, &a, currentStream(x)));
+    return o;
   }
 
-  void htCombine(int numTokens, int hidden, int topk, long long numRows, uintptr_t x, uintptr_t topkWeights,
-                 uintptr_t sendPos, uintptr_t recvSlot, uintptr_t recvCounts, uintptr_t recvTopkIdx, uintptr_t out,
-                 uintptr_t outWeights, uintptr_t stream) {
+  // handle: the dispatch's send_pos, recv_slot, recv_counts, recv_topk_idx.
+  std::vector<at::Tensor> htCombine(const OutputPlan& plan, const at::Tensor& x, const at::Tensor& sendPos,
+                                    const at::Tensor& recvSlot, const at::Tensor& recvCounts,
+                                    const at::Tensor& recvTopkIdx, const std::optional<at::Tensor>& topkWeights) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ncclepGroup_t g = openGroup();
+    raisePendingDeviceError(g);
+    const int64_t tokens = sendPos.size(0);
+    std::vector<at::Tensor> o = takeOutputs(plan, std::nullopt, tokens, x.device(), kHTCombineOutputs);
     auto a = zeroedArgs<ncclepHTCombineArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
-    a.numTokens = numTokens;
-    a.hidden = hidden;
-    a.topk = topk;
-    a.numRows = numRows;
-    a.x = reinterpret_cast<const void*>(x);
-    a.topkWeights = reinterpret_cast<const float*>(topkWeights);
-    a.sendPos = reinterpret_cast<const int*>(sendPos);
-    a.recvSlot = reinterpret_cast<const int*>(recvSlot);
-    a.recvCounts = reinterpret_cast<const int*>(recvCounts);
-    a.recvTopkIdx = reinterpret_cast<const int*>(recvTopkIdx);
-    a.out = reinterpret_cast<void*>(out);
-    a.outWeights = reinterpret_cast<float*>(outWeights);
-    std::lock_guard<std::mutex> lock(mu_);
-    check(ncclepHTCombine(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+    a.numTokens = static_cast<int>(tokens);
+    a.hidden = static_cast<int>(x.size(1));
+    a.topk = static_cast<int>(recvTopkIdx.size(1));
+    a.numRows = x.size(0);
+    a.x = cptr(x);
+    a.topkWeights = static_cast<const float*>(cptr(topkWeights));
+    a.sendPos = static_cast<const int*>(cptr(sendPos));
+    a.recvSlot = static_cast<const int*>(cptr(recvSlot));
+    a.recvCounts = static_cast<const int*>(cptr(recvCounts));
+    a.recvTopkIdx = static_cast<const int*>(cptr(recvTopkIdx));
+    a.out = ptr(o[HTC_OUT]);
+    a.outWeights = static_cast<float*>(ptr(o[HTC_WEIGHTS]));
+    check(ncclepHTCombine(g, &a, currentStream(x)));
+    return o;
   }
 
-  void htDispatchCached(int numTokens, int rowBytes, long long numRows, uintptr_t x, uintptr_t sendPos,
-                        uintptr_t recvSlot, uintptr_t out, uintptr_t stream) {
+  // out: [numRows, ...] like x's rows; rowBytes: the bytes of one row of x.
+  void htDispatchCached(const at::Tensor& x, const at::Tensor& sendPos, const at::Tensor& recvSlot,
+                        const at::Tensor& out, int rowBytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ncclepGroup_t g = openGroup();
+    raisePendingDeviceError(g);
     auto a = zeroedArgs<ncclepHTCachedDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
-    a.numTokens = numTokens;
+    a.numTokens = static_cast<int>(sendPos.size(0));
     a.rowBytes = rowBytes;
-    a.numRows = numRows;
-    a.x = reinterpret_cast<const void*>(x);
-    a.sendPos = reinterpret_cast<const int*>(sendPos);
-    a.recvSlot = reinterpret_cast<const int*>(recvSlot);
-    a.out = reinterpret_cast<void*>(out);
-    std::lock_guard<std::mutex> lock(mu_);
-    check(ncclepHTCachedDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
+    a.numRows = out.size(0);
+    a.x = cptr(x);
+    a.sendPos = static_cast<const int*>(cptr(sendPos));
+    a.recvSlot = static_cast<const int*>(cptr(recvSlot));
+    a.out = ptr(out);
+    check(ncclepHTCachedDispatch(g, &a, currentStream(x)));
   }
 
   long long htNumRows(int topk, int layout, int alignment) {
@@ -313,10 +359,7 @@ class Communicator {
   // are cleared by the read.
   py::object deviceError() {
     std::lock_guard<std::mutex> lock(mu_);
-    ncclepDeviceError_t e;
-    check(ncclepGroupGetDeviceError(openGroup(), &e));
-    if (e.code == ncclep::kDeviceOk) return py::none();
-    return py::make_tuple(deviceErrorName(e.code), ncclepPhaseName(e.phase), e.peer, e.value);
+    return readDeviceError(openGroup());
   }
 
   py::object deviceApiError() const {
@@ -328,6 +371,36 @@ class Communicator {
   ncclepGroup_t openGroup() const {
     if (group_ == nullptr) throw std::runtime_error("Communicator is closed");
     return group_;
+  }
+
+  static py::object readDeviceError(ncclepGroup_t g) {
+    ncclepDeviceError_t e;
+    check(ncclepGroupGetDeviceError(g, &e));
+    if (e.code == ncclep::kDeviceOk) return py::none();
+    return py::make_tuple(deviceErrorName(e.code), ncclepPhaseName(e.phase), e.peer, e.value);
+  }
+
+  static void raisePendingDeviceError(ncclepGroup_t g) {
+    py::object err = readDeviceError(g);
+    if (err.is_none()) return;
+    PyErr_SetObject(deviceErrorPending, err.ptr());
+    throw py::error_already_set();
+  }
+
+  static std::vector<at::Tensor> takeOutputs(const OutputPlan& plan, std::optional<std::vector<at::Tensor>> given,
+                                             int64_t tokens, const at::Device& device, size_t count) {
+    if (plan.size() != count)
+      throw py::value_error("output plan has " + std::to_string(plan.size()) + " entries, the call returns " +
+                            std::to_string(count));
+    if (!given) return plan.allocate(tokens, device);
+    if (given->size() != count)
+      throw py::value_error("outputs has " + std::to_string(given->size()) + " tensors, expected " +
+                            std::to_string(count));
+    return std::move(*given);
+  }
+
+  static cudaStream_t currentStream(const at::Tensor& t) {
+    return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   }
 
   uintptr_t currentTorchStream() {
@@ -361,6 +434,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HT_LAYOUT_EXPERT_MAJOR") = NCCLEP_HT_LAYOUT_EXPERT_MAJOR;
 
   m.attr("NCCL_HEADER_VERSION") = NCCL_VERSION_CODE;
+  m.attr("LL_DISPATCH_OUTPUTS") = py::make_tuple("x", "scales", "expert_counts", "send_slots", "recv_rows",
+                                                 "recv_weights", "recv_slot_counts");
+  m.attr("LL_COMBINE_OUTPUTS") = py::make_tuple("out");
+  m.attr("HT_DISPATCH_OUTPUTS") = py::make_tuple("x", "scales", "topk_idx", "topk_weights", "num_recv",
+                                                 "expert_counts", "send_pos", "recv_slot", "recv_counts");
+  m.attr("HT_COMBINE_OUTPUTS") = py::make_tuple("out", "weights");
+  deviceErrorPending = PyErr_NewExceptionWithDoc(
+      "ncclep._C.DeviceErrorPending",
+      "A kernel of an earlier call recorded an error; args: (code, phase, peer, value). Nothing was launched.",
+      PyExc_RuntimeError, nullptr);
+  m.attr("DeviceErrorPending") = py::handle(deviceErrorPending);
+
+  py::class_<OutputPlan>(m, "OutputPlan")
+      .def(py::init<const py::list&>(), py::arg("specs"),
+           "(shape, dtype) or None per output; -1 in a shape stands for the call's token count")
+      .def("__len__", &OutputPlan::size);
 
   m.def("phase_name", &ncclepPhaseName, py::arg("phase"), "name of a device-error phase");
 
@@ -466,16 +555,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("kernel_support", &Communicator::kernelSupport)
       .def("check_lsa", &Communicator::checkLsa, py::arg("stream") = py::none())
       .def("close", &Communicator::close)
-      .def("ll_dispatch", &Communicator::llDispatch, "phases, tokens, hidden, topk, pointers..., stream, trace=0",
-           py::arg("phases"), py::arg("num_tokens"), py::arg("hidden"), py::arg("topk"), py::arg("x"),
-           py::arg("topk_idx"), py::arg("topk_idx_bits"), py::arg("topk_weights"), py::arg("use_fp8"),
-           py::arg("ue8m0"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("expert_counts"),
-           py::arg("send_slots"), py::arg("recv_rows"), py::arg("recv_weights"), py::arg("recv_slot_counts"),
-           py::arg("stream"), py::arg("trace") = 0)
-      .def("ll_combine", &Communicator::llCombine)
-      .def("ht_dispatch", &Communicator::htDispatch)
-      .def("ht_combine", &Communicator::htCombine)
-      .def("ht_dispatch_cached", &Communicator::htDispatchCached)
+      .def("ll_dispatch", &Communicator::llDispatch, py::arg("plan"), py::arg("x"), py::arg("topk_idx"),
+           py::arg("topk_weights"), py::arg("use_fp8"), py::arg("ue8m0"), py::arg("phases"),
+           py::arg("outputs") = py::none(), py::arg("trace") = py::none(),
+           "LL dispatch: returns the outputs in LL_DISPATCH_OUTPUTS order")
+      .def("ll_combine", &Communicator::llCombine, py::arg("plan"), py::arg("expert_out"), py::arg("send_slots"),
+           py::arg("recv_rows"), py::arg("recv_weights"), py::arg("recv_slot_counts"), py::arg("phases"),
+           py::arg("out") = py::none(), "LL combine: returns out [B, H]")
+      .def("ht_dispatch", &Communicator::htDispatch, py::arg("plan"), py::arg("x"), py::arg("x_scales"),
+           py::arg("topk_idx"), py::arg("topk_weights"), py::arg("layout"), py::arg("alignment"),
+           "HT dispatch: returns the outputs in HT_DISPATCH_OUTPUTS order")
+      .def("ht_combine", &Communicator::htCombine, py::arg("plan"), py::arg("x"), py::arg("send_pos"),
+           py::arg("recv_slot"), py::arg("recv_counts"), py::arg("recv_topk_idx"), py::arg("topk_weights"),
+           "HT combine: returns the outputs in HT_COMBINE_OUTPUTS order")
+      .def("ht_dispatch_cached", &Communicator::htDispatchCached, py::arg("x"), py::arg("send_pos"),
+           py::arg("recv_slot"), py::arg("out"), py::arg("row_bytes"))
       .def("ht_num_rows", &Communicator::htNumRows, py::arg("topk"), py::arg("layout"), py::arg("alignment"))
       .def("ht_max_row_bytes", &Communicator::htMaxRowBytes)
       .def("device_error", &Communicator::deviceError)

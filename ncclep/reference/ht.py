@@ -159,6 +159,22 @@ class ReferenceHT:
         message = starts[(slot_id // t).clamp(0, counts.numel() - 1)] + slot_id % t
         return torch.where(slot_id >= 0, message, messages)
 
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        layout: str,
+        alignment: int,
+    ) -> HTDispatchOutput:
+        return self.dispatch_recv(self.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment))
+
+    def combine(
+        self, x: torch.Tensor, handle: HTHandle, topk_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.combine_recv(self.combine_send(x, handle, topk_weights))
+
     def dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
         """Route ``x [B, ...]`` (e.g. gradients) along an earlier dispatch: ``[N, ...]``, zeros on
         rows that hold no token. No counts are exchanged: the handle has them."""

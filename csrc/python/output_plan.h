@@ -1,0 +1,63 @@
+// The outputs of one op call, allocated in C++ from shapes Python computed once per shape key
+// (ncclep/outputs.py owns the shapes; this only allocates them).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace ncclep::python {
+
+// A list of (shape, dtype) or None, in the order the op's outputs are returned. A dimension of
+// -1 stands for the call's token count (the one size that changes from call to call).
+class __attribute__((visibility("hidden"))) OutputPlan {
+ public:
+  explicit OutputPlan(const pybind11::list& specs) {
+    for (const auto& item : specs) {
+      if (item.is_none()) {
+        specs_.emplace_back(std::nullopt);
+        continue;
+      }
+      auto spec = item.cast<pybind11::tuple>();
+      if (spec.size() != 2) throw pybind11::value_error("an output spec is (shape, dtype) or None");
+      specs_.emplace_back(Spec{spec[0].cast<std::vector<int64_t>>(), spec[1].cast<at::ScalarType>()});
+    }
+  }
+
+  size_t size() const { return specs_.size(); }
+
+  // Undefined tensors where the spec is None (Python sees None).
+  std::vector<at::Tensor> allocate(int64_t tokens, const at::Device& device) const {
+    std::vector<at::Tensor> out;
+    out.reserve(specs_.size());
+    std::vector<int64_t> shape;
+    for (const auto& spec : specs_) {
+      if (!spec) {
+        out.emplace_back();
+        continue;
+      }
+      shape = spec->shape;
+      for (auto& d : shape)
+        if (d == -1) d = tokens;
+      out.push_back(at::empty(shape, at::TensorOptions().dtype(spec->dtype).device(device)));
+    }
+    return out;
+  }
+
+ private:
+  struct Spec {
+    std::vector<int64_t> shape;
+    at::ScalarType dtype;
+  };
+  std::vector<std::optional<Spec>> specs_;
+};
+
+inline const void* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+inline void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+inline const void* cptr(const std::optional<at::Tensor>& t) { return t ? cptr(*t) : nullptr; }
+
+}  // namespace ncclep::python
