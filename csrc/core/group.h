@@ -48,6 +48,9 @@ struct ncclepGroup {
   // A kernel of this group may still be running (a wait timed out): the
   // collective teardown and the window free are skipped, the comm is aborted.
   bool broken = false;
+  // groupKernelGap() is fixed once the group exists; every launch checks it, so it is kept.
+  bool kernelGapKnown = false;
+  std::string kernelGap;
 };
 
 namespace ncclep {

@@ -20,8 +20,11 @@ ncclepResult_t checkGroupUsable(ncclepGroup* g, int mode, const char* call) {
   if (g->config.mode != mode)
     return setError(ncclepInvalidUsage, "%s: the group was created for %s mode", call,
                     g->config.mode == NCCLEP_MODE_LL ? "LL" : "HT");
-  const std::string gap = groupKernelGap(g);
-  if (!gap.empty()) return setError(ncclepUnsupported, "%s: %s", call, gap.c_str());
+  if (!g->kernelGapKnown) {
+    g->kernelGap = groupKernelGap(g);
+    g->kernelGapKnown = true;
+  }
+  if (!g->kernelGap.empty()) return setError(ncclepUnsupported, "%s: %s", call, g->kernelGap.c_str());
   return ncclepSuccess;
 }
 

@@ -11,6 +11,8 @@
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
 // then token index, the reference backend's order. Warps copy the messages into the rows of
 // their local experts and record the handle; the last block acknowledges each source.
+#include <atomic>
+
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -537,9 +539,18 @@ __global__ void __launch_bounds__(kLLThreads, 1) llDispatchKernel(const __grid_c
 template <class Net>
 int launch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
   const size_t bytes = llDispatchSharedBytes(p.c.layout, p.c.numExperts);
-  const cudaError_t e =
-      cudaFuncSetAttribute(llDispatchKernel<Net>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  // The attribute is per function and device, and a call costs host time: raised only when a
+  // group needs more than any before it on this device.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<size_t> granted[kMaxDevices];
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return int(e);
+  if (device >= kMaxDevices || bytes > granted[device].load(std::memory_order_relaxed)) {
+    e = cudaFuncSetAttribute(llDispatchKernel<Net>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (e != cudaSuccess) return int(e);
+    if (device < kMaxDevices) granted[device].store(bytes, std::memory_order_relaxed);
+  }
   llDispatchKernel<Net><<<numBlocks, kLLThreads, bytes, stream>>>(p);
   return int(cudaGetLastError());
 }
