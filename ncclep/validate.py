@@ -31,13 +31,20 @@ def check_tensor(
         raise InvalidArgument(f"{name} must have dtype {_names(dtypes)}, got {t.dtype}")
     if t.dim() != ndim:
         raise InvalidArgument(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.device.type != device.type or (
-        device.index is not None and t.device.index is not None and t.device.index != device.index
-    ):
+    if t.get_device() != _index(device) and not _same_device(t.device, device):
         raise InvalidArgument(f"{name} must be on {device}, got {t.device}")
     if not t.is_contiguous():
         raise InvalidArgument(f"{name} must be contiguous")
     return t
+
+
+def _index(device: torch.device) -> int:
+    """``Tensor.get_device()`` of a tensor on ``device`` (cheaper than ``Tensor.device``)."""
+    return -1 if device.type == "cpu" else (device.index if device.index is not None else -2)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:

@@ -1,6 +1,7 @@
 // ncclep._C: Python binding of the C API (csrc/include/ncclep.h).
 // Errors raise RuntimeError carrying ncclepGetLastError()'s text.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAStream.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -208,12 +209,12 @@ class Communicator {
   // receive half of a send_only call is launched regardless, as its peers expect it.
   std::vector<at::Tensor> llDispatch(const OutputPlan& plan, const at::Tensor& x, const at::Tensor& topkIdx,
                                      const at::Tensor& topkWeights, bool useFp8, bool ue8m0, int phases,
-                                     std::optional<std::vector<at::Tensor>> outputs,
-                                     const std::optional<at::Tensor>& trace) {
+                                     const py::object& outputs, const std::optional<at::Tensor>& trace) {
+    RECORD_FUNCTION("ncclep::ll_dispatch", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
     if (phases & NCCLEP_PHASE_SEND) raisePendingDeviceError(g);  // a receive half always follows its send
-    std::vector<at::Tensor> o = takeOutputs(plan, std::move(outputs), x.size(0), x.device(), kLLDispatchOutputs);
+    std::vector<at::Tensor> o = takeOutputs(plan, outputs, x.size(0), x.device(), kLLDispatchOutputs);
     auto a = zeroedArgs<ncclepLLDispatchArgs_t>(NCCLEP_LL_ARGS_VERSION);
     a.phases = phases;
     a.numTokens = static_cast<int>(x.size(0));
@@ -241,6 +242,7 @@ class Communicator {
   at::Tensor llCombine(const OutputPlan& plan, const at::Tensor& expertOut, const at::Tensor& sendSlots,
                        const at::Tensor& recvRows, const at::Tensor& recvWeights, const at::Tensor& recvSlotCounts,
                        int phases, std::optional<at::Tensor> out) {
+    RECORD_FUNCTION("ncclep::ll_combine", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
     if (phases & NCCLEP_PHASE_SEND) raisePendingDeviceError(g);
@@ -263,10 +265,11 @@ class Communicator {
   std::vector<at::Tensor> htDispatch(const OutputPlan& plan, const at::Tensor& x,
                                      const std::optional<at::Tensor>& xScales, const at::Tensor& topkIdx,
                                      const std::optional<at::Tensor>& topkWeights, int layout, int alignment) {
+    RECORD_FUNCTION("ncclep::ht_dispatch", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
     raisePendingDeviceError(g);
-    std::vector<at::Tensor> o = takeOutputs(plan, std::nullopt, x.size(0), x.device(), kHTDispatchOutputs);
+    std::vector<at::Tensor> o = takeOutputs(plan, py::none(), x.size(0), x.device(), kHTDispatchOutputs);
     auto a = zeroedArgs<ncclepHTDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
     a.numTokens = static_cast<int>(x.size(0));
@@ -299,11 +302,12 @@ class Communicator {
   std::vector<at::Tensor> htCombine(const OutputPlan& plan, const at::Tensor& x, const at::Tensor& sendPos,
                                     const at::Tensor& recvSlot, const at::Tensor& recvCounts,
                                     const at::Tensor& recvTopkIdx, const std::optional<at::Tensor>& topkWeights) {
+    RECORD_FUNCTION("ncclep::ht_combine", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
     raisePendingDeviceError(g);
     const int64_t tokens = sendPos.size(0);
-    std::vector<at::Tensor> o = takeOutputs(plan, std::nullopt, tokens, x.device(), kHTCombineOutputs);
+    std::vector<at::Tensor> o = takeOutputs(plan, py::none(), tokens, x.device(), kHTCombineOutputs);
     auto a = zeroedArgs<ncclepHTCombineArgs_t>(NCCLEP_HT_ARGS_VERSION);
     a.phases = NCCLEP_PHASE_ALL;
     a.numTokens = static_cast<int>(tokens);
@@ -325,6 +329,7 @@ class Communicator {
   // out: [numRows, ...] like x's rows; rowBytes: the bytes of one row of x.
   void htDispatchCached(const at::Tensor& x, const at::Tensor& sendPos, const at::Tensor& recvSlot,
                         const at::Tensor& out, int rowBytes) {
+    RECORD_FUNCTION("ncclep::ht_dispatch_cached", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
     raisePendingDeviceError(g);
@@ -387,16 +392,22 @@ class Communicator {
     throw py::error_already_set();
   }
 
-  static std::vector<at::Tensor> takeOutputs(const OutputPlan& plan, std::optional<std::vector<at::Tensor>> given,
-                                             int64_t tokens, const at::Device& device, size_t count) {
+  // given: None (allocate from the plan) or the outputs of the call's send half (None for an
+  // output the call does not have).
+  static std::vector<at::Tensor> takeOutputs(const OutputPlan& plan, const py::object& given, int64_t tokens,
+                                             const at::Device& device, size_t count) {
     if (plan.size() != count)
       throw py::value_error("output plan has " + std::to_string(plan.size()) + " entries, the call returns " +
                             std::to_string(count));
-    if (!given) return plan.allocate(tokens, device);
-    if (given->size() != count)
-      throw py::value_error("outputs has " + std::to_string(given->size()) + " tensors, expected " +
+    if (given.is_none()) return plan.allocate(tokens, device);
+    const auto list = given.cast<py::sequence>();
+    if (list.size() != count)
+      throw py::value_error("outputs has " + std::to_string(list.size()) + " entries, expected " +
                             std::to_string(count));
-    return std::move(*given);
+    std::vector<at::Tensor> out(count);
+    for (size_t i = 0; i < count; ++i)
+      if (!list[i].is_none()) out[i] = list[i].cast<at::Tensor>();
+    return out;
   }
 
   static cudaStream_t currentStream(const at::Tensor& t) {
