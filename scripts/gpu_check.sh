@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One whole round on a GPU machine: build the extension, run the GPU tests, run a benchmark.
 # Usage: scripts/gpu_check.sh OUT_DIR [bench args...]   (logs and results go to OUT_DIR)
-# Writes at most 9 files: env.log build.log gpu_tests.log mpi.log moe.log bench.log results.json plot.png
+# Writes at most 9 files: env.log build.log gpu_tests.log soak.log mpi.log moe.log bench.log results.json plot.png
 # Env: GPU_TESTS (extra pytest args), SKIP_TESTS, SKIP_MPI, SKIP_MOE, SKIP_BENCH;
+#   SOAK=1 (after the tests, bench/soak.py on every GPU, into soak.log; SOAK_ARGS: its extra args);
 #   NCCL_HOME (build the extension and the C examples against that NCCL), FORCE_BUILD=1 (rebuild
 #   everything, e.g. after switching NCCL), LD_PRELOAD (e.g. that NCCL's libnccl.so.2; passed to mpirun)
 set -uo pipefail
@@ -38,8 +39,14 @@ $PY bench/bringup_report.py 2>&1 | grep -v "^\[" | tee -a "$OUT/build.log"
 
 step "gpu tests"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  $PY -m pytest tests -m gpu -v -p no:cacheprovider --timeout=300 ${GPU_TESTS:-} >"$OUT/gpu_tests.log" 2>&1 || status=1
+  $PY -m pytest tests -m gpu -v -p no:cacheprovider --timeout=300 --durations=25 ${GPU_TESTS:-} >"$OUT/gpu_tests.log" 2>&1 || status=1
   grep -E "FAILED|ERROR|^E |passed|failed" "$OUT/gpu_tests.log" | tail -30
+fi
+
+if [ -n "${SOAK:-}" ]; then
+  step "soak"
+  $PY bench/soak.py --nprocs "$NGPU" ${SOAK_ARGS:-} >"$OUT/soak.log" 2>&1 || status=1
+  if grep -q "^ncclep soak:" "$OUT/soak.log"; then sed -n '/^ncclep soak:/,$p' "$OUT/soak.log"; else tail -20 "$OUT/soak.log"; fi
 fi
 
 step "mpirun bootstrap"

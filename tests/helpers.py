@@ -6,8 +6,12 @@ backend except through the public Group API.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -182,3 +186,26 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tensor, wha
     if denom > 0:
         rel = float((out32 - ref).norm()) / denom
         assert rel < 1e-2, f"{what}: relative error {rel:.3g}"
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` (a script, not a package module) imported as ``bench_<name>``, once."""
+    module_name = f"bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before running it: dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def soak_worker(argv: list[str]) -> dict[str, Any]:
+    """``bench/soak.py`` with these arguments on this pool's ranks: its summary (every rank's)."""
+    soak = bench_script("soak")
+    args = soak.parse_args(argv)
+    on_gpu = "nccl" in str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return soak.soak(args, dist.group.WORLD, device)
