@@ -19,6 +19,7 @@ LAYOUT_IDS = {"flat": 0, "expert_major": 1}  # NCCLEP_HT_LAYOUT_*
 MODE_IDS = {"ll": 0, "ht": 1}  # NCCLEP_MODE_*
 LL_HIDDEN_MULTIPLE = 128  # one fp8 scale per 128 channels (ncclep.fp8.BLOCK)
 HT_HIDDEN_MULTIPLE = 8  # 16-byte bf16 rows
+MAX_TIMEOUT_S = 1e6  # deadlines become timedeltas and device clock counts
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,19 @@ class GroupConfig:
             raise InvalidArgument(
                 f"HT mode needs hidden divisible by {HT_HIDDEN_MULTIPLE} (16-byte rows), got {self.hidden}"
             )
-        if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms <= 0):
+        if self.num_sms is not None and (
+            not isinstance(self.num_sms, int) or isinstance(self.num_sms, bool) or self.num_sms <= 0
+        ):
             raise InvalidArgument(f"num_sms must be a positive int or None, got {self.num_sms!r}")
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise InvalidArgument(f"timeout_s must be positive, got {self.timeout_s!r}")
+        timeout = self.timeout_s
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not 0 < timeout < MAX_TIMEOUT_S  # also refuses NaN and infinity
+        ):
+            raise InvalidArgument(
+                f"timeout_s must be positive and below {MAX_TIMEOUT_S:g} seconds, got {timeout!r}"
+            )
 
     @property
     def num_local_experts(self) -> int:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from . import fp8, outputs
-from .config import LAYOUT_IDS, GroupConfig
+from .config import HT_HIDDEN_MULTIPLE, LAYOUT_IDS, GroupConfig
 from .device_errors import raise_device_error
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NcclepError
 from .handles import HTDispatchOutput, HTHandle
 
 
@@ -41,15 +41,67 @@ def _stream(device: torch.device) -> int:
 
 
 class CudaHT:
-    def __init__(self, cfg: GroupConfig, rank: int, comm: Any) -> None:
+    def __init__(self, cfg: GroupConfig, rank: int, comm: Any, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.rank = rank
         self.comm = comm
+        self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
         self.max_row_bytes = int(comm.ht_max_row_bytes())
 
     def raise_device_error(self) -> None:
         """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
         raise_device_error(self.comm, self.cfg, self.rank)
+
+    def reject(
+        self,
+        op: str,
+        problem: InvalidArgument,
+        *,
+        handle: HTHandle | None = None,
+        like: Any = None,
+        with_weights: bool = False,
+        **_call: Any,
+    ) -> NoReturn:
+        """This rank's input of ``op`` was rejected on the host: keep the peers' kernels paired
+        with a stand-in launch, then raise ``problem``.
+
+        The kernels carry no error code to the peers yet, so the peers do NOT raise for this
+        call on the CUDA path (the reference backend's peers raise CommError naming this rank):
+
+        - dispatch: this rank sends ZERO TOKENS; the peers' dispatch returns without any token of
+          this rank (their next combine then waits for this rank, which has no handle, until
+          timeout_s, and raises CommError);
+        - combine and cached dispatch: with a usable handle, this rank sends NaN rows, so the
+          peers' outputs for their tokens routed here are NaN (loud rather than silently short);
+          without a usable handle nothing can be launched and the peers time out (CommError).
+        """
+        try:
+            if op in ("ht_dispatch", "ll_dispatch"):
+                x = torch.empty((0, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
+                idx = torch.empty((0, 1), dtype=torch.int64, device=self.device)
+                self.dispatch_send(x, None, idx, None, "flat", 1)  # zero tokens: peers see none from us
+            elif op == "ht_combine" and handle is not None:
+                rows, topk = handle.recv_topk_idx.shape
+                hidden = self.cfg.hidden
+                if isinstance(like, torch.Tensor) and like.dim() == 2:
+                    h = int(like.shape[1])
+                    hidden = h if 0 < h <= self.cfg.hidden and h % HT_HIDDEN_MULTIPLE == 0 else hidden
+                nan = torch.full((rows, hidden), float("nan"), dtype=torch.bfloat16, device=self.device)
+                weights = None
+                if with_weights:
+                    weights = torch.full((rows, topk), float("nan"), dtype=torch.float32, device=self.device)
+                self.combine_send(nan, handle, weights)  # NaN rows back to the peers
+            elif op == "ht_dispatch_cached" and handle is not None and isinstance(like, torch.Tensor):
+                shape = (handle.send_pos.shape[0], *like.shape[1:])
+                if (
+                    like.is_floating_point()
+                    and math.prod(shape[1:]) * like.element_size() <= self.max_row_bytes
+                ):
+                    nan = torch.full(shape, float("nan"), dtype=like.dtype, device=self.device)
+                    self.dispatch_cached(nan, handle)  # NaN rows to the peers
+        except NcclepError:
+            pass  # the group is already failing (a sticky device error): nothing to keep paired
+        raise problem
 
     # ------------------------------------------------------------------------------ dispatch
 
@@ -116,13 +168,20 @@ class CudaHT:
         """Route ``x [B, ...]`` along an earlier dispatch: ``[N, ...]``, zeros on rows holding no token."""
         self.raise_device_error()
         tokens = handle.send_pos.shape[0]
-        if x.shape[0] != tokens:
-            raise InvalidArgument(f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens")
+        if x.shape[0] != tokens:  # checked before (ops.ht_dispatch_cached); kept for direct callers
+            raise InvalidArgument(
+                f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens", reason="shape"
+            )
         rest = tuple(x.shape[1:])
         row_bytes = math.prod(rest) * x.element_size()
         if row_bytes > self.max_row_bytes:
-            raise InvalidArgument(
-                f"dispatch_cached moves rows of at most {self.max_row_bytes} bytes, got {row_bytes}"
+            # a limit of the kernels: the peers must hear of it like any other bad input
+            self.reject(
+                "ht_dispatch_cached",
+                InvalidArgument(
+                    f"dispatch_cached moves rows of at most {self.max_row_bytes} bytes, got {row_bytes}",
+                    reason="shape",
+                ),
             )
         rows = handle.recv_slot.shape[0]
         out = torch.empty((rows, *rest), dtype=x.dtype, device=x.device)
@@ -150,11 +209,7 @@ class CudaHT:
         rows, hidden = x.shape
         tokens = handle.send_pos.shape[0]
         topk = handle.recv_topk_idx.shape[1]
-        if hidden % 8:
-            raise InvalidArgument(f"HT combine needs hidden divisible by 8, got {hidden}")
-        expected = tuple(handle.recv_topk_idx.shape)
-        if topk_weights is not None and tuple(topk_weights.shape) != expected:
-            raise InvalidArgument(f"topk_weights must have shape {expected}, got {tuple(topk_weights.shape)}")
+        # hidden % 8 and the weights' shape are checked before (validate.validate_ht_combine)
         new = outputs.allocator(x.device)
         out = outputs.combine(tokens, hidden, new)
         weights = outputs.combined_weights(tokens, topk, new) if topk_weights is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import GroupConfig
-from .errors import CommError, InvalidArgument
+from .errors import DEVICE, TIMEOUT, CommError, InvalidArgument
 
 
 def raise_device_error(comm: Any, cfg: GroupConfig, rank: int) -> None:
@@ -21,12 +21,14 @@ def raise_device_error(comm: Any, cfg: GroupConfig, rank: int) -> None:
     if code == "bad_expert":
         raise InvalidArgument(
             f"topk_idx of an earlier {where} held expert id {value}; ids must be -1 or in "
-            f"[0, {cfg.num_experts}) (that call treated it as -1)"
+            f"[0, {cfg.num_experts}) (that call treated it as -1)",
+            reason="expert_id",
         )
     if code == "duplicate_expert":
         raise InvalidArgument(
             f"topk_idx row {value} of an earlier {where} named the same expert twice "
-            "(that call kept the first)"
+            "(that call kept the first)",
+            reason="duplicate_expert",
         )
     if code == "timeout":
         raise CommError(
@@ -34,5 +36,12 @@ def raise_device_error(comm: Any, cfg: GroupConfig, rank: int) -> None:
             phase=where,
             rank=rank,
             peer=peer,
+            reason=TIMEOUT,
         )
-    raise CommError(f"{where}: device error {code} (peer {peer}, value {value})", phase=where, peer=peer)
+    raise CommError(
+        f"{where}: device error {code} (peer {peer}, value {value})",
+        phase=where,
+        rank=rank,
+        peer=peer,
+        reason=DEVICE,
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 import socket
 import zlib
 from collections.abc import Callable
@@ -11,10 +13,10 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import _native, backends, env, registry, validate
+from . import _native, backends, collectives, env, registry, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import MODE_IDS, GroupConfig
-from .errors import InvalidArgument, NcclepError
+from .errors import PEER_LOST, PEER_REJECTED, TIMEOUT, CommError, InvalidArgument, NcclepError
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
 T = TypeVar("T")
@@ -79,8 +81,11 @@ class Group:
         timeout_s: float = 100.0,
         backend: str = "auto",
     ) -> None:
+        problems: list[InvalidArgument] = []
         if backend not in BACKENDS:
-            raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
+            problems.append(
+                InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}", reason="option")
+            )
         self._mpi_comm = process_group if is_mpi_comm(process_group) else None
         if self._mpi_comm is not None:
             process_group = init_from_mpi(self._mpi_comm, "nccl" if torch.cuda.is_available() else "gloo")
@@ -90,19 +95,49 @@ class Group:
                 "or pass an mpi4py communicator"
             )
         self.process_group = process_group if process_group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.process_group)
-        self.world_size = dist.get_world_size(self.process_group)
-        self.config = GroupConfig(
+        try:
+            self.rank = dist.get_rank(self.process_group)
+            self.world_size = dist.get_world_size(self.process_group)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            raise InvalidArgument(
+                "process_group must be a torch.distributed ProcessGroup or an mpi4py communicator, "
+                f"got {type(process_group).__name__} ({exc})",
+                reason="type",
+            ) from None
+        if self.rank < 0:
+            raise InvalidArgument("this rank is not a member of process_group", reason="option")
+        self.config: GroupConfig
+        try:
+            self.config = GroupConfig(
+                num_experts=num_experts,
+                max_tokens_per_rank=max_tokens_per_rank,
+                hidden=hidden,
+                mode=mode,
+                world_size=self.world_size,
+                max_topk=max_topk,
+                num_sms=num_sms,
+                timeout_s=timeout_s,
+            )
+        except InvalidArgument as exc:
+            problems.append(exc)
+        try:
+            env.virtual_nodes()
+        except InvalidArgument as exc:
+            problems.append(exc)
+        self.device = self._pick_device()
+        arguments = dict(
             num_experts=num_experts,
             max_tokens_per_rank=max_tokens_per_rank,
             hidden=hidden,
             mode=mode,
-            world_size=self.world_size,
             max_topk=max_topk,
             num_sms=num_sms,
             timeout_s=timeout_s,
+            backend=backend,
         )
-        self.device = self._pick_device()
+        # Before anything else the ranks meet once (bounded): a rank whose arguments are bad
+        # still comes, so every rank raises instead of its peers waiting in the next collective.
+        key, self._hosts = self._agree(arguments, problems[0] if problems else None, timeout_s)
         self._native: Any = None
         self._native_info: dict[str, Any] = {}
         if self.device.type == "cuda" and _native.available() and backend != "reference":
@@ -112,7 +147,9 @@ class Group:
             self._native.close()  # the reference backend needs none of its window
             self._native = None
         self._local_ranks, self._nodes = self._topology()
-        self._backend = backends.build(self.backend, self.config, self.rank, self.process_group, self._native)
+        self._backend = backends.build(
+            self.backend, self.config, self.rank, self.process_group, self._native, self.device, key
+        )
         # Compiled graphs hold the id as a constant and the fake kernels read the sizes through
         # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
         # graph) from handing a graph traced for one configuration to a group with another.
@@ -126,6 +163,62 @@ class Group:
         if "nccl" in pg_backend and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    def _agree(
+        self, arguments: dict[str, Any], problem: InvalidArgument | None, timeout_s: Any
+    ) -> tuple[int, list[str]]:
+        """One bounded all-gather of every rank's arguments, host name and verdict on them.
+
+        Returns (the group's key, the same on every rank; host names by rank). Raises, on every
+        rank alike: this rank's InvalidArgument; CommError naming a peer whose arguments were
+        rejected; InvalidArgument when the ranks passed different arguments.
+        """
+        ok_timeout = (
+            isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and 0 < timeout_s < 1e6
+        )
+        wait_s = float(timeout_s) if ok_timeout else 100.0
+        record = dict(
+            status=0 if problem is None else problem.code,
+            text=None if problem is None else str(problem)[:400],
+            args={k: repr(v) for k, v in arguments.items()},
+            host=socket.gethostname()[:200],
+            nonce=int.from_bytes(os.urandom(8), "little") >> 2,  # not random: users seed it
+        )
+        try:
+            records = collectives.all_gather_json(record, 2048, self.process_group, self.device, wait_s)
+        except (collectives.Expired, collectives.Failed) as exc:
+            what = "passed the deadline" if isinstance(exc, collectives.Expired) else f"failed ({exc})"
+            raise CommError(
+                f"group creation: rank {self.rank}'s exchange with its peers {what} after "
+                f"timeout_s={wait_s:g} s: every rank of the process group must create the group",
+                phase="group creation",
+                rank=self.rank,
+                reason=TIMEOUT if isinstance(exc, collectives.Expired) else PEER_LOST,
+            ) from None
+        if problem is not None:
+            raise problem
+        if any(r is None for r in records):
+            raise CommError("group creation: a peer sent an unreadable record", phase="group creation")
+        for peer, r in enumerate(records):
+            if r["status"]:
+                raise CommError(
+                    f"group creation: rank {peer} rejected its arguments ({r['text']})",
+                    phase="group creation",
+                    rank=self.rank,
+                    peer=peer,
+                    reason=PEER_REJECTED,
+                )
+        mine = record["args"]
+        for peer, r in enumerate(records):
+            diff = [k for k in mine if r["args"].get(k) != mine[k]]
+            if diff:
+                detail = ", ".join(f"{k}={r['args'].get(k)} there, {mine[k]} here" for k in diff)
+                raise InvalidArgument(
+                    f"ranks {self.rank} and {peer} passed different arguments to Group ({detail}): "
+                    "every rank must pass the same",
+                    reason="option",
+                )
+        return int(records[0]["nonce"]), [str(r["host"]) for r in records]
 
     def _broadcast_from_rank0(self, value: Any) -> Any:
         if self._mpi_comm is not None:
@@ -163,9 +256,8 @@ class Group:
             per_host = int(self._native_info["lsa_size"])
             hosts = int(self._native_info["n_lsa_teams"])
         else:
-            names: list[Any] = [None] * self.world_size
-            dist.all_gather_object(names, socket.gethostname(), group=self.process_group)
-            per_host = names.count(socket.gethostname())
+            names = self._hosts
+            per_host = names.count(names[self.rank])
             hosts = len(set(names))
         if per_host % virtual:
             raise InvalidArgument(
@@ -254,11 +346,33 @@ class Group:
             f"hidden={cfg.hidden})"
         )
 
-    def _require(self, mode: str) -> None:
+    def _require_open(self) -> None:
         if self.closed:
             raise NcclepError(f"group {self.id} is closed")
+
+    def _check_mode(self, mode: str) -> None:
         if self.config.mode != mode:
-            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}")
+            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
+
+    def _checked(self, op: str, check: Callable[[list[Any]], None], **call: Any) -> None:
+        """Run ``op``'s host-side checks. On a failure the rank still takes part in the op (the
+        backend's ``reject``: no rows, the reason in their place), so the peers raise CommError
+        naming this rank for this very call; then it raises the InvalidArgument.
+
+        ``check`` returns the call's handle once it passed its checks (None before): the CUDA
+        backend's stand-in launch needs one (see ``CudaLL.reject``)."""
+        valid: list[Any] = []
+        try:
+            check(valid)
+        except InvalidArgument as problem:
+            handle = valid[0] if valid else None
+            self._backend.reject(op, problem, handle=handle, **call)
+            raise  # reject raises ``problem``; this is for the type checker
+
+    def _stamp(self, out: T) -> T:
+        """The output with its handle marked as this group's (a combine elsewhere refuses it)."""
+        handle = out.handle  # type: ignore[attr-defined]
+        return out._replace(handle=dataclasses.replace(handle, group=self.id))  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------------------- LL
 
@@ -277,16 +391,26 @@ class Group:
         Rows of expert e are ordered by source rank, then token index; rows past
         ``expert_counts[e]`` are padding. With ``send_only`` a :class:`Pending` is returned whose
         ``wait()`` gives that tuple.
+
+        Bad input raises :class:`InvalidArgument` here and :class:`CommError` naming this rank on
+        every peer (for the same call); nothing is moved and the group stays usable.
         """
-        self._require("ll")
-        validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
-        if ue8m0 and not use_fp8:
-            raise InvalidArgument("ue8m0 scales need use_fp8=True")
+        self._require_open()
+
+        def check(_: list[Any]) -> None:
+            self._check_mode("ll")
+            for name, flag in (("use_fp8", use_fp8), ("ue8m0", ue8m0), ("send_only", send_only)):
+                validate.check_flag(name, flag)
+            validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
+            if ue8m0 and not use_fp8:
+                raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+
+        self._checked("ll_dispatch", check)
         if send_only:
             state = self._backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
-            return Pending(lambda: self._backend.dispatch_recv(state))
+            return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
         outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
-        return ll_output(outs, use_fp8)
+        return ll_output(outs, use_fp8, self.id)
 
     def ll_combine(
         self,
@@ -296,11 +420,18 @@ class Group:
         send_only: bool = False,
     ) -> torch.Tensor | Pending[torch.Tensor]:
         """Weighted sum over each token's experts: ``out[b] = Σ_k w[b,k] · expert_out(b, k)``."""
-        self._require("ll")
-        validate.validate_ll_combine(self.config, self.device, expert_out)
-        tokens = handle.send_slots.shape[0]
-        if out is not None:
-            validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+        self._require_open()
+
+        def check(valid: list[Any]) -> None:
+            self._check_mode("ll")
+            validate.check_flag("send_only", send_only)
+            valid.append(validate.validate_ll_handle(self.config, self.device, handle, self.id))
+            validate.validate_ll_combine(self.config, self.device, expert_out)
+            if out is not None:
+                tokens = handle.send_slots.shape[0]
+                validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+
+        self._checked("ll_combine", check, like=expert_out)
         if send_only:
             state = self._backend.combine_send(expert_out, handle, out)
             return Pending(lambda: self._backend.combine_recv(state, out))
@@ -325,16 +456,23 @@ class Group:
 
         Returns ``(x [N, H], scales, topk_idx [N, K] (local ids, -1 elsewhere), topk_weights,
         num_recv [1], expert_counts [L], handle)`` with N the worst case for ``layout``.
+        Bad input fails every rank as in :meth:`ll_dispatch`.
         """
-        self._require("ht")
-        validate.validate_ht_dispatch(
-            self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
-        )
+        self._require_open()
+
+        def check(_: list[Any]) -> None:
+            self._check_mode("ht")
+            validate.check_flag("send_only", send_only)
+            validate.validate_ht_dispatch(
+                self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
+            )
+
+        self._checked("ht_dispatch", check)
         if send_only:
             state = self._backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
-            return Pending(lambda: self._backend.dispatch_recv(state))
+            return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
         outs = torch.ops.ncclep.ht_dispatch(self.id, x, x_scales, topk_idx, topk_weights, layout, alignment)
-        return ht_output(outs, x_scales is not None, topk_weights is not None)
+        return ht_output(outs, x_scales is not None, topk_weights is not None, self.id)
 
     def ht_combine(
         self,
@@ -347,9 +485,16 @@ class Group:
 
         ``topk_weights [N, K]`` (e.g. their gradients in a backward pass) are summed the same way.
         """
-        self._require("ht")
-        rows, topk = handle.recv_topk_idx.shape
-        validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+        self._require_open()
+
+        def check(valid: list[Any]) -> None:
+            self._check_mode("ht")
+            validate.check_flag("send_only", send_only)
+            valid.append(validate.validate_ht_handle(self.config, self.device, handle, self.id))
+            rows, topk = handle.recv_topk_idx.shape
+            validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+
+        self._checked("ht_combine", check, like=x, with_weights=topk_weights is not None)
         if send_only:
             state = self._backend.combine_send(x, handle, topk_weights)
             return Pending(lambda: self._backend.combine_recv(state))
@@ -357,12 +502,15 @@ class Group:
         return out, (weights if topk_weights is not None else None)
 
 
-def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool) -> LLDispatchOutput:
-    recv_x, scales, counts, *handle = outs
-    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, LLHandle(*handle))
+def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool, group: int | None = None) -> LLDispatchOutput:
+    recv_x, scales, counts, send_slots, recv_rows, recv_weights, recv_slot_counts = outs
+    handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts, group)
+    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, handle)
 
 
-def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool) -> HTDispatchOutput:
+def ht_output(
+    outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool, group: int | None = None
+) -> HTDispatchOutput:
     recv_x, scales, idx, weights, num_recv, counts, send_pos, recv_slot, recv_counts = outs
     return HTDispatchOutput(
         recv_x,
@@ -371,5 +519,5 @@ def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: boo
         weights if has_weights else None,
         num_recv,
         counts,
-        HTHandle(send_pos, recv_slot, recv_counts, idx),
+        HTHandle(send_pos, recv_slot, recv_counts, idx, group),
     )
