@@ -76,6 +76,12 @@ class CudaHT:
           without a usable handle nothing can be launched and the peers time out (CommError).
         """
         try:
+            self.raise_device_error()  # an earlier call's bad input is read (and cleared) here
+        except InvalidArgument:
+            pass  # that call already went through; this one's problem is what to raise
+        except NcclepError as err:
+            raise problem from err  # the group is broken (a sticky device error): no launch
+        try:
             if op in ("ht_dispatch", "ll_dispatch"):
                 x = torch.empty((0, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
                 idx = torch.empty((0, 1), dtype=torch.int64, device=self.device)
@@ -99,8 +105,8 @@ class CudaHT:
                 ):
                     nan = torch.full(shape, float("nan"), dtype=like.dtype, device=self.device)
                     self.dispatch_cached(nan, handle)  # NaN rows to the peers
-        except NcclepError:
-            pass  # the group is already failing (a sticky device error): nothing to keep paired
+        except NcclepError as err:  # the stand-in itself failed: the group is failing
+            raise problem from err
         raise problem
 
     # ------------------------------------------------------------------------------ dispatch

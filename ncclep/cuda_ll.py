@@ -79,6 +79,12 @@ class CudaLL:
           handle nothing can be launched and the peers' combine times out (CommError).
         """
         try:
+            self.raise_device_error()  # an earlier call's bad input is read (and cleared) here
+        except InvalidArgument:
+            pass  # that call already went through; this one's problem is what to raise
+        except NcclepError as err:
+            raise problem from err  # the group is broken (a sticky device error): no launch
+        try:
             if op in ("ll_dispatch", "ht_dispatch"):
                 x = torch.empty((0, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
                 idx = torch.empty((0, 1), dtype=torch.int64, device=self.device)
@@ -92,8 +98,8 @@ class CudaLL:
                     device=self.device,
                 )
                 self.combine(nan, handle)  # NaN rows: the peers' tokens routed here come back NaN
-        except NcclepError:
-            pass  # the group is already failing (a sticky device error): nothing to keep paired
+        except NcclepError as err:  # the stand-in itself failed: the group is failing
+            raise problem from err
         raise problem
 
     def _stream(self, device: torch.device) -> int:

@@ -59,7 +59,9 @@ class Group:
         process_group: a torch.distributed group (default WORLD) or an mpi4py communicator.
         max_topk: the largest top-k the group accepts.
         num_sms: SMs the kernels may use (None: the mode's default).
-        timeout_s: deadline of every device-side wait.
+        timeout_s: deadline of every wait: the kernels' on the CUDA backend, every collective's on
+            the reference backend (and group creation's exchange on both). A wait past it raises
+            :class:`ncclep.CommError` and breaks the group.
         backend: ``"auto"`` (the CUDA kernels where they can serve the group, else the reference
             backend, with a :class:`ncclep.FallbackWarning` naming the reason when the group is on
             CUDA devices), ``"reference"`` or ``"cuda"`` (raises :class:`ncclep.NcclepError` with
@@ -67,6 +69,14 @@ class Group:
 
     ``group.backend`` says which backend runs the ops and ``group.backend_reason`` why it is not
     ``"cuda"`` (None when it is).
+
+    Failures end on every rank: bad arguments raise :class:`ncclep.InvalidArgument` on the rank
+    that passed them and :class:`ncclep.CommError` (``reason="peer_rejected"``, ``peer`` that
+    rank) on its peers, for the same call, with nothing moved and the group still usable
+    (reference backend; see ``CudaLL.reject`` for the CUDA path). A missing, dead or out-of-step
+    peer raises CommError within ``timeout_s`` and breaks the group (``CommError.group_usable``
+    is False): close it and open a new one (after a timeout or a lost peer, over a new process
+    group). Every rank must make the same calls on a group in the same order.
     """
 
     def __init__(
@@ -261,7 +271,8 @@ class Group:
             hosts = len(set(names))
         if per_host % virtual:
             raise InvalidArgument(
-                f"NCCLEP_VIRTUAL_NODES={virtual} does not divide the {per_host} ranks of a host"
+                f"NCCLEP_VIRTUAL_NODES={virtual} does not divide the {per_host} ranks of a host",
+                reason="option",
             )
         return per_host // virtual, hosts * virtual
 

@@ -103,14 +103,21 @@ class PendingRows:
     exchange: Exchange | None = None
     op: str = ""
     call: int = 0
+    error: CommError | None = None  # a failed wait fails every later one (the rows are not there)
 
     def wait(self) -> torch.Tensor:
+        if self.error is not None:
+            raise self.error
         if self.work is not None:
-            work, self.work = self.work, None
             if self.exchange is not None:
-                self.exchange.wait(work, self.op, self.call, 1)
+                try:
+                    self.exchange.wait(self.work, self.op, self.call, 1)
+                except CommError as err:
+                    self.error = err
+                    raise
             else:
-                work.wait()
+                self.work.wait()
+            self.work = None
         return self.recv
 
 

@@ -428,10 +428,11 @@ def skip_case(skipper: int, then: str, backend: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ a rank dies
 
 
-def die_case(victim: int, backend: str) -> dict[str, Any]:
+def die_case(victim: int, how: str, backend: str) -> dict[str, Any]:
     """Rank ``victim``'s process exits in the middle of an LL dispatch (after the counts went
-    out, before the rows): the others must raise CommError promptly. Group ``pair``, over two
-    survivors only (3 ranks), must keep working."""
+    out, before the rows): the others must raise CommError promptly (``how="send_only"``: from
+    the Pending's wait(), and again from a second wait(), which must not hand out the rows).
+    Group ``pair``, over two survivors only (3 ranks), must keep working."""
     rank, world_size = world()
     dev = device_of(backend)
     pg = fresh_pg(backend)
@@ -450,7 +451,12 @@ def die_case(victim: int, backend: str) -> dict[str, Any]:
             os._exit(17)  # after the header went out, before the rows
 
         exchange.Exchange.rows = die  # type: ignore[method-assign]
-    result["fault"] = attempt(lambda: group.ll_dispatch(x, idx, w))
+    if how == "send_only":
+        pending = group.ll_dispatch(x, idx, w, send_only=True)
+        result["fault"] = attempt(pending.wait)
+        result["wait_again"] = attempt(pending.wait)
+    else:
+        result["fault"] = attempt(lambda: group.ll_dispatch(x, idx, w))
     result["next_call"] = attempt(lambda: group.ll_dispatch(x, idx, w))
     if pair is not None:
         result["after"] = after_fault({"pair_of_survivors": pair}, 9)

@@ -115,6 +115,7 @@ def test_bad_input_on_one_rank(world: int, kind: str, backend: str) -> None:
             comm_error(fault, "peer_rejected", bad, within=PROMPT_S)
             assert fault["usable"] and kind.split("/")[0] in fault["phase"], fault
             assert f"rank {bad} rejected its input" in fault["msg"], fault
+            assert results[bad]["fault"]["msg"] in fault["msg"], "the peers' message says why"
         assert fault["s"] < PROMPT_S, fault
         if "retry" in res:
             correct(res["retry"], f"rank {rank}: the same combine again")
@@ -209,20 +210,23 @@ def test_mismatched_calls(world: int, kind: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["blocking", "send_only"])
 @pytest.mark.parametrize("world", WORLDS)
-def test_rank_dies_mid_call(world: int, backend: str) -> None:
+def test_rank_dies_mid_call(world: int, how: str, backend: str) -> None:
     """The survivors raise CommError (peer lost) naming the dead rank, well within timeout_s +
     margin, and at once on their next call; a group of survivors only keeps working.
 
     Last in the module: a death retires the pool's world (the next run would start a new one)."""
     victim = world - 1
-    results = results_of(run(world, backend, fc.die_case, victim), dead=(victim,))
+    results = results_of(run(world, backend, fc.die_case, victim, how), dead=(victim,))
     expected = "timeout" if backend == "cuda" else "peer_lost"
     for rank, res in enumerate(results):
         if rank == victim:
             continue
         correct(res["warmup"], f"rank {rank}: warm-up")
         comm_error(res["fault"], expected, victim, within=fc.TIMEOUT_S + MARGIN_S)
+        if "wait_again" in res:
+            comm_error(res["wait_again"], expected, victim, within=0.5)
         comm_error(res["next_call"], "broken", None, within=0.5)
         for name, rec in res.get("after", {}).items():
             correct(rec, f"rank {rank}: group {name}")
