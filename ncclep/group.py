@@ -142,7 +142,10 @@ class Group:
             mode=mode,
             max_topk=max_topk,
             num_sms=num_sms,
-            timeout_s=timeout_s,
+            # 4 and 4.0 are the same deadline
+            timeout_s=float(timeout_s)
+            if isinstance(timeout_s, int) and not isinstance(timeout_s, bool)
+            else timeout_s,
             backend=backend,
         )
         # Before anything else the ranks meet once (bounded): a rank whose arguments are bad

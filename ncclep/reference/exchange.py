@@ -373,12 +373,12 @@ class Exchange:
                 on_slow=self._on_slow(op, call, 2),
             )
         except (collectives.Expired, collectives.GaveUp, collectives.Failed) as exc:
-            if problem is None:
-                self._fail(exc, op, call, 2)
             try:
                 self._fail(exc, op, call, 2)
-            except CommError as err:  # the group is broken now; this rank still reports its input
-                raise problem from err
+            except CommError as err:
+                if problem is None:
+                    raise
+                raise problem from err  # the group is broken now; this rank still reports its input
         if problem is not None:
             raise problem
         peer = next(p for p, s in enumerate(statuses) if s)
