@@ -23,7 +23,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
-MIN_NCCL = (2, 28)  # the NCCL Device API (ncclDevCommCreate, LSA barriers)
+MIN_NCCL = (2, 28, 7)  # the NCCL Device API with GIN (csrc/core/nccl_compat.h has the differences)
 
 # Commands that only need metadata: no torch import, no extension.
 _METADATA_ONLY = {
@@ -219,12 +219,12 @@ def _extension_config():
     version = _nccl_header_version(nccl_include)
     if (
         version is None
-        or version[:2] < MIN_NCCL
+        or version < MIN_NCCL
         or not os.path.exists(os.path.join(nccl_include, "nccl_device.h"))
     ):
         _fail(
             f"NCCL at {os.path.dirname(nccl_include)} ({where}) is version {version}; ncclep needs "
-            f">= {MIN_NCCL[0]}.{MIN_NCCL[1]} with the Device API (nccl_device.h)"
+            f">= {'.'.join(map(str, MIN_NCCL))} with the Device API (nccl_device.h)"
         )
     if os.path.exists(os.path.join(nccl_lib, "libnccl.so.2")):
         nccl_link = ["-l:libnccl.so.2"]  # the wheel ships no unversioned libnccl.so
@@ -258,6 +258,7 @@ def _extension_config():
 
 
 ext_modules, cmdclass = _extension_config()
+PLOT = ["matplotlib"]
 
 setup(
     name="ncclep",
@@ -267,9 +268,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "numpy"],
     extras_require={
-        "mpi": ["mpi4py"],
-        "test": ["pytest", "matplotlib", "ruff"],
-        "plot": ["matplotlib"],
+        "mpi": ["mpi4py"],  # launching under mpirun (ncclep.bootstrap); the C examples need only MPI
+        "plot": PLOT,  # ncclep-bench --plot
+        "test": ["pytest", "ruff", *PLOT],  # scripts/test.sh: pytest, the linter, the bench's --plot test
+        "docs": ["sphinx>=7", "myst-parser>=2"],  # scripts/docs.sh: docs/ (Markdown pages, autodoc)
         "vllm": ["vllm>=0.32"],
     },
     entry_points={

@@ -5,63 +5,73 @@ the cases; ``PHASE_TRACE=1`` instead records per-block timestamps inside one dis
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
 import ncclep
-from ncclep.bench.timing import QUEUE_AHEAD_CYCLES
+from ncclep.bench.timing import QUEUE_AHEAD_CYCLES, Mark, time_steps
+from ncclep.bench.workloads import Case, case_routing
 from ncclep.launch import launch
-from ncclep.workloads import make_routing
+
+
+def _case(tokens: int, use_fp8: bool) -> Case:
+    return Case("ll", tokens, 7168, 8, 256, "random", "fp8" if use_fp8 else "bf16")
+
+
+def _routing(tokens: int, use_fp8: bool, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bench's LL routing (random, a tenth of the entries masked, none of a token's all)."""
+    g = torch.Generator().manual_seed(dist.get_rank())
+    idx, w = case_routing(_case(tokens, use_fp8), dist.get_world_size(), g)
+    return idx.to(dev), w.to(dev)
+
+
+PHASES = [
+    "dispatch fused",
+    "dispatch send",
+    "dispatch recv",
+    "combine fused",
+    "combine send",
+    "combine recv",
+]
 
 
 def measure(tokens: int, use_fp8: bool, reps: int = 30) -> dict[str, float]:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Each phase's CUDA-event time and kernel time (``ncclep.bench.timing.time_steps``: barrier
+    and sleep before every step), this rank's medians."""
     dev = torch.device("cuda", torch.cuda.current_device())
-    g = torch.Generator().manual_seed(rank)
-    group = ncclep.Group(256, max(tokens, 1), 7168, mode="ll", backend="cuda")
+    g = torch.Generator().manual_seed(dist.get_rank())
+    group = ncclep.Group(256, tokens, 7168, mode="ll", backend="cuda")
     x = torch.randn(tokens, 7168, generator=g).to(torch.bfloat16).to(dev)
-    idx, w = make_routing("random", tokens, 256, 8, world_size=world, generator=g, masked=10)
-    idx, w = idx.to(dev), w.to(dev)
+    idx, w = _routing(tokens, use_fp8, dev)
     y = torch.randn(group.num_local_experts, group.config.ll_rows_per_expert, 7168, device=dev).to(
         torch.bfloat16
     )
-    names = [
-        "dispatch fused",
-        "dispatch send",
-        "dispatch recv",
-        "combine fused",
-        "combine send",
-        "combine recv",
-    ]
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(reps + 5):
-        dist.barrier()
-        torch.cuda.synchronize()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(9)]
-        torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
-        ev[0].record()
+
+    def step(_i: int, mark: Mark) -> None:
+        mark()
         d = group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
-        ev[1].record()
+        mark()
         p = group.ll_dispatch(x, idx, w, use_fp8=use_fp8, send_only=True)
-        ev[2].record()
+        mark()
         d2 = p.wait()
-        ev[3].record()
+        mark()
         group.ll_combine(y, d.handle)
-        ev[4].record()
+        mark()
         c = group.ll_combine(y, d2.handle, send_only=True)
-        ev[5].record()
+        mark()
         c.wait()
-        ev[6].record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            for k, n in enumerate(names):
-                samples[n].append(ev[k].elapsed_time(ev[k + 1]) * 1e3)
+        mark()
+
+    out: dict[str, float] = {}
+    for clock in ("event", "kernel"):
+        timings = time_steps(step, len(PHASES), warmup=5, iters=reps, device=dev, group=None, clock=clock)
+        for name, t in zip(PHASES, timings, strict=True):
+            out[f"{name} ({clock})"] = t.median_us
     group.check()
     group.close()
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return out
 
 
 STEPS = [
@@ -81,13 +91,12 @@ SENT, ARRIVED, SIGNALED, FLAGS_SEEN, COPIED = 3, 4, 5, 7, 8
 def trace(tokens: int, use_fp8: bool) -> str:
     """One fused dispatch with per-block timestamps (ncclep/cuda_ll.py's trace buffer): where a
     block's time goes, in µs from the earliest block's start."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     dev = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator().manual_seed(rank)
-    group = ncclep.Group(256, max(tokens, 1), 7168, mode="ll", backend="cuda")
+    group = ncclep.Group(256, tokens, 7168, mode="ll", backend="cuda")
     x = torch.randn(tokens, 7168, generator=g).to(torch.bfloat16).to(dev)
-    idx, w = make_routing("random", tokens, 256, 8, world_size=world, generator=g, masked=10)
-    idx, w = idx.to(dev), w.to(dev)
+    idx, w = _routing(tokens, False, dev)
     blocks = group.config.num_sms or torch.cuda.get_device_properties(dev).multi_processor_count
     for _ in range(10):
         group.ll_dispatch(x, idx, w, use_fp8=use_fp8)

@@ -155,6 +155,22 @@ def _bench(
     return medians
 
 
+def _run_name(group: ncclep.Group) -> str:
+    """The name a timing of ``group`` is printed under: ``reference`` for the reference backend."""
+    return "reference" if group.backend == "reference" else f"ncclep ({group.backend})"
+
+
+def _reference_twin(
+    group: ncclep.Group, sizes: tuple[int, int, int], mode: str, ranked: Ranked, args: argparse.Namespace
+) -> ncclep.Group | None:
+    """A reference-backend group of the same sizes to time beside ``group``; None when ``group``
+    already runs the reference backend (it is timed once, as ``reference``)."""
+    if group.backend == "reference":
+        ranked.say("bench: the group runs the reference backend, so it is timed once (as reference)")
+        return None
+    return ncclep.Group(*sizes, mode=mode, process_group=ranked.pg, max_topk=args.topk, backend="reference")
+
+
 # ------------------------------------------------------------------------------------------- decode
 
 
@@ -202,16 +218,16 @@ def run_decode(args: argparse.Namespace, ranked: Ranked) -> bool:
             errors = _rel_errors(ranked, {"output": (y, dense(x))})
             ok = _verdict(ranked, errors, TOLERANCE[dtype])
         if args.bench:
-            ref_group = ncclep.Group(
-                *sizes, mode="ll", process_group=ranked.pg, max_topk=args.topk, backend="reference"
-            )
-            ref_forward = runner(layer.on_group(ref_group))
-            runs = {f"ncclep ({group.backend})": lambda: forward(x)}
+            runs = {_run_name(group): lambda: forward(x)}
             if graph is not None:
-                runs[f"ncclep ({group.backend}) graph"] = graph.replay
-            runs["reference"] = lambda: ref_forward(x)
+                runs[f"{_run_name(group)} graph"] = graph.replay
+            ref_group = _reference_twin(group, sizes, "ll", ranked, args)
+            if ref_group is not None:
+                ref_forward = runner(layer.on_group(ref_group))
+                runs["reference"] = lambda: ref_forward(x)
             _bench(ranked, args, runs, "decode layer forward")
-            ref_group.close()
+            if ref_group is not None:
+                ref_group.close()
     group.close()
     return ok
 
@@ -291,10 +307,6 @@ def run_train(args: argparse.Namespace, ranked: Ranked) -> bool:
         ranked.say(f"step {step}: loss {ranked.sum([float(loss.detach())])[0]:.6f}")
 
     if args.bench:
-        ref_group = ncclep.Group(
-            *sizes, mode="ht", process_group=ranked.pg, max_topk=args.topk, backend="reference"
-        )
-        ref_layer = layer.on_group(ref_group)
 
         def step_fn(lay: EPMoE) -> Callable[[], None]:
             def run() -> None:
@@ -303,10 +315,14 @@ def run_train(args: argparse.Namespace, ranked: Ranked) -> bool:
 
             return run
 
-        runs = {f"ncclep ({group.backend})": step_fn(layer), "reference": step_fn(ref_layer)}
+        runs = {_run_name(group): step_fn(layer)}
+        ref_group = _reference_twin(group, sizes, "ht", ranked, args)
+        if ref_group is not None:
+            runs["reference"] = step_fn(layer.on_group(ref_group))
         _bench(ranked, args, runs, "train layer forward+backward")
         layer.zero_grad()
-        ref_group.close()
+        if ref_group is not None:
+            ref_group.close()
     group.close()
     return ok
 

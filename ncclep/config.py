@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import _native
+from . import _native, fp8
 from .errors import InvalidArgument
 
 MODES = ("ll", "ht")
 LAYOUTS = ("flat", "expert_major")
 LAYOUT_IDS = {"flat": 0, "expert_major": 1}  # NCCLEP_HT_LAYOUT_*
 MODE_IDS = {"ll": 0, "ht": 1}  # NCCLEP_MODE_*
-LL_HIDDEN_MULTIPLE = 128  # one fp8 scale per 128 channels (ncclep.fp8.BLOCK)
+LL_HIDDEN_MULTIPLE = fp8.BLOCK  # one fp8 scale per block of channels
 HT_HIDDEN_MULTIPLE = 8  # 16-byte bf16 rows
 MAX_TIMEOUT_S = 1e6  # deadlines become timedeltas and device clock counts
 

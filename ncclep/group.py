@@ -399,15 +399,38 @@ class Group:
         ue8m0: bool = False,
         send_only: bool = False,
     ) -> LLDispatchOutput | Pending[LLDispatchOutput]:
-        """Send each token to the ranks of its top-k experts; returns expert-major rows.
+        """Send each token to the ranks of its top-k experts; returns expert-major rows (decode).
 
-        Returns ``(x [L, R*T, H], scales [L, R*T, H/128] | None, expert_counts [L], handle)``.
-        Rows of expert e are ordered by source rank, then token index; rows past
-        ``expert_counts[e]`` are padding. With ``send_only`` a :class:`Pending` is returned whose
-        ``wait()`` gives that tuple.
+        Collective: every rank of the group calls it, in the same order as its other LL calls.
 
-        Bad input raises :class:`InvalidArgument` here and :class:`CommError` naming this rank on
-        every peer (for the same call); nothing is moved and the group stays usable.
+        Args:
+            x: ``[B, H]`` bfloat16 on the group's device, contiguous; ``B <= max_tokens_per_rank``
+                (0 allowed), ``H <= hidden`` and divisible by 128.
+            topk_idx: ``[B, K]`` int64 or int32 expert ids in ``[0, num_experts)``, -1 for none;
+                ``K <= max_topk``; no expert twice in a row.
+            topk_weights: ``[B, K]`` float32; combine multiplies each expert's output by it.
+            use_fp8: send e4m3 with one scale per 128 channels instead of bfloat16.
+            ue8m0: with ``use_fp8``, power-of-two scales as ``torch.float8_e8m0fnu``.
+            send_only: launch the send half only; the result is a :class:`Pending` whose
+                ``wait()`` runs the receive half and returns the outputs.
+
+        Returns:
+            :class:`LLDispatchOutput` ``(x, scales, expert_counts, handle)``: ``x [L, R*T, H]``
+            (bfloat16, or float8_e4m3fn with ``use_fp8``), ``scales [L, R*T, H/128]`` (float32 or
+            float8_e8m0fnu; None without fp8), ``expert_counts [L]`` int32 on the device, and the
+            :class:`LLHandle` for :meth:`ll_combine`. ``L`` local experts, ``R`` ranks,
+            ``T = max_tokens_per_rank``. Rows of expert e are ordered by source rank, then token
+            index; rows past ``expert_counts[e]`` are padding with unspecified contents.
+
+        Raises:
+            InvalidArgument: a dtype, shape, device or size outside the above; nothing is moved,
+                every peer raises :class:`CommError` naming this rank (see :class:`Group`) and
+                the group stays usable. Out-of-range or repeated expert ids are found on the
+                device without a host sync: the call treats them as -1 and the next call (or
+                :meth:`check`) raises.
+            CommError: a peer rejected its arguments (``reason="peer_rejected"``, the group stays
+                usable), or a peer did not take part within ``timeout_s`` (the group can only be
+                closed).
         """
         self._require_open()
 
@@ -433,7 +456,24 @@ class Group:
         out: torch.Tensor | None = None,
         send_only: bool = False,
     ) -> torch.Tensor | Pending[torch.Tensor]:
-        """Weighted sum over each token's experts: ``out[b] = Σ_k w[b,k] · expert_out(b, k)``."""
+        """Bring the expert outputs back to each token's rank and reduce them (decode).
+
+        ``out[b] = Σ_k topk_weights[b, k] · expert_out[row of (b, k)]``; each expert rank first sums
+        a token's local experts in float32, so one bfloat16 row per (token, rank) travels back.
+
+        Args:
+            expert_out: ``[L, R*T, H]`` bfloat16, rows in :meth:`ll_dispatch`'s order (padding rows
+                are ignored); ``H`` divisible by 128 and ``<= hidden``.
+            handle: the :class:`LLHandle` of the matching dispatch on this group.
+            out: optional ``[B, H]`` bfloat16 to write into (``B`` the dispatch's token count).
+            send_only: launch the send half only; returns a :class:`Pending` for the receive half.
+
+        Returns:
+            ``[B, H]`` bfloat16 (``out`` when given).
+
+        Raises:
+            InvalidArgument: a dtype or shape outside the above; CommError: as for dispatch.
+        """
         self._require_open()
 
         def check(valid: list[Any]) -> None:
@@ -466,11 +506,35 @@ class Group:
         alignment: int = 1,
         send_only: bool = False,
     ) -> HTDispatchOutput | Pending[HTDispatchOutput]:
-        """Send each token once to every rank holding one of its experts.
+        """Send each token once to every rank holding one of its experts (prefill, training).
 
-        Returns ``(x [N, H], scales, topk_idx [N, K] (local ids, -1 elsewhere), topk_weights,
-        num_recv [1], expert_counts [L], handle)`` with N the worst case for ``layout``.
-        Bad input fails every rank as in :meth:`ll_dispatch`.
+        Collective, in the same order on every rank as its other HT calls. Differentiable in ``x``
+        and ``topk_weights`` (the backward is a combine of the gradients).
+
+        Args:
+            x: ``[B, H]`` bfloat16 (``H`` divisible by 8) or float8_e4m3fn (``H`` divisible by
+                128, with ``x_scales``); ``B <= max_tokens_per_rank``, ``H <= hidden``.
+            topk_idx: ``[B, K]`` int64 or int32 expert ids, -1 for none; ``K <= max_topk``.
+            topk_weights: optional ``[B, K]`` float32, carried to the receiving rows.
+            x_scales: fp8 only: ``[B, H/128]`` float32 or float8_e8m0fnu, moved with the rows.
+            layout: ``"flat"`` (one row per received token, by source rank then token order) or
+                ``"expert_major"`` (each token copied into the segment of every local expert it
+                chose, segments padded to ``alignment`` rows).
+            alignment: expert_major only: rows per segment are padded to a multiple of it.
+            send_only: returns a :class:`Pending` whose ``wait()`` gives the outputs.
+
+        Returns:
+            :class:`HTDispatchOutput` ``(x [N, H], scales [N, H/128] | None, topk_idx [N, K] int32
+            local expert ids (-1 where the expert is elsewhere), topk_weights [N, K] | None,
+            num_recv [1] int32, expert_counts [L] int32, handle)``. ``N`` is the worst case for the
+            layout (``group.config.ht_num_rows``), so no host sync is needed; ``num_recv`` says
+            how many rows are used. Unused rows have ``topk_idx`` -1 and weight 0.
+
+        Raises:
+            InvalidArgument: bad dtype, shape, device, size, layout or alignment (nothing moved;
+                peers raise CommError as in :meth:`ll_dispatch`); bad expert ids are reported by
+                the next call, as in LL.
+            CommError: as in :meth:`ll_dispatch`.
         """
         self._require_open()
 
@@ -495,9 +559,22 @@ class Group:
         topk_weights: torch.Tensor | None = None,
         send_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | Pending[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Sum, for each token, the rows that came from it; returns ``(out [B, H], weights [B, K] | None)``.
+        """Sum, for each token, the rows that came from it (the inverse of :meth:`ht_dispatch`).
 
-        ``topk_weights [N, K]`` (e.g. their gradients in a backward pass) are summed the same way.
+        Args:
+            x: ``[N, H]`` bfloat16, one row per dispatch output row (``N`` of the dispatch,
+                ``H <= hidden``); rows no token uses are ignored.
+            handle: the :class:`HTHandle` of the matching dispatch on this group.
+            topk_weights: optional ``[N, K]`` float32 (e.g. gradients in a backward pass), summed
+                the same way (entries whose ``topk_idx`` is -1 skipped).
+            send_only: returns a :class:`Pending` whose ``wait()`` gives the outputs.
+
+        Returns:
+            ``(out [B, H] bfloat16, weights [B, K] float32 | None)``: per token, the float32 sum of
+            its rows over every rank, rounded to bfloat16 once. Differentiable in ``x``.
+
+        Raises:
+            InvalidArgument: a dtype or shape outside the above; CommError: as for dispatch.
         """
         self._require_open()
 

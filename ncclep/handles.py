@@ -16,14 +16,14 @@ import torch
 class LLHandle:
     """Routing of one LL dispatch.
 
-    send_slots [B, R] int32: slot of token b in rank d's receive area from this rank, -1 if b did
-        not go to d. Slots are numbered in token order.
-    recv_rows [R, T, Kmax] int32: for the token in slot j from rank r, the flattened output row
-        (``expert * R*T + position``) of its k-th choice when that expert is local, else -1.
-    recv_weights [R, T, Kmax] float32: its top-k weights (0 where recv_rows is -1).
-    recv_slot_counts [R] int32: how many slots each rank filled.
-    group: id of the group whose dispatch made it (None for handles rebuilt from tensors); a
-        combine on another group refuses it.
+    * ``send_slots [B, R]`` int32: slot of token b in rank d's receive area from this rank, -1 if
+      b did not go to d. Slots are numbered in token order.
+    * ``recv_rows [R, T, Kmax]`` int32: for the token in slot j from rank r, the flattened output
+      row (``expert * R*T + position``) of its k-th choice when that expert is local, else -1.
+    * ``recv_weights [R, T, Kmax]`` float32: its top-k weights (0 where recv_rows is -1).
+    * ``recv_slot_counts [R]`` int32: how many slots each rank filled.
+    * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
+      tensors); a combine on another group refuses it.
     """
 
     send_slots: torch.Tensor
@@ -40,12 +40,14 @@ class LLHandle:
 class HTHandle:
     """Routing of one HT dispatch.
 
-    send_pos [B, R] int32: slot of token b among the tokens this rank sent to rank d, -1 if none.
-    recv_slot [N] int32: ``src_rank * T + slot`` of the token each output row holds, -1 on
-        padding rows.
-    recv_counts [R] int32: tokens received from each rank.
-    recv_topk_idx [N, K]: local expert ids of each row (-1 where the expert is elsewhere).
-    group: id of the group whose dispatch made it (None for handles rebuilt from tensors).
+    * ``send_pos [B, R]`` int32: slot of token b among the tokens this rank sent to rank d, -1 if
+      none.
+    * ``recv_slot [N]`` int32: ``src_rank * T + slot`` of the token each output row holds, -1 on
+      padding rows.
+    * ``recv_counts [R]`` int32: tokens received from each rank.
+    * ``recv_topk_idx [N, K]``: local expert ids of each row (-1 where the expert is elsewhere).
+    * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
+      tensors); a combine on another group refuses it.
     """
 
     send_pos: torch.Tensor

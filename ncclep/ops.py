@@ -1,5 +1,10 @@
 """``torch.ops.ncclep.*``: the four ops as torch custom ops with fake (meta) kernels.
 
+``ll_dispatch``, ``ll_combine``, ``ll_combine_out``, ``ht_dispatch``, ``ht_combine`` and
+``ht_dispatch_cached`` (the backward of ``ht_combine``). Each takes the group as its integer
+``Group.id`` and handles as their tensors; dtypes, shapes and errors are those of the
+:class:`ncclep.Group` methods of the same names, which validate the inputs and call these ops.
+
 The schemas live here, in Python, so that they exist on every install, the pure-Python one
 included; each op finds its group by integer id and runs that group's backend. Handles travel as
 their tensors (see :mod:`ncclep.handles`). Output shapes depend only on the group's sizes and the
@@ -13,7 +18,7 @@ from torch import Tensor
 
 from . import outputs, registry, validate
 from .errors import InvalidArgument
-from .handles import HTHandle, LLHandle
+from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
 LLDispatchTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 HTDispatchTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -27,6 +32,26 @@ def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return torch.empty(0, dtype=torch.float32, device=like.device) if t is None else t
 
 
+def _ll_dispatch_tensors(out: LLDispatchOutput, like: Tensor) -> LLDispatchTensors:
+    """The op's flat outputs: optional tensors travel as empty ones."""
+    return (out.x, _none_as_empty(out.scales, like), out.expert_counts, *out.handle.tensors())  # type: ignore[return-value]
+
+
+def _ht_dispatch_tensors(out: HTDispatchOutput, like: Tensor) -> HTDispatchTensors:
+    h = out.handle
+    return (
+        out.x,
+        _none_as_empty(out.scales, like),
+        out.topk_idx,
+        _none_as_empty(out.topk_weights, like),
+        out.num_recv,
+        out.expert_counts,
+        h.send_pos,
+        h.recv_slot,
+        h.recv_counts,
+    )
+
+
 # --------------------------------------------------------------------------------------- LL
 
 
@@ -34,17 +59,23 @@ def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
 def ll_dispatch(
     group: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bool, ue8m0: bool
 ) -> LLDispatchTensors:
-    """-> (x, scales (empty without fp8), expert_counts, send_slots, recv_rows, recv_weights,
-    recv_slot_counts)"""
+    """``Group.ll_dispatch`` as an op: ``group`` is ``Group.id``; inputs as there (x ``[B, H]``
+    bfloat16, topk_idx ``[B, K]`` int64/int32, topk_weights ``[B, K]`` float32).
+
+    Returns ``(x [L, R*T, H] bfloat16 or float8_e4m3fn, scales [L, R*T, H/128] float32 or
+    float8_e8m0fnu (empty without fp8), expert_counts [L] int32, send_slots [B, R] int32,
+    recv_rows [R, T, Kmax] int32, recv_weights [R, T, Kmax] float32, recv_slot_counts [R] int32)``;
+    the last four are the :class:`ncclep.LLHandle`. Raises ``InvalidArgument`` / ``CommError``
+    as the method does (the method validates; the op trusts its caller)."""
     out = registry.lookup(group).backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0)
-    return (out.x, _none_as_empty(out.scales, x), out.expert_counts, *out.handle.tensors())
+    return _ll_dispatch_tensors(out, x)
 
 
 @ll_dispatch.register_fake
 def _(group: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bool, ue8m0: bool):
     cfg = registry.lookup(group).config
     out = outputs.ll_dispatch(cfg, x.shape[0], x.shape[1], use_fp8, ue8m0, _fake_allocator(x))
-    return (out.x, _none_as_empty(out.scales, x), out.expert_counts, *out.handle.tensors())
+    return _ll_dispatch_tensors(out, x)
 
 
 def _ll_combine(group: int, expert_out: Tensor, handle: LLHandle, out: Tensor | None) -> Tensor:
@@ -60,6 +91,8 @@ def ll_combine(
     recv_weights: Tensor,
     recv_slot_counts: Tensor,
 ) -> Tensor:
+    """``Group.ll_combine`` as an op: expert_out ``[L, R*T, H]`` bfloat16 and the dispatch's handle
+    tensors; returns ``[B, H]`` bfloat16."""
     handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts)
     return _ll_combine(group, expert_out, handle, None)
 
@@ -79,6 +112,7 @@ def ll_combine_out(
     recv_slot_counts: Tensor,
     out: Tensor,
 ) -> None:
+    """``ll_combine`` writing into ``out [B, H]`` bfloat16 (mutated in place)."""
     handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts)
     _ll_combine(group, expert_out, handle, out)
 
@@ -101,22 +135,16 @@ def ht_dispatch(
     layout: str,
     alignment: int,
 ) -> HTDispatchTensors:
-    """-> (x, scales, topk_idx, topk_weights, num_recv, expert_counts, send_pos, recv_slot,
-    recv_counts); scales and topk_weights are empty when not given."""
+    """``Group.ht_dispatch`` as an op: ``group`` is ``Group.id``; inputs as there.
+
+    Returns ``(x [N, H] (x's dtype), scales [N, H/128] (empty without x_scales), topk_idx [N, K]
+    int32 local ids, topk_weights [N, K] float32 (empty when not given), num_recv [1] int32,
+    expert_counts [L] int32, send_pos [B, R] int32, recv_slot [N] int32, recv_counts [R] int32)``
+    with ``N = group.config.ht_num_rows(K, layout, alignment)``; ``send_pos, recv_slot,
+    recv_counts`` and ``topk_idx`` form the :class:`ncclep.HTHandle`."""
     backend = registry.lookup(group).backend
     out = backend.dispatch_recv(backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment))
-    h = out.handle
-    return (
-        out.x,
-        _none_as_empty(out.scales, x),
-        out.topk_idx,
-        _none_as_empty(out.topk_weights, x),
-        out.num_recv,
-        out.expert_counts,
-        h.send_pos,
-        h.recv_slot,
-        h.recv_counts,
-    )
+    return _ht_dispatch_tensors(out, x)
 
 
 @ht_dispatch.register_fake
@@ -135,18 +163,7 @@ def _(group, x, x_scales, topk_idx, topk_weights, layout, alignment):  # type: i
         alignment,
         _fake_allocator(x),
     )
-    h = out.handle
-    return (
-        out.x,
-        _none_as_empty(out.scales, x),
-        out.topk_idx,
-        _none_as_empty(out.topk_weights, x),
-        out.num_recv,
-        out.expert_counts,
-        h.send_pos,
-        h.recv_slot,
-        h.recv_counts,
-    )
+    return _ht_dispatch_tensors(out, x)
 
 
 @torch.library.custom_op("ncclep::ht_combine", mutates_args=())
@@ -159,7 +176,9 @@ def ht_combine(
     recv_topk_idx: Tensor,
     topk_weights: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """-> (out [B, H], combined topk_weights [B, K] or empty)."""
+    """``Group.ht_combine`` as an op: x ``[N, H]`` bfloat16, the handle's four tensors, optional
+    topk_weights ``[N, K]`` float32. Returns ``(out [B, H] bfloat16, weights [B, K] float32 or
+    empty)``."""
     backend = registry.lookup(group).backend
     handle = HTHandle(send_pos, recv_slot, recv_counts, recv_topk_idx)
     out, weights = backend.combine_recv(backend.combine_send(x, handle, topk_weights))
@@ -195,3 +214,8 @@ def ht_dispatch_cached(
 @ht_dispatch_cached.register_fake
 def _(group, x, send_pos, recv_slot, recv_counts):  # type: ignore[no-untyped-def]
     return x.new_empty((recv_slot.shape[0], *x.shape[1:]))
+
+
+# help(), IDEs and the API docs show each op's own text rather than CustomOpDef's.
+for _op in (ll_dispatch, ll_combine, ll_combine_out, ht_dispatch, ht_combine, ht_dispatch_cached):
+    _op.__doc__ = _op._init_fn.__doc__

@@ -1,4 +1,4 @@
-"""Routings of BENCHMARKS.md, shared by the benchmark, the examples and the tests."""
+"""The benchmark's routings (docs/benchmarking.md), shared by the benchmark, the examples and the tests."""
 
 from __future__ import annotations
 

@@ -31,27 +31,5 @@ __device__ __forceinline__ bool hasError(const ErrorSink& sink) {
   return *reinterpret_cast<const volatile uint32_t*>(sink.aborted) != 0;
 }
 
-// Spins until `ready()` holds; false (after reporting a timeout with phase, peer, value) when the
-// deadline passes first, or false at once when another thread of the group already failed.
-// Backs off a little between polls so that spinning warps leave the SM to working ones.
-template <typename Ready>
-__device__ __forceinline__ bool waitUntil(Ready ready, uint64_t timeoutNs, const ErrorSink& err, int32_t phase,
-                                          int32_t peer, int32_t value) {
-  if (ready()) return true;
-  uint64_t start = 0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (unsigned polls = 1;; ++polls) {
-    if (ready()) return true;
-    if (hasError(err)) return false;
-    if (polls > 16) __nanosleep(32);
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > timeoutNs) {
-      reportError(err, kDeviceTimeout, phase, peer, value);
-      return false;
-    }
-  }
-}
-
 }  // namespace device
 }  // namespace ncclep

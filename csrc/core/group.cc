@@ -13,6 +13,7 @@
 #include "core/buffer_plan.h"
 #include "core/config.h"
 #include "core/errors.h"
+#include "core/nccl_compat.h"
 #include "kernels/ht/ht_layout.h"
 #include "kernels/ll/ll_layout.h"
 
@@ -106,20 +107,40 @@ ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cud
   return ncclepSuccess;
 }
 
-// The device API's structs are specific to the NCCL release the kernels were
-// compiled against; a different major.minor at run time is refused.
-bool ncclRuntimeMatchesHeaders(std::string* why) {
-  int runtime = 0;
-  if (ncclGetVersion(&runtime) != ncclSuccess) {
-    *why = "ncclGetVersion failed";
-    return false;
+// Whether the loaded NCCL (version code `runtime`) can run kernels compiled against our headers;
+// `needsGin`: the group spans several LSA teams. The rule, from NCCL's source (dev_runtime.cc,
+// src/devcomm/) and its "Cross-Version Compatibility" notes:
+//  - never a library older than the headers: NCCL itself refuses one from 2.29 on, and the
+//    kernels' inlined device code may rely on what only the newer library sets up;
+//  - 2.28 headers: ncclDevCommRequirements and ncclDevComm are unversioned and a 2.29+ library
+//    refuses them, so only a later 2.28 patch (2.28.7 and 2.28.9 lay the structs out alike);
+//  - 2.29+ headers: the requirements tell the library which release the kernels were built
+//    against, and a newer library converts ncclDevComm for them, for LSA only: NCCL documents
+//    GIN kernels as needing a rebuild for a new minor release. So a newer minor release runs a
+//    group on one NVLink team, and a group that needs GIN only the same major.minor.
+//    ncclDevCommCreate checks again (its compatibility table): its refusal is reported as well.
+bool ncclRuntimeRunsOurKernels(int runtime, bool needsGin, std::string* why) {
+  const compat::Version built = compat::decodeVersion(NCCL_VERSION_CODE);
+  const compat::Version loaded = compat::decodeVersion(runtime);
+  const bool sameMinor = loaded.major == built.major && loaded.minor == built.minor;
+  const char* reason = nullptr;
+  if (runtime < NCCL_VERSION_CODE) {
+    reason = "a library older than the headers cannot run the kernels";
+  } else if (!compat::kDeviceCodeVersioned && !sameMinor) {
+    reason = "the device structs of NCCL 2.28 carry no version, and later libraries refuse them";
+  } else if (needsGin && !sameMinor) {
+    reason = "kernels that use GIN (this group spans several NVLink teams) run only on the NCCL minor "
+             "release they were built against";
   }
-  if (runtime / 100 == NCCL_VERSION_CODE / 100) return true;
-  char buf[256];
+  if (reason == nullptr) return true;
+  char buf[640];
   std::snprintf(buf, sizeof(buf),
-                "ncclep was built against NCCL %d.%d.%d headers but NCCL version code %d is loaded; "
-                "rebuild ncclep against the loaded NCCL to use the device API",
-                NCCL_MAJOR, NCCL_MINOR, NCCL_PATCH, runtime);
+                "ncclep was built against NCCL %d.%d.%d headers but NCCL %d.%d.%d is loaded: %s. Rebuild ncclep "
+                "against the loaded NCCL: `pip install -e . --no-build-isolation` (it uses the NCCL torch loads, "
+                "or NCCL_HOME), or `make -C examples/c_api NCCL_HOME=...` for the C library; NCCL_HOME may be the "
+                "nvidia/nccl folder of the nvidia-nccl-cu13==%d.%d.%d wheel",
+                built.major, built.minor, built.patch, loaded.major, loaded.minor, loaded.patch, reason,
+                loaded.major, loaded.minor, loaded.patch);
   *why = buf;
   return false;
 }
@@ -127,8 +148,13 @@ bool ncclRuntimeMatchesHeaders(std::string* why) {
 // Creates the device communicator. Its failure is not an error of the group:
 // the group reports deviceApiAvailable = 0 and keeps the reason.
 void createDeviceComm(ncclepGroup* g) {
-  std::string why;
-  if (!ncclRuntimeMatchesHeaders(&why)) {
+  int runtime = 0;
+  if (ncclGetVersion(&runtime) != ncclSuccess) {
+    g->deviceApiError = "ncclGetVersion failed";
+    return;
+  }
+  std::string why;  // checked before the first device-API call
+  if (!ncclRuntimeRunsOurKernels(runtime, /*needsGin=*/false, &why)) {
     g->deviceApiError = why;
     return;
   }
@@ -153,13 +179,18 @@ void createDeviceComm(ncclepGroup* g) {
     return;
   }
 
-  ncclDevCommRequirements reqs;
-  std::memset(&reqs, 0, sizeof(reqs));  // 2.28 has no NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
+  // Again now that the teams are known: GIN kernels need the NCCL minor release they were built for.
+  if (!ncclRuntimeRunsOurKernels(runtime, /*needsGin=*/g->nLsaTeams > 1, &why)) {
+    g->deviceApiError = why;
+    return;
+  }
+
+  ncclDevCommRequirements reqs = compat::devCommRequirements();
   reqs.lsaBarrierCount = kernels::kLsaCheckBlocks;
   // GIN only when some peer is off our LSA team: asking for it on a NIC-less
   // host makes ncclDevCommCreate fail altogether.
   if (g->nLsaTeams > 1) {
-    reqs.ginForceEnable = true;
+    compat::requestGinToEveryPeer(&reqs);
     reqs.railGinBarrierCount = kernels::kLsaCheckBlocks;
     // LL and HT (hierarchical path) index their signals as kind * nRanks + peer.
     reqs.ginSignalCount = std::max(int(kLLSignalKinds), int(kHTSignalKinds)) * g->nRanks;

@@ -8,7 +8,6 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
-#include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 
 namespace ncclep {

@@ -29,6 +29,10 @@ struct NetEmulated {
   Lsa lsa;
   char* local;  // our window's base
 
+  __device__ __forceinline__ static NetEmulated make(const Lsa& lsa, char* local, const ncclDevComm* /*comm*/) {
+    return {lsa, local};
+  }
+
   // Copies `bytes` (a multiple of 16) from our window at srcOffset to the peer's at dstOffset;
   // threads [0, nThreads) of the caller's group each call it with their index.
   __device__ __forceinline__ void put(int peer, size_t dstOffset, size_t srcOffset, size_t bytes, int thread,
@@ -53,6 +57,10 @@ struct NetGin {
   Lsa lsa;
   char* local;
   const ncclDevComm* comm;  // the group's ncclDevComm (kernel parameter space)
+
+  __device__ __forceinline__ static NetGin make(const Lsa& lsa, char* local, const ncclDevComm* comm) {
+    return {lsa, local, comm};
+  }
 
   __device__ __forceinline__ void put(int peer, size_t dstOffset, size_t srcOffset, size_t bytes, int thread,
                                       int /*nThreads*/) const {

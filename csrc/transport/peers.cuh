@@ -1,6 +1,15 @@
-// One interface over every peer: LSA stores for peers on our node, the network transport (`Net`)
-// for the others. Kernels write a message where `target` says, and call `ship` once it is
-// complete; for LSA peers the message already is in place and `ship` does nothing.
+// The one device-side interface for moving bytes to a peer, used by the LL and the HT kernels:
+// LSA stores for peers on our node, the network transport (`Net`) for the others.
+//
+//   target(peer, dst, stage)                  where a message bound for the peer's window at `dst`
+//                                             is written: there itself, or our staging copy
+//   put(peer, dst, stage, bytes, thread, n)   sends a staged message (nothing to do for LSA peers)
+//   signal(peer, kind, value)                 adds `value` to our signal of `kind` at the peer
+//   wait(peer, kind, least, ...)              waits until the peer's signal of `kind` reaches `least`
+//
+// Signal (kind, peer) is a monotonic uint64 counter that `peer` adds to: GIN signal
+// kind * nRanks + peer, or for LSA peers and the emulated network that entry of the group's
+// SignalTable in our window.
 #pragma once
 
 #include <cstddef>
@@ -8,55 +17,75 @@
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/spin_wait.cuh"
 #include "transport/lsa.cuh"
 #include "transport/net.cuh"
 
 namespace ncclep {
 namespace transport {
 
+// uint64 [kinds][nRanks] at `offset` of every rank's window.
+struct SignalTable {
+  size_t offset;
+  int nRanks;
+
+  __device__ __forceinline__ int index(int kind, int peer) const { return kind * nRanks + peer; }
+  __device__ __forceinline__ size_t counterAt(int kind, int peer) const {
+    return offset + (size_t(kind) * size_t(nRanks) + size_t(peer)) * 8;
+  }
+};
+
 template <class Net>
 struct Peers {
   Net net;
   int rank;
   int nodeSize;  // ranks per (possibly virtual) node; nodes are contiguous rank ranges
+  SignalTable signals;
 
   __device__ __forceinline__ bool viaNet(int peer) const { return peer / nodeSize != rank / nodeSize; }
 
-  // Where a message bound for `peer`'s window at dstOffset is written: the peer's window itself,
-  // or our staging copy at stageOffset.
   template <typename T>
   __device__ __forceinline__ T* target(int peer, size_t dstOffset, size_t stageOffset) const {
     if (viaNet(peer)) return reinterpret_cast<T*>(net.local + stageOffset);
     return net.lsa.template peerPtr<T>(peer, dstOffset);
   }
 
-  // Sends a staged message (the caller's group wrote it and synchronised first).
-  __device__ __forceinline__ void ship(int peer, size_t dstOffset, size_t stageOffset, size_t bytes, int thread,
-                                       int nThreads) const {
+  // The caller's group (threads [0, nThreads), each passing its index) wrote the message and
+  // synchronised first.
+  __device__ __forceinline__ void put(int peer, size_t dstOffset, size_t stageOffset, size_t bytes, int thread,
+                                     int nThreads) const {
     if (viaNet(peer)) net.put(peer, dstOffset, stageOffset, bytes, thread, nThreads);
   }
 
-  // Adds `value` to signal `signal` of `peer` (its window word at counterOffset for LSA and the
-  // emulation), after a system fence that publishes what the caller's block stored before.
-  __device__ __forceinline__ void signalAdd(int peer, int signal, size_t counterOffset, uint64_t value) const {
+  // Issued after a system fence (LSA, emulation) or on the GIN context of the puts it covers, so
+  // it publishes what the caller's block stored and the puts the caller issued before.
+  __device__ __forceinline__ void signal(int peer, int kind, uint64_t value) const {
     if (viaNet(peer)) {
-      net.signalAdd(peer, signal, counterOffset, value);
+      net.signalAdd(peer, signals.index(kind, rank), signals.counterAt(kind, rank), value);
     } else {
       device::fenceSystem();
-      net.lsa.signalAdd(peer, counterOffset, value);
+      net.lsa.signalAdd(peer, signals.counterAt(kind, rank), value);
     }
   }
 
-  // Waits until our signal from `peer` reaches `least`.
-  __device__ __forceinline__ bool waitSignal(int peer, int signal, size_t counterOffset, uint64_t least,
-                                             uint64_t timeoutNs, const device::ErrorSink& err, int phase) const {
+  // Acquires the signal: what the peer published before adding to it is visible after a true.
+  __device__ __forceinline__ bool wait(int peer, int kind, uint64_t least, uint64_t timeoutNs,
+                                       const device::ErrorSink& err, int phase) const {
+    const int signal = signals.index(kind, peer);
+    const size_t counter = signals.counterAt(kind, peer);
     const bool remote = viaNet(peer);
-    const uint64_t* word = reinterpret_cast<const uint64_t*>(net.local + counterOffset);
-    return device::waitUntil(
-        [&] { return (remote ? net.readSignal(signal, counterOffset) : device::loadAcquire(word)) >= least; },
+    const uint64_t* word = reinterpret_cast<const uint64_t*>(net.local + counter);
+    return device::waitUntil<device::SignalBackoff>(
+        [&] { return (remote ? net.readSignal(signal, counter) : device::loadAcquire(word)) >= least; },
         timeoutNs, err, phase, peer, int32_t(least));
   }
 };
+
+// The peers of a kernel's parameters (LLCommon, HTCommon).
+template <class Net, class Common>
+__device__ __forceinline__ Peers<Net> makePeers(const Common& c, const SignalTable& signals) {
+  return {Net::make(Lsa{c.window, c.lsaRankOffset}, c.local, &c.devComm), c.rank, c.nodeSize, signals};
+}
 
 }  // namespace transport
 }  // namespace ncclep

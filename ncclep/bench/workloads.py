@@ -1,8 +1,12 @@
-"""The benchmark's case list (BENCHMARKS.md), and the smaller one for hosts without a GPU."""
+"""The benchmark's case list (docs/benchmarking.md), and the smaller one for hosts without a GPU."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import torch
+
+from ..workloads import make_routing
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,20 @@ HT_TOKENS = (512, 1024, 2048, 4096, 8192)
 LL_BOLD, HT_BOLD = 128, 4096
 HIDDEN, TOPK, EXPERTS = 7168, 8, 256
 
+LL_MASKED_FRACTION = 0.1  # of the LL ``random`` routing's entries set to -1 (DeepEP's tests mask some)
+
 CPU_LL_TOKENS = (1, 8, 32)
 CPU_HT_TOKENS = (64, 256)
 CPU_HIDDEN, CPU_TOPK, CPU_EXPERTS = 512, 4, 16
+
+
+def shape(gpu: bool, hidden: int | None, topk: int | None, experts: int | None) -> tuple[int, int, int]:
+    """(hidden, top-k, experts): the ones given, else the defaults for GPUs or CPU processes."""
+    return (
+        hidden or (HIDDEN if gpu else CPU_HIDDEN),
+        topk or (TOPK if gpu else CPU_TOPK),
+        experts or (EXPERTS if gpu else CPU_EXPERTS),
+    )
 
 
 def default_cases(
@@ -47,11 +62,9 @@ def default_cases(
     experts: int | None,
     routings: list[str] | None,
 ) -> list[Case]:
-    """The main rows of BENCHMARKS.md; with ``full``, the extra hidden sizes, top-k and routings
+    """The main rows of docs/benchmarking.md; with ``full``, the extra hidden sizes, top-k and routings
     at the bold sizes. Explicit ``tokens``/``hidden``/``topk``/``experts``/``routings`` override."""
-    h = hidden or (HIDDEN if gpu else CPU_HIDDEN)
-    k = topk or (TOPK if gpu else CPU_TOPK)
-    e = experts or (EXPERTS if gpu else CPU_EXPERTS)
+    h, k, e = shape(gpu, hidden, topk, experts)
     cases: list[Case] = []
     for mode in modes:
         sizes = tokens or list(
@@ -70,3 +83,34 @@ def default_cases(
             for extra_routing in ("skewed", "hot"):
                 cases.append(Case(mode, bold, h, k, e, extra_routing, "bf16"))
     return cases
+
+
+def mask_entries(
+    topk_idx: torch.Tensor, topk_weights: torch.Tensor, fraction: float, generator: torch.Generator
+) -> None:
+    """Set ``round(fraction * entries)`` entries of ``topk_idx`` to -1 (their weights to 0), chosen
+    at random but never all of a token's: each token keeps one entry, picked at random first. So a
+    1-token batch of top-8 keeps 7 of 8 entries at 10 %, and top-1 is never masked."""
+    tokens, topk = topk_idx.shape
+    if tokens == 0 or topk < 2 or fraction <= 0:
+        return
+    kept = torch.randint(topk, (tokens,), generator=generator)
+    column = torch.arange(topk).expand(tokens, topk)
+    candidates = (column != kept.unsqueeze(1)).flatten().nonzero().flatten()
+    count = min(round(fraction * tokens * topk), candidates.numel())
+    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+    topk_idx.view(-1)[chosen] = -1
+    topk_weights.view(-1)[chosen] = 0.0
+
+
+def case_routing(
+    case: Case, world_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The case's routing on the CPU: :func:`ncclep.workloads.make_routing`, and for LL ``random``
+    routing :data:`LL_MASKED_FRACTION` of the entries masked (:func:`mask_entries`)."""
+    idx, weights = make_routing(
+        case.routing, case.tokens, case.experts, case.topk, world_size=world_size, generator=generator
+    )
+    if case.mode == "ll" and case.routing == "random":
+        mask_entries(idx, weights, LL_MASKED_FRACTION, generator)
+    return idx, weights

@@ -146,8 +146,8 @@ class NcclepLLAll2AllManager(_NcclepAll2AllManager):
                 f"ncclep needs num_global_experts ({num_experts}) = num_local_experts "
                 f"({kwargs['num_local_experts']}) x num_ep_ranks ({num_ranks})"
             )
-        max_topk = _env_int(ENV_MAX_TOPK, _native.limits().get("ll_max_topk", DEFAULT_MAX_TOPK))
-        max_topk = min(max_topk, num_experts)  # a group takes top-k up to its expert count
+        default_topk = min(_native.limits().get("ll_max_topk", DEFAULT_MAX_TOPK), num_experts)
+        max_topk = _env_int(ENV_MAX_TOPK, default_topk)
         key = (max_tokens, hidden, num_experts, max_topk, self.num_sms)
         return self._cached_group(
             key,

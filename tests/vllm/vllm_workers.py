@@ -76,12 +76,12 @@ def parallel_config(backend: str, rank: int, world: int, ep: bool) -> FusedMoEPa
     )
 
 
-def moe_config(backend: str, ep: bool) -> FusedMoEConfig:
+def moe_config(backend: str, ep: bool, hidden: int = HIDDEN) -> FusedMoEConfig:
     rank, world = (dist.get_rank(), dist.get_world_size()) if ep else (0, 1)
     return FusedMoEConfig(
         num_experts=EXPERTS,
         experts_per_token=TOPK,
-        hidden_dim=HIDDEN,
+        hidden_dim=hidden,
         intermediate_size=INTER,
         num_local_experts=EXPERTS // world,
         num_logical_experts=EXPERTS,

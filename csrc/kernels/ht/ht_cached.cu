@@ -30,11 +30,7 @@ __device__ void cachedSend(const HTCachedParams& p, uint32_t seq) {
   if (w >= p.numTokens) return;
   const uint64_t epoch = uint64_t(seq) + 1;
 
-  bool ready = true;
-  if (lane < R)
-    ready = ht::waitPeerDone(c, lsa.peerPtr<uint64_t>(lane, l.state + offsetof(HTState, done)), seq,
-                             kPhaseHTCachedSend, lane);
-  if (!__all_sync(kFull, ready)) return;
+  if (!ht::warpWaitPeersDone(c, lsa, seq, kPhaseHTCachedSend, lane)) return;
 
   for (int b = w; b < p.numTokens; b += warps) {
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;

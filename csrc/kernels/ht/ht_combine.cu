@@ -50,9 +50,7 @@ __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
     const int messages = p.recvCounts[owner];
     if (share.h >= messages) continue;
     bool ready = true;
-    if (lane == 0)
-      ready = ht::waitPeerDone(c, lsa.peerPtr<uint64_t>(owner, l.state + offsetof(HTState, done)), seq,
-                               kPhaseHTCombineSend, owner);
+    if (lane == 0) ready = ht::waitPeerDone(c, lsa, owner, seq, kPhaseHTCombineSend);
     if (!__shfl_sync(kFull, ready, 0)) return;
     for (int j = share.h; j < messages; j += share.helpers) {
       char* msg = lsa.peerPtr<char>(owner, l.slots + (size_t(c.rank) * T + size_t(j)) * l.msgBytes);

@@ -1,7 +1,8 @@
-// Device helpers shared by the HT kernels: state and error sink, deadline waits, reading and
-// checking top-k rows, warp copies, bf16 accumulation.
+// Device helpers shared by the HT kernels: state and error sink, flag waits, warp copies, bf16
+// accumulation.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -9,7 +10,9 @@
 #include "common/bf16.cuh"
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/spin_wait.cuh"
 #include "kernels/ht/ht_params.h"
+#include "transport/lsa.cuh"
 
 namespace ncclep {
 namespace ht {
@@ -27,40 +30,32 @@ __device__ __forceinline__ uint32_t callSeq(const HTCommon& c) {
   return *reinterpret_cast<const volatile uint32_t*>(&state(c)->seq);
 }
 
-// Spins until `ready()`; false after reporting a timeout (phase, peer, value), or at once when
-// another thread already failed. Backs off so spinning warps leave issue slots to working ones.
-template <typename Ready>
-__device__ __forceinline__ bool waitFor(Ready ready, uint64_t timeoutNs, const device::ErrorSink& err, int phase,
-                                        int peer, int value) {
-  if (ready()) return true;
-  const uint64_t start = device::globalTimerNs();
-  for (unsigned polls = 1;; ++polls) {
-    if (ready()) return true;
-    if (device::hasError(err)) return false;
-    if (polls > 8) __nanosleep(64);
-    if (device::globalTimerNs() - start > timeoutNs) {
-      device::reportError(err, kDeviceTimeout, phase, peer, value);
-      return false;
-    }
-  }
-}
-
 // A flag word written by a peer with release semantics carries `epoch` in its upper half.
 __device__ __forceinline__ bool waitEpoch(const uint64_t* flag, uint32_t epoch, uint64_t* value,
                                           const HTCommon& c, int phase, int peer) {
   uint64_t v = 0;
-  const bool ok = waitFor([&] { v = device::loadAcquire(flag); return uint32_t(v >> 32) == epoch; },
-                          c.timeoutNs, sink(c), phase, peer, int(epoch));
+  const bool ok = device::waitUntil<device::FlagBackoff>(
+      [&] { v = device::loadAcquire(flag); return uint32_t(v >> 32) == epoch; }, c.timeoutNs, sink(c), phase, peer,
+      int(epoch));
   *value = v;
   return ok;
 }
 
-// Waits until peer `d` has read every message of call `seq` (its `done` reached it), so that our
-// writes of call seq + 1 into its slots cannot overtake its reads.
-__device__ __forceinline__ bool waitPeerDone(const HTCommon& c, const uint64_t* peerDone, uint32_t seq, int phase,
-                                             int peer) {
-  return waitFor([&] { return device::loadAcquire(peerDone) >= uint64_t(seq); }, c.timeoutNs, sink(c), phase, peer,
-                 int(seq));
+// Waits until `peer` (on our node) has read every message of call `seq` (its `done` reached it),
+// so that our writes of call seq + 1 into its slots cannot overtake its reads.
+__device__ __forceinline__ bool waitPeerDone(const HTCommon& c, const transport::Lsa& lsa, int peer, uint32_t seq,
+                                             int phase) {
+  const uint64_t* peerDone = lsa.peerPtr<uint64_t>(peer, c.layout.state + offsetof(HTState, done));
+  return device::waitUntil<device::FlagBackoff>([&] { return device::loadAcquire(peerDone) >= uint64_t(seq); },
+                                                c.timeoutNs, sink(c), phase, peer, int(seq));
+}
+
+// A warp: lane d < nRanks waits for peer d as waitPeerDone does; true in every lane once all have.
+__device__ __forceinline__ bool warpWaitPeersDone(const HTCommon& c, const transport::Lsa& lsa, uint32_t seq,
+                                                  int phase, int lane) {
+  bool ready = true;
+  if (lane < c.nRanks) ready = waitPeerDone(c, lsa, lane, seq, phase);
+  return __all_sync(kFull, ready);
 }
 
 // Ends a transfer kernel: the last block to arrive advances the sequence and tells peers our slots
@@ -116,64 +111,6 @@ class TokenClaims {
   int lane_;
   int current_ = 0, next_ = 0, pending_ = 0;
 };
-
-__device__ __forceinline__ int64_t loadIdx(const void* idx, int idx64, int64_t i) {
-  return idx64 ? static_cast<const int64_t*>(idx)[i] : int64_t(static_cast<const int32_t*>(idx)[i]);
-}
-
-// Expert of choice `lane` (< topk) of token b, checked: an id out of range, or a repeat of an
-// earlier choice of the same token, becomes -1 (the first stays), reported when `report` is set.
-// Every kernel reads the routing through this, so all of them see the same cleaned ids.
-__device__ __forceinline__ int warpTokenExpert(const void* idx, int idx64, int b, int topk, int numExperts, int lane,
-                                               bool report, const device::ErrorSink& err, int phase) {
-  int e = -1;
-  if (lane < topk) {
-    const int64_t raw = loadIdx(idx, idx64, int64_t(b) * topk + lane);
-    if (raw < -1 || raw >= numExperts) {
-      if (report) device::reportError(err, kDeviceBadExpert, phase, -1, int32_t(raw));
-    } else {
-      e = int(raw);
-    }
-  }
-  bool repeat = false;
-  for (int j = 0; j < topk; ++j) {
-    const int other = __shfl_sync(kFull, e, j);
-    repeat |= j < lane && e >= 0 && other == e;
-  }
-  if (repeat) {
-    if (report) device::reportError(err, kDeviceDuplicateExpert, phase, -1, b);
-    e = -1;
-  }
-  return e;
-}
-
-// The same cleaning for one token per lane: experts[k] for k < topk (KM >= topk), -1 elsewhere;
-// reported through `report` when it is not null.
-template <int KM>
-__device__ __forceinline__ void laneTokenExperts(const void* idx, int idx64, int b, bool valid, int topk,
-                                                 int numExperts, int (&experts)[KM], const device::ErrorSink* report,
-                                                 int phase) {
-  int64_t raw[KM];
-#pragma unroll
-  for (int k = 0; k < KM; ++k) raw[k] = (valid && k < topk) ? loadIdx(idx, idx64, int64_t(b) * topk + k) : -1;
-#pragma unroll
-  for (int k = 0; k < KM; ++k) {
-    int e = -1;
-    if (raw[k] < -1 || raw[k] >= numExperts) {
-      if (report != nullptr) device::reportError(*report, kDeviceBadExpert, phase, -1, int32_t(raw[k]));
-    } else {
-      e = int(raw[k]);
-    }
-    bool repeat = false;
-#pragma unroll
-    for (int j = 0; j < k; ++j) repeat |= e >= 0 && experts[j] == e;
-    if (repeat) {
-      if (report != nullptr) device::reportError(*report, kDeviceDuplicateExpert, phase, -1, b);
-      e = -1;
-    }
-    experts[k] = e;
-  }
-}
 
 // Warp copy of n 16-byte vectors; U loads in flight per lane before their stores. `kWindow`
 // sources are written by peers: read through L2 (L1 is not coherent with NVLink writes).

@@ -16,6 +16,7 @@
 #include <cstddef>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_messages.cuh"
@@ -36,34 +37,26 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
   const transport::Lsa lsa{c.window, 0};
-  const device::ErrorSink err = ht::sink(c);
-  const int R = c.nRanks, K = p.topk, KM = l.maxTopk;
+  const int R = c.nRanks;
   const int lane = threadIdx.x & 31;
   const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5);
   if (w >= p.numTokens) return;
   const uint64_t epoch = uint64_t(seq) + 1;
 
   // Our slots at d still hold call seq until d has read them.
-  bool ready = true;
-  if (lane < R)
-    ready = ht::waitPeerDone(c, lsa.peerPtr<uint64_t>(lane, l.state + offsetof(HTState, done)), seq,
-                             kPhaseHTDispatchSend, lane);
-  if (!__all_sync(kFull, ready)) return;
+  if (!ht::warpWaitPeersDone(c, lsa, seq, kPhaseHTDispatchSend, lane)) return;
 
-  const int* expertPos = reinterpret_cast<const int*>(c.local + l.expertPos);
   for (ht::TokenClaims claims(c, lane); claims.current() < p.numTokens; claims.advance()) {
     const int b = claims.current();
     claims.start(p.x, p.rowBytes, p.numTokens);
-    const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane, false, err, 0);
-    const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
-    const int pos = e >= 0 ? expertPos[int64_t(b) * KM + lane] : 0;
+    const ht::Choice choice = ht::tokenChoice(p, b, lane);
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
     const uint32_t dests = __ballot_sync(kFull, slot >= 0);
     // Lane d holds the message's address at destination d.
     char* mine =
         slot >= 0 ? lsa.peerPtr<char>(lane, l.slots + (size_t(c.rank) * l.maxTokens + size_t(slot)) * l.msgBytes)
                   : nullptr;
-    ht::writeDispatchMessages(p, mine, dests, b, e, pos, weight, epoch, lane);
+    ht::writeDispatchMessages(p, mine, dests, b, choice, epoch, lane);
   }
 }
 

@@ -38,19 +38,6 @@ namespace ht {
 
 enum HTCallKind : int { kCallDispatch = 0, kCallCombine = 1, kCallCached = 2 };
 
-template <class Net>
-__device__ __forceinline__ transport::Peers<Net> makePeers(const HTCommon& c);
-
-template <>
-__device__ __forceinline__ transport::Peers<transport::NetEmulated> makePeers(const HTCommon& c) {
-  return {{{c.window, c.lsaRankOffset}, c.local}, c.rank, c.nodeSize};
-}
-
-template <>
-__device__ __forceinline__ transport::Peers<transport::NetGin> makePeers(const HTCommon& c) {
-  return {{{c.window, c.lsaRankOffset}, c.local, &c.devComm}, c.rank, c.nodeSize};
-}
-
 // Topology: nodes are contiguous rank ranges of nodeSize ranks.
 struct Topo {
   int S, N, node, local;  // ranks per node, nodes, our node, our index in it
@@ -65,25 +52,6 @@ __device__ __forceinline__ Topo topo(const HTCommon& c) {
   return {c.nodeSize, c.nRanks / c.nodeSize, c.rank / c.nodeSize, c.rank % c.nodeSize};
 }
 
-__device__ __forceinline__ size_t signalAt(const HTCommon& c, int kind, int peer) {
-  return c.layout.netSignals + (size_t(kind) * size_t(c.nRanks) + size_t(peer)) * 8;
-}
-
-// Adds `value` to our signal of `kind` at `peer` (after a system fence: publishes what the
-// caller's block stored, and the puts the signal covers, before).
-template <class Net>
-__device__ __forceinline__ void signalPeer(const transport::Peers<Net>& peers, const HTCommon& c, int peer, int kind,
-                                           uint64_t value) {
-  peers.signalAdd(peer, kind * c.nRanks + c.rank, signalAt(c, kind, c.rank), value);
-}
-
-// Waits until `peer`'s signal of `kind` (in our window, or GIN's) reaches `least`.
-template <class Net>
-__device__ __forceinline__ bool waitPeer(const transport::Peers<Net>& peers, const HTCommon& c, int peer, int kind,
-                                         uint64_t least, int phase) {
-  return peers.waitSignal(peer, kind * c.nRanks + peer, signalAt(c, kind, peer), least, c.timeoutNs, sink(c), phase);
-}
-
 // Block-wide: waits until every peer finished call seq - 1 (see the header). False (in every
 // thread of the block) after a failed wait, here or anywhere.
 template <class Net>
@@ -91,10 +59,9 @@ __device__ __forceinline__ bool waitPeersFree(const transport::Peers<Net>& peers
                                               int phase) {
   for (int d = threadIdx.x; d < c.nRanks; d += blockDim.x) {
     if (peers.viaNet(d)) {
-      waitPeer(peers, c, d, kHTSigDone, seq, phase);
+      peers.wait(d, kHTSigDone, seq, c.timeoutNs, sink(c), phase);
     } else {
-      const uint64_t* done = peers.net.lsa.template peerPtr<uint64_t>(d, c.layout.state + offsetof(HTState, done));
-      waitPeerDone(c, done, seq, phase, d);
+      waitPeerDone(c, peers.net.lsa, d, seq, phase);
     }
   }
   return __syncthreads_or(device::hasError(sink(c)) ? 1 : 0) == 0;  // the same answer in every thread
@@ -130,7 +97,7 @@ __device__ __forceinline__ void sendHeader(const transport::Peers<Net>& peers, c
   __syncthreads();
   for (int m = 0; m < t.N; ++m)
     if (m != t.node)
-      peers.ship(t.forwarder(c.rank, m), l.header + size_t(t.node) * 16, l.headerStage, 16, threadIdx.x, blockDim.x);
+      peers.put(t.forwarder(c.rank, m), l.header + size_t(t.node) * 16, l.headerStage, 16, threadIdx.x, blockDim.x);
 }
 
 // Send role, the last block to arrive: one kHTSigForward per call to each of our forwarders,
@@ -139,7 +106,7 @@ template <class Net>
 __device__ __forceinline__ void signalForwarders(const transport::Peers<Net>& peers, const HTCommon& c,
                                                  const Topo& t) {
   for (int m = threadIdx.x; m < t.N; m += blockDim.x)
-    if (m != t.node) signalPeer(peers, c, t.forwarder(c.rank, m), kHTSigForward, 1);
+    if (m != t.node) peers.signal(t.forwarder(c.rank, m), kHTSigForward, 1);
 }
 
 // Forward role, every block: waits for each source we forward for (one per other node) to have
@@ -150,7 +117,7 @@ __device__ __forceinline__ void waitSources(const transport::Peers<Net>& peers, 
                                             uint32_t seq, int* tokens) {
   for (int n = threadIdx.x; n < t.N; n += blockDim.x) {
     int count = 0;
-    if (n != t.node && waitPeer(peers, c, t.sourceOn(n), kHTSigForward, uint64_t(seq) + 1, kPhaseHTForward)) {
+    if (n != t.node && peers.wait(t.sourceOn(n), kHTSigForward, uint64_t(seq) + 1, c.timeoutNs, sink(c), kPhaseHTForward)) {
       const int* h = reinterpret_cast<const int*>(c.local + c.layout.header + size_t(n) * 16);
       count = __ldcg(h);
       if (uint32_t(__ldcg(h + 1)) != seq + 1 || count < 0 || count > c.layout.maxTokens) {
@@ -187,7 +154,7 @@ __device__ __forceinline__ void finishInternode(const transport::Peers<Net>& pee
   __syncthreads();
   if (!*lastShared) return;
   for (int d = threadIdx.x; d < c.nRanks; d += blockDim.x)
-    if (peers.viaNet(d)) signalPeer(peers, c, d, kHTSigDone, 1);
+    if (peers.viaNet(d)) peers.signal(d, kHTSigDone, 1);
 }
 
 // The network message of token b in our staging area, and where it lands at a forwarder.

@@ -55,7 +55,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCachedParam
 
     if (__any_sync(kFull, slot >= 0 && !near)) {
       ht::warpCopyBytes<false>(c.local + ht::netStageAt(l, b), row, p.rowBytes, lane);
-      ht::shipToForwarders(peers, c, t, epoch, b, slot);
+      ht::putToForwarders(peers, c, t, epoch, b, slot);
     }
   }
   if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
@@ -65,17 +65,14 @@ template <class Net>
 __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const __grid_constant__ HTCachedParams p) {
   __shared__ Shared s;
   const HTCommon& c = p.c;
-  const transport::Peers<Net> peers = ht::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {c.layout.netSignals, c.nRanks});
   const ht::Topo t = ht::topo(c);
   const uint32_t seq = ht::callSeq(c);
   const int block = blockIdx.x;
   if (block < c.sendBlocks) {
     sendRole(peers, p, t, seq, s);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
-    if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
-      ht::waitSources(peers, c, t, seq, s.tokens);
-      ht::forwardMessages<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
-    }
+    ht::forwardRole<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
   } else {
     const int first = c.sendBlocks + c.forwardBlocks;
     ht::receiveCachedRows(p, (block - first) * kHTWarps + (threadIdx.x >> 5), (gridDim.x - first) * kHTWarps, seq + 1);

@@ -58,7 +58,7 @@ __device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombinePara
   const size_t bytes = (size_t(p.numTokens) * S * 4 + 15) / 16 * 16;
   for (int m = 0; m < t.N; ++m) {
     if (m == t.node || bytes == 0) continue;
-    peers.ship(t.forwarder(c.rank, m), l.combineFwd + size_t(t.node) * l.infoStride, l.netStage + size_t(m) * l.infoStride,
+    peers.put(t.forwarder(c.rank, m), l.combineFwd + size_t(t.node) * l.infoStride, l.netStage + size_t(m) * l.infoStride,
                bytes, threadIdx.x, blockDim.x);
   }
   ht::sendHeader(peers, c, t, p.numTokens, epoch);
@@ -66,7 +66,7 @@ __device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombinePara
   // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
   if (threadIdx.x == 0)
     for (int m = 0; m < t.N; ++m)
-      if (m != t.node) ht::signalPeer(peers, c, t.forwarder(c.rank, m), kHTSigForward, 1);
+      if (m != t.node) peers.signal(t.forwarder(c.rank, m), kHTSigForward, 1);
 }
 
 template <class Net>
@@ -134,14 +134,14 @@ __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCombineP
         const float weight = ht::warpSumWeights(msg, from, int(l.payloadBytes), p.topk, lane);
         if (lane < p.topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
         __syncwarp();
-        peers.ship(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes,
+        peers.put(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes,
                    lane, 32);
       }
     }
   }
   if (ht::arriveRole(c, 3, c.forwardBlocks, &s.last))
     for (int n = threadIdx.x; n < t.N; n += blockDim.x)
-      if (n != t.node) ht::signalPeer(peers, c, t.sourceOn(n), kHTSigBack, 1);
+      if (n != t.node) peers.signal(t.sourceOn(n), kHTSigBack, 1);
 }
 
 template <class Net>
@@ -159,7 +159,7 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
   const uint32_t nodeLanes = S >= 32 ? kFull : (1u << S) - 1;
 
   for (int m = threadIdx.x; m < t.N; m += blockDim.x)
-    if (m != t.node) ht::waitPeer(peers, c, t.forwarder(c.rank, m), kHTSigBack, backMark, kPhaseHTCombineRecv);
+    if (m != t.node) peers.wait(t.forwarder(c.rank, m), kHTSigBack, backMark, c.timeoutNs, ht::sink(c), kPhaseHTCombineRecv);
   if (__syncthreads_or(device::hasError(ht::sink(c)) ? 1 : 0)) return;
 
   int4* out = static_cast<int4*>(p.out);
@@ -194,7 +194,7 @@ template <class Net>
 __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCombineKernel(const __grid_constant__ HTCombineParams p) {
   __shared__ Shared s;
   const HTCommon& c = p.c;
-  const transport::Peers<Net> peers = ht::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {c.layout.netSignals, c.nRanks});
   const ht::Topo t = ht::topo(c);
   const uint32_t seq = ht::callSeq(c);
   const int block = blockIdx.x;

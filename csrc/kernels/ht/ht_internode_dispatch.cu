@@ -19,6 +19,7 @@
 #include <cstddef>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
@@ -51,11 +52,11 @@ __device__ void sendCounts(const transport::Peers<Net>& peers, const HTDispatchP
   }
   __syncthreads();
   for (int d = 0; d < R; ++d)
-    peers.ship(d, dstOffset, l.countStage + size_t(d) * l.countBytes, l.countBytes, threadIdx.x, blockDim.x);
+    peers.put(d, dstOffset, l.countStage + size_t(d) * l.countBytes, l.countBytes, threadIdx.x, blockDim.x);
   __syncthreads();
   // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
   if (threadIdx.x == 0)
-    for (int d = 0; d < R; ++d) ht::signalPeer(peers, c, d, kHTSigCounts, 1);
+    for (int d = 0; d < R; ++d) peers.signal(d, kHTSigCounts, 1);
 }
 
 template <class Net>
@@ -63,8 +64,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
                          uint32_t seq, Shared& s) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
-  const device::ErrorSink err = ht::sink(c);
-  const int R = c.nRanks, K = p.topk, KM = l.maxTopk;
+  const int R = c.nRanks, K = p.topk;
   const int lane = threadIdx.x & 31;
   const uint32_t epoch = seq + 1;
   const bool ok = ht::waitPeersFree(peers, c, seq, kPhaseHTDispatchSend);
@@ -73,20 +73,17 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
     ht::sendHeader(peers, c, t, p.numTokens, epoch);
   }
 
-  const int* expertPos = reinterpret_cast<const int*>(c.local + l.expertPos);
   const int vectors = p.rowBytes / 16;
   for (ht::TokenClaims claims(c, lane); ok && claims.current() < p.numTokens; claims.advance()) {
     const int b = claims.current();
     claims.start(p.x, p.rowBytes, p.numTokens);
-    const int e = ht::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane, false, err, 0);
-    const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
-    const int pos = e >= 0 ? expertPos[int64_t(b) * KM + lane] : 0;
+    const ht::Choice choice = ht::tokenChoice(p, b, lane);
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
     // Ranks of our node: the intranode message, straight into their slots.
     const bool near = slot >= 0 && t.nodeOf(lane) == t.node;
     const uint32_t dests = __ballot_sync(kFull, near);
     char* mine = near ? peers.net.lsa.template peerPtr<char>(lane, ht::slotAt(l, c.rank, slot)) : nullptr;
-    ht::writeDispatchMessages(p, mine, dests, b, e, pos, weight, epoch, lane);
+    ht::writeDispatchMessages(p, mine, dests, b, choice, epoch, lane);
 
     // Other nodes: one network message, put to our forwarder on each node that needs it.
     if (__any_sync(kFull, slot >= 0 && !near)) {
@@ -95,13 +92,10 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
       char* msg = c.local + ht::netStageAt(l, b);
       ht::warpCopy16<false>(reinterpret_cast<int4*>(msg), row, vectors, lane);
       if (p.scaleRowBytes) ht::warpCopyBytes<false>(msg + p.rowBytes, scales, p.scaleRowBytes, lane);
-      if (lane < K) {
-        int* meta = reinterpret_cast<int*>(msg + l.payloadBytes);
-        meta[lane] = e;
-        meta[KM + lane] = e >= 0 ? pos : 0;
-        reinterpret_cast<float*>(meta)[2 * KM + lane] = e >= 0 ? weight : 0.0f;
-      }
-      ht::shipToForwarders(peers, c, t, epoch, b, slot);
+      // Global experts; a choice without one carries no weight.
+      const float weight = choice.expert >= 0 ? choice.weight : 0.0f;
+      if (lane < K) ht::Choice{choice.expert, choice.pos, weight}.store(msg, l, lane);
+      ht::putToForwarders(peers, c, t, epoch, b, slot);
     }
   }
   if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
@@ -119,7 +113,8 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTDispatchPar
   auto counts = [&](int r) { return reinterpret_cast<const int*>(c.local + l.netCounts + size_t(r) * l.countBytes); };
 
   int tokens = 0;  // warp 0, lane r: tokens from source r, after its counts signal
-  if (threadIdx.x < 32 && lane < R && ht::waitPeer(peers, c, lane, kHTSigCounts, countsMark, kPhaseHTDispatchRecv))
+  if (threadIdx.x < 32 && lane < R &&
+      peers.wait(lane, kHTSigCounts, countsMark, c.timeoutNs, ht::sink(c), kPhaseHTDispatchRecv))
     tokens = __ldcg(counts(lane) + L);
   ht::planRows(p, s, tokens, [&](int r, int e) { return __ldcg(counts(r) + e); }, block, blocks);
   ht::receiveDispatchMessages(p, s, block, blocks, seq + 1);
@@ -129,19 +124,16 @@ template <class Net>
 __global__ void __launch_bounds__(kHTThreads, 1) htInternodeDispatchKernel(const __grid_constant__ HTDispatchParams p) {
   __shared__ Shared s;
   const HTCommon& c = p.c;
-  const transport::Peers<Net> peers = ht::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {c.layout.netSignals, c.nRanks});
   const ht::Topo t = ht::topo(c);
   const uint32_t seq = ht::callSeq(c);
   const int block = blockIdx.x;
   if (block < c.sendBlocks) {
     sendRole(peers, p, t, seq, s);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
-    if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
-      ht::waitSources(peers, c, t, seq, s.tokens);
-      // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
-      const int bytes = (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16;
-      ht::forwardMessages<Net, true>(peers, c, t, seq, s.tokens, bytes, p.topk);
-    }
+    // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
+    const int bytes = (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16;
+    ht::forwardRole<Net, true>(peers, c, t, seq, s.tokens, bytes, p.topk);
   } else {
     recvRole(peers, p, seq, s.plan);
   }

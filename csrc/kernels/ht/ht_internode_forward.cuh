@@ -1,6 +1,8 @@
-// Forward role of the internode dispatch and cached dispatch: the network messages a forwarder
-// received from the source on each other node, fanned out over NVLink (LSA) into the slots of
-// the ranks of our node that hold the token, as if the source had stored them itself.
+// Forward role of the internode dispatch and cached dispatch: once every peer finished the
+// previous call (waitPeersFree) and each source's header landed (waitSources), the network
+// messages a forwarder received from the source on each other node, fanned out over NVLink (LSA)
+// into the slots of the ranks of our node that hold the token, as if the source had stored them
+// itself.
 //
 // A message in netRecv[n][b] belongs to this call when its token word carries the call's epoch
 // (the source put it, and the kHTSigForward signal acquired in waitSources covers the put). For
@@ -15,17 +17,20 @@
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
+#include "kernels/ht/ht_messages.cuh"
 
 namespace ncclep {
 namespace ht {
 
 // kMeta: dispatch (payload of `bytes`, a multiple of 16, then metadata); else cached dispatch
-// (a row of `bytes`, any count). `topk`: the dispatch's top-k.
+// (a row of `bytes`, any count). `topk`: the dispatch's top-k. `tokens`: shared, [kHTMaxRanks].
 template <class Net, bool kMeta>
-__device__ void forwardMessages(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t, uint32_t seq,
-                                const int* tokens, int bytes, int topk) {
+__device__ void forwardRole(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t, uint32_t seq,
+                            int* tokens, int bytes, int topk) {
+  if (!waitPeersFree(peers, c, seq, kPhaseHTForward)) return;
+  waitSources(peers, c, t, seq, tokens);
   const HTLayout& l = c.layout;
-  const int R = c.nRanks, L = l.numLocalExperts, KM = l.maxTopk;
+  const int R = c.nRanks;
   const int lane = threadIdx.x & 31;
   const int w = (int(blockIdx.x) - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
   const int warps = c.forwardBlocks * kHTWarps;
@@ -45,24 +50,12 @@ __device__ void forwardMessages(const transport::Peers<Net>& peers, const HTComm
       char* dst = slot >= 0 ? peers.net.lsa.template peerPtr<char>(lane, slotAt(l, src, slot)) : nullptr;
       if (kMeta) {
         warpFanout16<true>(dst, dests, reinterpret_cast<const int4*>(msg), bytes / 16, lane);
-        int e = -1, pos = 0;
-        float weight = 0.0f;
-        if (lane < topk) {
-          const int* meta = reinterpret_cast<const int*>(msg + l.payloadBytes);
-          e = __ldcg(meta + lane);
-          pos = __ldcg(meta + KM + lane);
-          weight = __ldcg(reinterpret_cast<const float*>(meta) + 2 * KM + lane);
-        }
+        Choice choice;
+        if (lane < topk) choice = Choice::load(msg, l, lane);
         for (uint32_t m = dests; m != 0; m &= m - 1) {
           const int d = __ffs(m) - 1;
           char* out = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(dst), d));
-          if (lane < topk) {
-            const bool here = e >= 0 && e / L == d;
-            int* meta = reinterpret_cast<int*>(out + l.payloadBytes);
-            meta[lane] = here ? e - d * L : -1;
-            meta[KM + lane] = here ? pos : 0;
-            reinterpret_cast<float*>(meta)[2 * KM + lane] = here ? weight : 0.0f;
-          }
+          if (lane < topk) choice.on(d, l).store(out, l, lane);
         }
       } else {
         for (uint32_t m = dests; m != 0; m &= m - 1) {
@@ -80,7 +73,7 @@ __device__ void forwardMessages(const transport::Peers<Net>& peers, const HTComm
 // staging offset, then here its send_pos row and token word) put to the forwarder of every other
 // node that holds one of its experts. `slot` is lane d's send_pos[b, d] (lanes >= R: -1).
 template <class Net>
-__device__ __forceinline__ void shipToForwarders(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
+__device__ __forceinline__ void putToForwarders(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
                                                  uint32_t epoch, int b, int slot) {
   const HTLayout& l = c.layout;
   const int lane = threadIdx.x & 31;
@@ -92,7 +85,7 @@ __device__ __forceinline__ void shipToForwarders(const transport::Peers<Net>& pe
   __syncwarp();  // the message is complete before any lane copies it (emulation) or lane 0 puts it
   for (uint32_t m = nodes; m != 0; m &= m - 1) {
     const int node = __ffs(m) - 1;
-    peers.ship(t.forwarder(c.rank, node), netRecvAt(l, t.node, b), netStageAt(l, b), l.netMsgBytes, lane, 32);
+    peers.put(t.forwarder(c.rank, node), netRecvAt(l, t.node, b), netStageAt(l, b), l.netMsgBytes, lane, 32);
   }
 }
 

@@ -18,6 +18,7 @@
 #include <cstddef>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_params.h"
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
     const int b = t * kHTTile + lane;
     const bool valid = b < p.numTokens;
     int e[KM];
-    ht::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, valid, K, E, e, &err, kPhaseHTLayout);
+    device::laneTokenExperts<KM>(p.topkIdx, p.topkIdx64, b, valid, K, E, e, err, kPhaseHTLayout);
     uint32_t destMask = 0;
 #pragma unroll
     for (int k = 0; k < KM; ++k) {
@@ -118,8 +119,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   const transport::Lsa lsa{c.window, 0};
   // Parity `parity` of d's counts was last read by d's call seq - 1: wait until d finished it.
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    const uint64_t* done = lsa.peerPtr<uint64_t>(d, l.state + offsetof(HTState, done));
-    ht::waitPeerDone(c, done, seq >= 1 ? seq - 1 : 0, kPhaseHTLayout, d);
+    ht::waitPeerDone(c, lsa, d, seq >= 1 ? seq - 1 : 0, kPhaseHTLayout);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < R * L; i += blockDim.x) {
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kHTThreads) htPositionsKernel(const __grid_con
     const int b = i / K, k = i - b * K;
     int* pos = expertPos + size_t(b) * l.maxTopk + k;
     const int rank = *pos;  // -1: no valid choice k (the count kernel checked the id)
-    if (rank >= 0) *pos = tileOffsets[size_t(b / kHTTile) * cols + R + int(ht::loadIdx(p.topkIdx, p.topkIdx64, i))] + rank;
+    if (rank >= 0) *pos = tileOffsets[size_t(b / kHTTile) * cols + R + int(device::loadExpertId(p.topkIdx, p.topkIdx64, i))] + rank;
   }
 }
 

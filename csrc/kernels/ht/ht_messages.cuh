@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_params.h"
@@ -16,12 +17,54 @@
 namespace ncclep {
 namespace ht {
 
+// Choice k of a dispatch message's metadata, held by lane k < topk: the expert (-1: none; local to
+// the slot's rank, global in a network message), the token's position within that expert among the
+// source's tokens, and its weight.
+struct Choice {
+  int expert = -1;
+  int pos = 0;
+  float weight = 0.0f;
+
+  // From the message at msg, which a peer wrote (read through L2).
+  __device__ __forceinline__ static Choice load(const char* msg, const HTLayout& l, int lane) {
+    const int* meta = reinterpret_cast<const int*>(msg + l.payloadBytes);
+    return {__ldcg(meta + lane), __ldcg(meta + l.maxTopk + lane),
+            __ldcg(reinterpret_cast<const float*>(meta) + 2 * l.maxTopk + lane)};
+  }
+
+  __device__ __forceinline__ void store(char* msg, const HTLayout& l, int lane) const {
+    int* meta = reinterpret_cast<int*>(msg + l.payloadBytes);
+    meta[lane] = expert;
+    meta[l.maxTopk + lane] = pos;
+    reinterpret_cast<float*>(meta)[2 * l.maxTopk + lane] = weight;
+  }
+
+  // This choice (a global expert) as rank d's slot holds it: the local expert there, or none.
+  __device__ __forceinline__ Choice on(int d, const HTLayout& l) const {
+    const bool here = expert >= 0 && expert / l.numLocalExperts == d;
+    return {here ? expert - d * l.numLocalExperts : -1, here ? pos : 0, here ? weight : 0.0f};
+  }
+};
+
+// Choice `lane` (< topk) of token b as the dispatch senders read it: the checked global expert
+// (the layout step reported bad ids), the token's position within it (from the layout step), its
+// weight.
+__device__ __forceinline__ Choice tokenChoice(const HTDispatchParams& p, int b, int lane) {
+  const HTCommon& c = p.c;
+  const int K = p.topk;
+  const int* expertPos = reinterpret_cast<const int*>(c.local + c.layout.expertPos);
+  const int e = device::warpTokenExpert(p.topkIdx, p.topkIdx64, b, K, c.numExperts, lane);
+  const float weight = (p.topkWeights != nullptr && lane < K) ? p.topkWeights[int64_t(b) * K + lane] : 0.0f;
+  const int pos = e >= 0 ? expertPos[int64_t(b) * c.layout.maxTopk + lane] : 0;
+  return {e, pos, weight};
+}
+
 // Token b's dispatch message to the ranks in `dests`; lane d holds the slot's address at rank d in
-// `mine`. Lane k < topk holds the token's global expert e (-1: none), its position there, weight.
+// `mine`. Lane k < topk holds the token's choice k (global expert).
 __device__ __forceinline__ void writeDispatchMessages(const HTDispatchParams& p, char* mine, uint32_t dests, int b,
-                                                      int e, int pos, float weight, uint64_t epoch, int lane) {
+                                                      const Choice& choice, uint64_t epoch, int lane) {
   const HTLayout& l = p.c.layout;
-  const int L = l.numLocalExperts, K = p.topk, KM = l.maxTopk;
+  const int K = p.topk;
   const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(b) * p.rowBytes);
   const char* scales = static_cast<const char*>(p.xScales) + int64_t(b) * p.scaleRowBytes;
   const ShortRow heldScales = ShortRow::load<false>(scales, p.scaleRowBytes, lane);
@@ -30,13 +73,7 @@ __device__ __forceinline__ void writeDispatchMessages(const HTDispatchParams& p,
     const int d = __ffs(m) - 1;
     char* msg = reinterpret_cast<char*>(__shfl_sync(kFull, reinterpret_cast<uintptr_t>(mine), d));
     heldScales.store<false>(msg + p.rowBytes, scales, p.scaleRowBytes, lane);
-    if (lane < K) {
-      const bool here = e >= 0 && e / L == d;
-      int* meta = reinterpret_cast<int*>(msg + l.payloadBytes);
-      meta[lane] = here ? e - d * L : -1;
-      meta[KM + lane] = here ? pos : 0;
-      reinterpret_cast<float*>(meta)[2 * KM + lane] = here ? weight : 0.0f;
-    }
+    if (lane < K) choice.on(d, l).store(msg, l, lane);
   }
   __syncwarp();
   if ((dests >> lane) & 1u)
@@ -142,7 +179,7 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
                                                         int blocks, uint32_t epoch) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
-  const int R = c.nRanks, L = l.numLocalExperts, K = p.topk, KM = l.maxTopk, T = l.maxTokens;
+  const int R = c.nRanks, L = l.numLocalExperts, K = p.topk, T = l.maxTokens;
   const int lane = threadIdx.x & 31;
   const StreamShare share = shareStreams(block * kHTWarps + (threadIdx.x >> 5), blocks * kHTWarps, R);
   const int vectors = p.rowBytes / 16;
@@ -157,20 +194,15 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
       ok = __shfl_sync(kFull, ok, 0);
       if (!ok) break;
       __syncwarp();  // lane 0 acquired the flag: the message is visible to the warp
-      int local = -1, pos = 0;
-      float weight = 0.0f;
-      if (lane < K) {
-        const int* meta = reinterpret_cast<const int*>(msg + l.payloadBytes);
-        local = __ldcg(meta + lane);
-        pos = __ldcg(meta + KM + lane);
-        weight = __ldcg(reinterpret_cast<const float*>(meta) + 2 * KM + lane);
-      }
+      Choice choice;
+      if (lane < K) choice = Choice::load(msg, l, lane);
+      const int local = choice.expert;
       const ShortRow heldScales = ShortRow::load<true>(msg + p.rowBytes, p.scaleRowBytes, lane);
       int row;
       uint32_t targets;
       if (p.expertMajor) {
         const bool here = local >= 0 && local < L;
-        row = here ? s.expertStart[local] + s.srcOffset[local * R + src] + pos : -1;
+        row = here ? s.expertStart[local] + s.srcOffset[local * R + src] + choice.pos : -1;
         targets = __ballot_sync(kFull, here);
       } else {
         row = s.start[src] + j;
@@ -184,7 +216,7 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
                                p.scaleRowBytes, lane);
         if (lane < K) {
           p.recvTopkIdx[int64_t(r) * K + lane] = local;
-          if (p.recvTopkWeights != nullptr) p.recvTopkWeights[int64_t(r) * K + lane] = weight;
+          if (p.recvTopkWeights != nullptr) p.recvTopkWeights[int64_t(r) * K + lane] = choice.weight;
         }
         if (lane == 0) p.recvSlot[r] = src * T + j;
       }

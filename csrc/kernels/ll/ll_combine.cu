@@ -12,7 +12,8 @@
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
-#include "kernels/ll/ll_peers.cuh"
+#include "kernels/ll/ll_receive.cuh"
+#include "transport/peers.cuh"
 
 namespace ncclep {
 namespace {
@@ -31,7 +32,7 @@ template <class Net>
 __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineSendSeq);
@@ -41,7 +42,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
 
   if (seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x)
-      ll::waitPeer(peers, c, d, kSigCombineAck, seq - 1, err, kPhaseLLCombineSend);
+      peers.wait(d, kSigCombineAck, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend);
   }
   if (tid == 0) {
     s.start[0] = 0;
@@ -96,7 +97,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
     if (lane == 0 && end > begin) atomicAdd(&s.chunksTo[r], end - begin);
     if (peers.viaNet(r) && begin < end) {
       __syncwarp();
-      peers.ship(r, dstOffset + size_t(begin) * 16, stageOffset + size_t(begin) * 16, size_t(end - begin) * 16,
+      peers.put(r, dstOffset + size_t(begin) * 16, stageOffset + size_t(begin) * 16, size_t(end - begin) * 16,
                  lane, 32);
     }
   }
@@ -104,7 +105,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   // Each block tells each rank how many chunks of its rows landed (after the signal's fence).
   __syncthreads();
   for (int d = tid; d < R; d += blockDim.x)
-    if (s.chunksTo[d] > 0) ll::signalPeer(peers, c, d, kSigCombineData + int(parity), s.chunksTo[d]);
+    if (s.chunksTo[d] > 0) peers.signal(d, kSigCombineData + int(parity), s.chunksTo[d]);
   if (tid == 0) s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
   __syncthreads();
   if (s.last && tid == 0) {
@@ -117,7 +118,7 @@ template <class Net>
 __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineRecvSeq);
@@ -136,9 +137,9 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   }
   __syncthreads();
   for (int r = tid; r < R; r += blockDim.x)
-    ll::waitPeer(peers, c, r, kSigCombineData + int(parity),
-                 *ll::receivedMark(c, 1, parity, r) + uint64_t(s.expected[r]) * uint64_t(chunks), err,
-                 kPhaseLLCombineRecv);
+    peers.wait(r, kSigCombineData + int(parity),
+               *ll::receivedMark(c, 1, parity, r) + uint64_t(s.expected[r]) * uint64_t(chunks), c.timeoutNs, err,
+               kPhaseLLCombineRecv);
   __syncthreads();
   if (device::hasError(err)) return;
 
@@ -170,7 +171,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   }
   for (int r = tid; r < R; r += blockDim.x) {
     *ll::receivedMark(c, 1, parity, r) += uint64_t(s.expected[r]) * uint64_t(chunks);
-    ll::signalPeer(peers, c, r, kSigCombineAck, 1);
+    peers.signal(r, kSigCombineAck, 1);
   }
 }
 

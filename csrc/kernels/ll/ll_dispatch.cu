@@ -15,10 +15,11 @@
 #include <cuda_fp8.h>
 
 #include "common/device_error.cuh"
+#include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
-#include "kernels/ll/ll_routing.cuh"
-#include "kernels/ll/ll_peers.cuh"
+#include "kernels/ll/ll_receive.cuh"
+#include "transport/peers.cuh"
 
 namespace ncclep {
 namespace {
@@ -81,12 +82,9 @@ __device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const d
   const int warps = blockDim.x >> 5, warp = tid >> 5;
   for (int i = tid; i < c.numExperts; i += blockDim.x) r.expertTotal[i] = 0;
   for (int i = tid; i < c.nRanks * warps; i += blockDim.x) r.warpDest[i] = 0;
-  for (int i = tid; i < entries; i += blockDim.x) {
-    const int64_t raw = ll::loadExpert(p.topkIdx, p.topkIdx64, i);
-    const bool ok = raw >= -1 && raw < c.numExperts;
-    if (!ok && report) device::reportError(err, kDeviceBadExpert, kPhaseLLDispatchSend, -1, int32_t(raw));
-    r.raw[i] = int16_t(ok ? raw : -1);
-  }
+  for (int i = tid; i < entries; i += blockDim.x)
+    r.raw[i] = int16_t(device::checkExpertId(device::loadExpertId(p.topkIdx, p.topkIdx64, i), c.numExperts, report,
+                                             err, kPhaseLLDispatchSend));
   __syncthreads();
   // A repeat of an earlier choice is dropped; a choice is first on its rank if no earlier one is
   // there (comparing raw ids is enough: a repeat has the same rank as the choice it repeats).
@@ -97,8 +95,7 @@ __device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const d
     bool first = e >= 0;
     for (int j = 0; j < k && e >= 0; ++j) {
       if (token[j] == e) {
-        if (report) device::reportError(err, kDeviceDuplicateExpert, kPhaseLLDispatchSend, -1, i / K);
-        e = -1;
+        e = device::dropRepeat(i / K, report, err, kPhaseLLDispatchSend);
       } else if (token[j] >= 0 && token[j] / L == e / L) {
         first = false;
       }
@@ -292,7 +289,7 @@ __device__ void sendToken(const LLDispatchParams& p, const Routing& r, const tra
   for (int k = 0; k < K; ++k) {
     if (slot[k] < 0) continue;
     const int d = expert[k] / L;
-    peers.ship(d, dstOffset(slot[k]), stageOffset(d, slot[k]), messageBytes(p), tid, blockDim.x);
+    peers.put(d, dstOffset(slot[k]), stageOffset(d, slot[k]), messageBytes(p), tid, blockDim.x);
   }
 }
 
@@ -307,7 +304,7 @@ template <class Net>
 __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& flags) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchSendSeq);
@@ -319,7 +316,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it.
   if (seq >= 2) {
     for (int d = tid; d < R; d += blockDim.x)
-      ll::waitPeer(peers, c, d, kSigDispatchAck, seq - 1, err, kPhaseLLDispatchSend);
+      peers.wait(d, kSigDispatchAck, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend);
   }
   stamp(p, kTraceAcked);
   const Routing r = carveRouting(smem, c.numExperts, R, p.numTokens * p.topk);
@@ -336,9 +333,9 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
       entry[e] = e < L ? r.expertTotal[d * L + e] : r.destTotal[d];
     }
     __syncthreads();
-    for (int d = 0; d < R; ++d) peers.ship(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
+    for (int d = 0; d < R; ++d) peers.put(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
     __syncthreads();
-    for (int d = tid; d < R; d += blockDim.x) ll::signalPeer(peers, c, d, kSigDispatchCounts, 1);
+    for (int d = tid; d < R; d += blockDim.x) peers.signal(d, kSigDispatchCounts, 1);
   }
 
   const bool sends = !failed && int(blockIdx.x) < p.numTokens;
@@ -354,7 +351,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   // Each block tells each destination how many of its messages landed (the signal's fence makes
   // them visible first); the receiver waits for the total its counts announced.
   for (int d = tid; d < R; d += blockDim.x)
-    if (flags.sentTo[d] > 0) ll::signalPeer(peers, c, d, kSigDispatchData + int(parity), flags.sentTo[d]);
+    if (flags.sentTo[d] > 0) peers.signal(d, kSigDispatchData + int(parity), flags.sentTo[d]);
   __syncthreads();
   stamp(p, kTraceArrived);
   if (tid == 0) flags.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
@@ -410,7 +407,7 @@ template <class Net>
 __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const transport::Peers<Net> peers = ll::makePeers<Net>(c);
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
   const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchRecvSeq);
@@ -427,11 +424,11 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // Each source's counts first, then all of its messages (the data signal reaches our mark of
   // the earlier calls in this parity plus this call's count).
   for (int r = tid; r < R; r += blockDim.x) {
-    if (!ll::waitPeer(peers, c, r, kSigDispatchCounts, seq + 1, err, kPhaseLLDispatchRecv)) continue;
+    if (!peers.wait(r, kSigDispatchCounts, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv)) continue;
     const int n = __ldcg(counts(r) + L);
     s.count[r] = n;
-    ll::waitPeer(peers, c, r, kSigDispatchData + int(parity), *ll::receivedMark(c, 0, parity, r) + uint64_t(n), err,
-                 kPhaseLLDispatchRecv);
+    peers.wait(r, kSigDispatchData + int(parity), *ll::receivedMark(c, 0, parity, r) + uint64_t(n), c.timeoutNs,
+               err, kPhaseLLDispatchRecv);
   }
   __syncthreads();
   stamp(p, kTraceFlagsSeen);
@@ -522,7 +519,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // Every block has read its messages: the sources may reuse this parity.
   for (int r = tid; r < R; r += blockDim.x) {
     *ll::receivedMark(c, 0, parity, r) += uint64_t(s.count[r]);
-    ll::signalPeer(peers, c, r, kSigDispatchAck, 1);
+    peers.signal(r, kSigDispatchAck, 1);
   }
 }
 

@@ -71,12 +71,6 @@ struct LLLayout {
 #if defined(__CUDACC__)
   __host__ __device__
 #endif
-  size_t signal(int kind, int peer) const {
-    return signals + (size_t(kind) * size_t(nRanks) + size_t(peer)) * 8;
-  }
-#if defined(__CUDACC__)
-  __host__ __device__
-#endif
   size_t receivedAt(int op, uint32_t parity, int peer) const {  // op: 0 dispatch, 1 combine
     return received + ((size_t(op) * 2 + parity) * size_t(nRanks) + size_t(peer)) * 8;
   }

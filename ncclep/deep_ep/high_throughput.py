@@ -1,0 +1,230 @@
+"""DeepEP's HT ops on ncclep HT groups: ``get_dispatch_layout``, ``dispatch`` (plain and cached)
+and ``combine``.
+
+ncclep's HT dispatch (flat layout) returns worst-case rows ``[N, H]``, ``N = R * T``, packed from
+the top and ordered by source rank, then token index: the order of DeepEP's intranode dispatch.
+The shim returns the first rows, as many as DeepEP would:
+
+* ``num_worst_tokens == 0``: exactly the tokens received, known on the host before the dispatch
+  from one gather of the layout counts (:mod:`.counts`), which also agrees on the group's size.
+* ``num_worst_tokens > 0``: that many rows, no host synchronisation; the group then takes
+  ``ceil(num_worst_tokens / R)`` tokens per rank (or more, if it already had more).
+
+The returned rows are views of ncclep's ``[N, ...]`` outputs. ``combine`` takes the caller's rows
+and hands ncclep ``[N, H]`` again: a copy into a fresh ``[N, H]`` tensor unless the caller passed
+``N`` rows (``num_worst_tokens = N``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgument
+from ..handles import HTDispatchOutput
+from . import scales
+from .counts import gather_exact_sizes
+from .groups import Groups
+from .handles import DispatchHandle
+from .layout import DispatchLayout, dispatch_layout
+from .streams import Launch, StreamState
+
+Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _split(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise InvalidArgument("x must be a tensor or a (fp8 tensor, scales) tuple")
+        return x[0], x[1]
+    return x, None
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 and UE8M0 tensors as uint8 (what every op can index); others unchanged."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+class HighThroughput:
+    """The HT half of a Buffer.
+
+    Arguments:
+        groups: the Buffer's groups.
+        streams: the Buffer's streams.
+        rank, world_size: this rank and the ranks of the Buffer.
+        num_nodes: nodes the ranks span (consecutive blocks of ranks), for the per-node counts.
+    """
+
+    def __init__(
+        self, groups: Groups, streams: StreamState, rank: int, world_size: int, num_nodes: int
+    ) -> None:
+        self.groups = groups
+        self.streams = streams
+        self.rank = rank
+        self.world_size = world_size
+        self.num_nodes = num_nodes
+
+    def layout(
+        self, topk_idx: torch.Tensor, num_experts: int, previous_event: Any, async_finish: bool
+    ) -> tuple[DispatchLayout, Any]:
+        if num_experts % self.world_size:
+            raise InvalidArgument(
+                f"num_experts ({num_experts}) must be divisible by the {self.world_size} ranks"
+            )
+        with Launch(self.streams, topk_idx.device, previous_event, async_finish) as launch:
+            layout = dispatch_layout(topk_idx, num_experts, self.world_size, self.num_nodes)
+            event = launch.finish((topk_idx,), tuple(t for t in layout if t is not None))
+        return layout, event
+
+    # ------------------------------------------------------------------------------ dispatch
+
+    def dispatch(
+        self,
+        x: Payload,
+        num_tokens_per_rank: torch.Tensor | None,
+        is_token_in_rank: torch.Tensor | None,
+        num_tokens_per_expert: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        num_sms: int,
+        previous_event: Any,
+        async_finish: bool,
+    ) -> tuple[Payload, torch.Tensor | None, torch.Tensor | None, list[int], DispatchHandle, Any]:
+        data, given_scales = _split(x)
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            raise InvalidArgument(
+                "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
+                "num_tokens_per_expert (from get_dispatch_layout)"
+            )
+        if topk_weights is not None and topk_idx is None:
+            raise InvalidArgument("topk_weights need topk_idx")
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise InvalidArgument(f"expert_alignment must be a positive int, got {expert_alignment!r}")
+        tokens, hidden = data.shape
+        num_experts = num_tokens_per_expert.numel()
+        ranks = self.world_size
+        if tuple(is_token_in_rank.shape) != (tokens, ranks):
+            raise InvalidArgument(
+                f"is_token_in_rank must be [{tokens}, {ranks}], got {list(is_token_in_rank.shape)}"
+            )
+        x_scales, packed = (None, False) if given_scales is None else scales.to_ncclep(data, given_scales)
+        if topk_idx is not None:
+            routing_idx = topk_idx
+        else:  # DeepEP routes by is_token_in_rank alone: one choice per rank, its first expert
+            first = torch.arange(ranks, device=data.device) * (num_experts // ranks)
+            routing_idx = torch.where(is_token_in_rank, first, -1)
+        topk = routing_idx.shape[1]
+        device = data.device
+        with Launch(self.streams, device, previous_event, async_finish) as launch:
+            counts = None
+            per_expert: list[int] = []
+            if num_worst_tokens == 0:
+                sizes = gather_exact_sizes(
+                    self.groups.process_group_for(device),
+                    tokens,
+                    num_tokens_per_rank,
+                    num_tokens_per_expert,
+                    expert_alignment,
+                )
+                counts, per_expert, rows = sizes.device_counts, sizes.per_expert, sizes.num_recv
+                group_tokens = sizes.max_tokens
+            else:
+                rows = num_worst_tokens
+                group_tokens = math.ceil(num_worst_tokens / ranks)
+            group = self.groups.ht_group(device, num_experts, group_tokens, hidden, topk, num_sms)
+            out = group.ht_dispatch(
+                data.contiguous(),
+                routing_idx.contiguous(),
+                None if topk_weights is None else topk_weights.contiguous(),
+                x_scales,
+                layout="flat",
+            )
+            assert isinstance(out, HTDispatchOutput)
+            recv_x: Payload = out.x[:rows]
+            if out.scales is not None:
+                recv_scales = out.scales[:rows]
+                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+            recv_idx = None if topk_idx is None else out.topk_idx[:rows].to(topk_idx.dtype)
+            recv_weights = (
+                None if topk_weights is None or out.topk_weights is None else out.topk_weights[:rows]
+            )
+            handle = DispatchHandle(group, out.handle, rows, is_token_in_rank, counts)
+            event = launch.finish(
+                (data, given_scales, routing_idx, topk_weights),
+                (*out[:4], recv_idx, *out.handle.tensors()),
+            )
+        return recv_x, recv_idx, recv_weights, per_expert, handle, event
+
+    def cached_dispatch(
+        self, x: Payload, handle: DispatchHandle, previous_event: Any, async_finish: bool
+    ) -> tuple[Payload, Any]:
+        """Route ``x`` along ``handle``'s dispatch (no counts exchanged): the backward of combine."""
+        data, given_scales = _split(x)
+        routing = handle.routing
+        tokens = routing.send_pos.shape[0]
+        if data.shape[0] != tokens:
+            raise InvalidArgument(f"x has {data.shape[0]} tokens but the handle's dispatch had {tokens}")
+        x_scales, packed = (None, False) if given_scales is None else scales.to_ncclep(data, given_scales)
+        group_id = handle.group.id
+        rows = handle.num_rows
+
+        def route(t: torch.Tensor) -> torch.Tensor:
+            moved = torch.ops.ncclep.ht_dispatch_cached(
+                group_id, _as_bytes(t.contiguous()), routing.send_pos, routing.recv_slot, routing.recv_counts
+            )
+            return moved[:rows].view(t.dtype)
+
+        with Launch(self.streams, data.device, previous_event, async_finish) as launch:
+            recv_x: Payload = route(data)
+            if x_scales is not None:
+                recv_scales = route(x_scales)
+                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+            event = launch.finish((data, given_scales), recv_x if isinstance(recv_x, tuple) else (recv_x,))
+        return recv_x, event
+
+    # ------------------------------------------------------------------------------ combine
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        previous_event: Any,
+        async_finish: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        rows = handle.num_rows
+        full = handle.routing.recv_slot.shape[0]
+        if x.dim() != 2 or x.shape[0] != rows:
+            raise InvalidArgument(f"x must have the dispatch's {rows} rows, got shape {list(x.shape)}")
+        if topk_weights is not None and topk_weights.shape[0] != rows:
+            raise InvalidArgument(
+                f"topk_weights must have the dispatch's {rows} rows, got {list(topk_weights.shape)}"
+            )
+        with Launch(self.streams, x.device, previous_event, async_finish) as launch:
+            y, combined_weights = handle.group.ht_combine(
+                _full_rows(x, full),
+                handle.routing,
+                None if topk_weights is None else _full_rows(topk_weights, full),
+            )
+            assert isinstance(y, torch.Tensor)
+            if bias:
+                y = (y.float() + sum(b.float() for b in bias)).to(torch.bfloat16)
+            event = launch.finish((x, topk_weights, *bias), (y, combined_weights))
+        return y, combined_weights, event
+
+
+def _full_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t [n, ...]`` as the first rows of a contiguous ``[rows, ...]`` tensor (no copy when n == rows)."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    full = t.new_empty((rows, *t.shape[1:]))
+    full[: t.shape[0]] = t
+    return full
+
+
+__all__ = ["HighThroughput"]

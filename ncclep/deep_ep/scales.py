@@ -1,0 +1,62 @@
+"""Scale layouts of DeepEP's fp8 tensors, from and to ncclep's.
+
+ncclep moves fp8 scales row-major, one per 128 channels, as fp32 or as ``torch.float8_e8m0fnu``
+(one byte, a power of two). DeepEP returns LL scales column-major (token dimension innermost, for
+TMA), and "UE8M0" scales packed four to an int32 word, lowest byte first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import fp8
+from ..errors import InvalidArgument
+
+PACK = 4  # UE8M0 exponents per int32 word
+
+
+def column_major(scales: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions stored column-major (a device copy).
+
+    ``[..., T, S]`` with strides ``(..., 1, T)``: DeepEP's LL scale layout.
+    """
+    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """``float8_e8m0fnu [..., S]`` -> int32 ``[..., S/4]``, four exponents per word, lowest first."""
+    if scales.shape[-1] % PACK:
+        raise InvalidArgument(
+            f"packed UE8M0 scales need hidden divisible by {fp8.BLOCK * PACK}, "
+            f"got {scales.shape[-1] * fp8.BLOCK}"
+        )
+    return scales.contiguous().view(torch.uint8).view(torch.int32)
+
+
+def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[..., S/4]`` -> ``float8_e8m0fnu [..., S]`` (a view of a contiguous copy)."""
+    return packed.contiguous().view(torch.uint8).view(fp8.UE8M0_DTYPE)
+
+
+def to_ncclep(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """DeepEP's HT fp8 scales for ``x [B, H]`` as ncclep takes them: ``[B, H/128]`` fp32 or UE8M0,
+    contiguous; and whether they came packed (int32 ``[B, H/512]``), to return them the same way.
+
+    Any layout is accepted (DeepEP reads scales through their strides); other shapes and dtypes
+    raise :class:`ncclep.InvalidArgument` naming ``x_scales``.
+    """
+    tokens, hidden = x.shape
+    blocks = hidden // fp8.BLOCK
+    if scales.dtype == torch.int32:
+        if tuple(scales.shape) != (tokens, blocks // PACK) or blocks % PACK:
+            raise InvalidArgument(
+                f"x_scales: packed UE8M0 scales must be int32 [{tokens}, {blocks // PACK}] (hidden a "
+                f"multiple of {fp8.BLOCK * PACK}), got {scales.dtype} {tuple(scales.shape)}"
+            )
+        return unpack_ue8m0(scales), True
+    if scales.dtype not in (torch.float32, fp8.UE8M0_DTYPE) or tuple(scales.shape) != (tokens, blocks):
+        raise InvalidArgument(
+            f"x_scales must be float32 [{tokens}, {blocks}] (one scale per 128 channels) or packed "
+            f"UE8M0 int32 [{tokens}, {blocks // PACK}]; got {scales.dtype} {tuple(scales.shape)}"
+        )
+    return scales.contiguous(), False
