@@ -15,9 +15,9 @@ from typing import Any, NoReturn
 import torch
 
 from . import fp8, outputs
-from .config import HT_HIDDEN_MULTIPLE, LAYOUT_IDS, GroupConfig
-from .device_errors import raise_device_error
-from .errors import InvalidArgument, NcclepError
+from .config import LAYOUT_IDS, GroupConfig
+from .device_errors import raise_device_error, reject_in_call
+from .errors import CommError, InvalidArgument
 from .handles import HTDispatchOutput, HTHandle
 
 
@@ -46,68 +46,18 @@ class CudaHT:
         self.rank = rank
         self.comm = comm
         self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._broke: list[CommError] = []  # the report that broke the group (raise_device_error)
         self.max_row_bytes = int(comm.ht_max_row_bytes())
 
     def raise_device_error(self) -> None:
-        """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
-        raise_device_error(self.comm, self.cfg, self.rank)
+        """Raise what a kernel reported (bad input of an earlier call, a peer's rejection of one,
+        or a timed-out wait; after that, that the group is broken)."""
+        raise_device_error(self.comm, self.cfg, self.rank, self._broke)
 
-    def reject(
-        self,
-        op: str,
-        problem: InvalidArgument,
-        *,
-        handle: HTHandle | None = None,
-        like: Any = None,
-        with_weights: bool = False,
-        **_call: Any,
-    ) -> NoReturn:
-        """This rank's input of ``op`` was rejected on the host: keep the peers' kernels paired
-        with a stand-in launch, then raise ``problem``.
-
-        The kernels carry no error code to the peers yet, so the peers do NOT raise for this
-        call on the CUDA path (the reference backend's peers raise CommError naming this rank):
-
-        - dispatch: this rank sends ZERO TOKENS; the peers' dispatch returns without any token of
-          this rank (their next combine then waits for this rank, which has no handle, until
-          timeout_s, and raises CommError);
-        - combine and cached dispatch: with a usable handle, this rank sends NaN rows, so the
-          peers' outputs for their tokens routed here are NaN (loud rather than silently short);
-          without a usable handle nothing can be launched and the peers time out (CommError).
-        """
-        try:
-            self.raise_device_error()  # an earlier call's bad input is read (and cleared) here
-        except InvalidArgument:
-            pass  # that call already went through; this one's problem is what to raise
-        except NcclepError as err:
-            raise problem from err  # the group is broken (a sticky device error): no launch
-        try:
-            if op in ("ht_dispatch", "ll_dispatch"):
-                x = torch.empty((0, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
-                idx = torch.empty((0, 1), dtype=torch.int64, device=self.device)
-                self.dispatch_send(x, None, idx, None, "flat", 1)  # zero tokens: peers see none from us
-            elif op == "ht_combine" and handle is not None:
-                rows, topk = handle.recv_topk_idx.shape
-                hidden = self.cfg.hidden
-                if isinstance(like, torch.Tensor) and like.dim() == 2:
-                    h = int(like.shape[1])
-                    hidden = h if 0 < h <= self.cfg.hidden and h % HT_HIDDEN_MULTIPLE == 0 else hidden
-                nan = torch.full((rows, hidden), float("nan"), dtype=torch.bfloat16, device=self.device)
-                weights = None
-                if with_weights:
-                    weights = torch.full((rows, topk), float("nan"), dtype=torch.float32, device=self.device)
-                self.combine_send(nan, handle, weights)  # NaN rows back to the peers
-            elif op == "ht_dispatch_cached" and handle is not None and isinstance(like, torch.Tensor):
-                shape = (handle.send_pos.shape[0], *like.shape[1:])
-                if (
-                    like.is_floating_point()
-                    and math.prod(shape[1:]) * like.element_size() <= self.max_row_bytes
-                ):
-                    nan = torch.full(shape, float("nan"), dtype=like.dtype, device=self.device)
-                    self.dispatch_cached(nan, handle)  # NaN rows to the peers
-        except NcclepError as err:  # the stand-in itself failed: the group is failing
-            raise problem from err
-        raise problem
+    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
+        """As :meth:`ncclep.cuda_ll.CudaLL.reject`: take part in ``op`` with the reason, no payload."""
+        kernel = op if op in ("ht_combine", "ht_dispatch_cached") else "ht_dispatch"
+        reject_in_call(self.comm, "ht_combine" if op == "ll_combine" else kernel, problem, self)
 
     # ------------------------------------------------------------------------------ dispatch
 

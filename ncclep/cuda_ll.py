@@ -13,8 +13,8 @@ import torch
 
 from . import _native, outputs
 from .config import GroupConfig
-from .device_errors import raise_device_error
-from .errors import InvalidArgument, NcclepError
+from .device_errors import raise_device_error, reject_in_call
+from .errors import CommError, InvalidArgument
 from .handles import LLDispatchOutput, LLHandle
 
 
@@ -34,73 +34,26 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _ll_hidden(cfg: GroupConfig, like: Any) -> int:
-    """The hidden size of a rejected combine's stand-in: the caller's where it is valid."""
-    if isinstance(like, torch.Tensor) and like.dim() == 3:
-        hidden = int(like.shape[2])
-        if 0 < hidden <= cfg.hidden and hidden % 128 == 0:
-            return hidden
-    return cfg.hidden
-
-
 class CudaLL:
     def __init__(self, cfg: GroupConfig, rank: int, comm: Any, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.rank = rank
         self.comm = comm
         self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._broke: list[CommError] = []  # the report that broke the group (raise_device_error)
         c = _native.module()
         self.phase_send, self.phase_recv, self.phase_all = c.PHASE_SEND, c.PHASE_RECV, c.PHASE_ALL
 
     def raise_device_error(self) -> None:
-        """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
-        raise_device_error(self.comm, self.cfg, self.rank)
+        """Raise what a kernel reported (bad input of an earlier call, a peer's rejection of one,
+        or a timed-out wait; after that, that the group is broken)."""
+        raise_device_error(self.comm, self.cfg, self.rank, self._broke)
 
-    def reject(
-        self,
-        op: str,
-        problem: InvalidArgument,
-        *,
-        handle: LLHandle | None = None,
-        like: Any = None,
-        **_call: Any,
-    ) -> NoReturn:
-        """This rank's input of ``op`` was rejected on the host: keep the peers' kernels paired
-        with a stand-in launch, then raise ``problem``.
-
-        The kernels carry no error code to the peers yet, so the peers do NOT raise for this
-        call on the CUDA path (the reference backend's peers raise CommError naming this rank):
-
-        - dispatch: this rank sends ZERO TOKENS; the peers' dispatch returns without any token of
-          this rank (their next combine then waits for this rank, which has no handle, until
-          timeout_s, and raises CommError);
-        - combine: with a usable handle, this rank returns NaN rows, so the peers' outputs for
-          their tokens routed here are NaN (loud rather than silently short); without a usable
-          handle nothing can be launched and the peers' combine times out (CommError).
-        """
-        try:
-            self.raise_device_error()  # an earlier call's bad input is read (and cleared) here
-        except InvalidArgument:
-            pass  # that call already went through; this one's problem is what to raise
-        except NcclepError as err:
-            raise problem from err  # the group is broken (a sticky device error): no launch
-        try:
-            if op in ("ll_dispatch", "ht_dispatch"):
-                x = torch.empty((0, self.cfg.hidden), dtype=torch.bfloat16, device=self.device)
-                idx = torch.empty((0, 1), dtype=torch.int64, device=self.device)
-                w = torch.empty((0, 1), dtype=torch.float32, device=self.device)
-                self.dispatch(x, idx, w, False, False)  # zero tokens: peers see none from this rank
-            elif op == "ll_combine" and handle is not None:
-                nan = torch.full(
-                    (self.cfg.num_local_experts, self.cfg.ll_rows_per_expert, _ll_hidden(self.cfg, like)),
-                    float("nan"),
-                    dtype=torch.bfloat16,
-                    device=self.device,
-                )
-                self.combine(nan, handle)  # NaN rows: the peers' tokens routed here come back NaN
-        except NcclepError as err:  # the stand-in itself failed: the group is failing
-            raise problem from err
-        raise problem
+    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
+        """This rank's input of ``op`` was rejected on the host: take part in the call with the
+        reason and no payload (the kernels carry it to every peer, which records it and raises
+        CommError naming this rank at a later call or ``check()``), then raise ``problem``."""
+        reject_in_call(self.comm, "ll_combine" if op.endswith("combine") else "ll_dispatch", problem, self)
 
     def _stream(self, device: torch.device) -> int:
         return torch.cuda.current_stream(device).cuda_stream

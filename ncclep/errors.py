@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from . import _native
+
 # Why an input was rejected, as a small code that travels to the peers (the reference backend's
-# count exchange carries it; CUDA kernels could carry it in their count messages). 0 is "no
-# problem". The text is what a peer's CommError says when the full message is not available.
+# header exchange carries it, the CUDA kernels the words their peers wait on). 0 is "no problem".
+# The C library owns the codes and names (ncclepRejectReason_t, ncclepRejectReasonName); this copy
+# serves the pure-Python install and tests/test_kernel_facts.py checks it against C. The text is
+# what a peer's CommError says when the full message is not available.
 REJECT_REASONS: dict[str, tuple[int, str]] = {
     "bad_input": (1, "an invalid argument"),
     "type": (2, "an argument of the wrong type"),
@@ -22,6 +26,13 @@ REJECT_REASONS: dict[str, tuple[int, str]] = {
     "option": (14, "an invalid option"),
 }
 REASON_OF_CODE: dict[int, str] = {code: name for name, (code, _) in REJECT_REASONS.items()}
+
+
+def reject_reason(code: int) -> str:
+    """The name of a reject code: the C library's where the extension is, else this module's copy."""
+    if _native.available():
+        return str(_native.module().reject_reason_name(code))
+    return REASON_OF_CODE.get(code, "unknown")
 
 
 class NcclepError(Exception):

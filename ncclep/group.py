@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import socket
 import zlib
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -70,13 +69,27 @@ class Group:
     ``group.backend`` says which backend runs the ops and ``group.backend_reason`` why it is not
     ``"cuda"`` (None when it is).
 
-    Failures end on every rank: bad arguments raise :class:`ncclep.InvalidArgument` on the rank
-    that passed them and :class:`ncclep.CommError` (``reason="peer_rejected"``, ``peer`` that
-    rank) on its peers, for the same call, with nothing moved and the group still usable
-    (reference backend; see ``CudaLL.reject`` for the CUDA path). A missing, dead or out-of-step
-    peer raises CommError within ``timeout_s`` and breaks the group (``CommError.group_usable``
-    is False): close it and open a new one (after a timeout or a lost peer, over a new process
-    group). Every rank must make the same calls on a group in the same order.
+    Failures end on every rank. Bad arguments raise :class:`ncclep.InvalidArgument` at once on the
+    rank that passed them; that rank still takes part in the call, with no rows and its reason in
+    their place, so every peer hears of it instead of waiting: the peer raises
+    :class:`ncclep.CommError` with ``reason="peer_rejected"`` and ``peer`` that rank, and the group
+    stays usable (``CommError.group_usable``). When the peer raises differs by backend:
+
+    - reference backend: in that same call; nothing was moved on any rank.
+    - CUDA backend: good calls never wait for the host, so the peer's call returns, its kernels
+      taking the rejecting rank's part as empty, and the rejection is raised by the first later
+      call on the group that starts after those kernels finished (it then takes no part in any
+      exchange: make it again), or by :meth:`check`, which synchronises first. The outputs of the
+      rejected call on the peer lack the rejecting rank's part: discard them. A peer whose part
+      of a combine or cached dispatch exchanged nothing with the rejecting rank is not told.
+
+    Bad expert ids are found by the CUDA kernels without a host sync: that call treats them as -1
+    and the bad rank's next call (or :meth:`check`) raises InvalidArgument, taking no part either.
+    A missing, dead or out-of-step peer raises CommError within ``timeout_s`` and breaks the group
+    (``group_usable`` False; every later call raises ``reason="broken"``): close it and open a new
+    one on every rank. On the reference backend open it on a new process group (the old one may
+    still hold the abandoned exchange); on the CUDA backend the same process group serves, unless
+    a process died. Every rank must make the same calls on a group in the same order.
     """
 
     def __init__(
@@ -368,25 +381,15 @@ class Group:
         if self.config.mode != mode:
             raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
 
-    def _checked(self, op: str, check: Callable[[list[Any]], None], **call: Any) -> None:
-        """Run ``op``'s host-side checks. On a failure the rank still takes part in the op (the
-        backend's ``reject``: no rows, the reason in their place), so the peers raise CommError
-        naming this rank for this very call; then it raises the InvalidArgument.
-
-        ``check`` returns the call's handle once it passed its checks (None before): the CUDA
-        backend's stand-in launch needs one (see ``CudaLL.reject``)."""
-        valid: list[Any] = []
-        try:
-            check(valid)
-        except InvalidArgument as problem:
-            handle = valid[0] if valid else None
-            self._backend.reject(op, problem, handle=handle, **call)
-            raise  # reject raises ``problem``; this is for the type checker
+    def _reject(self, op: str, problem: InvalidArgument) -> NoReturn:
+        """``op``'s host-side checks failed here: this rank still takes part in the op (the
+        backend's ``reject``: no rows, the reason in their place), so that every peer hears of it
+        (see the class docstring), then raises ``problem``."""
+        self._backend.reject(op, problem)
 
     def _stamp(self, out: T) -> T:
         """The output with its handle marked as this group's (a combine elsewhere refuses it)."""
-        handle = out.handle  # type: ignore[attr-defined]
-        return out._replace(handle=dataclasses.replace(handle, group=self.id))  # type: ignore[attr-defined]
+        return out._replace(handle=out.handle.of_group(self.id))  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------------------- LL
 
@@ -433,16 +436,14 @@ class Group:
                 closed).
         """
         self._require_open()
-
-        def check(_: list[Any]) -> None:
+        try:
             self._check_mode("ll")
-            for name, flag in (("use_fp8", use_fp8), ("ue8m0", ue8m0), ("send_only", send_only)):
-                validate.check_flag(name, flag)
+            validate.check_flags(use_fp8=use_fp8, ue8m0=ue8m0, send_only=send_only)
             validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
             if ue8m0 and not use_fp8:
                 raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
-
-        self._checked("ll_dispatch", check)
+        except InvalidArgument as problem:
+            self._reject("ll_dispatch", problem)
         if send_only:
             state = self._backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
             return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
@@ -475,17 +476,16 @@ class Group:
             InvalidArgument: a dtype or shape outside the above; CommError: as for dispatch.
         """
         self._require_open()
-
-        def check(valid: list[Any]) -> None:
+        try:
             self._check_mode("ll")
-            validate.check_flag("send_only", send_only)
-            valid.append(validate.validate_ll_handle(self.config, self.device, handle, self.id))
+            validate.check_flags(send_only=send_only)
+            validate.validate_ll_handle(self.config, self.device, handle, self.id)
             validate.validate_ll_combine(self.config, self.device, expert_out)
             if out is not None:
                 tokens = handle.send_slots.shape[0]
                 validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
-
-        self._checked("ll_combine", check, like=expert_out)
+        except InvalidArgument as problem:
+            self._reject("ll_combine", problem)
         if send_only:
             state = self._backend.combine_send(expert_out, handle, out)
             return Pending(lambda: self._backend.combine_recv(state, out))
@@ -537,15 +537,14 @@ class Group:
             CommError: as in :meth:`ll_dispatch`.
         """
         self._require_open()
-
-        def check(_: list[Any]) -> None:
+        try:
             self._check_mode("ht")
-            validate.check_flag("send_only", send_only)
+            validate.check_flags(send_only=send_only)
             validate.validate_ht_dispatch(
                 self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
             )
-
-        self._checked("ht_dispatch", check)
+        except InvalidArgument as problem:
+            self._reject("ht_dispatch", problem)
         if send_only:
             state = self._backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
             return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
@@ -577,15 +576,14 @@ class Group:
             InvalidArgument: a dtype or shape outside the above; CommError: as for dispatch.
         """
         self._require_open()
-
-        def check(valid: list[Any]) -> None:
+        try:
             self._check_mode("ht")
-            validate.check_flag("send_only", send_only)
-            valid.append(validate.validate_ht_handle(self.config, self.device, handle, self.id))
+            validate.check_flags(send_only=send_only)
+            validate.validate_ht_handle(self.config, self.device, handle, self.id)
             rows, topk = handle.recv_topk_idx.shape
             validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
-
-        self._checked("ht_combine", check, like=x, with_weights=topk_weights is not None)
+        except InvalidArgument as problem:
+            self._reject("ht_combine", problem)
         if send_only:
             state = self._backend.combine_send(x, handle, topk_weights)
             return Pending(lambda: self._backend.combine_recv(state))

@@ -35,6 +35,9 @@ class LLHandle:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts)
 
+    def of_group(self, group: int) -> LLHandle:
+        return LLHandle(self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts, group)
+
 
 @dataclass(frozen=True)
 class HTHandle:
@@ -58,6 +61,9 @@ class HTHandle:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx)
+
+    def of_group(self, group: int) -> HTHandle:
+        return HTHandle(self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx, group)
 
 
 class LLDispatchOutput(NamedTuple):

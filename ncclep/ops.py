@@ -202,12 +202,11 @@ def ht_dispatch_cached(
     that hold no token. The backward of ``ht_combine``."""
     entry = registry.lookup(group)
     handle = HTHandle(send_pos, recv_slot, recv_counts, recv_slot.new_empty((0, 0)))
-    valid = None
     try:
-        valid = validate.validate_ht_handle(entry.config, entry.group.device, handle, with_topk=False)
+        validate.validate_ht_handle(entry.config, entry.group.device, handle, with_topk=False)
         validate.validate_ht_dispatch_cached(entry.config, entry.group.device, x, handle)
-    except InvalidArgument as problem:  # the peers hear of it in this very call (see Group)
-        entry.backend.reject("ht_dispatch_cached", problem, handle=valid, like=x)
+    except InvalidArgument as problem:  # the peers hear of it (see Group)
+        entry.backend.reject("ht_dispatch_cached", problem)
     return entry.backend.dispatch_cached(x, handle)
 
 

@@ -204,9 +204,11 @@ def validate_ht_combine(
         check_shape("topk_weights", topk_weights, (rows, topk))
 
 
-def check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be a bool, got {value!r}", reason="type")
+def check_flags(**flags: object) -> None:
+    """Each of ``flags`` is a bool."""
+    for name, value in flags.items():
+        if value is not True and value is not False:
+            raise InvalidArgument(f"{name} must be a bool, got {value!r}", reason="type")
 
 
 def _check_handle_group(kind: str, handle: LLHandle | HTHandle, group_id: int | None) -> None:

@@ -68,6 +68,7 @@ std::string deviceErrorName(int code) {
     case ncclep::kDeviceBadExpert: return "bad_expert";
     case ncclep::kDeviceDuplicateExpert: return "duplicate_expert";
     case ncclep::kDeviceProtocol: return "protocol";
+    case ncclep::kDevicePeerRejected: return "peer_rejected";
     default: return "code " + std::to_string(code);
   }
 }
@@ -294,6 +295,42 @@ class Communicator {
     check(ncclepHTCachedDispatch(openGroup(), &a, reinterpret_cast<cudaStream_t>(stream)));
   }
 
+  // This rank rejected its arguments of `op` ("ll_dispatch", "ll_combine", "ht_dispatch", "ht_combine"
+  // or "ht_dispatch_cached"): takes part in the call with rejectCode = code (ncclep.h, "Rejected
+  // calls"), moving nothing.
+  void reject(const std::string& op, int code, uintptr_t stream) {
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (op == "ll_dispatch") {
+      auto a = zeroedArgs<ncclepLLDispatchArgs_t>(NCCLEP_LL_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepLLDispatch(openGroup(), &a, s));
+    } else if (op == "ll_combine") {
+      auto a = zeroedArgs<ncclepLLCombineArgs_t>(NCCLEP_LL_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepLLCombine(openGroup(), &a, s));
+    } else if (op == "ht_dispatch") {
+      auto a = zeroedArgs<ncclepHTDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepHTDispatch(openGroup(), &a, s));
+    } else if (op == "ht_combine") {
+      auto a = zeroedArgs<ncclepHTCombineArgs_t>(NCCLEP_HT_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepHTCombine(openGroup(), &a, s));
+    } else if (op == "ht_dispatch_cached") {
+      auto a = zeroedArgs<ncclepHTCachedDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepHTCachedDispatch(openGroup(), &a, s));
+    } else {
+      throw py::value_error("reject: unknown op " + op);
+    }
+  }
+
   long long htNumRows(int topk, int layout, int alignment) {
     long long rows = 0;
     std::lock_guard<std::mutex> lock(mu_);
@@ -309,8 +346,8 @@ class Communicator {
   }
 
   // None, or (code, phase, peer, value) of the error word with the code and phase by name
-  // ("timeout", "bad_expert", "duplicate_expert", "protocol"; ncclepPhaseName); bad-input codes
-  // are cleared by the read.
+  // ("timeout", "bad_expert", "duplicate_expert", "peer_rejected", "protocol"; ncclepPhaseName);
+  // bad-input codes and a peer's rejection are cleared by the read.
   py::object deviceError() {
     std::lock_guard<std::mutex> lock(mu_);
     ncclepDeviceError_t e;
@@ -363,6 +400,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("NCCL_HEADER_VERSION") = NCCL_VERSION_CODE;
 
   m.def("phase_name", &ncclepPhaseName, py::arg("phase"), "name of a device-error phase");
+  m.def("reject_reason_name", &ncclepRejectReasonName, py::arg("reason"),
+        "name of a reject reason (ncclepRejectReason_t), e.g. 'shape'");
+  m.attr("NUM_REJECT_REASONS") = int(ncclepNumRejectReasons);
 
   m.def(
       "limits",
@@ -476,6 +516,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("ht_dispatch", &Communicator::htDispatch)
       .def("ht_combine", &Communicator::htCombine)
       .def("ht_dispatch_cached", &Communicator::htDispatchCached)
+      .def("reject", &Communicator::reject, py::arg("op"), py::arg("code"), py::arg("stream"))
       .def("ht_num_rows", &Communicator::htNumRows, py::arg("topk"), py::arg("layout"), py::arg("alignment"))
       .def("ht_max_row_bytes", &Communicator::htMaxRowBytes)
       .def("device_error", &Communicator::deviceError)
