@@ -206,6 +206,29 @@ def attempt(fn: Callable[[], Any]) -> dict[str, Any]:
         return dict(outcome=type(e).__name__, msg=str(e)[:500], s=time.monotonic() - t0)
 
 
+def settled(group: ncclep.Group, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` then ``group.check()``: the CUDA kernels report a failed wait through the group's
+    error word, which check() raises (after synchronising) in the same attempt, so that its time
+    is measured like the reference backend's, which raises inside ``fn`` (check() does nothing)."""
+
+    def run() -> Any:
+        value = fn()
+        group.check()
+        return value
+
+    return run
+
+
+def later_report(backend: str, holds: bool, next_call: Callable[[], Any]) -> dict[str, Any] | None:
+    """CUDA backend: the report a kernel left for this rank (``holds``) about the call just made,
+    raised by the rank's next call once those kernels finished (synchronised first, so that it is
+    this call that raises, before taking part in any exchange). None on ranks holding none."""
+    if backend != "cuda":
+        return None
+    torch.cuda.synchronize()
+    return attempt(next_call) if holds else None
+
+
 def after_fault(groups: dict[str, ncclep.Group], salt: int) -> dict[str, dict[str, Any]]:
     """The next good call on each group (in name order): does it work and return right values?"""
     return {name: attempt(lambda g=g: round_trip(g, salt)) for name, g in sorted(groups.items())}
@@ -266,6 +289,9 @@ DISPATCH_KINDS = (
     "ht_dispatch/shape",
     "ht_dispatch/expert_id",
 )
+# On the CUDA backend the kernels check expert ids (no host sync): the call goes through with the
+# bad ids as -1, and the bad rank's next call raises.
+FOUND_ON_DEVICE = ("ll_dispatch/expert_id", "ll_dispatch/send_only_duplicate", "ht_dispatch/expert_id")
 REASONS = {
     "ll_dispatch/tokens": "tokens",
     "ll_dispatch/dtype": "dtype",
@@ -288,7 +314,9 @@ REASONS = {
 def bad_input_case(kind: str, bad_rank: int, backend: str) -> dict[str, Any]:
     """Rank ``bad_rank`` makes the bad call ``kind``, the others the good call of the same op;
     then every rank makes the next good call on each group (for combines: the same combine
-    again, with the same handle, which must give the right values)."""
+    again, with the same handle, which must give the right values). On the CUDA backend, the
+    ranks that hold a report of the fault (``later``: the peers, or the bad rank when the kernels
+    found the bad ids) first make that next call once more: it raises, taking no part."""
     rank, _ = world()
     dev = device_of(backend)
     pg = fresh_pg(backend)
@@ -301,6 +329,7 @@ def bad_input_case(kind: str, bad_rank: int, backend: str) -> dict[str, Any]:
     # a good call first: the first call in a process pays one-off costs (lazy imports of the
     # custom-op machinery) that would blur how long the fault took
     result: dict[str, Any] = {"warmup": attempt(lambda: round_trip(group, 2))}
+    holds = (rank == bad_rank) == (kind in FOUND_ON_DEVICE)
     if kind in DISPATCH_KINDS:
         if rank == bad_rank:
             result["fault"] = attempt(_bad(kind, group, other, salt, dev))
@@ -308,6 +337,7 @@ def bad_input_case(kind: str, bad_rank: int, backend: str) -> dict[str, Any]:
             x, idx, w = inputs(rank, salt, group.num_experts, dev)
             call = group.ll_dispatch if mode == "ll" else group.ht_dispatch
             result["fault"] = attempt(lambda: call(x, idx, w))
+        result["later"] = later_report(backend, holds, lambda: round_trip(group, salt + 1))
         result["after"] = after_fault(groups, salt + 1)
         return result
     # combines: a good dispatch first, on every rank
@@ -327,6 +357,7 @@ def bad_input_case(kind: str, bad_rank: int, backend: str) -> dict[str, Any]:
             ),
         }
         good_call = lambda: ll_combine_checked(group, out, salt)  # noqa: E731
+        plain_call = lambda: group.ll_combine(good_eo, out.handle)  # noqa: E731
         if kind == "ll_combine/handle_of_other_group":  # pair the other group's dispatch too
             groups = {"group": group}
     else:
@@ -346,12 +377,16 @@ def bad_input_case(kind: str, bad_rank: int, backend: str) -> dict[str, Any]:
         }
         if kind == "ht_dispatch_cached/rows":
             good_call = lambda: cached_checked(group, out, x)  # noqa: E731
+            plain_call = lambda: torch.ops.ncclep.ht_dispatch_cached(  # noqa: E731
+                group.id, x, h.send_pos, h.recv_slot, h.recv_counts
+            )
         else:
             good_call = lambda: ht_combine_checked(group, out, salt)  # noqa: E731
-    if rank == bad_rank:
-        result["fault"] = attempt(bad_calls[kind])
-    else:
-        result["fault"] = attempt(good_call)
+            plain_call = lambda: group.ht_combine(rows, h)  # noqa: E731
+    # the peers' call is not followed by a check: on the CUDA backend it returns (outputs to
+    # discard) and the rejection is raised by the next call (``later``)
+    result["fault"] = attempt(bad_calls[kind] if rank == bad_rank else plain_call)
+    result["later"] = later_report(backend, holds, good_call)
     result["retry"] = attempt(good_call)  # the same op again, good everywhere
     if kind == "ll_combine/handle_of_other_group":
         result["other_combine"] = attempt(lambda: ll_combine_checked(other, other_out, salt))
@@ -413,10 +448,10 @@ def skip_case(skipper: int, then: str, backend: str) -> dict[str, Any]:
             for peer in range(dist.get_world_size()):
                 if peer != skipper:
                     store.wait([f"{case}/{peer}"], timedelta(seconds=3 * TIMEOUT_S))
-            result["late_call"] = attempt(lambda: group.ll_dispatch(x, idx, w))
+            result["late_call"] = attempt(settled(group, lambda: group.ll_dispatch(x, idx, w)))
     else:
-        result["fault"] = attempt(lambda: group.ll_dispatch(x, idx, w))
-        result["next_call"] = attempt(lambda: group.ll_dispatch(x, idx, w))  # broken: at once
+        result["fault"] = attempt(settled(group, lambda: group.ll_dispatch(x, idx, w)))
+        result["next_call"] = attempt(settled(group, lambda: group.ll_dispatch(x, idx, w)))  # broken: at once
         store.set(f"{case}/{rank}", "raised")
     result["spare"] = attempt(lambda: ht_round_trip(spare, 7))
     group.close()
@@ -453,11 +488,11 @@ def die_case(victim: int, how: str, backend: str) -> dict[str, Any]:
         exchange.Exchange.rows = die  # type: ignore[method-assign]
     if how == "send_only":
         pending = group.ll_dispatch(x, idx, w, send_only=True)
-        result["fault"] = attempt(pending.wait)
-        result["wait_again"] = attempt(pending.wait)
+        result["fault"] = attempt(settled(group, pending.wait))
+        result["wait_again"] = attempt(settled(group, pending.wait))
     else:
-        result["fault"] = attempt(lambda: group.ll_dispatch(x, idx, w))
-    result["next_call"] = attempt(lambda: group.ll_dispatch(x, idx, w))
+        result["fault"] = attempt(settled(group, lambda: group.ll_dispatch(x, idx, w)))
+    result["next_call"] = attempt(settled(group, lambda: group.ll_dispatch(x, idx, w)))
     if pair is not None:
         result["after"] = after_fault({"pair_of_survivors": pair}, 9)
     return result
