@@ -311,12 +311,11 @@ typedef struct ncclepLLCombineArgs_v2 {
   const int* recvSlotCounts;
   void* out;                /* out: bf16 [B, hidden] */
   int rejectCode;           /* 0, or an ncclepRejectReason_t: this rank rejected the call. phases must
-                               be NCCLEP_PHASE_ALL; no row is sent and nothing is written. numTokens
-                               and sendSlots: the matching dispatch's when this rank has them (the
-                               rows peers send it are then waited for and dropped), or sendSlots
-                               NULL: the call then waits until every peer has received its part of
-                               this call (so no peer may put this call's receive half after a later
-                               call of another kind); the other fields are ignored */
+                               be NCCLEP_PHASE_ALL; every other field is ignored: no row is sent,
+                               nothing is written. Without a handle this rank cannot tell what its
+                               peers send it, so the kernel finishes once every peer has received its
+                               part of this call: no peer may put this call's receive half after a
+                               later call of another kind */
 } ncclepLLCombineArgs_t;
 
 /* What a kernel reported instead of trapping: code 0 = nothing. Codes: 1 a wait timed out (phase,
