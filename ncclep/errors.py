@@ -41,7 +41,8 @@ class NcclepError(Exception):
 
 class InvalidArgument(NcclepError, ValueError):
     """An argument broke the API contract. Nothing was moved and the group stays usable; the
-    group's peers raise :class:`CommError` naming this rank for the same call (see ``reason``).
+    group's peers raise :class:`CommError` naming this rank for the same call (on the CUDA
+    backend at their next call: see :class:`ncclep.Group`).
 
     ``reason`` is a key of :data:`REJECT_REASONS` (e.g. ``"dtype"``, ``"tokens"``, ``"handle"``).
     """
@@ -68,13 +69,15 @@ DEVICE = "device"  # a kernel reported a protocol error; the group is broken
 
 
 class CommError(NcclepError, RuntimeError):
-    """A wait expired, a peer failed, or a peer rejected its input of the same call.
+    """A wait expired, a peer failed, or a peer rejected its input of a call.
 
     ``phase`` names the protocol step that was waiting, ``rank`` the rank that saw it and
     ``peer`` the rank it concerns (-1 when unknown). ``reason`` says what happened:
 
-    - ``"peer_rejected"``: rank ``peer`` raised :class:`InvalidArgument` for this call. Nothing
-      was moved, nothing was returned anywhere, and the group stays usable (``group_usable``).
+    - ``"peer_rejected"``: rank ``peer`` raised :class:`InvalidArgument` for a call, and the
+      group stays usable (``group_usable``). Reference backend: for this call; nothing was moved
+      or returned anywhere. CUDA backend: for the call that ``phase`` names, which returned here
+      without that rank's part (discard its outputs); this call took no part: make it again.
     - ``"timeout"``, ``"peer_lost"``, ``"mismatch"``, ``"broken"``, ``"device"``: the group is
       broken: every later call on it raises ``CommError(reason="broken")`` at once. Close it and
       open a new :class:`ncclep.Group`; after ``"timeout"`` or ``"peer_lost"`` on the reference
