@@ -39,8 +39,7 @@ using ht::kFull;
 
 struct Shared {
   ht::RecvPlan plan;
-  int tokens[kHTMaxRanks];   // forward: tokens of the source on each node
-  int rejects[kHTMaxRanks];  // forward: unused by dispatch (waitSources)
+  int tokens[kHTMaxRanks];  // forward: tokens of the source on each node
   bool last;
 };
 
@@ -144,7 +143,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeDispatchKernel(const
     // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
     const bool known = p.rejectCode == 0;
     const int bytes = known ? (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16 : int(c.layout.payloadBytes);
-    ht::forwardRole<Net, true>(peers, c, t, seq, s.tokens, s.rejects, bytes, known ? p.topk : c.layout.maxTopk);
+    ht::forwardRole<Net, true>(peers, c, t, seq, s.tokens, nullptr, bytes, known ? p.topk : c.layout.maxTopk);
   } else {
     recvRole(peers, p, seq, s.plan);
   }
