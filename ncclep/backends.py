@@ -58,10 +58,19 @@ def choose(requested: str, cfg: GroupConfig, device: torch.device, comm: Any) ->
     return "reference", gap
 
 
-def build(name: str, cfg: GroupConfig, rank: int, process_group: Any, comm: Any) -> Any:
-    """The backend object of the group's mode."""
+def build(
+    name: str,
+    cfg: GroupConfig,
+    rank: int,
+    process_group: Any,
+    comm: Any,
+    device: torch.device | None = None,
+    key: int = 0,
+) -> Any:
+    """The backend object of the group's mode. ``key`` identifies the group, the same on every
+    rank (the reference backend's exchanges carry it)."""
     if name == "cuda":
-        return CudaLL(cfg, rank, comm) if cfg.mode == "ll" else CudaHT(cfg, rank, comm)
+        return CudaLL(cfg, rank, comm, device) if cfg.mode == "ll" else CudaHT(cfg, rank, comm, device)
     if cfg.mode == "ll":
-        return ReferenceLL(cfg, rank, process_group)
-    return ReferenceHT(cfg, rank, process_group)
+        return ReferenceLL(cfg, rank, process_group, device, key)
+    return ReferenceHT(cfg, rank, process_group, device, key)

@@ -70,7 +70,8 @@ def init_from_mpi(comm: Any, backend: str, timeout_s: float = 300.0) -> dist.Pro
     if world_ranks != list(range(dist.get_world_size())):
         raise InvalidArgument(
             "the mpi4py communicator does not span torch.distributed's world in rank order; "
-            "pass the matching torch.distributed process group instead"
+            "pass the matching torch.distributed process group instead",
+            reason="option",
         )
     return dist.group.WORLD
 

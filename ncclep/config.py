@@ -19,6 +19,7 @@ LAYOUT_IDS = {"flat": 0, "expert_major": 1}  # NCCLEP_HT_LAYOUT_*
 MODE_IDS = {"ll": 0, "ht": 1}  # NCCLEP_MODE_*
 LL_HIDDEN_MULTIPLE = fp8.BLOCK  # one fp8 scale per block of channels
 HT_HIDDEN_MULTIPLE = 8  # 16-byte bf16 rows
+MAX_TIMEOUT_S = 1e6  # deadlines become timedeltas and device clock counts
 
 
 @dataclass(frozen=True)
@@ -36,31 +37,45 @@ class GroupConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise InvalidArgument(f"mode must be one of {MODES}, got {self.mode!r}", reason="option")
         for name in ("num_experts", "max_tokens_per_rank", "hidden", "world_size", "max_topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
+                raise InvalidArgument(f"{name} must be a positive int, got {value!r}", reason="option")
         if self.num_experts % self.world_size:
             raise InvalidArgument(
-                f"num_experts ({self.num_experts}) must be divisible by the world size ({self.world_size})"
+                f"num_experts ({self.num_experts}) must be divisible by the world size ({self.world_size})",
+                reason="option",
             )
         if self.max_topk > self.num_experts:
             raise InvalidArgument(
-                f"max_topk ({self.max_topk}) must be at most num_experts ({self.num_experts})"
+                f"max_topk ({self.max_topk}) must be at most num_experts ({self.num_experts})", reason="topk"
             )
         if self.mode == "ll" and self.hidden % LL_HIDDEN_MULTIPLE:
             raise InvalidArgument(
-                f"LL mode needs hidden divisible by {LL_HIDDEN_MULTIPLE}, got {self.hidden}"
+                f"LL mode needs hidden divisible by {LL_HIDDEN_MULTIPLE}, got {self.hidden}", reason="hidden"
             )
         if self.mode == "ht" and self.hidden % HT_HIDDEN_MULTIPLE:
             raise InvalidArgument(
-                f"HT mode needs hidden divisible by {HT_HIDDEN_MULTIPLE} (16-byte rows), got {self.hidden}"
+                f"HT mode needs hidden divisible by {HT_HIDDEN_MULTIPLE} (16-byte rows), got {self.hidden}",
+                reason="hidden",
             )
-        if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms <= 0):
-            raise InvalidArgument(f"num_sms must be a positive int or None, got {self.num_sms!r}")
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise InvalidArgument(f"timeout_s must be positive, got {self.timeout_s!r}")
+        if self.num_sms is not None and (
+            not isinstance(self.num_sms, int) or isinstance(self.num_sms, bool) or self.num_sms <= 0
+        ):
+            raise InvalidArgument(
+                f"num_sms must be a positive int or None, got {self.num_sms!r}", reason="option"
+            )
+        timeout = self.timeout_s
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not 0 < timeout < MAX_TIMEOUT_S  # also refuses NaN and infinity
+        ):
+            raise InvalidArgument(
+                f"timeout_s must be positive and below {MAX_TIMEOUT_S:g} seconds, got {timeout!r}",
+                reason="option",
+            )
 
     @property
     def num_local_experts(self) -> int:

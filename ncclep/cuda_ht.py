@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from . import _native, outputs
 from .config import LAYOUT_IDS, GroupConfig
-from .device_errors import raise_device_error, recorded_error
-from .errors import InvalidArgument
+from .device_errors import raise_device_error, recorded_error, reject_in_call
+from .errors import CommError, InvalidArgument
 from .handles import HTDispatchOutput, HTHandle
 
 
@@ -33,10 +33,12 @@ class CudaHTCombine:
 
 
 class CudaHT:
-    def __init__(self, cfg: GroupConfig, rank: int, comm: Any) -> None:
+    def __init__(self, cfg: GroupConfig, rank: int, comm: Any, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.rank = rank
         self.comm = comm
+        self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._broke: list[CommError] = []  # the report that broke the group (raise_device_error)
         self.max_row_bytes = int(comm.ht_max_row_bytes())
         self._c = _native.module()
         self._pending = self._c.DeviceErrorPending
@@ -44,8 +46,14 @@ class CudaHT:
         self._combine_plans: dict[tuple[int, int, bool], Any] = {}
 
     def raise_device_error(self) -> None:
-        """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
-        raise_device_error(self.comm, self.cfg, self.rank)
+        """Raise what a kernel reported (bad input of an earlier call, a peer's rejection of one,
+        or a timed-out wait; after that, that the group is broken)."""
+        raise_device_error(self.comm, self.cfg, self.rank, self._broke)
+
+    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
+        """As :meth:`ncclep.cuda_ll.CudaLL.reject`: take part in ``op`` with the reason, no payload."""
+        kernel = op if op in ("ht_combine", "ht_dispatch_cached") else "ht_dispatch"
+        reject_in_call(self.comm, "ht_combine" if op == "ll_combine" else kernel, problem, self)
 
     # ------------------------------------------------------------------------------ dispatch
 
@@ -94,7 +102,7 @@ class CudaHT:
                 plan, x, x_scales, topk_idx, topk_weights, LAYOUT_IDS[layout], alignment
             )
         except self._pending as err:
-            raise recorded_error(err.args, self.cfg, self.rank) from None
+            raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
         return outputs.ht_dispatch_output(out)
 
     def dispatch_recv(self, state: CudaHTDispatch) -> HTDispatchOutput:
@@ -103,13 +111,20 @@ class CudaHT:
     def dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
         """Route ``x [B, ...]`` along an earlier dispatch: ``[N, ...]``, zeros on rows holding no token."""
         tokens = handle.send_pos.shape[0]
-        if x.shape[0] != tokens:
-            raise InvalidArgument(f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens")
+        if x.shape[0] != tokens:  # checked before (ops.ht_dispatch_cached); kept for direct callers
+            raise InvalidArgument(
+                f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens", reason="shape"
+            )
         rest = tuple(x.shape[1:])
         row_bytes = math.prod(rest) * x.element_size()
         if row_bytes > self.max_row_bytes:
-            raise InvalidArgument(
-                f"dispatch_cached moves rows of at most {self.max_row_bytes} bytes, got {row_bytes}"
+            # a limit of the kernels: the peers must hear of it like any other bad input
+            self.reject(
+                "ht_dispatch_cached",
+                InvalidArgument(
+                    f"dispatch_cached moves rows of at most {self.max_row_bytes} bytes, got {row_bytes}",
+                    reason="shape",
+                ),
             )
         rows = handle.recv_slot.shape[0]
         out = torch.empty((rows, *rest), dtype=x.dtype, device=x.device)
@@ -119,7 +134,7 @@ class CudaHT:
         try:
             self.comm.ht_dispatch_cached(x.contiguous(), handle.send_pos, handle.recv_slot, out, row_bytes)
         except self._pending as err:
-            raise recorded_error(err.args, self.cfg, self.rank) from None
+            raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
         return out
 
     # ------------------------------------------------------------------------------ combine
@@ -129,11 +144,7 @@ class CudaHT:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = x.shape[1]
         topk = handle.recv_topk_idx.shape[1]
-        if hidden % 8:
-            raise InvalidArgument(f"HT combine needs hidden divisible by 8, got {hidden}")
-        if topk_weights is not None and topk_weights.shape != handle.recv_topk_idx.shape:
-            expected = tuple(handle.recv_topk_idx.shape)
-            raise InvalidArgument(f"topk_weights must have shape {expected}, got {tuple(topk_weights.shape)}")
+        # hidden % 8 and the weights' shape are checked before (validate.validate_ht_combine)
         key = (hidden, topk, topk_weights is not None)
         plan = self._combine_plans.get(key)
         if plan is None:
@@ -145,7 +156,7 @@ class CudaHT:
                 plan, x, h.send_pos, h.recv_slot, h.recv_counts, h.recv_topk_idx, topk_weights
             )
         except self._pending as err:
-            raise recorded_error(err.args, self.cfg, self.rank) from None
+            raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
         return out, weights
 
     def combine_send(

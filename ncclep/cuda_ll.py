@@ -8,13 +8,14 @@ allocated in C++ from an ``OutputPlan`` made once per shape key from :mod:`nccle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from . import _native, outputs
 from .config import GroupConfig
-from .device_errors import raise_device_error, recorded_error
+from .device_errors import raise_device_error, recorded_error, reject_in_call
+from .errors import CommError, InvalidArgument
 from .handles import LLDispatchOutput, LLHandle
 
 
@@ -31,10 +32,12 @@ class CudaLLCombine:
 
 
 class CudaLL:
-    def __init__(self, cfg: GroupConfig, rank: int, comm: Any) -> None:
+    def __init__(self, cfg: GroupConfig, rank: int, comm: Any, device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.rank = rank
         self.comm = comm
+        self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._broke: list[CommError] = []  # the report that broke the group (raise_device_error)
         c = _native.module()
         self._c = c
         self._pending = c.DeviceErrorPending
@@ -43,8 +46,15 @@ class CudaLL:
         self._combine_plans: dict[int, Any] = {}
 
     def raise_device_error(self) -> None:
-        """Raise what a kernel reported (bad input of an earlier call, or a timed-out wait)."""
-        raise_device_error(self.comm, self.cfg, self.rank)
+        """Raise what a kernel reported (bad input of an earlier call, a peer's rejection of one,
+        or a timed-out wait; after that, that the group is broken)."""
+        raise_device_error(self.comm, self.cfg, self.rank, self._broke)
+
+    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
+        """This rank's input of ``op`` was rejected on the host: take part in the call with the
+        reason and no payload (the kernels carry it to every peer, which records it and raises
+        CommError naming this rank at a later call or ``check()``), then raise ``problem``."""
+        reject_in_call(self.comm, "ll_combine" if op.endswith("combine") else "ll_dispatch", problem, self)
 
     trace: torch.Tensor | None = None
     """Set to an int64 CUDA tensor [blocks, 16] to record per-block step times (bench/ll_phases.py)."""
@@ -67,7 +77,7 @@ class CudaLL:
         try:
             return self.comm.ll_dispatch(plan, x, idx, w, use_fp8, ue8m0, phases, out, self.trace)
         except self._pending as err:
-            raise recorded_error(err.args, self.cfg, self.rank) from None
+            raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
 
     def dispatch(
         self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, use_fp8: bool, ue8m0: bool
@@ -99,7 +109,7 @@ class CudaLL:
                 plan, expert_out, h.send_slots, h.recv_rows, h.recv_weights, h.recv_slot_counts, phases, out
             )
         except self._pending as err:
-            raise recorded_error(err.args, self.cfg, self.rank) from None
+            raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
 
     def combine(
         self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None

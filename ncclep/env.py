@@ -19,7 +19,7 @@ def virtual_nodes() -> int:
     try:
         nodes = int(value)
     except ValueError:
-        raise InvalidArgument(f"{VIRTUAL_NODES} must be an integer, got {value!r}") from None
+        raise InvalidArgument(f"{VIRTUAL_NODES} must be an integer, got {value!r}", reason="option") from None
     if nodes < 1:
-        raise InvalidArgument(f"{VIRTUAL_NODES} must be at least 1, got {nodes}")
+        raise InvalidArgument(f"{VIRTUAL_NODES} must be at least 1, got {nodes}", reason="option")
     return nodes

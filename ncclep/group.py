@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import zlib
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from . import _native, backends, env, ops, registry, validate
+from . import _native, backends, collectives, env, ops, registry, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import MODE_IDS, GroupConfig
-from .errors import InvalidArgument, NcclepError
+from .errors import PEER_LOST, PEER_REJECTED, TIMEOUT, CommError, InvalidArgument, NcclepError
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
 T = TypeVar("T")
@@ -57,7 +58,9 @@ class Group:
         process_group: a torch.distributed group (default WORLD) or an mpi4py communicator.
         max_topk: the largest top-k the group accepts.
         num_sms: SMs the kernels may use (None: the mode's default).
-        timeout_s: deadline of every device-side wait.
+        timeout_s: deadline of every wait: the kernels' on the CUDA backend, every collective's on
+            the reference backend (and group creation's exchange on both). A wait past it raises
+            :class:`ncclep.CommError` and breaks the group.
         backend: ``"auto"`` (the CUDA kernels where they can serve the group, else the reference
             backend, with a :class:`ncclep.FallbackWarning` naming the reason when the group is on
             CUDA devices), ``"reference"`` or ``"cuda"`` (raises :class:`ncclep.NcclepError` with
@@ -65,6 +68,28 @@ class Group:
 
     ``group.backend`` says which backend runs the ops and ``group.backend_reason`` why it is not
     ``"cuda"`` (None when it is).
+
+    Failures end on every rank. Bad arguments raise :class:`ncclep.InvalidArgument` at once on the
+    rank that passed them; that rank still takes part in the call, with no rows and its reason in
+    their place, so every peer hears of it instead of waiting: the peer raises
+    :class:`ncclep.CommError` with ``reason="peer_rejected"`` and ``peer`` that rank, and the group
+    stays usable (``CommError.group_usable``). When the peer raises differs by backend:
+
+    - reference backend: in that same call; nothing was moved on any rank.
+    - CUDA backend: good calls never wait for the host, so the peer's call returns, its kernels
+      taking the rejecting rank's part as empty, and the rejection is raised by the first later
+      call on the group that starts after those kernels finished (it then takes no part in any
+      exchange: make it again), or by :meth:`check`, which synchronises first. The outputs of the
+      rejected call on the peer lack the rejecting rank's part: discard them. A peer whose part
+      of a combine or cached dispatch exchanged nothing with the rejecting rank is not told.
+
+    Bad expert ids are found by the CUDA kernels without a host sync: that call treats them as -1
+    and the bad rank's next call (or :meth:`check`) raises InvalidArgument, taking no part either.
+    A missing, dead or out-of-step peer raises CommError within ``timeout_s`` and breaks the group
+    (``group_usable`` False; every later call raises ``reason="broken"``): close it and open a new
+    one on every rank. On the reference backend open it on a new process group (the old one may
+    still hold the abandoned exchange); on the CUDA backend the same process group serves, unless
+    a process died. Every rank must make the same calls on a group in the same order.
     """
 
     def __init__(
@@ -79,8 +104,11 @@ class Group:
         timeout_s: float = 100.0,
         backend: str = "auto",
     ) -> None:
+        problems: list[InvalidArgument] = []
         if backend not in BACKENDS:
-            raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
+            problems.append(
+                InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}", reason="option")
+            )
         self._mpi_comm = process_group if is_mpi_comm(process_group) else None
         if self._mpi_comm is not None:
             process_group = init_from_mpi(self._mpi_comm, "nccl" if torch.cuda.is_available() else "gloo")
@@ -90,19 +118,52 @@ class Group:
                 "or pass an mpi4py communicator"
             )
         self.process_group = process_group if process_group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.process_group)
-        self.world_size = dist.get_world_size(self.process_group)
-        self.config = GroupConfig(
+        try:
+            self.rank = dist.get_rank(self.process_group)
+            self.world_size = dist.get_world_size(self.process_group)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            raise InvalidArgument(
+                "process_group must be a torch.distributed ProcessGroup or an mpi4py communicator, "
+                f"got {type(process_group).__name__} ({exc})",
+                reason="type",
+            ) from None
+        if self.rank < 0:
+            raise InvalidArgument("this rank is not a member of process_group", reason="option")
+        self.config: GroupConfig
+        try:
+            self.config = GroupConfig(
+                num_experts=num_experts,
+                max_tokens_per_rank=max_tokens_per_rank,
+                hidden=hidden,
+                mode=mode,
+                world_size=self.world_size,
+                max_topk=max_topk,
+                num_sms=num_sms,
+                timeout_s=timeout_s,
+            )
+        except InvalidArgument as exc:
+            problems.append(exc)
+        try:
+            env.virtual_nodes()
+        except InvalidArgument as exc:
+            problems.append(exc)
+        self.device = self._pick_device()
+        arguments = dict(
             num_experts=num_experts,
             max_tokens_per_rank=max_tokens_per_rank,
             hidden=hidden,
             mode=mode,
-            world_size=self.world_size,
             max_topk=max_topk,
             num_sms=num_sms,
-            timeout_s=timeout_s,
+            # 4 and 4.0 are the same deadline
+            timeout_s=float(timeout_s)
+            if isinstance(timeout_s, int) and not isinstance(timeout_s, bool)
+            else timeout_s,
+            backend=backend,
         )
-        self.device = self._pick_device()
+        # Before anything else the ranks meet once (bounded): a rank whose arguments are bad
+        # still comes, so every rank raises instead of its peers waiting in the next collective.
+        key, self._hosts = self._agree(arguments, problems[0] if problems else None, timeout_s)
         self._native: Any = None
         self._native_info: dict[str, Any] = {}
         if self.device.type == "cuda" and _native.available() and backend != "reference":
@@ -112,7 +173,9 @@ class Group:
             self._native.close()  # the reference backend needs none of its window
             self._native = None
         self._local_ranks, self._nodes = self._topology()
-        self._backend = backends.build(self.backend, self.config, self.rank, self.process_group, self._native)
+        self._backend = backends.build(
+            self.backend, self.config, self.rank, self.process_group, self._native, self.device, key
+        )
         # Compiled graphs hold the id as a constant and the fake kernels read the sizes through
         # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
         # graph) from handing a graph traced for one configuration to a group with another.
@@ -126,6 +189,62 @@ class Group:
         if "nccl" in pg_backend and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    def _agree(
+        self, arguments: dict[str, Any], problem: InvalidArgument | None, timeout_s: Any
+    ) -> tuple[int, list[str]]:
+        """One bounded all-gather of every rank's arguments, host name and verdict on them.
+
+        Returns (the group's key, the same on every rank; host names by rank). Raises, on every
+        rank alike: this rank's InvalidArgument; CommError naming a peer whose arguments were
+        rejected; InvalidArgument when the ranks passed different arguments.
+        """
+        ok_timeout = (
+            isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and 0 < timeout_s < 1e6
+        )
+        wait_s = float(timeout_s) if ok_timeout else 100.0
+        record = dict(
+            status=0 if problem is None else problem.code,
+            text=None if problem is None else str(problem)[:400],
+            args={k: repr(v) for k, v in arguments.items()},
+            host=socket.gethostname()[:200],
+            nonce=int.from_bytes(os.urandom(8), "little") >> 2,  # not random: users seed it
+        )
+        try:
+            records = collectives.all_gather_json(record, 2048, self.process_group, self.device, wait_s)
+        except (collectives.Expired, collectives.Failed) as exc:
+            what = "passed the deadline" if isinstance(exc, collectives.Expired) else f"failed ({exc})"
+            raise CommError(
+                f"group creation: rank {self.rank}'s exchange with its peers {what} after "
+                f"timeout_s={wait_s:g} s: every rank of the process group must create the group",
+                phase="group creation",
+                rank=self.rank,
+                reason=TIMEOUT if isinstance(exc, collectives.Expired) else PEER_LOST,
+            ) from None
+        if problem is not None:
+            raise problem
+        if any(r is None for r in records):
+            raise CommError("group creation: a peer sent an unreadable record", phase="group creation")
+        for peer, r in enumerate(records):
+            if r["status"]:
+                raise CommError(
+                    f"group creation: rank {peer} rejected its arguments ({r['text']})",
+                    phase="group creation",
+                    rank=self.rank,
+                    peer=peer,
+                    reason=PEER_REJECTED,
+                )
+        mine = record["args"]
+        for peer, r in enumerate(records):
+            diff = [k for k in mine if r["args"].get(k) != mine[k]]
+            if diff:
+                detail = ", ".join(f"{k}={r['args'].get(k)} there, {mine[k]} here" for k in diff)
+                raise InvalidArgument(
+                    f"ranks {self.rank} and {peer} passed different arguments to Group ({detail}): "
+                    "every rank must pass the same",
+                    reason="option",
+                )
+        return int(records[0]["nonce"]), [str(r["host"]) for r in records]
 
     def _broadcast_from_rank0(self, value: Any) -> Any:
         if self._mpi_comm is not None:
@@ -163,13 +282,13 @@ class Group:
             per_host = int(self._native_info["lsa_size"])
             hosts = int(self._native_info["n_lsa_teams"])
         else:
-            names: list[Any] = [None] * self.world_size
-            dist.all_gather_object(names, socket.gethostname(), group=self.process_group)
-            per_host = names.count(socket.gethostname())
+            names = self._hosts
+            per_host = names.count(names[self.rank])
             hosts = len(set(names))
         if per_host % virtual:
             raise InvalidArgument(
-                f"NCCLEP_VIRTUAL_NODES={virtual} does not divide the {per_host} ranks of a host"
+                f"NCCLEP_VIRTUAL_NODES={virtual} does not divide the {per_host} ranks of a host",
+                reason="option",
             )
         return per_host // virtual, hosts * virtual
 
@@ -254,11 +373,23 @@ class Group:
             f"hidden={cfg.hidden})"
         )
 
-    def _require(self, mode: str) -> None:
+    def _require_open(self) -> None:
         if self.closed:
             raise NcclepError(f"group {self.id} is closed")
+
+    def _check_mode(self, mode: str) -> None:
         if self.config.mode != mode:
-            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}")
+            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
+
+    def _reject(self, op: str, problem: InvalidArgument) -> NoReturn:
+        """``op``'s host-side checks failed here: this rank still takes part in the op (the
+        backend's ``reject``: no rows, the reason in their place), so that every peer hears of it
+        (see the class docstring), then raises ``problem``."""
+        self._backend.reject(op, problem)
+
+    def _stamp(self, out: T) -> T:
+        """The output with its handle marked as this group's (a combine elsewhere refuses it)."""
+        return out._replace(handle=out.handle.of_group(self.id))  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------------------- LL
 
@@ -295,23 +426,31 @@ class Group:
             index; rows past ``expert_counts[e]`` are padding with unspecified contents.
 
         Raises:
-            InvalidArgument: a dtype, shape, device or size outside the above (nothing launched;
-                the group stays usable). Out-of-range or repeated expert ids are found on the
+            InvalidArgument: a dtype, shape, device or size outside the above; nothing is moved,
+                every peer raises :class:`CommError` naming this rank (see :class:`Group`) and
+                the group stays usable. Out-of-range or repeated expert ids are found on the
                 device without a host sync: the call treats them as -1 and the next call (or
                 :meth:`check`) raises.
-            CommError: a peer did not take part within ``timeout_s``; the group can only be closed.
+            CommError: a peer rejected its arguments (``reason="peer_rejected"``, the group stays
+                usable), or a peer did not take part within ``timeout_s`` (the group can only be
+                closed).
         """
-        self._require("ll")
-        validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
-        if ue8m0 and not use_fp8:
-            raise InvalidArgument("ue8m0 scales need use_fp8=True")
+        self._require_open()
+        try:
+            self._check_mode("ll")
+            validate.check_flags(use_fp8=use_fp8, ue8m0=ue8m0, send_only=send_only)
+            validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
+            if ue8m0 and not use_fp8:
+                raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+        except InvalidArgument as problem:
+            self._reject("ll_dispatch", problem)
         if send_only:
             state = self._backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
-            return Pending(lambda: self._backend.dispatch_recv(state))
+            return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
         if ops.eager(x):
-            return self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0)
+            return self._stamp(self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0))
         outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
-        return ll_output(outs, use_fp8)
+        return ll_output(outs, use_fp8, self.id)
 
     def ll_combine(
         self,
@@ -338,11 +477,17 @@ class Group:
         Raises:
             InvalidArgument: a dtype or shape outside the above; CommError: as for dispatch.
         """
-        self._require("ll")
-        validate.validate_ll_combine(self.config, self.device, expert_out)
-        tokens = handle.send_slots.shape[0]
-        if out is not None:
-            validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+        self._require_open()
+        try:
+            self._check_mode("ll")
+            validate.check_flags(send_only=send_only)
+            validate.validate_ll_handle(self.config, self.device, handle, self.id)
+            validate.validate_ll_combine(self.config, self.device, expert_out)
+            if out is not None:
+                tokens = handle.send_slots.shape[0]
+                validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+        except InvalidArgument as problem:
+            self._reject("ll_combine", problem)
         if send_only:
             state = self._backend.combine_send(expert_out, handle, out)
             return Pending(lambda: self._backend.combine_recv(state, out))
@@ -390,21 +535,27 @@ class Group:
             how many rows are used. Unused rows have ``topk_idx`` -1 and weight 0.
 
         Raises:
-            InvalidArgument: bad dtype, shape, device, size, layout or alignment (nothing
-                launched); bad expert ids are reported by the next call, as in LL.
-            CommError: a peer did not take part within ``timeout_s``.
+            InvalidArgument: bad dtype, shape, device, size, layout or alignment (nothing moved;
+                peers raise CommError as in :meth:`ll_dispatch`); bad expert ids are reported by
+                the next call, as in LL.
+            CommError: as in :meth:`ll_dispatch`.
         """
-        self._require("ht")
-        validate.validate_ht_dispatch(
-            self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
-        )
+        self._require_open()
+        try:
+            self._check_mode("ht")
+            validate.check_flags(send_only=send_only)
+            validate.validate_ht_dispatch(
+                self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
+            )
+        except InvalidArgument as problem:
+            self._reject("ht_dispatch", problem)
         if send_only:
             state = self._backend.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment)
-            return Pending(lambda: self._backend.dispatch_recv(state))
+            return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
         if ops.eager(x, topk_weights):
-            return self._backend.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment)
+            return self._stamp(self._backend.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment))
         outs = torch.ops.ncclep.ht_dispatch(self.id, x, x_scales, topk_idx, topk_weights, layout, alignment)
-        return ht_output(outs, x_scales is not None, topk_weights is not None)
+        return ht_output(outs, x_scales is not None, topk_weights is not None, self.id)
 
     def ht_combine(
         self,
@@ -430,9 +581,15 @@ class Group:
         Raises:
             InvalidArgument: a dtype or shape outside the above; CommError: as for dispatch.
         """
-        self._require("ht")
-        rows, topk = handle.recv_topk_idx.shape
-        validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+        self._require_open()
+        try:
+            self._check_mode("ht")
+            validate.check_flags(send_only=send_only)
+            validate.validate_ht_handle(self.config, self.device, handle, self.id)
+            rows, topk = handle.recv_topk_idx.shape
+            validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+        except InvalidArgument as problem:
+            self._reject("ht_combine", problem)
         if send_only:
             state = self._backend.combine_send(x, handle, topk_weights)
             return Pending(lambda: self._backend.combine_recv(state))
@@ -442,12 +599,15 @@ class Group:
         return out, (weights if topk_weights is not None else None)
 
 
-def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool) -> LLDispatchOutput:
-    recv_x, scales, counts, *handle = outs
-    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, LLHandle(*handle))
+def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool, group: int | None = None) -> LLDispatchOutput:
+    recv_x, scales, counts, send_slots, recv_rows, recv_weights, recv_slot_counts = outs
+    handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts, group)
+    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, handle)
 
 
-def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool) -> HTDispatchOutput:
+def ht_output(
+    outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool, group: int | None = None
+) -> HTDispatchOutput:
     recv_x, scales, idx, weights, num_recv, counts, send_pos, recv_slot, recv_counts = outs
     return HTDispatchOutput(
         recv_x,
@@ -456,5 +616,5 @@ def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: boo
         weights if has_weights else None,
         num_recv,
         counts,
-        HTHandle(send_pos, recv_slot, recv_counts, idx),
+        HTHandle(send_pos, recv_slot, recv_counts, idx, group),
     )

@@ -6,7 +6,7 @@ handles can cross ``torch.compile`` graphs and CUDA graphs. Both backends fill t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -22,15 +22,21 @@ class LLHandle:
       row (``expert * R*T + position``) of its k-th choice when that expert is local, else -1.
     * ``recv_weights [R, T, Kmax]`` float32: its top-k weights (0 where recv_rows is -1).
     * ``recv_slot_counts [R]`` int32: how many slots each rank filled.
+    * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
+      tensors); a combine on another group refuses it.
     """
 
     send_slots: torch.Tensor
     recv_rows: torch.Tensor
     recv_weights: torch.Tensor
     recv_slot_counts: torch.Tensor
+    group: int | None = field(default=None, compare=False)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts)
+
+    def of_group(self, group: int) -> LLHandle:
+        return LLHandle(self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts, group)
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,21 @@ class HTHandle:
       padding rows.
     * ``recv_counts [R]`` int32: tokens received from each rank.
     * ``recv_topk_idx [N, K]``: local expert ids of each row (-1 where the expert is elsewhere).
+    * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
+      tensors); a combine on another group refuses it.
     """
 
     send_pos: torch.Tensor
     recv_slot: torch.Tensor
     recv_counts: torch.Tensor
     recv_topk_idx: torch.Tensor
+    group: int | None = field(default=None, compare=False)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx)
+
+    def of_group(self, group: int) -> HTHandle:
+        return HTHandle(self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx, group)
 
 
 class LLDispatchOutput(NamedTuple):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import outputs, registry
+from . import outputs, registry, validate
+from .errors import InvalidArgument
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
 LLDispatchTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -215,8 +216,14 @@ def ht_dispatch_cached(
 ) -> Tensor:
     """Route ``x [B, ...]`` along an earlier HT dispatch (its handle): ``[N, ...]``, zeros on rows
     that hold no token. The backward of ``ht_combine``."""
+    entry = registry.lookup(group)
     handle = HTHandle(send_pos, recv_slot, recv_counts, recv_slot.new_empty((0, 0)))
-    return registry.lookup(group).backend.dispatch_cached(x, handle)
+    try:
+        validate.validate_ht_handle(entry.config, entry.group.device, handle, with_topk=False)
+        validate.validate_ht_dispatch_cached(entry.config, entry.group.device, x, handle)
+    except InvalidArgument as problem:  # the peers hear of it (see Group)
+        entry.backend.reject("ht_dispatch_cached", problem)
+    return entry.backend.dispatch_cached(x, handle)
 
 
 @ht_dispatch_cached.register_fake

@@ -66,25 +66,62 @@ def peer_skips_a_call(group: Any, call: Callable[[], object]) -> str:
     return "no error"
 
 
+def run_isolated(world_size: int, worker: Callable[..., Any], *args: Any) -> list[Any]:
+    """Runs ``worker`` on ``world_size`` GPUs in processes of their own (for workers that may leave
+    a group broken); skips without the GPUs or the extension."""
+    import torch
+
+    import ncclep
+
+    if torch.cuda.device_count() < world_size or not ncclep.cuda_extension_available():
+        pytest.skip(f"needs {world_size} GPUs and the extension")
+    isolated = DistPool(world_size, "nccl")
+    try:
+        return isolated.run(worker, *args)
+    finally:
+        isolated.close()
+
+
 def assert_peer_timeout_reported(worker: Callable[[], str]) -> None:
     """Runs ``worker`` (which calls :func:`peer_skips_a_call`) on 2 GPUs in processes of its own
     (the group is left broken) and checks that rank 0 named rank 1."""
     import os
 
+    results = run_isolated(2, worker)
+    assert results[1] == "skipped"
+    assert results[0].startswith("CommError peer=1"), results[0]
+    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
+
+
+def peer_rejection(call: Callable[[], object], bad: int, reason: str, phase: str) -> str | None:
+    """Worker side, on a peer of rank ``bad``, which rejected its arguments of the call just made
+    (CUDA backend): once that call's kernels finished, the next call raises CommError naming
+    ``bad``, the reason and the phase, without taking part. None, or what was wrong."""
     import torch
 
     import ncclep
 
-    if torch.cuda.device_count() < 2 or not ncclep.cuda_extension_available():
-        pytest.skip("needs 2 GPUs and the extension")
-    isolated = DistPool(2, "nccl")
+    torch.cuda.synchronize()
     try:
-        results = isolated.run(worker)
-    finally:
-        isolated.close()
-    assert results[1] == "skipped"
-    assert results[0].startswith("CommError peer=1"), results[0]
-    assert os.environ.get("NCCLEP_VIRTUAL_NODES") is None
+        call()
+    except ncclep.CommError as exc:
+        if (exc.reason, exc.peer, exc.phase, exc.group_usable) != ("peer_rejected", bad, phase, True):
+            return f"{phase}: CommError {exc.reason} peer={exc.peer} phase={exc.phase}: {exc}"
+        if f"rank {bad} rejected its input" not in str(exc) or f"({reason}:" not in str(exc):
+            return f"{phase}: the message does not say who and why: {exc}"
+        return None
+    return f"{phase}: no CommError on the call after a peer's rejection"
+
+
+def own_rejection(call: Callable[[], object], reason: str) -> str | None:
+    """Worker side, on the rank with bad arguments: ``call`` raises InvalidArgument(reason)."""
+    import ncclep
+
+    try:
+        call()
+    except ncclep.InvalidArgument as exc:
+        return None if exc.reason == reason else f"InvalidArgument reason {exc.reason}, not {reason}"
+    return "the bad call did not raise InvalidArgument"
 
 
 @pytest.fixture(scope="session")

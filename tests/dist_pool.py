@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -98,14 +99,49 @@ class DistPool:
             raise AssertionError(f"{fn.__name__} failed on ranks {sorted(failures)}:\n{detail}")
         return [out[r] for r in range(self.world_size)]
 
-    def close(self) -> None:
+    def run_outcomes(
+        self, fn: Callable[..., Any], *args: Any, deadline_s: float, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Like :meth:`run`, for runs where a rank may die or hang: per rank ``("ok", value)``,
+        ``("raised", traceback)``, ``("died", exit code)`` or ``("hung", None)`` after
+        ``deadline_s``. A death or a hang retires the whole world (the next run starts afresh)."""
+        if not self._procs or not all(p.is_alive() for p in self._procs):
+            self.close(graceful=False)
+            self._start()
         for q in self._tasks:
+            q.put((fn, args, kwargs))
+        out: dict[int, tuple[str, Any]] = {}
+        end = time.monotonic() + deadline_s
+        while len(out) < self.world_size:
             try:
-                q.put(None)
-            except (OSError, ValueError):
+                rank, ok, value = self._results.get(timeout=0.1)
+                out[rank] = ("ok", value) if ok else ("raised", value)
+                continue
+            except queue.Empty:
                 pass
+            for r, p in enumerate(self._procs):
+                if r not in out and not p.is_alive():
+                    out[r] = ("died", p.exitcode)
+            if time.monotonic() > end:
+                for r in range(self.world_size):
+                    out.setdefault(r, ("hung", None))
+        if any(kind in ("died", "hung") for kind, _ in out.values()):
+            self.close(graceful=False)
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers: ``graceful`` lets them leave the process group first (up to 5 s
+        each); otherwise (a world with a dead or stuck rank) they are killed."""
+        if graceful:
+            for q in self._tasks:
+                try:
+                    q.put(None)
+                except (OSError, ValueError):
+                    pass
         for p in self._procs:
-            p.join(timeout=5)
+            if graceful:
+                p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
         self._procs = []

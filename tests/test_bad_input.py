@@ -6,6 +6,7 @@ there is no case for it here; tests/gpu covers it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,14 @@ def ll_cases(group: ncclep.Group, ht_group: ncclep.Group) -> list[tuple[str, typ
     c = group.ll_combine
     twice = idx.clone()
     twice[2, 1] = twice[2, 0] = 3
+    # handles that are not this group's: another group's of the same sizes, one of other sizes
+    # (rebuilt from its tensors, so only its sizes can tell), the other mode's
+    twin = ncclep.Group(E, T, H, mode="ll", max_topk=KMAX, backend="reference")
+    small = ncclep.Group(E, T // 2, H, mode="ll", max_topk=KMAX, backend="reference")
+    twin_handle = twin.ll_dispatch(x, idx, w).handle
+    small_handle = ncclep.LLHandle(*small.ll_dispatch(x[:4], idx[:4], w[:4]).handle.tensors())
+    ht_handle = ht_group.ht_dispatch(x, idx, w).handle
+    world = group.world_size
     return [
         ("x dtype", IA, r"x must have dtype bfloat16, got torch.float32",
          lambda: d(x.float(), idx, w)),
@@ -120,6 +129,20 @@ def ll_cases(group: ncclep.Group, ht_group: ncclep.Group) -> list[tuple[str, typ
          lambda: c(eo, handle, out=torch.empty(B, 128, dtype=torch.bfloat16))),
         ("out dtype", IA, r"out must have dtype bfloat16",
          lambda: c(eo, handle, out=torch.empty(B, 256))),
+        ("handle None", IA, r"handle must be the LLHandle of this group's ll_dispatch, got NoneType",
+         lambda: c(eo, None)),
+        ("HT handle", IA, r"handle must be the LLHandle .*, got HTHandle", lambda: c(eo, ht_handle)),
+        ("handle of another group", IA,
+         rf"the LL handle comes from group {twin.id}, not from this group \({group.id}\)",
+         lambda: c(eo, twin_handle)),
+        ("handle of other sizes", IA,
+         rf"LL handle's recv_rows has shape \({world}, {T // 2}, {KMAX}\); this group's handles have "
+         rf"\({world}, {T}, {KMAX}\) \(is it a handle of another group\?\)",
+         lambda: c(eo, small_handle)),
+        ("handle field dtype", IA, r"LL handle's recv_weights must have dtype float32",
+         lambda: c(eo, dataclasses.replace(handle, recv_weights=handle.recv_weights.double()))),
+        ("use_fp8 not a bool", IA, r"use_fp8 must be a bool, got 'yes'", lambda: d(x, idx, w, use_fp8="yes")),
+        ("send_only not a bool", IA, r"send_only must be a bool, got 1", lambda: c(eo, handle, send_only=1)),
         ("LL dispatch on an HT group", IA, r"LL ops need a group made with mode='ll'",
          lambda: ht_group.ll_dispatch(x, idx, w)),
         ("LL combine on an HT group", IA, r"LL ops need a group made with mode='ll'",
@@ -131,6 +154,8 @@ def ht_cases(group: ncclep.Group, ll_group: ncclep.Group) -> list[tuple[str, typ
     x, idx, w = good_inputs(10)
     q, s = fp8.quantize(x)
     out = group.ht_dispatch(x, idx, w, layout="expert_major", alignment=4)
+    ll_out = ll_group.ll_dispatch(x, idx, w)
+    routing_of_out = out.handle.tensors()[:3]  # what the cached dispatch takes
     n = out.x.shape[0]
     d = group.ht_dispatch
     c = group.ht_combine
@@ -177,6 +202,18 @@ def ht_cases(group: ncclep.Group, ll_group: ncclep.Group) -> list[tuple[str, typ
          lambda: c(out.x, out.handle, topk_weights=torch.rand(n, 3))),
         ("combine weights dtype", IA, r"topk_weights must have dtype float32",
          lambda: c(out.x, out.handle, topk_weights=torch.rand(n, K).double())),
+        ("combine handle None", IA, r"handle must be the HTHandle of this group's ht_dispatch, got NoneType",
+         lambda: c(out.x, None)),
+        ("combine LL handle", IA, r"handle must be the HTHandle .*, got LLHandle",
+         lambda: c(out.x, ll_out.handle)),
+        ("combine handle recv_counts", IA, r"HT handle's recv_counts has shape \(3,\)",
+         lambda: c(out.x, dataclasses.replace(out.handle, recv_counts=torch.zeros(3, dtype=torch.int32)))),
+        ("combine hidden not /8", IA, r"HT combine needs hidden divisible by 8, got 100",
+         lambda: c(torch.zeros(n, 100, dtype=torch.bfloat16), out.handle)),
+        ("alignment a bool", IA, r"alignment must be a positive int, got True",
+         lambda: d(x, idx, w, layout="expert_major", alignment=True)),
+        ("cached dispatch rows", IA, r"x has 5 rows but the handle's dispatch had 6 tokens",
+         lambda: torch.ops.ncclep.ht_dispatch_cached(group.id, x[:5].contiguous(), *routing_of_out)),
         ("HT dispatch on an LL group", IA, r"HT ops need a group made with mode='ht'",
          lambda: ll_group.ht_dispatch(x, idx, w)),
         ("HT combine on an LL group", IA, r"HT ops need a group made with mode='ht'",

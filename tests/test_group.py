@@ -78,9 +78,25 @@ def _properties_worker() -> dict[str, Any]:
     )
     expect(ValueError, r"timeout_s must be positive", lambda: ncclep.Group(experts, T, H, timeout_s=0))
     # every constructor error is an InvalidArgument, so `except ncclep.NcclepError` catches it too
-    for bad in (dict(mode="xl"), dict(max_topk=0), dict(num_sms=-1), dict(backend="gpu")):
+    for bad in (
+        dict(mode="xl"),
+        dict(max_topk=0),
+        dict(num_sms=-1),
+        dict(num_sms=True),
+        dict(backend="gpu"),
+        dict(timeout_s=float("inf")),
+        dict(timeout_s=float("nan")),
+        dict(timeout_s=True),
+        dict(process_group="world"),
+    ):
         expect(ncclep.InvalidArgument, "", lambda bad=bad: ncclep.Group(experts, T, H, **bad))
         expect(ncclep.NcclepError, "", lambda bad=bad: ncclep.Group(experts, T, H, **bad))
+    # a rank outside the process group cannot make a group over it
+    only_rank0 = dist.new_group([0])
+    if rank != 0:
+        expect(
+            ncclep.InvalidArgument, "not a member", lambda: ncclep.Group(4, T, H, process_group=only_rank0)
+        )
     return props
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from ncclep.config import LAYOUT_IDS, MODE_IDS, GroupConfig, ht_num_rows_python
+from ncclep.errors import REJECT_REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
     "tests/c/kernel_facts_main.cc",
-    *(f"csrc/core/{n}.cc" for n in ("kernel_facts", "config", "last_error")),
+    *(f"csrc/core/{n}.cc" for n in ("kernel_facts", "config", "last_error", "reject_reasons")),
 ]
 
 
@@ -109,3 +110,12 @@ def test_limits(facts) -> None:  # type: ignore[no-untyped-def]
     (answer,) = facts("limits")
     fields = dict(item.split("=") for item in answer.split()[1:])
     assert fields["ll_max_topk"] == "16" and fields["ht_max_ranks"] == "32" and fields["fp8_block"] == "128"
+
+
+def test_reject_reasons_match_the_python_copy(facts) -> None:  # type: ignore[no-untyped-def]
+    (answer,) = facts("rejects")
+    status, *names = answer.split()
+    assert status == "ok" and names[0] == "none" and names[-1] == "unknown", answer
+    assert {name: code for code, name in enumerate(names[1:-1], start=1)} == {
+        name: code for name, (code, _) in REJECT_REASONS.items()
+    }

@@ -12,6 +12,7 @@ enum DeviceErrorCode : int32_t {
   kDeviceBadExpert = 2,      // an expert id out of [-1, numExperts): value holds it
   kDeviceDuplicateExpert = 3,  // a token named one expert twice: value holds the token
   kDeviceProtocol = 4,       // a flag carried an unexpected epoch
+  kDevicePeerRejected = 5,   // rank `peer` rejected its arguments of the call: value = its reason
 };
 
 enum DevicePhase : int32_t {

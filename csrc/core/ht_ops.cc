@@ -56,17 +56,114 @@ HTCommon common(const ncclepGroup* g, int blocks, HTOp op) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-ncclepResult_t checkHeader(size_t size, unsigned version, size_t expected, const char* call) {
-  NCCLEP_REQUIRE(size == expected && version == NCCLEP_HT_ARGS_VERSION, "%s: args.size/version = %zu/%u, expected %zu/%u",
-                 call, size, version, expected, NCCLEP_HT_ARGS_VERSION);
-  return ncclepSuccess;
-}
-
-ncclepResult_t checkCommon(const ncclepGroup* g, int phases, int numTokens, const char* call) {
+ncclepResult_t checkCommon(const ncclepGroup* g, int phases, int numTokens, int rejectCode, const char* call) {
   NCCLEP_REQUIRE(phases == NCCLEP_PHASE_ALL, "%s: phases = %d: HT calls take NCCLEP_PHASE_ALL only", call, phases);
+  NCCLEP_CHECK(checkRejectCode(rejectCode, phases, call));
+  if (rejectCode != 0) return ncclepSuccess;  // nothing else is read
   NCCLEP_REQUIRE(numTokens >= 0 && numTokens <= g->config.maxTokensPerRank,
                  "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, numTokens,
                  g->config.maxTokensPerRank);
+  return ncclepSuccess;
+}
+
+// The launch parameters of a normal call (rejectCode 0), after checking its arguments.
+ncclepResult_t dispatchParams(const ncclepGroup* g, const ncclepHTDispatchArgs_t& a, const char* call,
+                              HTDispatchParams* p) {
+  const int H = a.hidden;
+  NCCLEP_REQUIRE(H > 0 && H <= g->config.hidden && H % (a.useFp8 ? 128 : 8) == 0,
+                 "%s: hidden = %d: must be a positive multiple of %d up to the group's %d", call, H,
+                 a.useFp8 ? 128 : 8, g->config.hidden);
+  NCCLEP_REQUIRE(!a.useFp8 || a.scaleBytes == 4 || a.scaleBytes == 1, "%s: scaleBytes = %d: must be 4 or 1", call,
+                 a.scaleBytes);
+  NCCLEP_REQUIRE(a.topk >= 1 && a.topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a.topk,
+                 g->config.maxTopk);
+  NCCLEP_REQUIRE(a.topkIdxBits == 32 || a.topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
+                 a.topkIdxBits);
+  NCCLEP_REQUIRE(a.layout == NCCLEP_HT_LAYOUT_FLAT || a.layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR,
+                 "%s: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", call, a.layout);
+  NCCLEP_REQUIRE(a.alignment >= 1 && (a.layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || a.alignment == 1),
+                 "%s: alignment = %d: must be >= 1, and 1 for the flat layout", call, a.alignment);
+  const long long rows = htNumRows(g->config, g->nRanks, a.topk, a.layout, a.alignment);
+  NCCLEP_REQUIRE(a.numRows == rows, "%s: numRows = %lld: this layout needs %lld", call, a.numRows, rows);
+  NCCLEP_REQUIRE(rows <= 0x7fffffffLL, "%s: %lld output rows exceed the kernels' int range", call, rows);
+  NCCLEP_REQUIRE(a.numTokens == 0 || (a.x && a.topkIdx && a.sendPos && (!a.useFp8 || a.xScales)),
+                 "%s: x, topkIdx, sendPos (and xScales with fp8) are required", call);
+  NCCLEP_REQUIRE(a.recvX && a.recvTopkIdx && a.numRecv && a.expertCounts && a.recvSlot && a.recvCounts &&
+                     (!a.useFp8 || a.recvScales) && (!a.topkWeights || a.recvTopkWeights),
+                 "%s: an output pointer is NULL", call);
+  NCCLEP_REQUIRE(aligned16(a.x) && aligned16(a.recvX), "%s: x and recvX must be 16-byte aligned", call);
+  p->x = a.x;
+  p->xScales = a.xScales;
+  p->rowBytes = a.useFp8 ? H : H * 2;
+  p->scaleRowBytes = a.useFp8 ? (H / 128) * a.scaleBytes : 0;
+  p->scaleWordBytes = a.useFp8 ? a.scaleBytes : 0;
+  p->topkIdx = a.topkIdx;
+  p->topkIdx64 = a.topkIdxBits == 64;
+  p->topkWeights = a.topkWeights;
+  p->numTokens = a.numTokens;
+  p->topk = a.topk;
+  p->expertMajor = a.layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR;
+  p->alignment = a.alignment;
+  p->numRows = int(rows);
+  p->recvX = a.recvX;
+  p->recvScales = a.recvScales;
+  p->recvTopkIdx = a.recvTopkIdx;
+  // An empty topk_weights (no tokens here) may be NULL: what we receive still carries weights.
+  p->recvTopkWeights = a.recvTopkWeights;
+  p->numRecv = a.numRecv;
+  p->expertCounts = a.expertCounts;
+  p->sendPos = a.sendPos;
+  p->recvSlot = a.recvSlot;
+  p->recvCounts = a.recvCounts;
+  return ncclepSuccess;
+}
+
+ncclepResult_t combineParams(const ncclepGroup* g, const ncclepHTCombineArgs_t& a, const char* call,
+                             HTCombineParams* p) {
+  NCCLEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0 && a.hidden <= g->config.hidden,
+                 "%s: hidden = %d: must be a positive multiple of 8 up to the group's %d", call, a.hidden,
+                 g->config.hidden);
+  NCCLEP_REQUIRE(a.topk >= 1 && a.topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a.topk,
+                 g->config.maxTopk);
+  const long long flat = htNumRows(g->config, g->nRanks, a.topk, NCCLEP_HT_LAYOUT_FLAT, 1);
+  NCCLEP_REQUIRE(a.numRows >= flat && a.numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
+                 a.numRows, flat);
+  NCCLEP_REQUIRE(a.x && a.recvSlot && a.recvCounts && (!a.topkWeights || a.recvTopkIdx),
+                 "%s: x and the handle are required", call);
+  NCCLEP_REQUIRE(a.numTokens == 0 || (a.sendPos && a.out && (!a.topkWeights || a.outWeights)),
+                 "%s: sendPos and out (and outWeights with topkWeights) are required", call);
+  NCCLEP_REQUIRE(aligned16(a.x) && aligned16(a.out), "%s: x and out must be 16-byte aligned", call);
+  p->x = a.x;
+  p->hidden = a.hidden;
+  p->topkWeights = a.topkWeights;
+  p->topk = a.topk;
+  p->sendPos = a.sendPos;
+  p->recvSlot = a.recvSlot;
+  p->recvCounts = a.recvCounts;
+  p->recvTopkIdx = a.recvTopkIdx;
+  p->numTokens = a.numTokens;
+  p->numRows = int(a.numRows);
+  p->out = a.out;
+  p->outWeights = a.topkWeights ? a.outWeights : nullptr;
+  return ncclepSuccess;
+}
+
+ncclepResult_t cachedParams(const ncclepGroup* g, const ncclepHTCachedDispatchArgs_t& a, const char* call,
+                            HTCachedParams* p) {
+  NCCLEP_REQUIRE(a.rowBytes > 0 && a.rowBytes <= int(g->plan.ht.flagOffset),
+                 "%s: rowBytes = %d: must be in [1, %u]", call, a.rowBytes, g->plan.ht.flagOffset);
+  const long long flat = htNumRows(g->config, g->nRanks, 1, NCCLEP_HT_LAYOUT_FLAT, 1);
+  NCCLEP_REQUIRE(a.numRows >= flat && a.numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
+                 a.numRows, flat);
+  NCCLEP_REQUIRE(a.recvSlot && a.out, "%s: recvSlot and out are required", call);
+  NCCLEP_REQUIRE(a.numTokens == 0 || (a.x && a.sendPos), "%s: x and sendPos are required", call);
+  p->x = a.x;
+  p->rowBytes = a.rowBytes;
+  p->numTokens = a.numTokens;
+  p->numRows = int(a.numRows);
+  p->sendPos = a.sendPos;
+  p->recvSlot = a.recvSlot;
+  p->out = a.out;
   return ncclepSuccess;
 }
 
@@ -96,63 +193,18 @@ extern "C" ncclepResult_t ncclepHTMaxRowBytes(ncclepGroup_t g, int* bytes) {
   return ncclepSuccess;
 }
 
-extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispatchArgs_t* a, cudaStream_t stream) {
+extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispatchArgs_t* args, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepHTDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
-  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
-  NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTDispatchArgs_t), call));
-  NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
-  const int H = a->hidden;
-  NCCLEP_REQUIRE(H > 0 && H <= g->config.hidden && H % (a->useFp8 ? 128 : 8) == 0,
-                 "%s: hidden = %d: must be a positive multiple of %d up to the group's %d", call, H,
-                 a->useFp8 ? 128 : 8, g->config.hidden);
-  NCCLEP_REQUIRE(!a->useFp8 || a->scaleBytes == 4 || a->scaleBytes == 1, "%s: scaleBytes = %d: must be 4 or 1", call,
-                 a->scaleBytes);
-  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
-                 g->config.maxTopk);
-  NCCLEP_REQUIRE(a->topkIdxBits == 32 || a->topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
-                 a->topkIdxBits);
-  NCCLEP_REQUIRE(a->layout == NCCLEP_HT_LAYOUT_FLAT || a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR,
-                 "%s: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", call, a->layout);
-  NCCLEP_REQUIRE(a->alignment >= 1 && (a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || a->alignment == 1),
-                 "%s: alignment = %d: must be >= 1, and 1 for the flat layout", call, a->alignment);
-  const long long rows = htNumRows(g->config, g->nRanks, a->topk, a->layout, a->alignment);
-  NCCLEP_REQUIRE(a->numRows == rows, "%s: numRows = %lld: this layout needs %lld", call, a->numRows, rows);
-  NCCLEP_REQUIRE(rows <= 0x7fffffffLL, "%s: %lld output rows exceed the kernels' int range", call, rows);
-  NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->topkIdx && a->sendPos && (!a->useFp8 || a->xScales)),
-                 "%s: x, topkIdx, sendPos (and xScales with fp8) are required", call);
-  NCCLEP_REQUIRE(a->recvX && a->recvTopkIdx && a->numRecv && a->expertCounts && a->recvSlot && a->recvCounts &&
-                     (!a->useFp8 || a->recvScales) && (!a->topkWeights || a->recvTopkWeights),
-                 "%s: an output pointer is NULL", call);
-  NCCLEP_REQUIRE(aligned16(a->x) && aligned16(a->recvX), "%s: x and recvX must be 16-byte aligned", call);
-
+  ncclepHTDispatchArgs_t a;
+  NCCLEP_CHECK(readArgs(args, NCCLEP_HT_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(checkCommon(g, a.phases, a.numTokens, a.rejectCode, call));
   const int blocks = groupKernelSms(g);
   HTDispatchParams p{};
   p.c = common(g, blocks, HTOp::Dispatch);
-  p.x = a->x;
-  p.xScales = a->xScales;
-  p.rowBytes = a->useFp8 ? H : H * 2;
-  p.scaleRowBytes = a->useFp8 ? (H / 128) * a->scaleBytes : 0;
-  p.scaleWordBytes = a->useFp8 ? a->scaleBytes : 0;
-  p.topkIdx = a->topkIdx;
-  p.topkIdx64 = a->topkIdxBits == 64;
-  p.topkWeights = a->topkWeights;
-  p.numTokens = a->numTokens;
-  p.topk = a->topk;
-  p.expertMajor = a->layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR;
-  p.alignment = a->alignment;
-  p.numRows = int(rows);
-  p.recvX = a->recvX;
-  p.recvScales = a->recvScales;
-  p.recvTopkIdx = a->recvTopkIdx;
-  // An empty topk_weights (no tokens here) may be NULL: what we receive still carries weights.
-  p.recvTopkWeights = a->recvTopkWeights;
-  p.numRecv = a->numRecv;
-  p.expertCounts = a->expertCounts;
-  p.sendPos = a->sendPos;
-  p.recvSlot = a->recvSlot;
-  p.recvCounts = a->recvCounts;
+  p.rejectCode = a.rejectCode;  // rejected: no token; the layout step and the kernel carry the code
+  if (a.rejectCode == 0) NCCLEP_CHECK(dispatchParams(g, a, call, &p));
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   NCCLEP_CUDA_CHECK(cudaError_t(launchHTLayout(p, blocks, stream)), "launching the HT layout kernels");
@@ -165,42 +217,18 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
   NCCLEP_API_CATCH
 }
 
-extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombineArgs_t* a, cudaStream_t stream) {
+extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombineArgs_t* args, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepHTCombine";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
-  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
-  NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTCombineArgs_t), call));
-  NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
-  NCCLEP_REQUIRE(a->hidden > 0 && a->hidden % 8 == 0 && a->hidden <= g->config.hidden,
-                 "%s: hidden = %d: must be a positive multiple of 8 up to the group's %d", call, a->hidden,
-                 g->config.hidden);
-  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
-                 g->config.maxTopk);
-  const long long flat = htNumRows(g->config, g->nRanks, a->topk, NCCLEP_HT_LAYOUT_FLAT, 1);
-  NCCLEP_REQUIRE(a->numRows >= flat && a->numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
-                 a->numRows, flat);
-  NCCLEP_REQUIRE(a->x && a->recvSlot && a->recvCounts && (!a->topkWeights || a->recvTopkIdx),
-                 "%s: x and the handle are required", call);
-  NCCLEP_REQUIRE(a->numTokens == 0 || (a->sendPos && a->out && (!a->topkWeights || a->outWeights)),
-                 "%s: sendPos and out (and outWeights with topkWeights) are required", call);
-  NCCLEP_REQUIRE(aligned16(a->x) && aligned16(a->out), "%s: x and out must be 16-byte aligned", call);
-
+  ncclepHTCombineArgs_t a;
+  NCCLEP_CHECK(readArgs(args, NCCLEP_HT_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(checkCommon(g, a.phases, a.numTokens, a.rejectCode, call));
   const int blocks = groupKernelSms(g);
   HTCombineParams p{};
   p.c = common(g, blocks, HTOp::Combine);
-  p.x = a->x;
-  p.hidden = a->hidden;
-  p.topkWeights = a->topkWeights;
-  p.topk = a->topk;
-  p.sendPos = a->sendPos;
-  p.recvSlot = a->recvSlot;
-  p.recvCounts = a->recvCounts;
-  p.recvTopkIdx = a->recvTopkIdx;
-  p.numTokens = a->numTokens;
-  p.numRows = int(a->numRows);
-  p.out = a->out;
-  p.outWeights = a->topkWeights ? a->outWeights : nullptr;
+  p.rejectCode = a.rejectCode;  // rejected: no row, no handle; reject flags where the rows would go
+  if (a.rejectCode == 0) NCCLEP_CHECK(combineParams(g, a, call, &p));
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   if (hierarchical(g))
@@ -212,32 +240,19 @@ extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombine
   NCCLEP_API_CATCH
 }
 
-extern "C" ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t g, const ncclepHTCachedDispatchArgs_t* a,
+extern "C" ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t g, const ncclepHTCachedDispatchArgs_t* args,
                                                  cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepHTCachedDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
-  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
-  NCCLEP_CHECK(checkHeader(a->size, a->version, sizeof(ncclepHTCachedDispatchArgs_t), call));
-  NCCLEP_CHECK(checkCommon(g, a->phases, a->numTokens, call));
-  NCCLEP_REQUIRE(a->rowBytes > 0 && a->rowBytes <= int(g->plan.ht.flagOffset),
-                 "%s: rowBytes = %d: must be in [1, %u]", call, a->rowBytes, g->plan.ht.flagOffset);
-  const long long flat = htNumRows(g->config, g->nRanks, 1, NCCLEP_HT_LAYOUT_FLAT, 1);
-  NCCLEP_REQUIRE(a->numRows >= flat && a->numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
-                 a->numRows, flat);
-  NCCLEP_REQUIRE(a->recvSlot && a->out, "%s: recvSlot and out are required", call);
-  NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->sendPos), "%s: x and sendPos are required", call);
-
+  ncclepHTCachedDispatchArgs_t a;
+  NCCLEP_CHECK(readArgs(args, NCCLEP_HT_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(checkCommon(g, a.phases, a.numTokens, a.rejectCode, call));
   const int blocks = groupKernelSms(g);
   HTCachedParams p{};
   p.c = common(g, blocks, HTOp::Dispatch);
-  p.x = a->x;
-  p.rowBytes = a->rowBytes;
-  p.numTokens = a->numTokens;
-  p.numRows = int(a->numRows);
-  p.sendPos = a->sendPos;
-  p.recvSlot = a->recvSlot;
-  p.out = a->out;
+  p.rejectCode = a.rejectCode;  // rejected: no row, no handle; reject flags where the rows would go
+  if (a.rejectCode == 0) NCCLEP_CHECK(cachedParams(g, a, call, &p));
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   if (hierarchical(g))

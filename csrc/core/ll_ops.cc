@@ -44,54 +44,58 @@ LLCommon common(const ncclepGroup* g) {
 
 using namespace ncclep;
 
-extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispatchArgs_t* a, cudaStream_t stream) {
+extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispatchArgs_t* args, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepLLDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
-  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
-  NCCLEP_REQUIRE(a->size == sizeof(ncclepLLDispatchArgs_t) && a->version == NCCLEP_LL_ARGS_VERSION,
-                 "%s: args.size/version = %zu/%u, expected %zu/%u", call, a->size, a->version,
-                 sizeof(ncclepLLDispatchArgs_t), NCCLEP_LL_ARGS_VERSION);
-  NCCLEP_CHECK(checkPhases(a->phases, call));
-  NCCLEP_CHECK(checkHidden(g, a->hidden, call));
-  NCCLEP_REQUIRE(a->numTokens >= 0 && a->numTokens <= g->config.maxTokensPerRank,
-                 "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a->numTokens,
-                 g->config.maxTokensPerRank);
-  NCCLEP_REQUIRE(a->topk >= 1 && a->topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a->topk,
-                 g->config.maxTopk);
-  NCCLEP_REQUIRE(a->topkIdxBits == 32 || a->topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
-                 a->topkIdxBits);
-  NCCLEP_REQUIRE(!a->ue8m0 || a->useFp8, "%s: ue8m0 needs useFp8", call);
-  if (a->phases & NCCLEP_PHASE_SEND) {
-    NCCLEP_REQUIRE(a->numTokens == 0 || (a->x && a->topkIdx && a->topkWeights),
-                   "%s: x, topkIdx and topkWeights are required", call);
-    NCCLEP_REQUIRE(a->numTokens == 0 || a->sendSlots, "%s: sendSlots is required", call);
-  }
-  if (a->phases & NCCLEP_PHASE_RECV)
-    NCCLEP_REQUIRE(a->recvX && a->expertCounts && a->recvRows && a->recvWeights && a->recvSlotCounts &&
-                       (!a->useFp8 || a->recvScales),
-                   "%s: an output pointer is NULL", call);
-
+  ncclepLLDispatchArgs_t a;
+  NCCLEP_CHECK(readArgs(args, NCCLEP_LL_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(checkPhases(a.phases, call));
+  NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
   LLDispatchParams p{};
   p.c = common(g);
-  p.phases = a->phases;
-  p.x = a->x;
-  p.topkIdx = a->topkIdx;
-  p.topkIdx64 = a->topkIdxBits == 64;
-  p.topkWeights = a->topkWeights;
-  p.numTokens = a->numTokens;
-  p.hidden = a->hidden;
-  p.topk = a->topk;
-  p.useFp8 = a->useFp8;
-  p.ue8m0 = a->ue8m0;
-  p.recvX = a->recvX;
-  p.recvScales = a->recvScales;
-  p.expertCounts = a->expertCounts;
-  p.sendSlots = a->sendSlots;
-  p.recvRows = a->recvRows;
-  p.recvWeights = a->recvWeights;
-  p.recvSlotCounts = a->recvSlotCounts;
-  p.trace = a->trace;
+  p.phases = a.phases;
+  p.rejectCode = a.rejectCode;
+  if (a.rejectCode != 0) {  // no token: the counts carry the code, the receive half only keeps count
+    p.hidden = g->config.hidden;
+    p.topk = 1;
+  } else {
+    NCCLEP_CHECK(checkHidden(g, a.hidden, call));
+    NCCLEP_REQUIRE(a.numTokens >= 0 && a.numTokens <= g->config.maxTokensPerRank,
+                   "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a.numTokens,
+                   g->config.maxTokensPerRank);
+    NCCLEP_REQUIRE(a.topk >= 1 && a.topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a.topk,
+                   g->config.maxTopk);
+    NCCLEP_REQUIRE(a.topkIdxBits == 32 || a.topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
+                   a.topkIdxBits);
+    NCCLEP_REQUIRE(!a.ue8m0 || a.useFp8, "%s: ue8m0 needs useFp8", call);
+    if (a.phases & NCCLEP_PHASE_SEND) {
+      NCCLEP_REQUIRE(a.numTokens == 0 || (a.x && a.topkIdx && a.topkWeights),
+                     "%s: x, topkIdx and topkWeights are required", call);
+      NCCLEP_REQUIRE(a.numTokens == 0 || a.sendSlots, "%s: sendSlots is required", call);
+    }
+    if (a.phases & NCCLEP_PHASE_RECV)
+      NCCLEP_REQUIRE(a.recvX && a.expertCounts && a.recvRows && a.recvWeights && a.recvSlotCounts &&
+                         (!a.useFp8 || a.recvScales),
+                     "%s: an output pointer is NULL", call);
+    p.x = a.x;
+    p.topkIdx = a.topkIdx;
+    p.topkIdx64 = a.topkIdxBits == 64;
+    p.topkWeights = a.topkWeights;
+    p.numTokens = a.numTokens;
+    p.hidden = a.hidden;
+    p.topk = a.topk;
+    p.useFp8 = a.useFp8;
+    p.ue8m0 = a.ue8m0;
+    p.recvX = a.recvX;
+    p.recvScales = a.recvScales;
+    p.expertCounts = a.expertCounts;
+    p.sendSlots = a.sendSlots;
+    p.recvRows = a.recvRows;
+    p.recvWeights = a.recvWeights;
+    p.recvSlotCounts = a.recvSlotCounts;
+    p.trace = a.trace;
+  }
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   NCCLEP_CUDA_CHECK(cudaError_t(launchLLDispatch(p, groupKernelSms(g), stream)), "launching the LL dispatch kernel");
@@ -99,36 +103,39 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   NCCLEP_API_CATCH
 }
 
-extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombineArgs_t* a, cudaStream_t stream) {
+extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombineArgs_t* args, cudaStream_t stream) {
   NCCLEP_API_TRY
   const char* call = "ncclepLLCombine";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
-  NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
-  NCCLEP_REQUIRE(a->size == sizeof(ncclepLLCombineArgs_t) && a->version == NCCLEP_LL_ARGS_VERSION,
-                 "%s: args.size/version = %zu/%u, expected %zu/%u", call, a->size, a->version,
-                 sizeof(ncclepLLCombineArgs_t), NCCLEP_LL_ARGS_VERSION);
-  NCCLEP_CHECK(checkPhases(a->phases, call));
-  NCCLEP_CHECK(checkHidden(g, a->hidden, call));
-  NCCLEP_REQUIRE(a->numTokens >= 0 && a->numTokens <= g->config.maxTokensPerRank,
-                 "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a->numTokens,
-                 g->config.maxTokensPerRank);
-  if (a->phases & NCCLEP_PHASE_SEND)
-    NCCLEP_REQUIRE(a->expertOut && a->recvRows && a->recvWeights && a->recvSlotCounts,
-                   "%s: expertOut and the handle are required", call);
-  if (a->phases & NCCLEP_PHASE_RECV)
-    NCCLEP_REQUIRE(a->numTokens == 0 || (a->sendSlots && a->out), "%s: sendSlots and out are required", call);
-
+  ncclepLLCombineArgs_t a;
+  NCCLEP_CHECK(readArgs(args, NCCLEP_LL_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(checkPhases(a.phases, call));
+  NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
   LLCombineParams p{};
   p.c = common(g);
-  p.phases = a->phases;
-  p.expertOut = a->expertOut;
-  p.hidden = a->hidden;
-  p.numTokens = a->numTokens;
-  p.sendSlots = a->sendSlots;
-  p.recvRows = a->recvRows;
-  p.recvWeights = a->recvWeights;
-  p.recvSlotCounts = a->recvSlotCounts;
-  p.out = a->out;
+  p.phases = a.phases;
+  p.rejectCode = a.rejectCode;
+  if (a.rejectCode != 0) {  // no row: a status word and a signal per peer, then wait for the peers
+    p.hidden = g->config.hidden;
+  } else {
+    NCCLEP_CHECK(checkHidden(g, a.hidden, call));
+    NCCLEP_REQUIRE(a.numTokens >= 0 && a.numTokens <= g->config.maxTokensPerRank,
+                   "%s: numTokens = %d: must be in [0, maxTokensPerRank=%d]", call, a.numTokens,
+                   g->config.maxTokensPerRank);
+    if (a.phases & NCCLEP_PHASE_SEND)
+      NCCLEP_REQUIRE(a.expertOut && a.recvRows && a.recvWeights && a.recvSlotCounts,
+                     "%s: expertOut and the handle are required", call);
+    if (a.phases & NCCLEP_PHASE_RECV)
+      NCCLEP_REQUIRE(a.numTokens == 0 || (a.sendSlots && a.out), "%s: sendSlots and out are required", call);
+    p.expertOut = a.expertOut;
+    p.hidden = a.hidden;
+    p.numTokens = a.numTokens;
+    p.sendSlots = a.sendSlots;
+    p.recvRows = a.recvRows;
+    p.recvWeights = a.recvWeights;
+    p.recvSlotCounts = a.recvSlotCounts;
+    p.out = a.out;
+  }
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
   NCCLEP_CUDA_CHECK(cudaError_t(launchLLCombine(p, groupKernelSms(g), stream)), "launching the LL combine kernel");
@@ -143,7 +150,7 @@ extern "C" ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t g, ncclepDevic
   volatile DeviceError* word = g->errorHost;
   DeviceError e{word->code, word->phase, word->peer, word->value};
   std::memcpy(out, &e, sizeof(e));
-  if (e.code == kDeviceBadExpert || e.code == kDeviceDuplicateExpert) {
+  if (e.code == kDeviceBadExpert || e.code == kDeviceDuplicateExpert || e.code == kDevicePeerRejected) {
     word->phase = 0;
     word->peer = 0;
     word->value = 0;

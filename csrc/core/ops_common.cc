@@ -50,6 +50,16 @@ std::string groupKernelGap(const ncclepGroup* g) {
   return gap;
 }
 
+ncclepResult_t checkRejectCode(int rejectCode, int phases, const char* call) {
+  NCCLEP_REQUIRE(rejectCode >= 0 && rejectCode < ncclepNumRejectReasons,
+                 "%s: rejectCode = %d: must be 0 or an ncclepRejectReason_t (< %d)", call, rejectCode,
+                 int(ncclepNumRejectReasons));
+  NCCLEP_REQUIRE(rejectCode == 0 || phases == NCCLEP_PHASE_ALL,
+                 "%s: a rejected call (rejectCode %d) takes NCCLEP_PHASE_ALL, got phases = %d", call, rejectCode,
+                 phases);
+  return ncclepSuccess;
+}
+
 int groupKernelSms(const ncclepGroup* g) {
   if (g->config.mode == NCCLEP_MODE_HT) return htKernelSms(g->config.numSms, g->deviceSms, hierarchical(g));
   return g->config.numSms > 0 && g->config.numSms < g->deviceSms ? g->config.numSms : g->deviceSms;

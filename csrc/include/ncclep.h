@@ -228,6 +228,37 @@ NCCLEP_API ncclepResult_t ncclepGroupQueryKernelSupport(ncclepGroup_t group, int
 NCCLEP_API const char* ncclepPhaseName(int phase);
 
 /* ------------------------------------------------------------------------------------------
+ * Rejected calls. A rank that finds its own arguments of a call bad (on the host) still takes part
+ * in the call, with `rejectCode` in the op args set to one of the reasons below: it moves no
+ * payload, and the code reaches every peer in the words the peers wait on anyway (counts, message
+ * flags, signals), so nobody waits for a deadline. A peer that reads it records device error 5
+ * (peer = the rejecting rank, value = the code), treats that rank's part of the call as empty and
+ * completes; that call's outputs there lack the rejecting rank's part and must be discarded. Good
+ * calls are unchanged: no host synchronisation, no extra wait.
+ * ------------------------------------------------------------------------------------------ */
+typedef enum {
+  ncclepRejectNone = 0,             /* a normal call */
+  ncclepRejectBadInput = 1,         /* "bad_input": an invalid argument */
+  ncclepRejectType = 2,             /* "type": an argument of the wrong type */
+  ncclepRejectDtype = 3,            /* "dtype": a tensor of the wrong dtype */
+  ncclepRejectShape = 4,            /* "shape": a tensor of the wrong shape */
+  ncclepRejectDevice = 5,           /* "device": a tensor on the wrong device */
+  ncclepRejectLayout = 6,           /* "layout": a non-contiguous tensor */
+  ncclepRejectTokens = 7,           /* "tokens": more tokens than maxTokensPerRank */
+  ncclepRejectHidden = 8,           /* "hidden": a hidden size the group cannot take */
+  ncclepRejectTopk = 9,             /* "topk": a top-k the group cannot take */
+  ncclepRejectExpertId = 10,        /* "expert_id": an expert id out of range */
+  ncclepRejectDuplicateExpert = 11, /* "duplicate_expert": a token naming one expert twice */
+  ncclepRejectHandle = 12,          /* "handle": a handle that does not belong to this call */
+  ncclepRejectMode = 13,            /* "mode": an op of the other mode */
+  ncclepRejectOption = 14,          /* "option": an invalid option */
+  ncclepNumRejectReasons = 15
+} ncclepRejectReason_t;
+
+/* Name of a reject reason, e.g. "shape" (the quoted names above); "unknown" outside them. */
+NCCLEP_API const char* ncclepRejectReasonName(int reason);
+
+/* ------------------------------------------------------------------------------------------
  * LL mode (low latency): dispatch and combine kernels. Every call is collective over the group
  * and enqueued on `stream` without host synchronisation (CUDA-graph capturable). A call may be
  * split into its send half and its receive half (phases), launched separately; the receive half
@@ -236,9 +267,11 @@ NCCLEP_API const char* ncclepPhaseName(int phase);
 #define NCCLEP_PHASE_SEND 1
 #define NCCLEP_PHASE_RECV 2
 #define NCCLEP_PHASE_ALL 3
-#define NCCLEP_LL_ARGS_VERSION 1u
+/* Version 2 added rejectCode. The launchers also take version 1 structs (sizeof up to rejectCode,
+ * which they read as 0). */
+#define NCCLEP_LL_ARGS_VERSION 2u
 
-typedef struct ncclepLLDispatchArgs_v1 {
+typedef struct ncclepLLDispatchArgs_v2 {
   size_t size;              /* sizeof(ncclepLLDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */
@@ -260,9 +293,12 @@ typedef struct ncclepLLDispatchArgs_v1 {
   int* recvSlotCounts;      /* out (handle): [R] */
   unsigned long long* trace;/* optional, for profiling: [numBlocks][16] %globaltimer stamps (ns)
                                of protocol steps per block, see kernels/ll/ll_params.h; NULL = off */
+  int rejectCode;           /* 0, or an ncclepRejectReason_t: this rank rejected the call. phases must
+                               be NCCLEP_PHASE_ALL; every other field is ignored: no token is sent,
+                               nothing is received, no output is written */
 } ncclepLLDispatchArgs_t;
 
-typedef struct ncclepLLCombineArgs_v1 {
+typedef struct ncclepLLCombineArgs_v2 {
   size_t size;              /* sizeof(ncclepLLCombineArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */
@@ -274,12 +310,20 @@ typedef struct ncclepLLCombineArgs_v1 {
   const float* recvWeights;
   const int* recvSlotCounts;
   void* out;                /* out: bf16 [B, hidden] */
+  int rejectCode;           /* 0, or an ncclepRejectReason_t: this rank rejected the call. phases must
+                               be NCCLEP_PHASE_ALL; every other field is ignored: no row is sent,
+                               nothing is written. Without a handle this rank cannot tell what its
+                               peers send it, so the kernel finishes once every peer has received its
+                               part of this call: no peer may put this call's receive half after a
+                               later call of another kind */
 } ncclepLLCombineArgs_t;
 
 /* What a kernel reported instead of trapping: code 0 = nothing. Codes: 1 a wait timed out (phase,
  * peer), 2 an expert id out of range (value), 3 a token named one expert twice (value = token),
- * 4 a protocol error. Phases: 1 LL dispatch send, 2 LL dispatch receive, 3 LL combine send,
- * 4 LL combine receive. Read without synchronising; see ncclepGroupGetDeviceError. */
+ * 4 a protocol error, 5 rank `peer` rejected its arguments of the call (value = its
+ * ncclepRejectReason_t; see "Rejected calls"). Phases: 1 LL dispatch send, 2 LL dispatch receive,
+ * 3 LL combine send, 4 LL combine receive (ncclepPhaseName). Read without synchronising; see
+ * ncclepGroupGetDeviceError. */
 typedef struct ncclepDeviceError_v1 {
   int code;
   int phase;
@@ -292,9 +336,9 @@ NCCLEP_API ncclepResult_t ncclepLLDispatch(ncclepGroup_t group, const ncclepLLDi
 NCCLEP_API ncclepResult_t ncclepLLCombine(ncclepGroup_t group, const ncclepLLCombineArgs_t* args,
                                           cudaStream_t stream);
 
-/* Copies the group's error word. Bad-input codes (2, 3) are cleared by the read (the group stays
- * usable); a timeout or protocol error stays, and every later call returns ncclepTimeout or
- * ncclepInvalidUsage: the group can only be destroyed. */
+/* Copies the group's error word. Bad-input codes (2, 3) and a peer's rejection (5) are cleared by
+ * the read (the group stays usable); a timeout or protocol error stays, and every later call
+ * returns ncclepTimeout or ncclepInvalidUsage: the group can only be destroyed. */
 NCCLEP_API ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t group, ncclepDeviceError_t* error);
 
 /* ------------------------------------------------------------------------------------------
@@ -321,11 +365,12 @@ NCCLEP_API ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t group, ncclepD
  * order inside a segment), segments padded to `alignment` rows. Rows no token uses have
  * recvTopkIdx -1, recvTopkWeights 0, recvSlot -1, and unspecified recvX / recvScales.
  * ------------------------------------------------------------------------------------------ */
-#define NCCLEP_HT_ARGS_VERSION 1u
+/* Version 2 added rejectCode; version 1 structs are taken as in LL mode. */
+#define NCCLEP_HT_ARGS_VERSION 2u
 #define NCCLEP_HT_LAYOUT_FLAT 0
 #define NCCLEP_HT_LAYOUT_EXPERT_MAJOR 1
 
-typedef struct ncclepHTDispatchArgs_v1 {
+typedef struct ncclepHTDispatchArgs_v2 {
   size_t size;              /* sizeof(ncclepHTDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_ALL (the halves cannot be launched apart yet) */
@@ -351,9 +396,11 @@ typedef struct ncclepHTDispatchArgs_v1 {
   int* sendPos;             /* out (handle): [B, R] slot of token b among our tokens for rank d, -1 */
   int* recvSlot;            /* out (handle): [N] source rank * T + slot of each row's token, -1 */
   int* recvCounts;          /* out (handle): [R] tokens received from each rank */
+  int rejectCode;           /* 0, or an ncclepRejectReason_t: this rank rejected the call; every other
+                               field but phases is ignored (no token sent, no output written) */
 } ncclepHTDispatchArgs_t;
 
-typedef struct ncclepHTCombineArgs_v1 {
+typedef struct ncclepHTCombineArgs_v2 {
   size_t size;              /* sizeof(ncclepHTCombineArgs_t) */
   unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_ALL */
@@ -369,9 +416,10 @@ typedef struct ncclepHTCombineArgs_v1 {
   const int* recvTopkIdx;   /* [N, K] */
   void* out;                /* out: bf16 [B, hidden]: per token, the fp32 sum of its rows */
   float* outWeights;        /* out (with topkWeights): [B, K] */
+  int rejectCode;           /* as in ncclepHTDispatchArgs_t (no handle needed) */
 } ncclepHTCombineArgs_t;
 
-typedef struct ncclepHTCachedDispatchArgs_v1 {
+typedef struct ncclepHTCachedDispatchArgs_v2 {
   size_t size;              /* sizeof(ncclepHTCachedDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_ALL */
@@ -382,6 +430,7 @@ typedef struct ncclepHTCachedDispatchArgs_v1 {
   const int* sendPos;       /* the dispatch's handle */
   const int* recvSlot;
   void* out;                /* out: [N, rowBytes]: the row of the token each row holds, zeros elsewhere */
+  int rejectCode;           /* as in ncclepHTDispatchArgs_t (no handle needed) */
 } ncclepHTCachedDispatchArgs_t;
 
 /* Worst-case rows of an HT dispatch output (layout NCCLEP_HT_LAYOUT_*). */

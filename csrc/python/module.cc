@@ -90,6 +90,7 @@ std::string deviceErrorName(int code) {
     case ncclep::kDeviceBadExpert: return "bad_expert";
     case ncclep::kDeviceDuplicateExpert: return "duplicate_expert";
     case ncclep::kDeviceProtocol: return "protocol";
+    case ncclep::kDevicePeerRejected: return "peer_rejected";
     default: return "code " + std::to_string(code);
   }
 }
@@ -345,6 +346,42 @@ class Communicator {
     check(ncclepHTCachedDispatch(g, &a, currentStream(x)));
   }
 
+  // This rank rejected its arguments of `op` ("ll_dispatch", "ll_combine", "ht_dispatch", "ht_combine"
+  // or "ht_dispatch_cached"): takes part in the call with rejectCode = code (ncclep.h, "Rejected
+  // calls"), moving nothing.
+  void reject(const std::string& op, int code, uintptr_t stream) {
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (op == "ll_dispatch") {
+      auto a = zeroedArgs<ncclepLLDispatchArgs_t>(NCCLEP_LL_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepLLDispatch(openGroup(), &a, s));
+    } else if (op == "ll_combine") {
+      auto a = zeroedArgs<ncclepLLCombineArgs_t>(NCCLEP_LL_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepLLCombine(openGroup(), &a, s));
+    } else if (op == "ht_dispatch") {
+      auto a = zeroedArgs<ncclepHTDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepHTDispatch(openGroup(), &a, s));
+    } else if (op == "ht_combine") {
+      auto a = zeroedArgs<ncclepHTCombineArgs_t>(NCCLEP_HT_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepHTCombine(openGroup(), &a, s));
+    } else if (op == "ht_dispatch_cached") {
+      auto a = zeroedArgs<ncclepHTCachedDispatchArgs_t>(NCCLEP_HT_ARGS_VERSION);
+      a.phases = NCCLEP_PHASE_ALL;
+      a.rejectCode = code;
+      check(ncclepHTCachedDispatch(openGroup(), &a, s));
+    } else {
+      throw py::value_error("reject: unknown op " + op);
+    }
+  }
+
   long long htNumRows(int topk, int layout, int alignment) {
     long long rows = 0;
     std::lock_guard<std::mutex> lock(mu_);
@@ -360,8 +397,8 @@ class Communicator {
   }
 
   // None, or (code, phase, peer, value) of the error word with the code and phase by name
-  // ("timeout", "bad_expert", "duplicate_expert", "protocol"; ncclepPhaseName); bad-input codes
-  // are cleared by the read.
+  // ("timeout", "bad_expert", "duplicate_expert", "peer_rejected", "protocol"; ncclepPhaseName);
+  // bad-input codes and a peer's rejection are cleared by the read.
   py::object deviceError() {
     std::lock_guard<std::mutex> lock(mu_);
     return readDeviceError(openGroup());
@@ -463,6 +500,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &OutputPlan::size);
 
   m.def("phase_name", &ncclepPhaseName, py::arg("phase"), "name of a device-error phase");
+  m.def("reject_reason_name", &ncclepRejectReasonName, py::arg("reason"),
+        "name of a reject reason (ncclepRejectReason_t), e.g. 'shape'");
+  m.attr("NUM_REJECT_REASONS") = int(ncclepNumRejectReasons);
 
   m.def(
       "limits",
@@ -581,6 +621,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "HT combine: returns the outputs in HT_COMBINE_OUTPUTS order")
       .def("ht_dispatch_cached", &Communicator::htDispatchCached, py::arg("x"), py::arg("send_pos"),
            py::arg("recv_slot"), py::arg("out"), py::arg("row_bytes"))
+      .def("reject", &Communicator::reject, py::arg("op"), py::arg("code"), py::arg("stream"))
       .def("ht_num_rows", &Communicator::htNumRows, py::arg("topk"), py::arg("layout"), py::arg("alignment"))
       .def("ht_max_row_bytes", &Communicator::htMaxRowBytes)
       .def("device_error", &Communicator::deviceError)

@@ -6,6 +6,7 @@
 //   put(peer, dst, stage, bytes, thread, n)   sends a staged message (nothing to do for LSA peers)
 //   signal(peer, kind, value)                 adds `value` to our signal of `kind` at the peer
 //   wait(peer, kind, least, ...)              waits until the peer's signal of `kind` reaches `least`
+//   read(peer, kind)                          the peer's signal of `kind` now
 //
 // Signal (kind, peer) is a monotonic uint64 counter that `peer` adds to: GIN signal
 // kind * nRanks + peer, or for LSA peers and the emulated network that entry of the group's
@@ -78,6 +79,13 @@ struct Peers {
     return device::waitUntil<device::SignalBackoff>(
         [&] { return (remote ? net.readSignal(signal, counter) : device::loadAcquire(word)) >= least; },
         timeoutNs, err, phase, peer, int32_t(least));
+  }
+
+  // Acquires the signal, as wait does.
+  __device__ __forceinline__ uint64_t read(int peer, int kind) const {
+    const size_t counter = signals.counterAt(kind, peer);
+    if (viaNet(peer)) return net.readSignal(signals.index(kind, peer), counter);
+    return device::loadAcquire(reinterpret_cast<const uint64_t*>(net.local + counter));
   }
 };
 

@@ -46,4 +46,5 @@ def with_weights(process_group: Any, routing: LLHandle, topk_weights: torch.Tens
         recv_rows=routing.recv_rows,
         recv_weights=weights_at_experts(process_group, routing, topk_weights),
         recv_slot_counts=routing.recv_slot_counts,
+        group=routing.group,
     )

@@ -9,14 +9,17 @@ expert rank (one bf16 row per token and rank goes back), then over ranks on the 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from ..config import GroupConfig
+from ..errors import InvalidArgument
 from ..handles import HTDispatchOutput, HTHandle
-from .exchange import Counts, PendingRows, as_bytes, exchange_counts, exchange_rows, pack_rows, unpack_rows
+from .exchange import Counts, Exchange, PendingRows, as_bytes, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
@@ -54,10 +57,31 @@ class HTCombineInFlight:
 
 
 class ReferenceHT:
-    def __init__(self, cfg: GroupConfig, rank: int, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        cfg: GroupConfig,
+        rank: int,
+        group: dist.ProcessGroup | None,
+        device: torch.device | None = None,
+        key: int = 0,
+    ) -> None:
         self.cfg = cfg
         self.rank = rank
         self.group = group
+        self.exchange = Exchange(
+            rank,
+            cfg.world_size,
+            group,
+            device or torch.device("cpu"),
+            cfg.timeout_s,
+            key,
+            zlib.crc32(repr(cfg).encode()),
+        )
+
+    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
+        """Take part in ``op`` with no rows and ``problem``'s reason, then raise ``problem``: the
+        peers raise CommError naming this rank for the same call."""
+        self.exchange.reject(op, problem)
 
     def dispatch_send(
         self,
@@ -71,11 +95,10 @@ class ReferenceHT:
         cfg = self.cfg
         problem = rejected(cfg, topk_idx)
         if problem is not None:
-            zeros = torch.zeros(cfg.world_size, dtype=torch.int64, device=x.device)
-            exchange_counts(zeros, self.group, phase="ht_dispatch", problem=problem)
+            self.exchange.reject("ht_dispatch", problem)
         idx = topk_idx.long()
         mask = destination_mask(idx, cfg.num_local_experts, cfg.world_size)
-        token, dest, send_counts, send_counts_device = sender_order(mask)
+        token, dest, send_counts, _ = sender_order(mask)
         local = local_choices(idx[token], dest, cfg.num_local_experts)
         parts = [x[token]]
         if x_scales is not None:
@@ -83,9 +106,9 @@ class ReferenceHT:
         parts.append(local)
         if topk_weights is not None:
             parts.append(torch.where(local >= 0, topk_weights[token], 0.0))
-        recv_counts = exchange_counts(send_counts_device, self.group, phase="ht_dispatch")
+        call, recv_counts = self.exchange.start("ht_dispatch", send_counts)
         return HTDispatchInFlight(
-            rows=exchange_rows(pack_rows(parts), send_counts, recv_counts.host, self.group),
+            rows=self.exchange.rows("ht_dispatch", call, pack_rows(parts), send_counts, recv_counts.host),
             recv_counts=recv_counts,
             send_pos=slots_from_mask(mask),
             x_dtype=x.dtype,
@@ -182,9 +205,12 @@ class ReferenceHT:
         counts = torch.cat([mask.sum(dim=0).to(torch.int32), handle.recv_counts]).tolist()  # one sync
         ranks = handle.recv_counts.numel()
         send_counts, recv_counts = counts[:ranks], counts[ranks:]
+        call, _ = self.exchange.start("ht_dispatch_cached", send_counts, recv_counts)
         pairs = torch.nonzero_static(mask.t(), size=sum(send_counts))  # by destination, then slot
         rest = tuple(x.shape[1:])
-        rows = exchange_rows(as_bytes(x[pairs[:, 1]]), send_counts, recv_counts, self.group).wait()
+        rows = self.exchange.rows(
+            "ht_dispatch_cached", call, as_bytes(x[pairs[:, 1]]), send_counts, recv_counts
+        ).wait()
         messages = rows.view(x.dtype).reshape(rows.shape[0], *rest)
         spare = torch.zeros((1, *rest), dtype=x.dtype, device=x.device)  # rows holding no token
         return torch.cat([messages, spare])[self._message_of_rows(handle, messages.shape[0])]
@@ -197,6 +223,7 @@ class ReferenceHT:
         counts = torch.cat([handle.recv_counts, back_counts]).tolist()  # the one host sync
         ranks = handle.recv_counts.numel()
         slot_counts, back_host = counts[:ranks], counts[ranks:]
+        call, _ = self.exchange.start("ht_combine", slot_counts, back_host)
         messages = sum(slot_counts)
         message = self._message_of_rows(handle, messages)  # rows holding none add into a spare
         partial = torch.zeros((messages + 1, hidden), dtype=torch.float32, device=x.device)
@@ -209,7 +236,7 @@ class ReferenceHT:
             partial_w = torch.zeros((messages + 1, topk), dtype=torch.float32, device=x.device)
             partial_w.index_add_(0, message, masked)
             parts.append(partial_w[:messages])
-        pending = exchange_rows(pack_rows(parts), slot_counts, back_host, self.group)
+        pending = self.exchange.rows("ht_combine", call, pack_rows(parts), slot_counts, back_host)
         return HTCombineInFlight(pending, back_counts, handle.send_pos, hidden, topk)
 
     def combine_recv(self, state: HTCombineInFlight) -> tuple[torch.Tensor, torch.Tensor | None]:

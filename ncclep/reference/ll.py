@@ -8,15 +8,18 @@ sends one bf16 row back per (token, rank), and the owner sums those in rank orde
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from .. import fp8
 from ..config import GroupConfig
+from ..errors import InvalidArgument
 from ..handles import LLDispatchOutput, LLHandle
-from .exchange import Counts, PendingRows, exchange_counts, exchange_rows, pack_rows, unpack_rows
+from .exchange import Counts, Exchange, PendingRows, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
@@ -57,10 +60,31 @@ def _pad_columns(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
 
 
 class ReferenceLL:
-    def __init__(self, cfg: GroupConfig, rank: int, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        cfg: GroupConfig,
+        rank: int,
+        group: dist.ProcessGroup | None,
+        device: torch.device | None = None,
+        key: int = 0,
+    ) -> None:
         self.cfg = cfg
         self.rank = rank
         self.group = group
+        self.exchange = Exchange(
+            rank,
+            cfg.world_size,
+            group,
+            device or torch.device("cpu"),
+            cfg.timeout_s,
+            key,
+            zlib.crc32(repr(cfg).encode()),
+        )
+
+    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
+        """Take part in ``op`` with no rows and ``problem``'s reason, then raise ``problem``: the
+        peers raise CommError naming this rank for the same call."""
+        self.exchange.reject(op, problem)
 
     def dispatch_send(
         self,
@@ -73,11 +97,10 @@ class ReferenceLL:
         cfg = self.cfg
         problem = rejected(cfg, topk_idx)
         if problem is not None:
-            zeros = torch.zeros(cfg.world_size, dtype=torch.int64, device=x.device)
-            exchange_counts(zeros, self.group, phase="ll_dispatch", problem=problem)
+            self.exchange.reject("ll_dispatch", problem)
         idx = topk_idx.long()
         mask = destination_mask(idx, cfg.num_local_experts, cfg.world_size)
-        token, dest, send_counts, send_counts_device = sender_order(mask)
+        token, dest, send_counts, _ = sender_order(mask)
         local = local_choices(idx[token], dest, cfg.num_local_experts)
         weights = torch.where(local >= 0, topk_weights[token], 0.0)
         if use_fp8:
@@ -92,9 +115,9 @@ class ReferenceLL:
                 _pad_columns(weights, cfg.max_topk, 0.0),
             ]
         )
-        recv_counts = exchange_counts(send_counts_device, self.group, phase="ll_dispatch")
+        call, recv_counts = self.exchange.start("ll_dispatch", send_counts)
         return LLDispatchInFlight(
-            rows=exchange_rows(rows, send_counts, recv_counts.host, self.group),
+            rows=self.exchange.rows("ll_dispatch", call, rows, send_counts, recv_counts.host),
             recv_counts=recv_counts,
             send_slots=slots_from_mask(mask),
             hidden=x.shape[1],
@@ -163,6 +186,7 @@ class ReferenceLL:
         counts = torch.cat([handle.recv_slot_counts, back_counts]).tolist()  # the one host sync
         ranks = handle.recv_slot_counts.numel()
         slot_counts, back_host = counts[:ranks], counts[ranks:]
+        call, _ = self.exchange.start("ll_combine", slot_counts, back_host)
         src, slot = message_source(handle.recv_slot_counts, sum(slot_counts))
         rows = handle.recv_rows[src, slot].long()
         weights = handle.recv_weights[src, slot]
@@ -172,7 +196,7 @@ class ReferenceLL:
         weighted = flat[rows.clamp_min(0)].float() * weights.unsqueeze(-1)
         weighted = torch.where((rows >= 0).unsqueeze(-1), weighted, 0.0)
         partial = weighted.sum(dim=1).to(torch.bfloat16)
-        pending = exchange_rows(partial.view(torch.uint8), slot_counts, back_host, self.group)
+        pending = self.exchange.rows("ll_combine", call, partial.view(torch.uint8), slot_counts, back_host)
         return LLCombineInFlight(pending, back_counts, handle.send_slots, hidden, out)
 
     def combine_recv(self, state: LLCombineInFlight, out: torch.Tensor | None = None) -> torch.Tensor:

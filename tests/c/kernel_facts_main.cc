@@ -1,10 +1,13 @@
-// Drives the C library's kernel facts (ncclepQueryKernelSupport, ncclepHTNumRowsFor, ncclepGetLimits)
-// for tests/test_kernel_facts.py, without a GPU or NCCL: reads one query per line on stdin,
+// Drives the C library's kernel facts (ncclepQueryKernelSupport, ncclepHTNumRowsFor, ncclepGetLimits,
+// ncclepRejectReasonName) for tests/test_kernel_facts.py, without a GPU or NCCL: reads one query
+// per line on stdin,
 //   support MODE EXPERTS TOKENS HIDDEN TOPK RANKS LSA_TEAMS GIN DEVICE_API
 //   rows EXPERTS TOKENS HIDDEN TOPK RANKS K LAYOUT ALIGNMENT
 //   limits
+//   rejects
 // and prints one line per query: "ok <supported> <why>", "ok <rows>", "ok <name>=<value> ...",
-// or "error <status> <message>".
+// "ok <name of reject code 0> <name of code 1> ... <name of code ncclepNumRejectReasons>" (the
+// last one past the list), or "error <status> <message>".
 #include <cstdio>
 #include <iostream>
 #include <sstream>
@@ -64,6 +67,10 @@ int main() {
                     "ht_default_sms=%d fp8_block=%d\n",
                     l.llMaxTopk, l.llMaxRanks, l.llMaxEntries, l.htMaxTopk, l.htMaxRanks, l.htDefaultSms, l.fp8Block);
       }
+    } else if (what == "rejects") {
+      std::printf("ok");
+      for (int code = 0; code <= ncclepNumRejectReasons; ++code) std::printf(" %s", ncclepRejectReasonName(code));
+      std::printf("\n");
     } else {
       std::printf("error -1 unknown query %s\n", what.c_str());
     }

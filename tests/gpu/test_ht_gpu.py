@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call, virtual_nodes
+from conftest import (
+    assert_peer_timeout_reported,
+    gpu_pool,
+    own_rejection,
+    peer_rejection,
+    peer_skips_a_call,
+    run_isolated,
+    virtual_nodes,
+)
 
 import ncclep
 from ncclep import fp8
@@ -497,3 +505,105 @@ def _skipped_call_virtual() -> str:
 
 def test_ht_timeout_names_the_peer_virtual2() -> None:
     assert_peer_timeout_reported(_skipped_call_virtual)
+
+
+BAD = 1  # the rank that rejects its arguments in the rejection tests
+
+
+def _rejected_calls(nodes: int) -> list[str]:
+    """Rank BAD rejects an HT dispatch (a token more than the group takes), then a combine (a row
+    too few), then a cached dispatch (a row too few): it raises InvalidArgument at once; every
+    other rank's call returns and its next call raises CommError(peer_rejected) naming rank BAD.
+    After each, a dispatch + combine + cached dispatch on every rank matches the reference."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(17 + rank)
+    tokens, hidden = 256, 512
+    cuda, ref = _groups(tokens=tokens, hidden=hidden, max_topk=8, nodes=nodes)
+    problems: list[str | None] = []
+    inp = _inputs(g, tokens, hidden, 8, "uniform")
+
+    def matches(what: str) -> None:
+        problem = _check_pair(cuda, ref, inp, "expert_major", 16, g, cached=True)
+        if problem:
+            problems.append(f"{what}: {problem}")
+
+    if rank == BAD:
+        too_many = _inputs(g, tokens + 1, hidden, 8, "uniform")
+        problems.append(own_rejection(lambda: cuda.ht_dispatch(**too_many), "tokens"))
+    else:
+        cuda.ht_dispatch(**inp)  # returns; its outputs lack rank BAD's tokens: discarded
+        again = lambda: cuda.ht_dispatch(**inp)  # noqa: E731
+        problems.append(peer_rejection(again, BAD, "tokens", "ht_dispatch receive"))
+    matches("after the rejected dispatch")
+
+    out = cuda.ht_dispatch(**inp)
+    h = out.handle
+    y = (torch.randn(out.x.shape, generator=g) * 2).to(torch.bfloat16).to(_device())
+    if rank == BAD:
+        problems.append(own_rejection(lambda: cuda.ht_combine(y[:-1].contiguous(), h), "shape"))
+    else:
+        # a peer learns of a rejected combine when it sent tokens to the rejecting rank
+        assert bool((h.send_pos[:, BAD] >= 0).any()), "the inputs route nothing to rank BAD"
+        cuda.ht_combine(y, h)
+        again = lambda: cuda.ht_combine(y, h)  # noqa: E731
+        problems.append(peer_rejection(again, BAD, "shape", "ht_combine receive"))
+    matches("after the rejected combine")
+
+    out = cuda.ht_dispatch(**inp)
+    h = out.handle
+    z = inp["x"]
+
+    def cached(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ncclep.ht_dispatch_cached(cuda.id, rows, h.send_pos, h.recv_slot, h.recv_counts)
+
+    if rank == BAD:
+        problems.append(own_rejection(lambda: cached(z[:-1].contiguous()), "shape"))
+    else:
+        # a peer learns of a rejected cached dispatch when the rejecting rank's tokens came to it
+        assert bool((h.recv_slot // tokens == BAD).any()), "rank BAD routes nothing here"
+        cached(z)
+        problems.append(peer_rejection(lambda: cached(z), BAD, "shape", "ht_dispatch_cached receive"))
+    matches("after the rejected cached dispatch")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return [p for p in problems if p]
+
+
+@pytest.mark.parametrize("world,nodes", WORLDS)
+def test_ht_rejected_call_reported_to_peers(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_rejected_calls, nodes):
+        assert problems == []
+
+
+def _timeout_then_new_group(nodes: int) -> str:
+    """Rank 1 skips a dispatch: rank 0 raises CommError (timeout), then its next call CommError
+    (broken) at once. Both ranks close the group and make a new one on the same process group,
+    whose calls match the reference."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    with virtual_nodes(nodes):
+        group = ncclep.Group(EXPERTS, 64, 256, mode="ht", backend="cuda", timeout_s=2.0)
+    inp = _inputs(g, 16, 256, 4, "uniform")
+    seen = peer_skips_a_call(group, lambda: group.ht_dispatch(**inp))
+    if rank == 0:
+        try:
+            group.ht_dispatch(**inp)
+            seen += " | next call: no error"
+        except ncclep.CommError as exc:
+            seen += f" | next call: {exc.reason}"
+    group.close()
+    cuda, ref = _groups(tokens=64, hidden=256, max_topk=8, nodes=nodes)
+    problem = _check_pair(cuda, ref, inp, "flat", 1, g, cached=True)
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return f"{seen} | new group: {problem}"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_ht_timeout_then_close_and_new_group(nodes: int) -> None:
+    results = run_isolated(2, _timeout_then_new_group, nodes)
+    assert results[0].startswith("CommError peer=1") and "next call: broken" in results[0], results[0]
+    assert results[1].startswith("skipped"), results[1]
+    assert all(r.endswith("new group: None") for r in results), results

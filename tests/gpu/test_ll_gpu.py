@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_peer_timeout_reported, gpu_pool, peer_skips_a_call, virtual_nodes
+from conftest import (
+    assert_peer_timeout_reported,
+    gpu_pool,
+    own_rejection,
+    peer_rejection,
+    peer_skips_a_call,
+    run_isolated,
+    virtual_nodes,
+)
 
 import ncclep
 from ncclep.bench.timing import capture_graph
@@ -231,3 +239,98 @@ def _skipped_call() -> str:
 
 def test_ll_timeout_names_the_peer() -> None:
     assert_peer_timeout_reported(_skipped_call)
+
+
+BAD = 1  # the rank that rejects its arguments in the rejection tests
+
+
+def _rejected_calls(nodes: int) -> list[str]:
+    """Rank BAD rejects an LL dispatch (float32 x), then an LL combine (the reference group's
+    handle): it raises InvalidArgument at once; every other rank's call returns and its next call
+    raises CommError(peer_rejected) naming rank BAD. The calls that follow, on every rank, match
+    the reference: the group stays usable."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(11 + rank)
+    cuda, ref = _groups(max_topk=8, nodes=nodes)
+    problems: list[str | None] = []
+
+    def round_trip(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, what: str) -> None:
+        a, b = cuda.ll_dispatch(x, idx, w), ref.ll_dispatch(x, idx, w)
+        y = torch.randn(a.x.shape, generator=g).to(torch.bfloat16).to(dev)
+        out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)
+        problem = _same_dispatch(a, b)
+        err = _combine_error(out_a, out_b)
+        if problem or err > 1e-2:
+            problems.append(f"{what}: {problem or f'combine error {err:.3g}'}")
+
+    x, idx, w = _inputs(g, T, HIDDEN, 8, "random", dev)
+    if rank == BAD:
+        problems.append(own_rejection(lambda: cuda.ll_dispatch(x.float(), idx, w), "dtype"))
+    else:
+        cuda.ll_dispatch(x, idx, w)  # returns; its outputs lack rank BAD's tokens: discarded
+        again = lambda: cuda.ll_dispatch(x, idx, w)  # noqa: E731
+        problems.append(peer_rejection(again, BAD, "dtype", "ll_dispatch receive"))
+    round_trip(x, idx, w, "the round trip after the rejected dispatch")
+
+    a, b = cuda.ll_dispatch(x, idx, w), ref.ll_dispatch(x, idx, w)
+    y = torch.randn(a.x.shape, generator=g).to(torch.bfloat16).to(dev)
+    if rank == BAD:
+        problems.append(own_rejection(lambda: cuda.ll_combine(y, b.handle), "handle"))
+    else:
+        # a peer learns of a rejected combine when it sent tokens to the rejecting rank
+        assert bool((a.handle.send_slots[:, BAD] >= 0).any()), "the inputs route nothing to rank BAD"
+        cuda.ll_combine(y, a.handle)
+        again = lambda: cuda.ll_combine(y, a.handle)  # noqa: E731
+        problems.append(peer_rejection(again, BAD, "handle", "ll_combine receive"))
+    err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle))
+    if err > 1e-2:
+        problems.append(f"the combine again after the rejected one: error {err:.3g}")
+    round_trip(x, idx, w, "the round trip after the rejected combine")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return [p for p in problems if p]
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (2, 2), (4, 2)])
+def test_ll_rejected_call_reported_to_peers(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_rejected_calls, nodes):
+        assert problems == []
+
+
+def _timeout_then_new_group() -> str:
+    """Rank 1 skips a dispatch: rank 0 raises CommError (timeout), then its next call CommError
+    (broken) at once. Both ranks close the group and make a new one on the same process group,
+    whose calls match the reference."""
+    rank = dist.get_rank()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(rank)
+    group = ncclep.Group(EXPERTS, T, 1024, mode="ll", backend="cuda", timeout_s=2.0)
+    x, idx, w = _inputs(g, 8, 1024, 4, "random", dev)
+    seen = peer_skips_a_call(group, lambda: group.ll_dispatch(x, idx, w))
+    if rank == 0:
+        try:
+            group.ll_dispatch(x, idx, w)
+            seen += " | next call: no error"
+        except ncclep.CommError as exc:
+            seen += f" | next call: {exc.reason}"
+    group.close()
+    cuda = ncclep.Group(EXPERTS, T, 1024, mode="ll", backend="cuda", timeout_s=20.0)
+    ref = ncclep.Group(EXPERTS, T, 1024, mode="ll", backend="reference")
+    a, b = cuda.ll_dispatch(x, idx, w), ref.ll_dispatch(x, idx, w)
+    y = torch.randn(a.x.shape, generator=g).to(torch.bfloat16).to(dev)
+    err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle))
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return f"{seen} | new group: {_same_dispatch(a, b)}, combine error {err:.3g}"
+
+
+def test_ll_timeout_then_close_and_new_group() -> None:
+    results = run_isolated(2, _timeout_then_new_group)
+    assert results[0].startswith("CommError peer=1") and "next call: broken" in results[0], results[0]
+    assert results[1].startswith("skipped"), results[1]
+    for r in results:
+        new = r.split("new group: ")[1]
+        assert new.startswith("None, combine error") and float(new.split()[-1]) <= 1e-2, r

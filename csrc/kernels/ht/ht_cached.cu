@@ -5,10 +5,14 @@
 // Blocks [0, sendBlocks) send: a warp per token stores its row into slot send_pos[b, d] of our
 // region at each destination d, then the slot's flag (release). The other blocks receive: a warp
 // per output row waits for its slot's flag and copies the row (one slot may feed several rows).
+//
+// A rank that rejected the call sends no row: the reject flag in every slot of its region at every
+// rank (as in combine); a receiver finds it in the slot it waits for, records it and writes zeros.
 #include <cstddef>
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_messages.cuh"
 #include "kernels/ht/ht_params.h"
@@ -27,8 +31,14 @@ __device__ void cachedSend(const HTCachedParams& p, uint32_t seq) {
   const int lane = threadIdx.x & 31;
   const int warps = c.sendBlocks * kHTWarps;
   const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5);
-  if (w >= p.numTokens) return;
   const uint64_t epoch = uint64_t(seq) + 1;
+  if (p.rejectCode != 0) {
+    if (!ht::warpWaitPeersDone(c, lsa, seq, kPhaseHTCachedSend, lane)) return;
+    for (int d = 0; d < R; ++d)
+      ht::storeRejectFlags(l, lsa.peerBase(d), c.rank, (epoch << 32) | rejectWord(p.rejectCode), w, warps, lane);
+    return;
+  }
+  if (w >= p.numTokens) return;
 
   if (!ht::warpWaitPeersDone(c, lsa, seq, kPhaseHTCachedSend, lane)) return;
 
@@ -50,7 +60,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCachedKernel(const __grid_con
   __shared__ bool last;
   const uint32_t seq = ht::callSeq(p.c);
   if (int(blockIdx.x) < p.c.sendBlocks) cachedSend(p, seq);
-  else
+  else if (p.rejectCode == 0)
     ht::receiveCachedRows(p, (blockIdx.x - p.c.sendBlocks) * kHTWarps + (threadIdx.x >> 5),
                           (gridDim.x - p.c.sendBlocks) * kHTWarps, seq + 1);
   ht::finishCall(p.c, seq, &last);

@@ -9,10 +9,15 @@
 // the owner's window, then its flag (release). The other blocks are on the owner side: a warp per
 // token waits for the flags of the ranks it went to and sums their rows in rank order (fp32),
 // which is the reference's order exactly.
+//
+// A rank that rejected the call sends no row: it stores the flag (epoch << 32 | its reject word) in
+// every slot of its region at every rank, so whichever slots a token owner waits for, it finds the
+// rejection there (recorded; that rank's row counts as none). Its own owner side does nothing.
 #include <cstddef>
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_messages.cuh"
 #include "kernels/ht/ht_params.h"
@@ -36,6 +41,15 @@ __global__ void __launch_bounds__(kHTThreads) htCombinePrepareKernel(const __gri
   }
 }
 
+// The rejecting rank's send side: the reject flag in every slot of our region at every rank.
+__device__ void sendRejectFlags(const HTCommon& c, const transport::Lsa& lsa, uint32_t seq, int rejectCode) {
+  const int lane = threadIdx.x & 31;
+  if (!ht::warpWaitPeersDone(c, lsa, seq, kPhaseHTCombineSend, lane)) return;
+  const uint64_t flag = ((uint64_t(seq) + 1) << 32) | rejectWord(rejectCode);
+  const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5), warps = c.sendBlocks * kHTWarps;
+  for (int d = 0; d < c.nRanks; ++d) ht::storeRejectFlags(c.layout, lsa.peerBase(d), c.rank, flag, w, warps, lane);
+}
+
 __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
@@ -43,6 +57,10 @@ __device__ void combineSend(const HTCombineParams& p, uint32_t seq) {
   const int R = c.nRanks, T = l.maxTokens;
   const int lane = threadIdx.x & 31;
   const uint64_t epoch = uint64_t(seq) + 1;
+  if (p.rejectCode != 0) {
+    sendRejectFlags(c, lsa, seq, p.rejectCode);
+    return;
+  }
   const ht::StreamShare share =
       ht::shareStreams(blockIdx.x * kHTWarps + (threadIdx.x >> 5), c.sendBlocks * kHTWarps, R);
 
@@ -71,19 +89,23 @@ __device__ void combineRecv(const HTCombineParams& p, uint32_t seq) {
   const int vectors = p.hidden / 8;
   const uint32_t epoch = seq + 1;
   int4* out = static_cast<int4*>(p.out);
+  bool reported = false;  // this lane recorded its rank's rejection (once per warp and rank)
 
   for (int b = w; b < p.numTokens; b += warps) {
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
     const char* msg = slot >= 0 ? ht::slotPtr(c.local, l, lane, slot) : nullptr;
-    bool ok = true;
+    bool ok = true, rejected = false;
     if (slot >= 0) {
       uint64_t flag = 0;
       ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCombineRecv,
                          lane);
+      rejected = ok && ht::peerRejected(c, uint32_t(flag), kPhaseHTCombineRecv, lane, !reported);
+      reported = reported || rejected;
     }
     if (!__all_sync(kFull, ok)) return;
     __syncwarp();  // each message's flag was acquired by its lane
-    const uint32_t from = __ballot_sync(kFull, slot >= 0);  // ranks in ascending order, as the reference
+    // ranks in ascending order, as the reference; a rank that rejected the call adds nothing
+    const uint32_t from = __ballot_sync(kFull, slot >= 0 && !rejected);
     ht::warpSumRows<true>(out + int64_t(b) * vectors, reinterpret_cast<const int4*>(msg), from, vectors, lane);
     if (p.outWeights != nullptr) {
       const float weight = ht::warpSumWeights(msg, from, l.payloadBytes, K, lane);
@@ -96,7 +118,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCombineKernel(const __grid_co
   __shared__ bool last;
   const uint32_t seq = ht::callSeq(p.c);
   if (int(blockIdx.x) < p.c.sendBlocks) combineSend(p, seq);
-  else combineRecv(p, seq);
+  else if (p.rejectCode == 0) combineRecv(p, seq);
   ht::finishCall(p.c, seq, &last);
 }
 
@@ -115,7 +137,7 @@ int launchHTCombinePrepare(const HTCombineParams& p, int numBlocks, cudaStream_t
 }
 
 int launchHTCombine(const HTCombineParams& p, int numBlocks, cudaStream_t stream) {
-  const int e = launchHTCombinePrepare(p, numBlocks, stream);
+  const int e = p.rejectCode != 0 ? 0 : launchHTCombinePrepare(p, numBlocks, stream);  // no handle to invert
   if (e != 0) return e;
   htCombineKernel<<<numBlocks, kHTThreads, 0, stream>>>(p);
   return int(cudaGetLastError());

@@ -10,6 +10,7 @@
 #include "common/bf16.cuh"
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "common/spin_wait.cuh"
 #include "kernels/ht/ht_params.h"
 #include "transport/lsa.cuh"
@@ -295,6 +296,25 @@ __device__ __forceinline__ StreamShare shareStreams(int w, int warps, int stream
 
 __device__ __forceinline__ char* slotPtr(char* base, const HTLayout& l, int src, int slot) {
   return base + l.slots + (size_t(src) * l.maxTokens + size_t(slot)) * l.msgBytes;
+}
+
+// Rejected calls (ncclep.h): a receiver that waited on `word` (a count, or a flag's low half)
+// finds rank `peer`'s rejection there (reject.h): true, and recorded when `report` (first error
+// wins; callers report once or a few times, not once per message).
+__device__ __forceinline__ bool peerRejected(const HTCommon& c, uint32_t word, int phase, int peer, bool report) {
+  if (!isRejectWord(word)) return false;
+  if (report) device::reportError(sink(c), kDevicePeerRejected, phase, peer, rejectReason(word));
+  return true;
+}
+
+// A rejecting rank's stand-in for its messages: every slot j < T of slot row `row` in the window at
+// `base` gets `flag` = (epoch << 32) | reject word, so that a receiver waiting for any of them
+// completes and reads the rejection. Warp w of `warps`, a slot per lane; the caller waited until
+// that window's rank finished the previous call.
+__device__ __forceinline__ void storeRejectFlags(const HTLayout& l, char* base, int row, uint64_t flag, int w,
+                                                 int warps, int lane) {
+  for (int j = w * 32 + lane; j < l.maxTokens; j += warps * 32)
+    device::storeRelease(reinterpret_cast<uint64_t*>(slotPtr(base, l, row, j) + l.flagOffset), flag);
 }
 
 }  // namespace ht

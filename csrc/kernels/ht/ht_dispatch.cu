@@ -13,6 +13,10 @@
 // rows: flat, row = rows of earlier sources + slot; expert_major, per local expert e of the
 // message, row = start of e's segment + rows of e from earlier sources + the message's position.
 // The copy of each message overlaps the transfer of later ones.
+//
+// A source that rejected the call sends no message and its reject word as its count (the layout
+// step): the receivers record it and take zero tokens from it. The rejecting rank's receivers do
+// nothing (every flag and count carries its call's epoch, so what it leaves unread is harmless).
 #include <cstddef>
 
 #include "common/device_error.cuh"
@@ -69,11 +73,14 @@ __device__ void dispatchRecv(const HTDispatchParams& p, uint32_t seq, ht::RecvPl
   const uint32_t parity = seq & 1u;
   const uint32_t epoch = seq + 1;
 
+  if (p.rejectCode != 0) return;
   int tokens = 0;  // warp 0, lane r: tokens from source r, from its count flag
   if (threadIdx.x < 32 && lane < R) {
     const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.local + l.countFlags + (size_t(parity) * R + lane) * 8);
     uint64_t v = 0;
-    if (ht::waitEpoch(flag, epoch, &v, c, kPhaseHTDispatchRecv, lane)) tokens = int(uint32_t(v));
+    if (ht::waitEpoch(flag, epoch, &v, c, kPhaseHTDispatchRecv, lane) &&
+        !ht::peerRejected(c, uint32_t(v), kPhaseHTDispatchRecv, lane, block == 0))
+      tokens = int(uint32_t(v));
   }
   const int* counts = reinterpret_cast<const int*>(c.local + l.counts) + size_t(parity) * R * L;
   ht::planRows(p, s, tokens, [&](int r, int e) { return __ldcg(counts + r * L + e); }, block, blocks);

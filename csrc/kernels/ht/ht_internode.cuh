@@ -22,6 +22,13 @@
 // same calls): kHTSigCounts +1 per dispatch (expected: HTState.dispatches + 1), kHTSigForward +1
 // per call from a source to each of its forwarders (expected: seq + 1), kHTSigBack +1 per combine
 // from a forwarder to each source it serves (HTState.combines + 1), kHTSigDone +1 per call.
+//
+// A rank that rejected the call (ncclep.h, "Rejected calls") keeps every signal and wait of the
+// three roles (so the regions stay safe to reuse) but sends no token: zero tokens and its reason in
+// its header (which a cached dispatch's forwarders turn into reject flags in the slots of its row at
+// their node's ranks), its reject word as its dispatch counts' token total, and reject flags where
+// its combine rows would go. Its forward role forwards the other sources' messages as usual: it
+// knows no payload size or top-k of the call, so it moves the whole payload area and every choice.
 #pragma once
 
 #include <cstddef>
@@ -81,17 +88,18 @@ __device__ __forceinline__ bool arriveRole(const HTCommon& c, int counter, int r
   return *lastShared;
 }
 
-// Send role, block 0: stages our header (tokens of this call, epoch) and puts it to each of our
-// forwarders (header[our node] there). Covered by the kHTSigForward signal of `signalForwarders`.
+// Send role, block 0: stages our header (tokens of this call, epoch, reject code) and puts it to
+// each of our forwarders (header[our node] there). Covered by the kHTSigForward signal of
+// `signalForwarders`.
 template <class Net>
 __device__ __forceinline__ void sendHeader(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
-                                           int numTokens, uint32_t epoch) {
+                                           int numTokens, uint32_t epoch, int rejectCode) {
   const HTLayout& l = c.layout;
   if (threadIdx.x == 0) {
     int* h = reinterpret_cast<int*>(c.local + l.headerStage);
     h[0] = numTokens;
     h[1] = int(epoch);
-    h[2] = 0;
+    h[2] = rejectCode;
     h[3] = 0;
   }
   __syncthreads();
@@ -111,21 +119,24 @@ __device__ __forceinline__ void signalForwarders(const transport::Peers<Net>& pe
 
 // Forward role, every block: waits for each source we forward for (one per other node) to have
 // landed this call's header and messages; tokens[n] = the source's tokens this call (0 for our
-// node, or after a failure).
+// node, or after a failure), rejects[n] (when given) its reject code (0: it did not reject).
 template <class Net>
 __device__ __forceinline__ void waitSources(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t,
-                                            uint32_t seq, int* tokens) {
+                                            uint32_t seq, int* tokens, int* rejects = nullptr) {
   for (int n = threadIdx.x; n < t.N; n += blockDim.x) {
-    int count = 0;
+    int count = 0, code = 0;
     if (n != t.node && peers.wait(t.sourceOn(n), kHTSigForward, uint64_t(seq) + 1, c.timeoutNs, sink(c), kPhaseHTForward)) {
       const int* h = reinterpret_cast<const int*>(c.local + c.layout.header + size_t(n) * 16);
       count = __ldcg(h);
+      code = __ldcg(h + 2);
       if (uint32_t(__ldcg(h + 1)) != seq + 1 || count < 0 || count > c.layout.maxTokens) {
         device::reportError(sink(c), kDeviceProtocol, kPhaseHTForward, t.sourceOn(n), __ldcg(h + 1));
         count = 0;
+        code = 0;
       }
     }
     tokens[n] = count;
+    if (rejects != nullptr) rejects[n] = code;
   }
   __syncthreads();
 }

@@ -9,10 +9,16 @@
 // Forward: as for dispatch, rows only (ht_internode_forward.cuh).
 // Receive: exactly the intranode receive: a warp per output row waits for the flag of its slot
 //   (source, j) and copies the row; zeros where recv_slot is -1.
+//
+// A rank that rejected the call stores its reject flag in every slot of its row at each rank of
+// its node, and sends its forwarders a header of zero tokens with its reason, on which they store
+// the same flags at the ranks of their node (ht_internode_forward.cuh); the receivers record it and
+// write zeros. Its own receive role does nothing.
 #include <cstddef>
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
 #include "kernels/ht/ht_internode_forward.cuh"
@@ -26,6 +32,7 @@ using ht::kFull;
 
 struct Shared {
   int tokens[kHTMaxRanks];
+  int rejects[kHTMaxRanks];  // forward: each source's reject code
   bool last;
 };
 
@@ -38,9 +45,15 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCachedParam
   const int lane = threadIdx.x & 31;
   const uint32_t epoch = seq + 1;
   const bool ok = ht::waitPeersFree(peers, c, seq, kPhaseHTCachedSend);
-  if (ok && blockIdx.x == 0) ht::sendHeader(peers, c, t, p.numTokens, epoch);
+  if (ok && blockIdx.x == 0) ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
 
   const int warps = c.sendBlocks * kHTWarps;
+  if (ok && p.rejectCode != 0) {
+    const uint64_t flag = (uint64_t(epoch) << 32) | rejectWord(p.rejectCode);
+    for (int k = 0; k < t.S; ++k)
+      ht::storeRejectFlags(l, peers.net.lsa.peerBase(t.node * t.S + k), c.rank, flag,
+                           blockIdx.x * kHTWarps + (threadIdx.x >> 5), warps, lane);
+  }
   for (int b = blockIdx.x * kHTWarps + (threadIdx.x >> 5); ok && b < p.numTokens; b += warps) {
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
     const char* row = static_cast<const char*>(p.x) + int64_t(b) * p.rowBytes;
@@ -72,8 +85,10 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const _
   if (block < c.sendBlocks) {
     sendRole(peers, p, t, seq, s);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
-    ht::forwardRole<Net, false>(peers, c, t, seq, s.tokens, p.rowBytes, 0);
-  } else {
+    // a rejecting rank does not know the call's row size: it moves the largest row
+    const int bytes = p.rejectCode != 0 ? int(c.layout.flagOffset) : p.rowBytes;
+    ht::forwardRole<Net, false>(peers, c, t, seq, s.tokens, s.rejects, bytes, 0);
+  } else if (p.rejectCode == 0) {
     const int first = c.sendBlocks + c.forwardBlocks;
     ht::receiveCachedRows(p, (block - first) * kHTWarps + (threadIdx.x >> 5), (gridDim.x - first) * kHTWarps, seq + 1);
   }

@@ -23,10 +23,20 @@
 //   in fp32, and writes bf16. The reference sums per rank in rank order; here the ranks of
 //   another node are summed first at their forwarder and rounded to bf16 once: the result
 //   matches within bf16 rounding, not bit for bit. Weight sums are exact (one rank per choice).
+//
+// A rank that rejected the call sends its header with zero tokens, no info and no partial: it
+// stores its reject flag in every slot of the rows its partials would use at each rank of its node
+// (row n * S + its local index, for every node n: its own node's owners, and the forwarders for
+// each other node). A forwarder drops a rejected partial from its sum and puts the rejecting rank
+// and reason (reject word) in the back row's status word, which the owner reads with the row: the
+// row, a sum of the other ranks' partials, still counts; the rejection is recorded. An owner drops
+// a rejected partial of its own node. The rejecting rank's receive role only waits for its
+// kHTSigBack signals.
 #include <cstddef>
 
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
 #include "kernels/ht/ht_messages.cuh"
@@ -41,6 +51,14 @@ struct Shared {
   int tokens[kHTMaxRanks];
   bool last;
 };
+
+// A back row (forwarder -> owner): the payload, the weight sums, then a status word: 0, or the
+// reject word (reject.h) of a rank whose partial the forwarder left out. Its bytes, and where the
+// status word is.
+__device__ __forceinline__ size_t backBytes(const HTLayout& l) {
+  return l.payloadBytes + (size_t(l.maxTopk) * 4 + 4 + 15) / 16 * 16;
+}
+__device__ __forceinline__ size_t backStatusAt(const HTLayout& l) { return l.payloadBytes + size_t(l.maxTopk) * 4; }
 
 template <class Net>
 __device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombineParams& p, const ht::Topo& t,
@@ -61,7 +79,7 @@ __device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombinePara
     peers.put(t.forwarder(c.rank, m), l.combineFwd + size_t(t.node) * l.infoStride, l.netStage + size_t(m) * l.infoStride,
                bytes, threadIdx.x, blockDim.x);
   }
-  ht::sendHeader(peers, c, t, p.numTokens, epoch);
+  ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
   __syncthreads();
   // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
   if (threadIdx.x == 0)
@@ -79,6 +97,14 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCombinePara
   const uint32_t epoch = seq + 1;
   if (!ht::waitPeersFree(peers, c, seq, kPhaseHTCombineSend)) return;
   if (blockIdx.x == 0) sendInfo(peers, p, t, epoch);
+  if (p.rejectCode != 0) {
+    const uint64_t flag = (uint64_t(epoch) << 32) | rejectWord(p.rejectCode);
+    const int w = blockIdx.x * kHTWarps + (threadIdx.x >> 5), warps = c.sendBlocks * kHTWarps;
+    for (int k = 0; k < t.S; ++k)
+      for (int n = 0; n < t.N; ++n)
+        ht::storeRejectFlags(l, peers.net.lsa.peerBase(t.node * t.S + k), n * t.S + t.local, flag, w, warps, lane);
+    return;
+  }
 
   const ht::StreamShare share =
       ht::shareStreams(blockIdx.x * kHTWarps + (threadIdx.x >> 5), c.sendBlocks * kHTWarps, R);
@@ -107,7 +133,10 @@ __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCombineP
   const int w = (int(blockIdx.x) - c.sendBlocks) * kHTWarps + (threadIdx.x >> 5);
   const int warps = c.forwardBlocks * kHTWarps;
   const uint32_t epoch = seq + 1;
-  const size_t backBytes = l.payloadBytes + (size_t(l.maxTopk) * 4 + 15) / 16 * 16;
+  // A rejecting rank knows neither the call's hidden size nor its top-k: it sums the whole payload
+  // area and every choice (the owners read only theirs).
+  const int vectors = p.rejectCode != 0 ? int(l.payloadBytes / 16) : p.hidden / 8;
+  const int topk = p.rejectCode != 0 ? l.maxTopk : p.topk;
 
   if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
     ht::waitSources(peers, c, t, seq, s.tokens);
@@ -120,21 +149,29 @@ __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCombineP
         const uint32_t from = __ballot_sync(kFull, j >= 0);
         if (from == 0) continue;  // the token has no expert on our node
         const char* msg = j >= 0 ? ht::slotPtr(c.local, l, n * S + lane, j) : nullptr;
-        bool ok = true;
+        bool ok = true, rejected = false;
+        uint64_t flag = 0;
         if (j >= 0) {
-          uint64_t flag = 0;
           ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTForward,
                              t.node * S + lane);
+          rejected = ok && isRejectWord(uint32_t(flag));  // the owner records it, from the status word
         }
         if (!__all_sync(kFull, ok)) break;
         __syncwarp();  // each partial's flag was acquired by its lane
+        const uint32_t kept = __ballot_sync(kFull, j >= 0 && !rejected);
+        const uint32_t dropped = __ballot_sync(kFull, rejected);
+        const int first = dropped != 0 ? __ffs(dropped) - 1 : 0;
+        const uint32_t firstFlag = __shfl_sync(kFull, uint32_t(flag), first);
         const size_t stage = l.combineFwd + l.backOffset + (size_t(n) * T + size_t(b)) * l.msgBytes;
         char* out = c.local + stage;
-        ht::warpSumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
-        const float weight = ht::warpSumWeights(msg, from, int(l.payloadBytes), p.topk, lane);
-        if (lane < p.topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
+        ht::warpSumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), kept, vectors, lane);
+        const float weight = ht::warpSumWeights(msg, kept, int(l.payloadBytes), topk, lane);
+        if (lane < topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
+        if (lane == 0)
+          *reinterpret_cast<uint32_t*>(out + backStatusAt(l)) =
+              dropped != 0 ? rejectWord(rejectReason(firstFlag), t.node * S + first) : 0u;
         __syncwarp();
-        peers.put(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes,
+        peers.put(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes(l),
                    lane, 32);
       }
     }
@@ -160,9 +197,10 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
 
   for (int m = threadIdx.x; m < t.N; m += blockDim.x)
     if (m != t.node) peers.wait(t.forwarder(c.rank, m), kHTSigBack, backMark, c.timeoutNs, ht::sink(c), kPhaseHTCombineRecv);
-  if (__syncthreads_or(device::hasError(ht::sink(c)) ? 1 : 0)) return;
+  if (__syncthreads_or(device::hasError(ht::sink(c)) ? 1 : 0) || p.rejectCode != 0) return;
 
   int4* out = static_cast<int4*>(p.out);
+  bool reported = false;  // this lane recorded a rejection (once per warp and lane)
   for (int b = w; b < p.numTokens; b += warps) {
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
     const uint32_t dests = __ballot_sync(kFull, slot >= 0);
@@ -173,15 +211,23 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
     } else if (lane < R && lane % S == 0 && ((dests >> lane) & nodeLanes) != 0) {
       msg = c.local + l.netStage + l.backOffset + (size_t(t.nodeOf(lane)) * T + size_t(b)) * l.msgBytes;
     }
-    bool ok = true;
+    bool ok = true, dropped = false;
     if (msg != nullptr && t.nodeOf(lane) == t.node) {
       uint64_t flag = 0;
       ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCombineRecv,
                          lane);
+      // a rank of our node that rejected the call: its partial counts as none
+      dropped = ok && ht::peerRejected(c, uint32_t(flag), kPhaseHTCombineRecv, lane, !reported);
+      reported = reported || dropped;
+    } else if (msg != nullptr) {
+      // another node's row: its forwarder left out a rank that rejected the call and says which
+      const uint32_t status = __ldcg(reinterpret_cast<const uint32_t*>(msg + backStatusAt(l)));
+      const bool rejected = ht::peerRejected(c, status, kPhaseHTCombineRecv, rejectPeer(status), !reported);
+      reported = reported || rejected;
     }
     if (!__all_sync(kFull, ok)) return;
     __syncwarp();  // each partial's flag (or its node's signal) was acquired
-    const uint32_t from = __ballot_sync(kFull, msg != nullptr);  // ascending lanes: node order
+    const uint32_t from = __ballot_sync(kFull, msg != nullptr && !dropped);  // ascending lanes: node order
     ht::warpSumRows<true>(out + int64_t(b) * (p.hidden / 8), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
     if (p.outWeights != nullptr) {
       const float weight = ht::warpSumWeights(msg, from, int(l.payloadBytes), K, lane);

@@ -16,11 +16,16 @@
 // Receive (the rest): waits for every source's counts (kHTSigCounts), then places every message
 //   exactly as the intranode receive does; messages from other nodes were written by our node's
 //   forwarder for their source, with the same format and flag.
+//
+// A rank that rejected the call sends its counts with its reject word as the token total (the
+// receivers record it and take no token from it), a header of zero tokens, and no message; its
+// receive role waits for the counts signals (they cover puts into our window) and writes nothing.
 #include <cstddef>
 
 #include "common/device_error.cuh"
 #include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
 #include "kernels/ht/ht_internode_forward.cuh"
@@ -48,7 +53,9 @@ __device__ void sendCounts(const transport::Peers<Net>& peers, const HTDispatchP
   for (int i = threadIdx.x; i < R * (L + 1); i += blockDim.x) {
     const int d = i / (L + 1), e = i % (L + 1);
     int* entry = peers.template target<int>(d, dstOffset, l.countStage + size_t(d) * l.countBytes);
-    entry[e] = e < L ? __ldcg(totals + R + d * L + e) : __ldcg(totals + d);
+    entry[e] = e < L               ? __ldcg(totals + R + d * L + e)
+               : p.rejectCode != 0 ? int(rejectWord(p.rejectCode))
+                                   : __ldcg(totals + d);
   }
   __syncthreads();
   for (int d = 0; d < R; ++d)
@@ -70,7 +77,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
   const bool ok = ht::waitPeersFree(peers, c, seq, kPhaseHTDispatchSend);
   if (ok && blockIdx.x == 0) {
     sendCounts(peers, p);
-    ht::sendHeader(peers, c, t, p.numTokens, epoch);
+    ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
   }
 
   const int vectors = p.rowBytes / 16;
@@ -116,6 +123,8 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTDispatchPar
   if (threadIdx.x < 32 && lane < R &&
       peers.wait(lane, kHTSigCounts, countsMark, c.timeoutNs, ht::sink(c), kPhaseHTDispatchRecv))
     tokens = __ldcg(counts(lane) + L);
+  if (p.rejectCode != 0) return;
+  if (ht::peerRejected(c, uint32_t(tokens), kPhaseHTDispatchRecv, lane, block == 0)) tokens = 0;
   ht::planRows(p, s, tokens, [&](int r, int e) { return __ldcg(counts(r) + e); }, block, blocks);
   ht::receiveDispatchMessages(p, s, block, blocks, seq + 1);
 }
@@ -132,8 +141,9 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeDispatchKernel(const
     sendRole(peers, p, t, seq, s);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
     // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
-    const int bytes = (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16;
-    ht::forwardRole<Net, true>(peers, c, t, seq, s.tokens, bytes, p.topk);
+    const bool known = p.rejectCode == 0;
+    const int bytes = known ? (p.rowBytes + p.scaleRowBytes + 15) / 16 * 16 : int(c.layout.payloadBytes);
+    ht::forwardRole<Net, true>(peers, c, t, seq, s.tokens, nullptr, bytes, known ? p.topk : c.layout.maxTopk);
   } else {
     recvRole(peers, p, seq, s.plan);
   }

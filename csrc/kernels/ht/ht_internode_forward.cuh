@@ -10,11 +10,16 @@
 // slots region: the payload (and, for dispatch, the metadata relative to d: local expert id or
 // -1, position, weight), then the slot's flag (epoch << 32 | b) with release semantics, which is
 // what d's receive role polls, exactly as for a source on d's own node.
+//
+// A source that rejected a cached dispatch sends no message: its forwarders store its reject flag
+// in every slot of its row at each rank of their node instead (a rejected dispatch needs nothing
+// here: its counts carry the rejection and announce no token).
 #pragma once
 
 #include <cstdint>
 
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_internode.cuh"
 #include "kernels/ht/ht_messages.cuh"
@@ -23,12 +28,13 @@ namespace ncclep {
 namespace ht {
 
 // kMeta: dispatch (payload of `bytes`, a multiple of 16, then metadata); else cached dispatch
-// (a row of `bytes`, any count). `topk`: the dispatch's top-k. `tokens`: shared, [kHTMaxRanks].
+// (a row of `bytes`, any count). `topk`: the dispatch's top-k. `tokens`, `rejects`: shared,
+// [kHTMaxRanks].
 template <class Net, bool kMeta>
 __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCommon& c, const Topo& t, uint32_t seq,
-                            int* tokens, int bytes, int topk) {
+                            int* tokens, int* rejects, int bytes, int topk) {
   if (!waitPeersFree(peers, c, seq, kPhaseHTForward)) return;
-  waitSources(peers, c, t, seq, tokens);
+  waitSources(peers, c, t, seq, tokens, kMeta ? nullptr : rejects);
   const HTLayout& l = c.layout;
   const int R = c.nRanks;
   const int lane = threadIdx.x & 31;
@@ -39,6 +45,12 @@ __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCommon& 
   for (int n = 0; n < t.N; ++n) {
     if (n == t.node) continue;
     const int src = t.sourceOn(n);
+    if (!kMeta && rejects[n] != 0) {
+      const uint64_t flag = (uint64_t(epoch) << 32) | rejectWord(rejects[n]);
+      for (int k = 0; k < t.S; ++k)
+        storeRejectFlags(l, peers.net.lsa.peerBase(t.node * t.S + k), src, flag, w, warps, lane);
+      continue;
+    }
     for (int b = w; b < tokens[n]; b += warps) {
       if (device::hasError(sink(c))) return;
       const char* msg = c.local + netRecvAt(l, n, b);

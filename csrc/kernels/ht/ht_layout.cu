@@ -8,7 +8,8 @@
 // instructions per choice, not a comparison with every other choice of the tile. The last block
 // to finish turns the tile counts into exclusive prefixes over tiles (in place) and sends every
 // destination d our per-local-expert counts, then a flag (epoch << 32 | tokens for d). It is the
-// only place that reports bad ids.
+// only place that reports bad ids. A rank that rejected the call has no token and puts its reject
+// word (reject.h) in the flag in place of the tokens.
 //
 // With the hierarchical path (c.hier), the last block leaves the totals in the `totals` region
 // instead, and the internode dispatch kernel sends the counts through the transport.
@@ -20,6 +21,7 @@
 #include "common/device_error.cuh"
 #include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ht/ht_common.cuh"
 #include "kernels/ht/ht_params.h"
 #include "transport/lsa.cuh"
@@ -130,7 +132,8 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   const uint64_t epoch = uint64_t(seq) + 1;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     device::fenceSystem();
-    lsa.signal(d, l.countFlags + (size_t(parity) * R + c.rank) * 8, (epoch << 32) | uint32_t(s.colTotal[d]));
+    const uint32_t tokens = p.rejectCode != 0 ? rejectWord(p.rejectCode) : uint32_t(s.colTotal[d]);
+    lsa.signal(d, l.countFlags + (size_t(parity) * R + c.rank) * 8, (epoch << 32) | tokens);
   }
   if (threadIdx.x == 0) ht::state(c)->blocksDone[0] = 0;
 }

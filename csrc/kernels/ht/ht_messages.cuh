@@ -225,12 +225,14 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
 }
 
 // Cached dispatch, receive side: warp w of `warps` fills output rows w, w + warps, ... with the
-// row of the slot recv_slot[r] names (zeros where it names none).
+// row of the slot recv_slot[r] names (zeros where it names none, or where its source rejected the
+// call: recorded by the warp's first such row).
 __device__ __forceinline__ void receiveCachedRows(const HTCachedParams& p, int w, int warps, uint32_t epoch) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
   const int T = l.maxTokens, slots = c.nRanks * T;
   const int lane = threadIdx.x & 31;
+  bool reported = false;
   for (int r = w; r < p.numRows; r += warps) {
     char* dst = static_cast<char*>(p.out) + int64_t(r) * p.rowBytes;
     const int slot = p.recvSlot[r];
@@ -240,14 +242,17 @@ __device__ __forceinline__ void receiveCachedRows(const HTCachedParams& p, int w
     }
     const int src = slot / T;
     const char* msg = slotPtr(c.local, l, src, slot % T);
-    bool ok = true;
+    bool ok = true, rejected = false;
     if (lane == 0) {
       uint64_t flag = 0;
       ok = waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCachedRecv, src);
+      rejected = ok && peerRejected(c, uint32_t(flag), kPhaseHTCachedRecv, src, !reported);
+      reported = reported || rejected;
     }
     if (!__shfl_sync(kFull, ok, 0)) return;
     __syncwarp();
-    warpCopyBytes<true>(dst, msg, p.rowBytes, lane);
+    if (__shfl_sync(kFull, rejected, 0)) warpZeroBytes(dst, p.rowBytes, lane);
+    else warpCopyBytes<true>(dst, msg, p.rowBytes, lane);
   }
 }
 

@@ -36,8 +36,11 @@ struct HTCommon {
   ncclDevComm devComm;  // for GIN
 };
 
+// rejectCode (all three ops): 0, or this rank rejected the call (ncclepRejectReason_t): it moves no
+// payload, tells its peers in the words they wait on, and writes no output.
 struct HTDispatchParams {
   HTCommon c;
+  int rejectCode;
   // inputs
   const void* x;        // [numTokens, rowBytes] bf16 or fp8 bytes
   const void* xScales;  // fp8 only: [numTokens, scaleRowBytes]
@@ -66,6 +69,7 @@ struct HTDispatchParams {
 
 struct HTCombineParams {
   HTCommon c;
+  int rejectCode;
   const void* x;             // bf16 [numRows, hidden]
   int hidden;
   const float* topkWeights;  // [numRows, topk] or nullptr
@@ -82,6 +86,7 @@ struct HTCombineParams {
 
 struct HTCachedParams {
   HTCommon c;
+  int rejectCode;
   const void* x;  // [numTokens, rowBytes]
   int rowBytes;
   int numTokens;

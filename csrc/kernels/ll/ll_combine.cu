@@ -7,10 +7,23 @@
 //
 // Receive (on the token's rank): wait for every rank's signal, then out[b] = sum over ranks d of
 // the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; the last block
-// acknowledges each rank so it may reuse the parity.
+// sets each rank's mark to its signal and acknowledges it so it may reuse the parity.
+//
+// A rank that rejected the call (p.rejectCode) sends no row: after the usual wait for the parity,
+// it stores its `rejects` word ((epoch << 32) | reject word) at each rank, then adds kLLRejectAdd to
+// that rank's data signal (the signal's release orders the word before it). A receiver whose wait
+// ends with kLLRejectAdd or more above its mark reads the sender's `rejects` word: this call's
+// epoch means the sender rejected this call (recorded; its rows count as none); an older one means
+// rejections of earlier calls that this receiver, expecting nothing from the sender then, did not
+// wait for: it steps its mark over them and waits again. The rejecting rank itself, without a
+// handle, cannot tell what its peers send it: its receive half waits until each peer has
+// acknowledged this call (its rows to us landed before: same signal path, issued earlier) or has
+// rejected it too (its `rejects` word), then takes the signals as its marks.
 #include "common/bf16.cuh"
 #include "common/device_error.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
+#include "common/spin_wait.cuh"
 #include "kernels/ll/ll_params.h"
 #include "kernels/ll/ll_receive.cuh"
 #include "transport/peers.cuh"
@@ -24,8 +37,63 @@ struct CombineShared {
   int start[kLLMaxRanks + 1];
   int chunksTo[kLLMaxRanks];  // send: 16-byte chunks this block stored for each rank
   int expected[kLLMaxRanks];  // receive: our tokens each rank returns (highest slot + 1)
+  int rejected[kLLMaxRanks];  // receive: the rank rejected this call (its rows count as none)
   bool last;
 };
+
+// A rejecting rank's stand-in for its rows (block 0): its `rejects` word, then kLLRejectAdd, to
+// each rank; the same thread puts (network) and signals, so the signal covers the word.
+template <class Net>
+__device__ void sendRejection(const LLCombineParams& p, const transport::Peers<Net>& peers, uint32_t seq) {
+  const LLCommon& c = p.c;
+  const LLLayout& l = c.layout;
+  const uint32_t parity = seq & 1u;
+  const uint64_t word = (uint64_t(seq + 1) << 32) | rejectWord(p.rejectCode);
+  for (int d = threadIdx.x; d < c.nRanks; d += blockDim.x) {
+    const size_t at = l.rejectAt(l.rejects, parity, c.rank), stage = l.rejectAt(l.stageRejects, parity, d);
+    *peers.template target<uint64_t>(d, at, stage) = word;
+    peers.put(d, at, stage, 16, 0, 1);
+    peers.signal(d, kSigCombineData + int(parity), kLLRejectAdd);
+  }
+}
+
+// Waits for source r's rows of this call (`need` chunks past our mark); sets rejected[r] when r
+// rejected the call instead. False after a failed wait.
+template <class Net>
+__device__ bool waitRows(const LLCombineParams& p, const transport::Peers<Net>& peers, const device::ErrorSink& err,
+                         uint32_t seq, int r, uint64_t need, CombineShared& s) {
+  const LLCommon& c = p.c;
+  const uint32_t parity = seq & 1u;
+  const int kind = kSigCombineData + int(parity);
+  uint64_t base = *ll::receivedMark(c, 1, parity, r);
+  for (;;) {
+    if (!peers.wait(r, kind, base + need, c.timeoutNs, err, kPhaseLLCombineRecv)) return false;
+    const uint64_t adds = (peers.read(r, kind) - base) >> kLLRejectShift;
+    if (adds == 0) return true;
+    const uint64_t word =
+        device::loadAcquire(reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, parity, r)));
+    if (uint32_t(word >> 32) == seq + 1) {
+      s.rejected[r] = 1;
+      if (blockIdx.x == 0) device::reportError(err, kDevicePeerRejected, kPhaseLLCombineRecv, r, rejectReason(uint32_t(word)));
+      return true;
+    }
+    base += adds << kLLRejectShift;  // earlier calls' rejections: wait for this call's rows past them
+  }
+}
+
+// The rejecting rank's wait for rank r: r acknowledged this call, or rejected it too.
+template <class Net>
+__device__ bool waitPeerDoneWithCall(const LLCombineParams& p, const transport::Peers<Net>& peers,
+                                     const device::ErrorSink& err, uint32_t seq, int r) {
+  const LLCommon& c = p.c;
+  const uint64_t* word =
+      reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, seq & 1u, r));
+  return device::waitUntil<device::SignalBackoff>(
+      [&] {
+        return peers.read(r, kSigCombineAck) >= uint64_t(seq) + 1 || uint32_t(device::loadAcquire(word) >> 32) == seq + 1;
+      },
+      c.timeoutNs, err, kPhaseLLCombineRecv, r, int32_t(seq + 1));
+}
 
 
 template <class Net>
@@ -46,11 +114,12 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   }
   if (tid == 0) {
     s.start[0] = 0;
-    for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + p.recvSlotCounts[r];
+    for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + (p.rejectCode != 0 ? 0 : p.recvSlotCounts[r]);
   }
   for (int r = tid; r < R; r += blockDim.x) s.chunksTo[r] = 0;
   __syncthreads();
   const bool failed = device::hasError(err);
+  if (p.rejectCode != 0 && blockIdx.x == 0 && !failed) sendRejection(p, peers, seq);
 
   // Work items: (message, part), a warp each, spread over the SMs first.
   const int total = failed ? 0 : s.start[R];
@@ -136,10 +205,11 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
     if (lane == 0) s.expected[d] = highest + 1;
   }
   __syncthreads();
-  for (int r = tid; r < R; r += blockDim.x)
-    peers.wait(r, kSigCombineData + int(parity),
-               *ll::receivedMark(c, 1, parity, r) + uint64_t(s.expected[r]) * uint64_t(chunks), c.timeoutNs, err,
-               kPhaseLLCombineRecv);
+  for (int r = tid; r < R; r += blockDim.x) {
+    s.rejected[r] = 0;
+    if (p.rejectCode != 0) waitPeerDoneWithCall(p, peers, err, seq, r);
+    else waitRows(p, peers, err, seq, r, uint64_t(s.expected[r]) * uint64_t(chunks), s);
+  }
   __syncthreads();
   if (device::hasError(err)) return;
 
@@ -150,7 +220,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int d = 0; d < R; ++d) {
         const int slot = sendSlots[d];
-        if (slot < 0) continue;
+        if (slot < 0 || s.rejected[d]) continue;
         const int4* src = reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes);
         device::fmaBf16x8(acc, device::loadCg(src + i), 1.0f);
       }
@@ -169,8 +239,10 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
     state->blocksDone[3] = 0;
     state->combineRecvSeq = seq + 1;
   }
+  // Everything r added to the signal in this parity is ours to count: its rows of this call (or
+  // its rejection), and rejections of earlier calls; its next call here waits for our ack.
   for (int r = tid; r < R; r += blockDim.x) {
-    *ll::receivedMark(c, 1, parity, r) += uint64_t(s.expected[r]) * uint64_t(chunks);
+    *ll::receivedMark(c, 1, parity, r) = peers.read(r, kSigCombineData + int(parity));
     peers.signal(r, kSigCombineAck, 1);
   }
 }

@@ -11,6 +11,11 @@
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
 // then token index, the reference backend's order. Warps copy the messages into the rows of
 // their local experts and record the handle; the last block acknowledges each source.
+//
+// A rank that rejected the call (p.rejectCode) sends no token and, in place of its token total for
+// each destination, the reject word (reject.h): a negative count, which its peers record as that
+// rank's rejection and read as zero tokens. Its per-expert counts are zeros. Its own receive half
+// waits and keeps count as usual (the marks stay exact) but writes no output.
 #include <atomic>
 
 #include <cuda_bf16.h>
@@ -19,6 +24,7 @@
 #include "common/device_error.cuh"
 #include "common/expert_ids.cuh"
 #include "common/memory_order.cuh"
+#include "common/reject.h"
 #include "kernels/ll/ll_params.h"
 #include "kernels/ll/ll_receive.cuh"
 #include "transport/peers.cuh"
@@ -332,7 +338,9 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
     for (int i = tid; i < R * (L + 1); i += blockDim.x) {
       const int d = i / (L + 1), e = i % (L + 1);
       int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
-      entry[e] = e < L ? r.expertTotal[d * L + e] : r.destTotal[d];
+      entry[e] = e < L            ? r.expertTotal[d * L + e]
+                 : p.rejectCode != 0 ? int32_t(rejectWord(p.rejectCode))
+                                     : r.destTotal[d];
     }
     __syncthreads();
     for (int d = 0; d < R; ++d) peers.put(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
@@ -427,7 +435,12 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // the earlier calls in this parity plus this call's count).
   for (int r = tid; r < R; r += blockDim.x) {
     if (!peers.wait(r, kSigDispatchCounts, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv)) continue;
-    const int n = __ldcg(counts(r) + L);
+    int n = __ldcg(counts(r) + L);
+    if (n < 0) {  // r rejected the call: no token from it
+      if (blockIdx.x == 0 && p.rejectCode == 0)
+        device::reportError(err, kDevicePeerRejected, kPhaseLLDispatchRecv, r, rejectReason(uint32_t(n)));
+      n = 0;
+    }
     s.count[r] = n;
     peers.wait(r, kSigDispatchData + int(parity), *ll::receivedMark(c, 0, parity, r) + uint64_t(n), c.timeoutNs,
                err, kPhaseLLDispatchRecv);
@@ -439,20 +452,21 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + s.count[r];
   }
+  const bool keep = p.rejectCode == 0;  // a rejecting rank writes no output
   for (int e = tid; e < L; e += blockDim.x) {
     int acc = 0;
     for (int r = 0; r < R; ++r) {
       s.offset[e * R + r] = acc;
       acc += __ldcg(counts(r) + e);
     }
-    if (blockIdx.x == 0) p.expertCounts[e] = acc;
+    if (blockIdx.x == 0 && keep) p.expertCounts[e] = acc;
   }
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0 && keep)
     for (int r = tid; r < R; r += blockDim.x) p.recvSlotCounts[r] = s.count[r];
   __syncthreads();
 
   // Work items: (message, part); a warp each, spread over the SMs first.
-  const int total = s.start[R];
+  const int total = keep ? s.start[R] : 0;
   const size_t rowBytes = p.useFp8 ? size_t(p.hidden) : size_t(p.hidden) * 2;
   const int scaleBytes = p.useFp8 ? (p.hidden / 128) * (p.ue8m0 ? 1 : 4) : 0;
   const int chunks = int(rowBytes / 16);
@@ -497,7 +511,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   }
 
   // Handle entries of unused slots.
-  const int64_t handleEntries = int64_t(R) * T * KM;
+  const int64_t handleEntries = keep ? int64_t(R) * T * KM : 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + tid; i < handleEntries; i += int64_t(gridDim.x) * blockDim.x) {
     const int r = int(i / (int64_t(T) * KM)), j = int((i / KM) % T);
     if (j >= s.count[r]) {

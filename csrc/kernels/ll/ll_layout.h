@@ -11,7 +11,9 @@
 //                    expert, then the tokens it sent us
 //   dispatchSlots    [2][R sources][T slots][dispatchMsgBytes]
 //   combineSlots     [2][R sources][T slots][combineMsgBytes]
-//   stage*           the same three regions indexed by destination instead of source: a message
+//   rejects          [2][R sources][16 bytes]: uint64 (epoch << 32) | reject word (reject.h) of the
+//                    source's last rejected combine in that parity (see kLLRejectAdd)
+//   stage*           the same four regions indexed by destination instead of source: a message
 //                    for a peer reached over the network is written here first, then put
 //
 // A dispatched token (one message per destination rank):
@@ -26,6 +28,12 @@
 #include <cstdint>
 
 namespace ncclep {
+
+// What a rank that rejected a combine adds to each peer's combine data signal instead of rows
+// (after storing its `rejects` word there): more than any call's chunks (R * T * hidden / 8 stays
+// far below 2^40), so a receiver tells it from data by the difference to its mark.
+constexpr int kLLRejectShift = 40;
+constexpr uint64_t kLLRejectAdd = uint64_t(1) << kLLRejectShift;
 
 // Signal kinds: signal (kind, peer) is a counter in our window that `peer` adds to.
 enum LLSignalKind : int {
@@ -54,9 +62,11 @@ struct LLLayout {
   size_t dispatchCounts;
   size_t dispatchSlots;
   size_t combineSlots;
+  size_t rejects;
   size_t stageCounts;
   size_t stageDispatch;
   size_t stageCombine;
+  size_t stageRejects;
   size_t end;
   uint32_t headerBytes;
   uint32_t dispatchMsgBytes;
@@ -73,6 +83,13 @@ struct LLLayout {
 #endif
   size_t receivedAt(int op, uint32_t parity, int peer) const {  // op: 0 dispatch, 1 combine
     return received + ((size_t(op) * 2 + parity) * size_t(nRanks) + size_t(peer)) * 8;
+  }
+
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  size_t rejectAt(size_t region, uint32_t parity, int peer) const {  // region: rejects or stageRejects
+    return region + (size_t(parity) * size_t(nRanks) + size_t(peer)) * 16;
   }
 };
 
@@ -110,9 +127,10 @@ inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExp
                   take(&l.received, 4 * size_t(nRanks), 8) &&
                   take(&l.dispatchCounts, perParity, l.countsBytes) &&
                   take(&l.dispatchSlots, slots, l.dispatchMsgBytes) &&
-                  take(&l.combineSlots, slots, l.combineMsgBytes) && take(&l.stageCounts, perParity, l.countsBytes) &&
+                  take(&l.combineSlots, slots, l.combineMsgBytes) && take(&l.rejects, perParity, 16) &&
+                  take(&l.stageCounts, perParity, l.countsBytes) &&
                   take(&l.stageDispatch, slots, l.dispatchMsgBytes) &&
-                  take(&l.stageCombine, slots, l.combineMsgBytes);
+                  take(&l.stageCombine, slots, l.combineMsgBytes) && take(&l.stageRejects, perParity, 16);
   if (!ok) return false;
   l.end = at;
   *out = l;

@@ -50,6 +50,7 @@ struct LLCommon {
 struct LLDispatchParams {
   LLCommon c;
   int phases;
+  int rejectCode;  // 0, or this rank rejected the call (ncclepRejectReason_t): no token, no output
   // inputs
   const void* x;  // bf16 [numTokens, hidden]
   const void* topkIdx;
@@ -74,6 +75,7 @@ struct LLDispatchParams {
 struct LLCombineParams {
   LLCommon c;
   int phases;
+  int rejectCode;  // 0, or this rank rejected the call (ncclepRejectReason_t): no row, no output
   const void* expertOut;  // bf16 [L, R*T, hidden]
   int hidden;
   int numTokens;
