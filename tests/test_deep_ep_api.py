@@ -149,7 +149,17 @@ def host_reads(source: str) -> list[str]:
 def test_ll_path_reads_nothing_on_the_host() -> None:
     """The LL path never waits for the device (checked by reading: the CPU has no device): none of
     its modules reads a tensor on the host. The HT exact-size path reads its counts in counts.py."""
-    ll_modules = ["low_latency.py", "weights.py", "handles.py", "deferred.py", "scales.py", "streams.py"]
+    ll_modules = [
+        "buffer.py",
+        "low_latency.py",
+        "weights.py",
+        "handles.py",
+        "deferred.py",
+        "scales.py",
+        "streams.py",
+        "groups.py",
+        "utils.py",
+    ]
     for name in ll_modules:
         found = host_reads((PACKAGE / name).read_text())
         assert not found, f"{name} reads tensors on the host: {found}"
