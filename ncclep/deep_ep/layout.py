@@ -21,6 +21,17 @@ class DispatchLayout(NamedTuple):
     """[B, R] bool: whether each token goes to each rank."""
 
 
+_ones: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    """A 1-element int32 one on ``device`` (expanded, it is the increments of a count)."""
+    one = _ones.get(device)
+    if one is None:
+        one = _ones[device] = torch.ones(1, dtype=torch.int32, device=device)
+    return one
+
+
 def dispatch_layout(
     topk_idx: torch.Tensor, num_experts: int, world_size: int, num_nodes: int
 ) -> DispatchLayout:
@@ -29,12 +40,12 @@ def dispatch_layout(
     tokens = topk_idx.shape[0]
     device = topk_idx.device
     idx = topk_idx.long()
-    valid = idx >= 0
     per_rank = num_experts // world_size
-    spare_expert = torch.where(valid, idx, num_experts).reshape(-1)
+    # -1 (no choice) lands on a spare expert E and a spare rank R: -1 mod (n + 1) = n
+    spare_expert = idx.remainder(num_experts + 1).reshape(-1)
     per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
-    per_expert.index_add_(0, spare_expert, torch.ones_like(spare_expert, dtype=torch.int32))
-    rank_of = torch.where(valid, idx // per_rank, world_size)  # column R collects the -1s
+    per_expert.index_add_(0, spare_expert, _one(device).expand(spare_expert.numel()))
+    rank_of = idx.div(per_rank, rounding_mode="floor").remainder_(world_size + 1)
     in_rank = torch.zeros((tokens, world_size + 1), dtype=torch.bool, device=device)
     in_rank.scatter_(1, rank_of, True)
     is_token_in_rank = in_rank[:, :world_size].contiguous()
