@@ -41,11 +41,6 @@ def _split(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, None
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """fp8 and UE8M0 tensors as uint8 (what every op can index); others unchanged."""
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
 class HighThroughput:
     """The HT half of a Buffer.
 
@@ -125,9 +120,12 @@ class HighThroughput:
         topk = routing_idx.shape[1]
         device = data.device
         cuda = device.type == "cuda"
-        launch = Launch(self.streams, device, previous_event, async_finish) if cuda or async_finish else None
+        streams = self.streams
+        launch = Launch(streams, device, previous_event, True) if async_finish else None
         if launch is not None:
             launch.__enter__()
+        elif cuda:
+            streams.before(device.index, previous_event)
         try:
             counts = None
             per_expert: list[int] = []
@@ -170,6 +168,8 @@ class HighThroughput:
                 recv_weights = None
             handle = DispatchHandle(group, out[6], rows, is_token_in_rank, counts)
             if launch is None:
+                if cuda and streams.record:
+                    streams.after(device.index)
                 event = EventOverlap()
             else:
                 event = launch.finish(
@@ -195,13 +195,32 @@ class HighThroughput:
         rows = handle.num_rows
 
         def route(t: torch.Tensor) -> torch.Tensor:
+            single = t.element_size() == 1
             moved = torch.ops.ncclep.ht_dispatch_cached(
-                group_id, _as_bytes(t.contiguous()), routing.send_pos, routing.recv_slot, routing.recv_counts
+                group_id,
+                t.contiguous().view(torch.uint8) if single else t.contiguous(),
+                routing.send_pos,
+                routing.recv_slot,
+                routing.recv_counts,
             )
-            return moved[:rows].view(t.dtype)
+            if rows != moved.shape[0]:
+                moved = moved[:rows]
+            return moved.view(t.dtype) if single else moved
 
-        with Launch(self.streams, data.device, previous_event, async_finish) as launch:
+        device = data.device
+        if not async_finish:
+            cuda, streams = device.type == "cuda", self.streams
+            if cuda:
+                streams.before(device.index, previous_event)
             recv_x: Payload = route(data)
+            if x_scales is not None:
+                recv_scales = route(x_scales)
+                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+            if cuda and streams.record:
+                streams.after(device.index)
+            return recv_x, EventOverlap()
+        with Launch(self.streams, device, previous_event, True) as launch:
+            recv_x = route(data)
             if x_scales is not None:
                 recv_scales = route(x_scales)
                 recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
@@ -229,10 +248,13 @@ class HighThroughput:
                 f"topk_weights must have the dispatch's {rows} rows, got {list(topk_weights.shape)}"
             )
         device = x.device
-        launch = None
-        if async_finish or device.type == "cuda":
-            launch = Launch(self.streams, device, previous_event, async_finish)
+        cuda = device.type == "cuda"
+        streams = self.streams
+        launch = Launch(streams, device, previous_event, True) if async_finish else None
+        if launch is not None:
             launch.__enter__()
+        elif cuda:
+            streams.before(device.index, previous_event)
         try:
             y, combined_weights = handle.group.ht_combine(
                 _full_rows(x, full),
@@ -241,11 +263,12 @@ class HighThroughput:
             )
             if bias:
                 y = (y.float() + sum(b.float() for b in bias)).to(torch.bfloat16)
-            event = (
-                EventOverlap()
-                if launch is None
-                else launch.finish((x, topk_weights, *bias), (y, combined_weights))
-            )
+            if launch is None:
+                if cuda and streams.record:
+                    streams.after(device.index)
+                event = EventOverlap()
+            else:
+                event = launch.finish((x, topk_weights, *bias), (y, combined_weights))
         finally:
             if launch is not None:
                 launch.__exit__(None, None, None)

@@ -229,8 +229,8 @@ class LowLatency:
         group = plan.group
         if return_recv_hook:
             return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
-        if async_finish or plan.cuda:
-            with Launch(self.streams, plan.device, None, async_finish) as launch:
+        if async_finish:
+            with Launch(self.streams, plan.device, None, True) as launch:
                 out = group.ll_dispatch(
                     x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
                 )
@@ -238,10 +238,15 @@ class LowLatency:
                 parts = (*recv_x, recv_count) if plan.use_fp8 else (recv_x, recv_count)
                 event = launch.finish((x, topk_idx, weights, stats), (*parts, *out[3].tensors()))
         else:
+            streams = self.streams
+            if plan.cuda:
+                streams.before(plan.index)
             out = group.ll_dispatch(
                 x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
             )
             recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
+            if streams.record and plan.cuda:
+                streams.after(plan.index)
             event = EventOverlap()
         return recv_x, recv_count, LowLatencyHandle(plan, tokens, out[3], topk_weights), event, None
 
@@ -270,7 +275,7 @@ class LowLatency:
         pending = plan.group.ll_dispatch(
             x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale, True
         )
-        if plan.cuda:
+        if streams.record and plan.cuda:
             streams.after(plan.index)
         handle = LowLatencyHandle(plan, x.shape[0], None, topk_weights)
         later_x, later_count = plan.placeholders()
@@ -293,7 +298,7 @@ class LowLatency:
             handle.routing = out[3]
             if stats is not None:
                 stats.add_(out[2])
-            if plan.cuda:
+            if streams.record and plan.cuda:
                 streams.after(plan.index)
 
         return later_x, later_count, handle, EventOverlap(), hook
@@ -350,17 +355,23 @@ class LowLatency:
         group = plan.group
         if return_recv_hook:
             return self._combine_hooked(plan, group, expert_out, handle, routing, topk_weights, out, direct)
-        if async_finish or plan.cuda:
-            with Launch(self.streams, plan.device, None, async_finish) as launch:
+        if async_finish:
+            with Launch(self.streams, plan.device, None, True) as launch:
                 if not handle.carries(topk_weights):
                     routing = with_weights(group.process_group, routing, topk_weights)
                 combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
                 inputs = (x, topk_idx, topk_weights, expert_out, routing.recv_weights)
                 event = launch.finish(inputs, (combined,))
             return combined, event, None
+        streams = self.streams
+        if plan.cuda:
+            streams.before(plan.index)
         if not handle.carries(topk_weights):
             routing = with_weights(group.process_group, routing, topk_weights)
-        return _into(out, group.ll_combine(expert_out, routing, direct)), EventOverlap(), None  # type: ignore[arg-type]
+        combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
+        if streams.record and plan.cuda:
+            streams.after(plan.index)
+        return combined, EventOverlap(), None
 
     def _combine_hooked(
         self,
@@ -379,7 +390,7 @@ class LowLatency:
         if not handle.carries(topk_weights):
             routing = with_weights(group.process_group, routing, topk_weights)
         pending = group.ll_combine(expert_out, routing, direct, True)
-        if plan.cuda:
+        if streams.record and plan.cuda:
             streams.after(plan.index)
         later = (
             out
@@ -400,7 +411,7 @@ class LowLatency:
                 deferred.fulfil(later, y)
             elif y is not out:
                 out.copy_(y)
-            if plan.cuda:
+            if streams.record and plan.cuda:
                 streams.after(plan.index)
 
         return later, EventOverlap(), hook

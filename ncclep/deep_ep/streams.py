@@ -115,9 +115,12 @@ class Launch:
         device: the device of the call's tensors.
         previous_event: an :class:`EventOverlap` to wait for before the call, or None.
         async_finish: run on the communication stream and return its event.
+
+    Calls without ``async_finish`` on CUDA need no Launch: ``state.before(index, previous_event)``
+    before the launch and, when ``state.record``, ``state.after(index)`` after it do the same.
     """
 
-    __slots__ = ("_context", "async_finish", "compute", "cuda", "index", "previous", "state", "stream")
+    __slots__ = ("async_finish", "compute", "cuda", "index", "previous", "state", "stream")
 
     def __init__(
         self, state: StreamState, device: torch.device, previous_event: Any, async_finish: bool
@@ -127,7 +130,7 @@ class Launch:
         self.index = device.index
         self.previous = previous_event
         self.async_finish = async_finish
-        self._context: Any = None
+        self.stream: torch.cuda.Stream | None = None
 
     def __enter__(self) -> Launch:
         if not self.cuda:
@@ -138,48 +141,48 @@ class Launch:
             self.state.before(self.index, self.previous)
             return self
         state = self.state
-        self.compute = torch.cuda.current_stream(self.index)
-        self.stream = state.comm_stream(self.index)
+        compute = self.compute = torch.cuda.current_stream(self.index)
+        stream = state.comm_stream(self.index)
         previous = _cuda_event(self.previous)
         if previous is not None:
-            self.stream.wait_event(previous)
+            stream.wait_event(previous)
         else:
-            self.stream.wait_stream(self.compute)
-        if state._last != self.stream.cuda_stream:
-            if previous is not None or state._last != self.compute.cuda_stream:
-                state._switch(self.index, self.stream)
+            stream.wait_stream(compute)
+        if state._last != stream.cuda_stream:
+            if previous is not None or state._last != compute.cuda_stream:
+                state._switch(self.index, stream)
             elif not torch.cuda.is_current_stream_capturing():
                 state.record = True  # the compute stream's launches are covered by wait_stream above
-        self._context = torch.cuda.stream(self.stream)
-        self._context.__enter__()
+        torch.cuda.set_stream(stream)
+        self.stream = stream
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
-            self._context = None
+        if self.stream is not None:
+            torch.cuda.set_stream(self.compute)
+            self.stream = None
 
     def finish(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
         """The call's event (None without ``async_finish``); tensors among ``inputs`` and
         ``outputs`` (None and non-tensors are skipped) stay alive with it."""
         if not self.async_finish:
-            if self.cuda:
+            if self.cuda and self.state.record:
                 self.state.after(self.index)
             return EventOverlap()
+        kept = tuple(t for t in (*inputs, *outputs) if t is not None)
         if not self.cuda:
-            return EventOverlap(EventHandle.completed(), _tensors(inputs, outputs))
+            return EventOverlap(EventHandle.completed(), kept)
+        stream = self.stream
+        assert stream is not None
         event = torch.cuda.Event()
-        event.record(self.stream)
-        self.state.note(self.stream, event)
+        event.record(stream)
+        self.state.note(stream, event)
         if not torch.cuda.is_current_stream_capturing():  # in a graph, extra_tensors keep them
+            compute = self.compute
             for t in outputs:
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(self.compute)
+                if t is not None:
+                    t.record_stream(compute)
             for t in inputs:
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(self.stream)
-        return EventOverlap(EventHandle.of(event), _tensors(inputs, outputs))
-
-
-def _tensors(inputs: Sequence[Any], outputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-    return tuple(t for t in (*inputs, *outputs) if isinstance(t, torch.Tensor))
+                if t is not None:
+                    t.record_stream(stream)
+        return EventOverlap(EventHandle.of(event), kept)
