@@ -4,6 +4,7 @@
     python -m ncclep.deep_ep.overhead --world 4 --iters 400 --json overhead.json
     python -m ncclep.deep_ep.overhead --gpu --world 4     # one GPU per process, NCCL, CUDA kernels
     python -m ncclep.deep_ep.overhead --only ll_dispatch  # the calls whose name contains this
+    python -m ncclep.deep_ep.overhead --gpu --batch 10    # 10 calls back to back per sample
 
 Each process makes one :class:`ncclep.deep_ep.Buffer` and ncclep groups of the same sizes, then
 calls each shim op and the Group op it stands for (same inputs) in turn, ``--iters`` times each,
@@ -21,8 +22,10 @@ On GPUs (``--gpu``) the calls only launch, so all four are host times, and ``shi
 figure to hold to the 10 µs budget. On the reference backend (CPU, gloo) a Group op runs to
 completion, transfer included, so ``shim`` and ``Group`` vary by a millisecond or more from run to
 run and ``shim-Group`` with them; ``shim own`` excludes the Group op and does not. Every call
-starts after a barrier (on GPUs, after a device synchronisation too), so that waiting for a late
-peer is not counted; its results are released after its clock stops.
+sample starts after a barrier (on GPUs, after a device synchronisation too), so that waiting for a
+late peer is not counted; its results are released after its clock stops. With ``--batch 1`` (the
+default) a sample is one call, which meets caches that the barrier left cold; ``--batch n`` times
+``n`` calls back to back and reports their mean, the figure of a loop with warm caches.
 """
 
 from __future__ import annotations
@@ -102,28 +105,38 @@ def _median_us(values: list[float]) -> float:
 
 
 def _time(
-    pairs: dict[str, tuple[Call, Call]], iters: int, warmup: int, device: torch.device, clock: InnerClock
+    pairs: dict[str, tuple[Call, Call]],
+    iters: int,
+    warmup: int,
+    batch: int,
+    device: torch.device,
+    clock: InnerClock,
 ) -> dict[str, Any]:
     """Medians of each (shim, native) call, of their difference and of the shim's own time,
-    interleaved so that drift hits both alike."""
+    interleaved so that drift hits both alike. A sample is ``batch`` calls back to back (their
+    total over ``batch``): 1 times a call after a pause, as a single call meets the host; more
+    times calls in a loop, with the code and data they touch in the caches."""
     samples: dict[str, dict[str, list[float]]] = {
         name: {"shim": [], "native": [], "diff": [], "own": []} for name in pairs
     }
+    results: list[Any] = [None] * batch
     for i in range(warmup + iters):
         for name, (shim_call, native_call) in pairs.items():
             _sync(device)
             clock.seconds, clock.armed = 0.0, True
             start = time.perf_counter()
-            result = shim_call()
-            elapsed = time.perf_counter() - start
+            for j in range(batch):
+                results[j] = shim_call()
+            elapsed = (time.perf_counter() - start) / batch
             clock.armed = False
-            inner = clock.seconds
-            del result  # freeing the outputs is not the call's time (on the CPU it can be)
+            inner = clock.seconds / batch
+            results[:] = [None] * batch  # freeing the outputs is not the calls' time (on the CPU it can be)
             _sync(device)
             start = time.perf_counter()
-            result = native_call()
-            native_elapsed = time.perf_counter() - start
-            del result
+            for j in range(batch):
+                results[j] = native_call()
+            native_elapsed = (time.perf_counter() - start) / batch
+            results[:] = [None] * batch
             if i >= warmup:
                 s = samples[name]
                 s["shim"].append(elapsed)
@@ -330,11 +343,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         pairs = {name: pair for name, pair in pairs.items() if not args.only or args.only in name}
         backends.update({str(group.mode): str(group.backend) for group in buffer.groups})
         watch(clock, buffer)
-        results.update(_time(pairs, args.iters, args.warmup, device, clock))
+        results.update(_time(pairs, args.iters, args.warmup, args.batch, device, clock))
         buffer.destroy()
     if rank == 0:
         where = f"{world} x {torch.cuda.get_device_name(device) if gpu else 'CPU'}"
-        print(f"{where}, backends {backends}; medians of {args.iters} calls, µs")
+        per = f"samples of {args.batch} calls back to back" if args.batch > 1 else "calls"
+        print(f"{where}, backends {backends}; medians of {args.iters} {per}, µs per call")
         width = max(len(name) for name in results)
         print(f"{'call':<{width}}  {'shim':>9}  {'Group':>9}  {'shim-Group':>10}  {'shim own':>9}")
         for name, r in results.items():
@@ -366,6 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--iters", type=int, default=200, help="timed calls of each op (default 200)")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="calls back to back per sample (default 1: each call after a barrier; more: warm caches)",
+    )
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048)
