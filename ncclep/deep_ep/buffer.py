@@ -571,16 +571,25 @@ class Buffer:
             x.shape[-1],
             topk_idx.shape[-1],
             x.is_cuda,
-            bool(use_fp8),
-            bool(round_scale),
-            bool(use_ue8m0),
+            use_fp8,
+            round_scale,
+            use_ue8m0,
         )
         plan = self._ll.plans.get(key)
         if plan is None:
             self._open()
             if not self.low_latency_mode:
                 raise InvalidArgument("low_latency_dispatch needs Buffer(low_latency_mode=True)")
-            plan = self._ll.plan(key, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, *key[5:])
+            plan = self._ll.plan(
+                key,
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                bool(use_fp8),
+                bool(round_scale),
+                bool(use_ue8m0),
+            )
         stats = cumulative_local_expert_recv_stats
         if stats is not None and (stats.dtype != torch.int32 or stats.shape != (plan.local,)):
             raise InvalidArgument(

@@ -225,7 +225,12 @@ class LowLatency:
         topk_weights: torch.Tensor | None,
     ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, Hook | None]:
         tokens = x.shape[0]
-        weights = plan.ones(tokens) if topk_weights is None else topk_weights.contiguous()
+        if topk_weights is None:
+            weights = plan._ones_by_tokens.get(tokens)
+            if weights is None:
+                weights = plan.ones(tokens)
+        else:
+            weights = topk_weights.contiguous()
         group = plan.group
         if return_recv_hook:
             return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
@@ -244,7 +249,10 @@ class LowLatency:
             out = group.ll_dispatch(
                 x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
             )
-            recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
+            if stats is None and not plan.use_fp8:
+                recv_x, recv_count = out[0], out[2]
+            else:
+                recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
             if streams.record and plan.cuda:
                 streams.after(plan.index)
             event = EventOverlap()

@@ -31,14 +31,14 @@ import torch
 
 from .utils import EventHandle, EventOverlap
 
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+def _current_stream_handle(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
 
 
-def current_raw_stream(index: int) -> int:
-    """The current stream of device ``index`` as its raw handle (cheap: no Stream object)."""
-    if _raw_stream is not None:
-        return int(_raw_stream(index))
-    return int(torch.cuda.current_stream(index).cuda_stream)
+# The current stream of a device as its raw handle: cheap, no Stream object (torch's own
+# inductor uses it); the public route where a build lacks it.
+current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _current_stream_handle
 
 
 def _cuda_event(previous_event: Any) -> torch.cuda.Event | None:
