@@ -245,11 +245,12 @@ def test_buffer_lifecycle(world2: Any) -> None:
     assert world2.run(lifecycle_worker)[0] == ["made", "destroyed"]
 
 
-def test_overhead_script_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [[], ["--isolate", "--batch", "2"]], ids=["default", "isolate"])
+def test_overhead_script_runs(mode: list[str], tmp_path: Path) -> None:
     """``python -m ncclep.deep_ep.overhead`` (the measurement docs/deep_ep.md reports), tiny sizes."""
     out = tmp_path / "overhead.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = ["--iters", "2", "--warmup", "1", "--hidden", "128", "--ll-tokens", "4", "--ht-tokens", "8"]
+    args = ["--iters", "2", "--warmup", "1", "--hidden", "128", "--ll-tokens", "4", "--ht-tokens", "8", *mode]
     done = subprocess.run(
         [sys.executable, "-m", "ncclep.deep_ep.overhead", *args, "--json", str(out)],
         cwd=tmp_path,

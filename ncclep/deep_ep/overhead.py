@@ -5,6 +5,7 @@
     python -m ncclep.deep_ep.overhead --gpu --world 4     # one GPU per process, NCCL, CUDA kernels
     python -m ncclep.deep_ep.overhead --only ll_dispatch  # the calls whose name contains this
     python -m ncclep.deep_ep.overhead --gpu --batch 10    # 10 calls back to back per sample
+    python -m ncclep.deep_ep.overhead --isolate --batch 10  # the shim's own host work alone
 
 Each process makes one :class:`ncclep.deep_ep.Buffer` and ncclep groups of the same sizes, then
 calls each shim op and the Group op it stands for (same inputs) in turn, ``--iters`` times each,
@@ -26,6 +27,9 @@ sample starts after a barrier (on GPUs, after a device synchronisation too), so 
 late peer is not counted; its results are released after its clock stops. With ``--batch 1`` (the
 default) a sample is one call, which meets caches that the barrier left cold; ``--batch n`` times
 ``n`` calls back to back and reports their mean, the figure of a loop with warm caches.
+``--isolate`` replaces the Group ops under the shim (not the Group column's) by ones that replay
+a result computed once: ``shim`` (and ``shim own``) is then the shim's host work alone, without
+the transport's noise or the caches the real op leaves cold.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -81,6 +86,7 @@ class InnerClock:
 
 
 GROUP_OPS = ("ll_dispatch", "ll_combine", "ht_dispatch", "ht_combine")
+CACHED_OP = torch.ops.ncclep.ht_dispatch_cached  # the real op (watch and replay replace the attribute)
 
 
 def watch(clock: InnerClock, buffer: Buffer) -> None:
@@ -98,6 +104,87 @@ def watch(clock: InnerClock, buffer: Buffer) -> None:
     cached = torch.ops.ncclep.ht_dispatch_cached
     if not getattr(cached, "_timed", False):
         torch.ops.ncclep.ht_dispatch_cached = clock.wrap(cached)
+        torch.ops.ncclep.ht_dispatch_cached._replayed = getattr(cached, "_replayed", False)
+
+
+def _once(seen: dict[Any, Any], key: Any, make: Call, send_only: bool = False) -> Any:
+    """``make()``'s result, made at the first call with ``key``; as a Pending with ``send_only``."""
+    out = seen.get(key)
+    if out is None:
+        out = seen[key] = make()
+    return Pending(partial(_same, out)) if send_only else out
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def replay(buffer: Buffer) -> None:
+    """``--isolate``: the Group ops of ``buffer``'s groups (and the cached-dispatch op) replaced by
+    ones that run the real op once per kind of call and then return its result again at once, so
+    that a shim call's time is the shim's own host work (its own collectives included)."""
+    for group in buffer.groups:
+        seen: dict[Any, Any] = {}
+        ops = {name: getattr(group, name) for name in GROUP_OPS}
+
+        def ll_dispatch(
+            x: Any,
+            idx: Any,
+            w: Any,
+            use_fp8: Any = False,
+            ue8m0: Any = False,
+            send_only: bool = False,
+            _op: Any = ops["ll_dispatch"],
+            _seen: Any = seen,
+        ) -> Any:
+            return _once(_seen, ("d", use_fp8, ue8m0), partial(_op, x, idx, w, use_fp8, ue8m0), send_only)
+
+        def ll_combine(
+            rows: Any,
+            handle: Any,
+            out: Any = None,
+            send_only: bool = False,
+            _op: Any = ops["ll_combine"],
+            _seen: Any = seen,
+        ) -> Any:
+            y = _once(_seen, "c", partial(_op, rows, handle))
+            return _once({}, 0, partial(_same, y if out is None else out), send_only)
+
+        def ht_dispatch(
+            x: Any,
+            idx: Any,
+            w: Any = None,
+            x_scales: Any = None,
+            layout: Any = "flat",
+            alignment: Any = 1,
+            send_only: bool = False,
+            _op: Any = ops["ht_dispatch"],
+            _seen: Any = seen,
+        ) -> Any:
+            make = partial(_op, x, idx, w, x_scales, layout, alignment)
+            return _once(_seen, ("hd", x_scales is None, w is None), make, send_only)
+
+        def ht_combine(
+            rows: Any,
+            handle: Any,
+            w: Any = None,
+            send_only: bool = False,
+            _op: Any = ops["ht_combine"],
+            _seen: Any = seen,
+        ) -> Any:
+            return _once(_seen, ("hc", w is None), partial(_op, rows, handle, w), send_only)
+
+        group.ll_dispatch, group.ll_combine = ll_dispatch, ll_combine  # type: ignore[method-assign]
+        group.ht_dispatch, group.ht_combine = ht_dispatch, ht_combine  # type: ignore[method-assign]
+    if getattr(torch.ops.ncclep.ht_dispatch_cached, "_replayed", False):
+        return
+    cached: dict[Any, Any] = {}
+
+    def replayed_cached(group_id: int, t: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+        return _once(cached, (group_id, t.dtype), partial(CACHED_OP, group_id, t, *routing))
+
+    replayed_cached._replayed = True  # type: ignore[attr-defined]
+    torch.ops.ncclep.ht_dispatch_cached = replayed_cached
 
 
 def _median_us(values: list[float]) -> float:
@@ -273,8 +360,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     group_id = recv_worst[4].group.id
 
     def native_cached() -> torch.Tensor:
-        op = torch.ops.ncclep.ht_dispatch_cached
-        return op(group_id, x, cached.send_pos, cached.recv_slot, cached.recv_counts)
+        return CACHED_OP(group_id, x, cached.send_pos, cached.recv_slot, cached.recv_counts)
 
     pairs: dict[str, tuple[Call, Call]] = {
         "get_dispatch_layout (no native op)": (
@@ -342,12 +428,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         pairs, buffer = make(args, device)
         pairs = {name: pair for name, pair in pairs.items() if not args.only or args.only in name}
         backends.update({str(group.mode): str(group.backend) for group in buffer.groups})
+        if args.isolate:
+            replay(buffer)
         watch(clock, buffer)
         results.update(_time(pairs, args.iters, args.warmup, args.batch, device, clock))
         buffer.destroy()
     if rank == 0:
         where = f"{world} x {torch.cuda.get_device_name(device) if gpu else 'CPU'}"
         per = f"samples of {args.batch} calls back to back" if args.batch > 1 else "calls"
+        if args.isolate:
+            per += " (--isolate: the shim's Group ops replay a result, Group is the real op)"
         print(f"{where}, backends {backends}; medians of {args.iters} {per}, µs per call")
         width = max(len(name) for name in results)
         print(f"{'call':<{width}}  {'shim':>9}  {'Group':>9}  {'shim-Group':>10}  {'shim own':>9}")
@@ -393,6 +483,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ht-tokens", type=int, default=256, help="HT tokens per rank")
     parser.add_argument("--backend", default="auto", help="ncclep backend of both sides")
     parser.add_argument("--gpu", action="store_true", help="one GPU per process, NCCL")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="the shim's Group ops return a result computed once: the shim's own host work alone",
+    )
     parser.add_argument("--only", default=None, help="only the calls whose name contains this")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
