@@ -91,10 +91,7 @@ class HighThroughput:
         previous_event: Any,
         async_finish: bool,
     ) -> tuple[Payload, torch.Tensor | None, torch.Tensor | None, list[int], DispatchHandle, Any]:
-        if type(x) is tuple:
-            data, given_scales = _split(x)
-        else:
-            data, given_scales = x, None
+        data, given_scales = _split(x) if isinstance(x, tuple) else (x, None)
         if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
             raise InvalidArgument(
                 "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
@@ -102,7 +99,7 @@ class HighThroughput:
             )
         if topk_weights is not None and topk_idx is None:
             raise InvalidArgument("topk_weights need topk_idx")
-        if type(expert_alignment) is not int or expert_alignment < 1:
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise InvalidArgument(f"expert_alignment must be a positive int, got {expert_alignment!r}")
         tokens, hidden = data.shape
         num_experts = num_tokens_per_expert.numel()
