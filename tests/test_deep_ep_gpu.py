@@ -184,8 +184,6 @@ def async_events() -> list[str]:
     sync_y, _, _ = buffer.low_latency_combine(sync_recv, idx, w, sync_handle)
     if not torch.equal(y, sync_y):
         problems.append("async combine differs from the synchronous one")
-    if buffer._streams.record:
-        problems.append("async_finish calls without previous_event turned event recording on")
     # HT with previous_event and async_finish on the comm stream
     layout = buffer.get_dispatch_layout(idx, EXPERTS, previous_event=buffer.capture(), async_finish=True)
     layout[4].current_stream_wait()

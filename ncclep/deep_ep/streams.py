@@ -13,14 +13,13 @@ Calls on one ncclep group must reach the device in order, whatever streams they 
 on another stream than the previous launch first waits for it. What that costs is paid only by
 Buffers that use several streams: while every launch is on one stream, stream order is enough and
 a launch records nothing (it compares the current stream with the last one's, one cheap query).
-``async_finish`` launches record their event anyway (it is the one they return), and the next
-launch elsewhere waits for it; an ``async_finish`` launch without ``previous_event`` waits for the
-whole current stream anyway. Otherwise a launch on another stream than the last one has no event
-of that launch: it waits for the whole of that stream (its current end, later than needed), and
-from then on every launch records an event, so that the next such switch waits for exactly it.
-Inside CUDA graph capture none of this happens: the graph orders what it captured, and an event
-recorded outside the capture cannot be waited for inside it. On the CPU none of this exists; an
-``async_finish`` call returns an event that has already passed.
+The first launch on another stream waits for the whole of the previous stream (it has no event of
+the previous launch, so it takes that stream's current end, which is later); from then on every
+launch records an event and the next stream waits for exactly that. ``async_finish`` launches
+record their event anyway (it is the one they return). Inside CUDA graph capture none of this
+happens: the graph orders what it captured, and an event recorded outside the capture cannot be
+waited for inside it. On the CPU none of this exists; an ``async_finish`` call returns an event
+that has already passed.
 """
 
 from __future__ import annotations
@@ -58,8 +57,7 @@ class StreamState:
         self._last_event: torch.cuda.Event | None = None
         """An event recorded right after the last launch, when one was."""
         self.record = False
-        """Record an event after every launch: set once a change of streams found no event of the
-        last launch (a Buffer on one stream, or one that only adds async_finish calls, never does)."""
+        """Record an event after every launch: set once launches have used two streams."""
 
     def comm_stream(self, device: torch.device | int) -> torch.cuda.Stream:
         index = device if isinstance(device, int) else device.index
@@ -94,9 +92,9 @@ class StreamState:
         if self._last is not None:
             if self._last_event is not None:
                 stream.wait_event(self._last_event)
-            else:  # the end of the last launch's stream: later than needed; events from now on
+            else:
                 stream.wait_stream(torch.cuda.ExternalStream(self._last, device=self._last_device))
-                self.record = True
+            self.record = True
         self._last, self._last_device, self._last_event = stream.cuda_stream, index, None
 
     def note(self, stream: torch.cuda.Stream, event: torch.cuda.Event | None = None) -> None:
@@ -150,9 +148,11 @@ class Launch:
             stream.wait_event(previous)
         else:
             stream.wait_stream(compute)
-        # wait_stream above covers a last launch on the compute stream
-        if state._last != stream.cuda_stream and (previous is not None or state._last != compute.cuda_stream):
-            state._switch(self.index, stream)
+        if state._last != stream.cuda_stream:
+            if previous is not None or state._last != compute.cuda_stream:
+                state._switch(self.index, stream)
+            elif not torch.cuda.is_current_stream_capturing():
+                state.record = True  # the compute stream's launches are covered by wait_stream above
         torch.cuda.set_stream(stream)
         self.stream = stream
         return self
