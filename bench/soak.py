@@ -56,9 +56,14 @@ import ncclep
 from ncclep import fp8
 from ncclep.bench.timing import capture_graph
 from ncclep.launch import launch
+from ncclep.testing import (
+    COMBINE_TOLERANCE,
+    ht_dispatch_difference,
+    ll_dispatch_difference,
+    relative_error,
+)
 from ncclep.workloads import ROUTINGS, make_routing
 
-COMBINE_TOLERANCE = 1e-2  # as tests/gpu: bf16 rounding, sums in another order
 WEIGHTS_TOLERANCE = 1e-5
 DRIFT_FACTOR, DRIFT_FLOOR = 2.0, 1e-3
 FIRST_MISMATCHES = 5
@@ -134,69 +139,6 @@ class Stats:
 
 
 # ----------------------------------------------------------------------------- comparisons
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``|out - ref| / |ref|`` (Frobenius); NaN or inf when either holds one."""
-    if out.numel() == 0 and ref.numel() == 0:
-        return 0.0
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-20))
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def _rows_differ(a: torch.Tensor, b: torch.Tensor, used: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` differ bitwise on the rows where ``used`` (their leading dims) holds."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return True
-    diff = (_bytes(a) != _bytes(b)).flatten(used.dim()).any(dim=-1)
-    return bool((diff & used).any())
-
-
-def compare_ll_dispatch(a: ncclep.LLDispatchOutput, b: ncclep.LLDispatchOutput) -> str | None:
-    """What differs between an LL dispatch and the reference's (tests/gpu/test_ll_gpu.py)."""
-    if not torch.equal(a.expert_counts, b.expert_counts):
-        return f"expert_counts {a.expert_counts.tolist()} != reference {b.expert_counts.tolist()}"
-    rows = b.x.shape[1]
-    used = torch.arange(rows, device=b.x.device).unsqueeze(0) < b.expert_counts.unsqueeze(1).long()
-    if _rows_differ(a.x, b.x, used):
-        return "dispatch payload differs on rows in use"
-    if (a.scales is None) != (b.scales is None):
-        return "scales presence differs"
-    if b.scales is not None and a.scales is not None and _rows_differ(a.scales, b.scales, used):
-        return "dispatch scales differ on rows in use"
-    for name in ("send_slots", "recv_rows", "recv_weights", "recv_slot_counts"):
-        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
-            return f"handle.{name} differs"
-    return None
-
-
-def compare_ht_dispatch(a: ncclep.HTDispatchOutput, b: ncclep.HTDispatchOutput) -> str | None:
-    """What differs between an HT dispatch and the reference's (tests/gpu/test_ht_gpu.py)."""
-    for name in ("num_recv", "expert_counts", "topk_idx"):
-        if not torch.equal(getattr(a, name), getattr(b, name)):
-            return f"{name} differs"
-    for name in ("send_pos", "recv_slot", "recv_counts"):
-        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
-            return f"handle.{name} differs"
-    if (a.topk_weights is None) != (b.topk_weights is None):
-        return "topk_weights presence differs"
-    if (
-        a.topk_weights is not None
-        and b.topk_weights is not None
-        and not torch.equal(_bytes(a.topk_weights), _bytes(b.topk_weights))
-    ):
-        return "topk_weights differ"
-    used = b.handle.recv_slot >= 0
-    if _rows_differ(a.x, b.x, used):
-        return "dispatch payload differs on rows in use"
-    if (a.scales is None) != (b.scales is None):
-        return "scales presence differs"
-    if a.scales is not None and b.scales is not None and _rows_differ(a.scales, b.scales, used):
-        return "dispatch scales differ on rows in use"
-    return None
 
 
 def combine_problem(error: float, what: str = "combine") -> str | None:
@@ -358,7 +300,7 @@ class ModeSoak:
             self.pair(self.dut, inp)
             return
         # Checked call: the reference dispatches the same inputs, both combine the same rows.
-        compare = compare_ll_dispatch if self.mode == "ll" else compare_ht_dispatch
+        compare = ll_dispatch_difference if self.mode == "ll" else ht_dispatch_difference
         if self.mode == "ll":
             a = self.dut.ll_dispatch(**inp["call"], **inp["opts"])
             b = self.ref.ll_dispatch(**inp["call"], **inp["opts"])
@@ -416,7 +358,7 @@ class ModeSoak:
             d, out = self.step()
         if not check:
             return
-        compare = compare_ll_dispatch if self.mode == "ll" else compare_ht_dispatch
+        compare = ll_dispatch_difference if self.mode == "ll" else ht_dispatch_difference
         b, expected = self.pair(self.ref, fresh)
         problem = compare(d, b)
         if self._corrupt_now("graph", self.stats.graph_checks):

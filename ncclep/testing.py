@@ -14,6 +14,11 @@ import torch.distributed as dist
 
 from . import fp8
 from .config import GroupConfig
+from .handles import HTDispatchOutput, LLDispatchOutput
+
+COMBINE_TOLERANCE = 1e-2
+"""Relative error allowed between a combine and the reference's: bf16 rounding of sums taken in
+another order."""
 
 
 @dataclass
@@ -148,3 +153,71 @@ def ht_combine_expected(
                 for e in sorted(e for e in experts if _owner(e, cfg) == d):
                     out[b] += row_fn(d, e - d * local, mine.x[b]).float()
     return out
+
+
+# ---------------------------------------------------------------- one backend against another
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|out - ref| / |ref|`` (Frobenius); NaN or inf when either holds one."""
+    if out.numel() == 0 and ref.numel() == 0:
+        return 0.0
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-20))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def _rows_differ(a: torch.Tensor, b: torch.Tensor, used: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` differ bitwise on the rows where ``used`` (their leading dims) holds."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return True
+    diff = (_bytes(a) != _bytes(b)).flatten(used.dim()).any(dim=-1)
+    return bool((diff & used).any())
+
+
+def ll_dispatch_difference(a: LLDispatchOutput, b: LLDispatchOutput) -> str | None:
+    """What differs between an LL dispatch and the reference's ``b`` (None: nothing): counts, handle,
+    and payload and scales bit for bit on the rows in use (padding rows are unspecified)."""
+    if not torch.equal(a.expert_counts, b.expert_counts):
+        return f"expert_counts {a.expert_counts.tolist()} != reference {b.expert_counts.tolist()}"
+    rows = b.x.shape[1]
+    used = torch.arange(rows, device=b.x.device).unsqueeze(0) < b.expert_counts.unsqueeze(1).long()
+    if _rows_differ(a.x, b.x, used):
+        return "dispatch payload differs on rows in use"
+    if (a.scales is None) != (b.scales is None):
+        return "scales presence differs"
+    if b.scales is not None and a.scales is not None and _rows_differ(a.scales, b.scales, used):
+        return "dispatch scales differ on rows in use"
+    for name in ("send_slots", "recv_rows", "recv_weights", "recv_slot_counts"):
+        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
+            return f"handle.{name} differs"
+    return None
+
+
+def ht_dispatch_difference(a: HTDispatchOutput, b: HTDispatchOutput) -> str | None:
+    """What differs between an HT dispatch and the reference's ``b`` (None: nothing): counts, local
+    expert ids, weights, handle, and payload and scales bit for bit on the rows holding a token."""
+    for name in ("num_recv", "expert_counts", "topk_idx"):
+        if not torch.equal(getattr(a, name), getattr(b, name)):
+            return f"{name} differs"
+    for name in ("send_pos", "recv_slot", "recv_counts"):
+        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
+            return f"handle.{name} differs"
+    if (a.topk_weights is None) != (b.topk_weights is None):
+        return "topk_weights presence differs"
+    if (
+        a.topk_weights is not None
+        and b.topk_weights is not None
+        and not torch.equal(_bytes(a.topk_weights), _bytes(b.topk_weights))
+    ):
+        return "topk_weights differ"
+    used = b.handle.recv_slot >= 0
+    if _rows_differ(a.x, b.x, used):
+        return "dispatch payload differs on rows in use"
+    if (a.scales is None) != (b.scales is None):
+        return "scales presence differs"
+    if a.scales is not None and b.scales is not None and _rows_differ(a.scales, b.scales, used):
+        return "dispatch scales differ on rows in use"
+    return None

@@ -208,6 +208,52 @@ def async_events() -> list[str]:
     return problems
 
 
+def stream_order() -> list[str]:
+    """Calls on one stream record no events; a call on another stream (a hook included) waits for
+    the last launch, and from then on the Buffer records events; results match."""
+    buffer = _ll_buffer()
+    x, idx, w = _inputs(7, T)
+    problems = []
+    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, EXPERTS, use_fp8=False)
+    want, _, _ = buffer.low_latency_combine(recv, idx, w, handle)
+    for _ in range(3):
+        recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, EXPERTS, use_fp8=True)
+        buffer.low_latency_combine(recv[0].to(torch.bfloat16), idx, w, handle)
+    if buffer._streams.record:
+        problems.append("launches on one stream recorded events")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000)  # the side stream is busy: the next launch must still follow it
+        recv, _, handle, _, hook = buffer.low_latency_dispatch(
+            x, idx, T, EXPERTS, use_fp8=False, return_recv_hook=True
+        )
+    hook()  # on the current stream
+    y, _, hook = buffer.low_latency_combine(recv, idx, w, handle, return_recv_hook=True)
+    with torch.cuda.stream(side):
+        hook()
+        side_y = y.clone()
+    torch.cuda.current_stream().wait_stream(side)
+    if not torch.equal(side_y, want):
+        problems.append("calls across streams differ from calls on one")
+    if not buffer._streams.record:
+        problems.append("a second stream did not turn event recording on")
+    layout = buffer.get_dispatch_layout(idx, EXPERTS)
+    with torch.cuda.stream(side):
+        side.wait_stream(torch.cuda.current_stream())
+        out = buffer.dispatch(
+            x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2]
+        )
+        combined, _, _ = buffer.combine(out[0], out[4])
+    torch.cuda.current_stream().wait_stream(side)
+    if not torch.allclose(
+        combined.float(), x.float() * layout[3].sum(dim=1, keepdim=True), rtol=2**-7, atol=1e-2
+    ):
+        problems.append("HT round trip on a side stream differs")
+    buffer.destroy()
+    return problems
+
+
 def ht_matches_group() -> list[str]:
     world = dist.get_world_size()
     buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 30, 0, explicitly_destroy=True, backend="cuda")
@@ -286,8 +332,15 @@ def test_ll_has_no_host_sync_and_captures(world: int) -> None:
         assert problems == []
 
 
-def test_async_finish_events() -> None:
-    for problems in gpu_pool(4).run(async_events):
+@pytest.mark.parametrize("world", WORLDS)
+def test_async_finish_events(world: int) -> None:
+    for problems in gpu_pool(world).run(async_events):
+        assert problems == []
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_streams_are_ordered_and_free_on_one(world: int) -> None:
+    for problems in gpu_pool(world).run(stream_order):
         assert problems == []
 
 
@@ -297,8 +350,9 @@ def test_ht_matches_the_group_ops(world: int) -> None:
         assert problems == []
 
 
-def test_gloo_group_with_cuda_tensors() -> None:
-    for problems in gpu_pool(4).run(gloo_group_with_cuda_tensors):
+@pytest.mark.parametrize("world", WORLDS)
+def test_gloo_group_with_cuda_tensors(world: int) -> None:
+    for problems in gpu_pool(world).run(gloo_group_with_cuda_tensors):
         assert problems == []
 
 

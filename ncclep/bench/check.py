@@ -15,11 +15,11 @@ from ..group import Group
 from .workloads import Case
 
 ORACLE_LIMIT = 4096
-COMBINE_TOLERANCE = 1e-2
+COMBINE_TOLERANCE = testing.COMBINE_TOLERANCE
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float().cpu() - ref.float().cpu()).norm() / ref.float().cpu().norm().clamp_min(1e-30))
+    return testing.relative_error(out.cpu(), ref.cpu())
 
 
 def _expert_fn(num_experts: int):  # type: ignore[no-untyped-def]

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import fp8
 from ..bootstrap import init_from_mpi, is_mpi_comm
 from ..errors import InvalidArgument, NcclepError
 from . import budget
@@ -162,6 +161,7 @@ class Buffer:
         if not self.explicitly_destroy:
             raise InvalidArgument("`explicitly_destroy` flag must be set")
         self._groups.close()
+        self._ll.plans.clear()
 
     @staticmethod
     def is_sm90_compiled() -> bool:
@@ -293,8 +293,10 @@ class Buffer:
               rank.
             - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
         """
-        self._open()
-        _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
+        if self._groups.closed:
+            raise NcclepError("the Buffer was destroyed")
+        if allocate_on_comm_stream:
+            _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
         layout, event = self._ht.layout(topk_idx, num_experts, previous_event, async_finish)
         return (*layout, event)
 
@@ -377,8 +379,10 @@ class Buffer:
         agrees on the tokens per rank of the HT group, which grows (a new group, a collective) when a call
         passes more than it holds. The returned rows are views of ncclep's worst-case outputs.
         """
-        self._open()
-        _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
+        if self._groups.closed:
+            raise NcclepError("the Buffer was destroyed")
+        if allocate_on_comm_stream:
+            _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
         if num_worst_tokens < 0:
             raise InvalidArgument(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
         if config is not None and not isinstance(config, Config):
@@ -392,7 +396,7 @@ class Buffer:
                 )
             recv_x, event = self._ht.cached_dispatch(x, handle, previous_event, async_finish)
             return recv_x, None, None, None, None, event
-        num_sms = (config or self.get_dispatch_config(self.group_size)).num_sms
+        num_sms = Buffer.num_sms if config is None else config.num_sms
         return self._ht.dispatch(
             x,
             num_tokens_per_rank,
@@ -446,20 +450,24 @@ class Buffer:
         ncclep: the rows are copied into ncclep's worst-case `[N, hidden]` layout first, unless the
         dispatch returned `N` rows (`num_worst_tokens = N`).
         """
-        self._open()
-        _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
+        if self._groups.closed:
+            raise NcclepError("the Buffer was destroyed")
+        if allocate_on_comm_stream:
+            _check_comm_stream_allocation(allocate_on_comm_stream, previous_event, async_finish)
         if not isinstance(handle, DispatchHandle):
             raise InvalidArgument(
                 f"handle must come from this Buffer's dispatch, got {type(handle).__name__}"
             )
         biases: tuple[torch.Tensor, ...] = ()
-        if isinstance(bias, torch.Tensor):
+        if bias is None:
+            pass
+        elif isinstance(bias, torch.Tensor):
             biases = (bias,)
         elif isinstance(bias, tuple):
             if len(bias) != 2:
                 raise InvalidArgument("bias must be a tensor or a tuple of two tensors")
             biases = tuple(b for b in bias if b is not None)
-        elif bias is not None:
+        else:
             raise InvalidArgument(
                 f"bias must be a tensor or a tuple of two tensors, got {type(bias).__name__}"
             )
@@ -548,39 +556,47 @@ class Buffer:
             - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
             - ``hook``: the receiving hook function (valid only if `return_recv_hook` is set).
         """
-        self._open()
-        if not self.low_latency_mode:
-            raise InvalidArgument("low_latency_dispatch needs Buffer(low_latency_mode=True)")
         if dispatch_wait_recv_cost_stats is not None:
             raise InvalidArgument("dispatch_wait_recv_cost_stats: ncclep does not time per-rank waits")
         if async_finish and return_recv_hook:
             raise InvalidArgument("async_finish and return_recv_hook cannot both be set")
-        if use_fp8 and use_ue8m0 and not round_scale:
-            raise InvalidArgument("use_ue8m0=True needs round_scale=True")
-        self._check_ll_sizes(num_max_dispatch_tokens_per_rank, num_experts)
-        if use_fp8 and use_ue8m0 and x.shape[-1] % (fp8.BLOCK * 4):
-            raise InvalidArgument(f"use_ue8m0=True needs hidden divisible by 512, got {x.shape[-1]}")
-        stats = cumulative_local_expert_recv_stats
-        if stats is not None:
-            local = num_experts // self.group_size
-            if stats.dtype != torch.int32 or tuple(stats.shape) != (local,):
-                raise InvalidArgument(
-                    f"cumulative_local_expert_recv_stats must be torch.int [{local}], "
-                    f"got {stats.dtype} {list(stats.shape)}"
-                )
-        return self._ll.dispatch(
-            x,
-            topk_idx,
+        if use_fp8:
+            if use_ue8m0 and not round_scale:
+                raise InvalidArgument("use_ue8m0=True needs round_scale=True")
+        else:
+            round_scale = use_ue8m0 = False
+        key = (
             num_max_dispatch_tokens_per_rank,
             num_experts,
-            stats,
+            x.shape[-1],
+            topk_idx.shape[-1],
+            x.is_cuda,
             use_fp8,
-            use_fp8 and round_scale,
-            use_fp8 and use_ue8m0,
-            async_finish,
-            return_recv_hook,
-            topk_weights,
+            round_scale,
+            use_ue8m0,
         )
+        plan = self._ll.plans.get(key)
+        if plan is None:
+            self._open()
+            if not self.low_latency_mode:
+                raise InvalidArgument("low_latency_dispatch needs Buffer(low_latency_mode=True)")
+            plan = self._ll.plan(
+                key,
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                bool(use_fp8),
+                bool(round_scale),
+                bool(use_ue8m0),
+            )
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None and (stats.dtype != torch.int32 or stats.shape != (plan.local,)):
+            raise InvalidArgument(
+                f"cumulative_local_expert_recv_stats must be torch.int [{plan.local}], "
+                f"got {stats.dtype} {list(stats.shape)}"
+            )
+        return self._ll.dispatch(plan, x, topk_idx, stats, async_finish, return_recv_hook, topk_weights)
 
     def low_latency_combine(
         self,
@@ -630,15 +646,16 @@ class Buffer:
             - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
             - ``hook``: the receiving hook function (valid only if `return_recv_hook` is set).
         """
-        self._open()
         if use_logfmt:
             raise InvalidArgument("use_logfmt=True: ncclep combines in bf16 (no LogFMT)")
         if combine_wait_recv_cost_stats is not None:
             raise InvalidArgument("combine_wait_recv_cost_stats: ncclep does not time per-rank waits")
         if async_finish and return_recv_hook:
             raise InvalidArgument("async_finish and return_recv_hook cannot both be set")
-        if not isinstance(handle, LowLatencyHandle):
+        if type(handle) is not LowLatencyHandle:
             raise InvalidArgument(f"handle must come from low_latency_dispatch, got {type(handle).__name__}")
+        if self._groups.closed:
+            raise NcclepError("the Buffer was destroyed")
         return self._ll.combine(
             x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out
         )
@@ -671,16 +688,6 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         """DeepEP's rank masking: not supported by ncclep (raises)."""
         raise InvalidArgument("low_latency_clean_mask_buffer: ncclep has no rank masking (enable_shrink)")
-
-    def _check_ll_sizes(self, max_tokens: int, num_experts: int) -> None:
-        if not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise InvalidArgument(
-                f"num_max_dispatch_tokens_per_rank must be a positive int, got {max_tokens!r}"
-            )
-        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.group_size:
-            raise InvalidArgument(
-                f"num_experts must be a positive multiple of the {self.group_size} ranks, got {num_experts!r}"
-            )
 
 
 def _check_comm_stream_allocation(

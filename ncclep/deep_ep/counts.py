@@ -66,11 +66,15 @@ def gather_exact_sizes(
     host = gathered.cpu()  # the host synchronisation
     local = experts // world
     first = world + rank * local
-    per_expert = host[:, first : first + local].sum(dim=0)
-    per_expert = (per_expert + expert_alignment - 1) // expert_alignment * expert_alignment
+    # the columns this rank needs, read into Python once: tokens sent to it, its experts', tokens
+    columns = [rank, *range(first, first + local), world + experts]
+    needed = host[:, columns].tolist()
+    per_expert = [sum(column) for column in zip(*(row[1:-1] for row in needed), strict=True)]
+    if expert_alignment > 1:
+        per_expert = [-(-n // expert_alignment) * expert_alignment for n in per_expert]
     return ExactSizes(
         device_counts=gathered,
-        max_tokens=int(host[:, -1].max()),
-        num_recv=int(host[:, rank].sum()),
-        per_expert=per_expert.tolist(),
+        max_tokens=max(row[-1] for row in needed),
+        num_recv=sum(row[0] for row in needed),
+        per_expert=per_expert,
     )

@@ -16,8 +16,7 @@ import torch
 
 def placeholder(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of ``shape`` over a single element (all strides 0) until :func:`fulfil`."""
-    t = torch.empty(1, dtype=dtype, device=device)
-    return t.set_(t.untyped_storage(), 0, tuple(shape), (0,) * len(shape))
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)
 
 
 def fulfil(target: torch.Tensor, value: torch.Tensor) -> None:

@@ -85,6 +85,9 @@ class Groups:
     ) -> Group:
         """The LL group for calls of these sizes (made by this call on every rank if it is the first)."""
         key = (device.type, num_experts, max_tokens, hidden, topk)
+        group = self._ll.get(key)
+        if group is not None:
+            return group
         with self._lock:
             group = self._ll.get(key)
             if group is None:
@@ -111,6 +114,14 @@ class Groups:
         applies when a group is made.
         """
         key = (device.type, num_experts)
+        group = self._ht.get(key)
+        if (
+            group is not None
+            and tokens <= group.max_tokens_per_rank
+            and hidden <= group.hidden
+            and topk <= group.config.max_topk
+        ):
+            return group
         with self._lock:
             group = self._ht.get(key)
             if group is not None and (

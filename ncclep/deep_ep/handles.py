@@ -16,7 +16,6 @@ opaque; DeepEP's own tests read a few of their elements, which these give by ind
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,21 +25,52 @@ from ..group import Group
 from ..handles import HTHandle, LLHandle
 
 
-@dataclass(eq=False)
 class LowLatencyHandle:
-    """What ``low_latency_dispatch`` leaves for ``low_latency_combine``."""
+    """What ``low_latency_dispatch`` leaves for ``low_latency_combine``.
 
-    group: Group
-    num_max_dispatch_tokens_per_rank: int
-    hidden: int
-    num_experts: int
-    num_tokens: int
-    num_topk: int
-    routing: LLHandle | None = None
-    """ncclep's routing; None until the dispatch's receive hook has run."""
-    dispatch_weights: tuple[torch.Tensor, int] | None = None
-    """The weights the dispatch carried (tensor, its version), when the caller gave them."""
-    _layout: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    Arguments:
+        plan: the dispatch's :class:`~ncclep.deep_ep.low_latency.LLPlan` (its group and sizes).
+        num_tokens: the tokens the dispatch sent.
+        routing: ncclep's routing; None until the dispatch's receive hook has run.
+        weights: the weights the dispatch carried, when the caller gave them.
+    """
+
+    __slots__ = ("_layout", "_weights", "_weights_version", "num_tokens", "plan", "routing")
+
+    def __init__(
+        self, plan: Any, num_tokens: int, routing: LLHandle | None, weights: torch.Tensor | None
+    ) -> None:
+        self.plan = plan
+        self.num_tokens = num_tokens
+        self.routing = routing
+        self._weights = weights
+        self._weights_version = 0 if weights is None else weights._version
+        self._layout: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def group(self) -> Group:
+        return self.plan.group
+
+    @property
+    def num_max_dispatch_tokens_per_rank(self) -> int:
+        return self.plan.num_max_dispatch_tokens_per_rank
+
+    @property
+    def hidden(self) -> int:
+        return self.plan.hidden
+
+    @property
+    def num_experts(self) -> int:
+        return self.plan.num_experts
+
+    @property
+    def num_topk(self) -> int:
+        return self.plan.topk
+
+    @property
+    def dispatch_weights(self) -> tuple[torch.Tensor, int] | None:
+        """The weights the dispatch carried (tensor, its version), when the caller gave them."""
+        return None if self._weights is None else (self._weights, self._weights_version)
 
     def received(self) -> LLHandle:
         if self.routing is None:
@@ -49,10 +79,7 @@ class LowLatencyHandle:
 
     def carries(self, topk_weights: torch.Tensor) -> bool:
         """Whether the dispatch carried exactly these weights (same tensor, not modified since)."""
-        if self.dispatch_weights is None:
-            return False
-        tensor, version = self.dispatch_weights
-        return tensor is topk_weights and tensor._version == version
+        return self._weights is topk_weights and topk_weights._version == self._weights_version
 
     def _src_info_and_layout_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._layout is None:
@@ -74,6 +101,12 @@ class LowLatencyHandle:
 
     def __iter__(self) -> Iterator[Any]:
         return (self[i] for i in range(5))
+
+    def __repr__(self) -> str:
+        return (
+            f"LowLatencyHandle(tokens={self.num_tokens}, T={self.num_max_dispatch_tokens_per_rank}, "
+            f"hidden={self.hidden}, experts={self.num_experts}, received={self.routing is not None})"
+        )
 
 
 def src_info_and_layout_range(routing: LLHandle, num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,18 +134,34 @@ def src_info_and_layout_range(routing: LLHandle, num_local_experts: int) -> tupl
     return src_info, (begin << 32) | counts
 
 
-@dataclass(eq=False)
 class DispatchHandle:
-    """What an HT ``dispatch`` leaves for ``combine`` and for a cached ``dispatch``."""
+    """What an HT ``dispatch`` leaves for ``combine`` and for a cached ``dispatch``.
 
-    group: Group
-    routing: HTHandle
-    num_rows: int
-    """Rows the dispatch returned: the tokens received, or ``num_worst_tokens``."""
-    is_token_in_rank: torch.Tensor
-    counts: torch.Tensor | None = None
-    """[R, R+E+1] int32 on the device: each rank's tokens per rank, per expert and token count, as
-    the exact-size dispatch gathered them; None after a ``num_worst_tokens`` dispatch."""
+    Arguments:
+        group: the HT group of the dispatch.
+        routing: ncclep's routing.
+        num_rows: rows the dispatch returned: the tokens received, or ``num_worst_tokens``.
+        is_token_in_rank: the dispatch's argument (``handle[4]``).
+        counts: ``[R, R+E+1]`` int32 on the device: each rank's tokens per rank, per expert and
+            token count, as the exact-size dispatch gathered them; None after a
+            ``num_worst_tokens`` dispatch.
+    """
+
+    __slots__ = ("counts", "group", "is_token_in_rank", "num_rows", "routing")
+
+    def __init__(
+        self,
+        group: Group,
+        routing: HTHandle,
+        num_rows: int,
+        is_token_in_rank: torch.Tensor,
+        counts: torch.Tensor | None = None,
+    ) -> None:
+        self.group = group
+        self.routing = routing
+        self.num_rows = num_rows
+        self.is_token_in_rank = is_token_in_rank
+        self.counts = counts
 
     @property
     def rank_prefix_matrix(self) -> torch.Tensor:

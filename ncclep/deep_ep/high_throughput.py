@@ -17,19 +17,18 @@ and hands ncclep ``[N, H]`` again: a copy into a fresh ``[N, H]`` tensor unless 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..errors import InvalidArgument
-from ..handles import HTDispatchOutput
 from . import scales
 from .counts import gather_exact_sizes
 from .groups import Groups
 from .handles import DispatchHandle
 from .layout import DispatchLayout, dispatch_layout
 from .streams import Launch, StreamState
+from .utils import EventOverlap
 
 Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -40,11 +39,6 @@ def _split(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
             raise InvalidArgument("x must be a tensor or a (fp8 tensor, scales) tuple")
         return x[0], x[1]
     return x, None
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """fp8 and UE8M0 tensors as uint8 (what every op can index); others unchanged."""
-    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 class HighThroughput:
@@ -73,7 +67,10 @@ class HighThroughput:
             raise InvalidArgument(
                 f"num_experts ({num_experts}) must be divisible by the {self.world_size} ranks"
             )
-        with Launch(self.streams, topk_idx.device, previous_event, async_finish) as launch:
+        device = topk_idx.device
+        if device.type != "cuda" and not async_finish:
+            return dispatch_layout(topk_idx, num_experts, self.world_size, self.num_nodes), EventOverlap()
+        with Launch(self.streams, device, previous_event, async_finish) as launch:
             layout = dispatch_layout(topk_idx, num_experts, self.world_size, self.num_nodes)
             event = launch.finish((topk_idx,), tuple(t for t in layout if t is not None))
         return layout, event
@@ -94,7 +91,7 @@ class HighThroughput:
         previous_event: Any,
         async_finish: bool,
     ) -> tuple[Payload, torch.Tensor | None, torch.Tensor | None, list[int], DispatchHandle, Any]:
-        data, given_scales = _split(x)
+        data, given_scales = _split(x) if isinstance(x, tuple) else (x, None)
         if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
             raise InvalidArgument(
                 "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
@@ -107,19 +104,26 @@ class HighThroughput:
         tokens, hidden = data.shape
         num_experts = num_tokens_per_expert.numel()
         ranks = self.world_size
-        if tuple(is_token_in_rank.shape) != (tokens, ranks):
+        if is_token_in_rank.shape != (tokens, ranks):
             raise InvalidArgument(
                 f"is_token_in_rank must be [{tokens}, {ranks}], got {list(is_token_in_rank.shape)}"
             )
         x_scales, packed = (None, False) if given_scales is None else scales.to_ncclep(data, given_scales)
         if topk_idx is not None:
-            routing_idx = topk_idx
+            routing_idx = topk_idx.contiguous()
         else:  # DeepEP routes by is_token_in_rank alone: one choice per rank, its first expert
             first = torch.arange(ranks, device=data.device) * (num_experts // ranks)
             routing_idx = torch.where(is_token_in_rank, first, -1)
         topk = routing_idx.shape[1]
         device = data.device
-        with Launch(self.streams, device, previous_event, async_finish) as launch:
+        cuda = device.type == "cuda"
+        streams = self.streams
+        launch = Launch(streams, device, previous_event, True) if async_finish else None
+        if launch is not None:
+            launch.__enter__()
+        elif cuda:
+            streams.before(device.index, previous_event)
+        try:
             counts = None
             per_expert: list[int] = []
             if num_worst_tokens == 0:
@@ -134,30 +138,45 @@ class HighThroughput:
                 group_tokens = sizes.max_tokens
             else:
                 rows = num_worst_tokens
-                group_tokens = math.ceil(num_worst_tokens / ranks)
+                group_tokens = -(-num_worst_tokens // ranks)
             group = self.groups.ht_group(device, num_experts, group_tokens, hidden, topk, num_sms)
             out = group.ht_dispatch(
                 data.contiguous(),
-                routing_idx.contiguous(),
+                routing_idx,
                 None if topk_weights is None else topk_weights.contiguous(),
                 x_scales,
-                layout="flat",
             )
-            assert isinstance(out, HTDispatchOutput)
-            recv_x: Payload = out.x[:rows]
-            if out.scales is not None:
-                recv_scales = out.scales[:rows]
-                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
-            recv_idx = None if topk_idx is None else out.topk_idx[:rows].to(topk_idx.dtype)
-            recv_weights = (
-                None if topk_weights is None or out.topk_weights is None else out.topk_weights[:rows]
-            )
-            handle = DispatchHandle(group, out.handle, rows, is_token_in_rank, counts)
-            event = launch.finish(
-                (data, given_scales, routing_idx, topk_weights),
-                (*out[:4], recv_idx, *out.handle.tensors()),
-            )
-        return recv_x, recv_idx, recv_weights, per_expert, handle, event
+            recv_x, recv_scales, recv_idx, recv_weights = out[0], out[1], out[2], out[3]
+            if rows != recv_x.shape[0]:  # the first rows of ncclep's worst-case [N, ...]
+                recv_x = recv_x[:rows]
+                recv_idx = recv_idx[:rows]
+                if recv_scales is not None:
+                    recv_scales = recv_scales[:rows]
+                if recv_weights is not None:
+                    recv_weights = recv_weights[:rows]
+            payload: Payload = recv_x
+            if recv_scales is not None:
+                payload = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+            if topk_idx is None:
+                recv_idx = None
+            elif recv_idx.dtype != topk_idx.dtype:
+                recv_idx = recv_idx.to(topk_idx.dtype)
+            if topk_weights is None:
+                recv_weights = None
+            handle = DispatchHandle(group, out[6], rows, is_token_in_rank, counts)
+            if launch is None:
+                if cuda and streams.record:
+                    streams.after(device.index)
+                event = EventOverlap()
+            else:
+                event = launch.finish(
+                    (data, given_scales, routing_idx, topk_weights),
+                    (*out[:4], recv_idx, *out[6].tensors()),
+                )
+        finally:
+            if launch is not None:
+                launch.__exit__(None, None, None)
+        return payload, recv_idx, recv_weights, per_expert, handle, event
 
     def cached_dispatch(
         self, x: Payload, handle: DispatchHandle, previous_event: Any, async_finish: bool
@@ -173,13 +192,32 @@ class HighThroughput:
         rows = handle.num_rows
 
         def route(t: torch.Tensor) -> torch.Tensor:
+            single = t.element_size() == 1
             moved = torch.ops.ncclep.ht_dispatch_cached(
-                group_id, _as_bytes(t.contiguous()), routing.send_pos, routing.recv_slot, routing.recv_counts
+                group_id,
+                t.contiguous().view(torch.uint8) if single else t.contiguous(),
+                routing.send_pos,
+                routing.recv_slot,
+                routing.recv_counts,
             )
-            return moved[:rows].view(t.dtype)
+            if rows != moved.shape[0]:
+                moved = moved[:rows]
+            return moved.view(t.dtype) if single else moved
 
-        with Launch(self.streams, data.device, previous_event, async_finish) as launch:
+        device = data.device
+        if not async_finish:
+            cuda, streams = device.type == "cuda", self.streams
+            if cuda:
+                streams.before(device.index, previous_event)
             recv_x: Payload = route(data)
+            if x_scales is not None:
+                recv_scales = route(x_scales)
+                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+            if cuda and streams.record:
+                streams.after(device.index)
+            return recv_x, EventOverlap()
+        with Launch(self.streams, device, previous_event, True) as launch:
+            recv_x = route(data)
             if x_scales is not None:
                 recv_scales = route(x_scales)
                 recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
@@ -198,32 +236,49 @@ class HighThroughput:
         async_finish: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         rows = handle.num_rows
-        full = handle.routing.recv_slot.shape[0]
+        routing = handle.routing
+        full = routing.recv_slot.shape[0]
         if x.dim() != 2 or x.shape[0] != rows:
             raise InvalidArgument(f"x must have the dispatch's {rows} rows, got shape {list(x.shape)}")
         if topk_weights is not None and topk_weights.shape[0] != rows:
             raise InvalidArgument(
                 f"topk_weights must have the dispatch's {rows} rows, got {list(topk_weights.shape)}"
             )
-        with Launch(self.streams, x.device, previous_event, async_finish) as launch:
+        device = x.device
+        cuda = device.type == "cuda"
+        streams = self.streams
+        launch = Launch(streams, device, previous_event, True) if async_finish else None
+        if launch is not None:
+            launch.__enter__()
+        elif cuda:
+            streams.before(device.index, previous_event)
+        try:
             y, combined_weights = handle.group.ht_combine(
                 _full_rows(x, full),
-                handle.routing,
+                routing,
                 None if topk_weights is None else _full_rows(topk_weights, full),
             )
-            assert isinstance(y, torch.Tensor)
             if bias:
                 y = (y.float() + sum(b.float() for b in bias)).to(torch.bfloat16)
-            event = launch.finish((x, topk_weights, *bias), (y, combined_weights))
+            if launch is None:
+                if cuda and streams.record:
+                    streams.after(device.index)
+                event = EventOverlap()
+            else:
+                event = launch.finish((x, topk_weights, *bias), (y, combined_weights))
+        finally:
+            if launch is not None:
+                launch.__exit__(None, None, None)
         return y, combined_weights, event
 
 
 def _full_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t [n, ...]`` as the first rows of a contiguous ``[rows, ...]`` tensor (no copy when n == rows)."""
-    if t.shape[0] == rows:
+    n = t.shape[0]
+    if n == rows:
         return t.contiguous()
     full = t.new_empty((rows, *t.shape[1:]))
-    full[: t.shape[0]] = t
+    full.narrow(0, 0, n).copy_(t)
     return full
 
 

@@ -25,19 +25,16 @@ def dispatch_layout(
     topk_idx: torch.Tensor, num_experts: int, world_size: int, num_nodes: int
 ) -> DispatchLayout:
     """The layout of ``topk_idx [B, K]`` (expert ids, -1 for none) over ``world_size`` ranks that
-    hold ``num_experts / world_size`` experts each, ``num_nodes`` consecutive blocks of ranks."""
+    hold ``num_experts / world_size`` experts each, ``num_nodes`` consecutive blocks of ranks.
+
+    One ``[B, E+1]`` table of which experts each token chose (column E takes the -1s) gives all
+    the counts: six device ops in all.
+    """
     tokens = topk_idx.shape[0]
-    device = topk_idx.device
-    idx = topk_idx.long()
-    valid = idx >= 0
-    per_rank = num_experts // world_size
-    spare_expert = torch.where(valid, idx, num_experts).reshape(-1)
-    per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
-    per_expert.index_add_(0, spare_expert, torch.ones_like(spare_expert, dtype=torch.int32))
-    rank_of = torch.where(valid, idx // per_rank, world_size)  # column R collects the -1s
-    in_rank = torch.zeros((tokens, world_size + 1), dtype=torch.bool, device=device)
-    in_rank.scatter_(1, rank_of, True)
-    is_token_in_rank = in_rank[:, :world_size].contiguous()
+    chosen = torch.zeros((tokens, num_experts + 1), dtype=torch.bool, device=topk_idx.device)
+    chosen.scatter_(1, topk_idx.long().remainder(num_experts + 1), True)  # -1 mod (E + 1) = E
+    per_expert = chosen.sum(dim=0, dtype=torch.int32)
+    is_token_in_rank = chosen[:, :num_experts].view(tokens, world_size, num_experts // world_size).any(dim=2)
     per_rdma = None
     if num_nodes > 1:
         per_node = is_token_in_rank.view(tokens, num_nodes, world_size // num_nodes).any(dim=2)

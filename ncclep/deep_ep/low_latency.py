@@ -6,11 +6,16 @@ CUDA graphs where ncclep's CUDA backend runs them.
 
 What the shim adds to ncclep's own ops:
 
-* dispatch: weights of ones when the caller gives none (DeepEP's dispatch takes none), the fp8
-  scales in DeepEP's layout (column-major; fp32 powers of two with ``round_scale``; packed int32
-  with ``use_ue8m0``), and, with ``return_recv_hook``, placeholders that the hook fills.
+* dispatch: weights of ones when the caller gives none (DeepEP's dispatch takes none; a cached
+  view), the fp8 scales in DeepEP's layout (one device copy into a column-major tensor, converting
+  UE8M0 exponents to fp32 powers of two with ``round_scale``, or reading them packed as int32 with
+  ``use_ue8m0``), and, with ``return_recv_hook``, placeholders that the hook fills.
 * combine: the caller's top-k weights sent to the expert ranks first (:mod:`.weights`) unless the
   dispatch carried the same tensor.
+
+Everything that depends only on a call's configuration (the group, the budget check, the output
+shapes and layouts) is worked out once per configuration, in an :class:`LLPlan`; a call looks its
+plan up by its arguments and does only the per-call work.
 """
 
 from __future__ import annotations
@@ -22,15 +27,117 @@ import torch
 
 from .. import fp8
 from ..errors import InvalidArgument
-from ..group import Pending
+from ..group import Group
 from ..handles import LLDispatchOutput
 from . import budget, deferred, scales
 from .groups import Groups
 from .handles import LowLatencyHandle
 from .streams import Launch, StreamState
+from .utils import EventOverlap
 from .weights import with_weights
 
 Hook = Callable[[], None]
+
+
+class LLPlan:
+    """What every LL call of one configuration shares: the group, the sizes, the output layouts.
+
+    Arguments:
+        group: the LL group of these sizes.
+        num_max_dispatch_tokens_per_rank, hidden, num_experts, topk: the sizes.
+        use_fp8, round_scale, use_ue8m0: the dispatch's fp8 format (``round_scale`` and
+            ``use_ue8m0`` only with ``use_fp8``).
+    """
+
+    __slots__ = (
+        "_ones",
+        "_ones_by_tokens",
+        "combine_shape",
+        "cuda",
+        "device",
+        "group",
+        "hidden",
+        "index",
+        "local",
+        "num_experts",
+        "num_max_dispatch_tokens_per_rank",
+        "round_scale",
+        "rows_shape",
+        "scales_dtype",
+        "scales_shape",
+        "scales_strides",
+        "topk",
+        "use_fp8",
+        "use_ue8m0",
+    )
+
+    def __init__(
+        self,
+        group: Group,
+        num_max_dispatch_tokens_per_rank: int,
+        hidden: int,
+        num_experts: int,
+        topk: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+    ) -> None:
+        self.group = group
+        self.device = group.device
+        self.cuda = group.device.type == "cuda"
+        self.index = group.device.index
+        self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
+        self.hidden = hidden
+        self.num_experts = num_experts
+        self.topk = topk
+        self.use_fp8 = use_fp8
+        self.round_scale = round_scale
+        self.use_ue8m0 = use_ue8m0
+        self.local = group.num_local_experts
+        rows = group.config.ll_rows_per_expert
+        self.rows_shape = (self.local, rows, hidden)
+        self.combine_shape = (self.local, group.world_size * num_max_dispatch_tokens_per_rank, hidden)
+        columns = hidden // fp8.BLOCK // (scales.PACK if use_ue8m0 else 1)
+        self.scales_shape = (self.local, rows, columns)
+        # column-major in the last two dimensions (a lone column keeps stride 1, as .contiguous() would)
+        self.scales_strides = (rows * columns, 1, rows if columns > 1 else 1)
+        self.scales_dtype = torch.int32 if use_ue8m0 else torch.float32
+        self._ones: torch.Tensor | None = None
+        self._ones_by_tokens: dict[int, torch.Tensor] = {}
+
+    def ones(self, tokens: int) -> torch.Tensor:
+        """``[tokens, topk]`` fp32 ones: the weights of a dispatch given none (one view per count)."""
+        view = self._ones_by_tokens.get(tokens)
+        if view is None:
+            if self._ones is None:
+                shape = (self.num_max_dispatch_tokens_per_rank, self.topk)
+                self._ones = torch.ones(shape, dtype=torch.float32, device=self.device)
+            view = self._ones_by_tokens[tokens] = self._ones[:tokens]
+        return view
+
+    def laid_scales(self, wire: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """ncclep's ``[L, R*T, H/128]`` scales (fp32, or UE8M0 with ``round_scale``) in DeepEP's
+        layout, in one device copy: column-major; fp32 (powers of two with ``round_scale``), or
+        with ``use_ue8m0`` the exponents packed four to an int32 word, lowest byte first."""
+        if self.use_ue8m0:
+            wire = wire.contiguous().view(torch.int32)  # packing is a view of the exponent bytes
+        if into is None:
+            into = torch.empty_strided(
+                self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
+            )
+        return into.copy_(wire)  # the UE8M0 -> fp32 conversion of round_scale included
+
+    def placeholders(self) -> tuple[Any, torch.Tensor]:
+        """``(recv_x, recv_count)`` for a hook to fill: ``recv_x`` and the count as placeholders
+        (:mod:`.deferred`); the fp8 scales as the tensor the hook copies them into."""
+        count = deferred.placeholder((self.local,), torch.int32, self.device)
+        if not self.use_fp8:
+            return deferred.placeholder(self.rows_shape, torch.bfloat16, self.device), count
+        x = deferred.placeholder(self.rows_shape, fp8.FP8_DTYPE, self.device)
+        laid = torch.empty_strided(
+            self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
+        )
+        return (x, laid), count
 
 
 class LowLatency:
@@ -48,8 +155,8 @@ class LowLatency:
         self.streams = streams
         self.num_rdma_bytes = num_rdma_bytes
         self.world_size = world_size
+        self.plans: dict[tuple[Any, ...], LLPlan] = {}
         self._fits: set[tuple[int, ...]] = set()
-        self._ones: dict[tuple[Any, ...], torch.Tensor] = {}
         self._combine_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------ sizing
@@ -71,103 +178,149 @@ class LowLatency:
             )
         self._fits.add(key)
 
-    def _ones_for(self, device: torch.device, max_tokens: int, topk: int, tokens: int) -> torch.Tensor:
-        key = (device, max_tokens, topk)
-        if key not in self._ones:
-            self._ones[key] = torch.ones((max_tokens, topk), dtype=torch.float32, device=device)
-        return self._ones[key][:tokens]
+    def plan(
+        self,
+        key: tuple[Any, ...],
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        max_tokens: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+    ) -> LLPlan:
+        """The plan of a dispatch's configuration, made (sizes checked, group made) at its first call."""
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise InvalidArgument(
+                f"num_max_dispatch_tokens_per_rank must be a positive int, got {max_tokens!r}"
+            )
+        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.world_size:
+            raise InvalidArgument(
+                f"num_experts must be a positive multiple of the {self.world_size} ranks, got {num_experts!r}"
+            )
+        if x.dim() != 2 or topk_idx.dim() != 2:
+            raise InvalidArgument(
+                f"x must be [num_tokens, hidden] and topk_idx [num_tokens, num_topk], got "
+                f"{list(x.shape)} and {list(topk_idx.shape)}"
+            )
+        hidden, topk = x.shape[1], topk_idx.shape[1]
+        if use_fp8 and use_ue8m0 and hidden % (fp8.BLOCK * scales.PACK):
+            raise InvalidArgument(f"use_ue8m0=True needs hidden divisible by 512, got {hidden}")
+        self.check_budget(num_experts, max_tokens, hidden, topk)
+        group = self.groups.ll_group(x.device, num_experts, max_tokens, hidden, topk)
+        plan = LLPlan(group, max_tokens, hidden, num_experts, topk, use_fp8, round_scale, use_ue8m0)
+        self.plans[key] = plan
+        return plan
 
     # ------------------------------------------------------------------------------ dispatch
 
     def dispatch(
         self,
+        plan: LLPlan,
         x: torch.Tensor,
         topk_idx: torch.Tensor,
-        num_max_dispatch_tokens_per_rank: int,
-        num_experts: int,
-        cumulative_local_expert_recv_stats: torch.Tensor | None,
-        use_fp8: bool,
-        round_scale: bool,
-        use_ue8m0: bool,
+        stats: torch.Tensor | None,
         async_finish: bool,
         return_recv_hook: bool,
         topk_weights: torch.Tensor | None,
     ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, Hook | None]:
-        tokens, hidden = x.shape
-        topk = topk_idx.shape[1]
-        device = x.device
-        self.check_budget(num_experts, num_max_dispatch_tokens_per_rank, hidden, topk)
-        group = self.groups.ll_group(device, num_experts, num_max_dispatch_tokens_per_rank, hidden, topk)
-        weights = (
-            topk_weights.contiguous()
-            if topk_weights is not None
-            else self._ones_for(device, num_max_dispatch_tokens_per_rank, topk, tokens)
-        )
-        handle = LowLatencyHandle(
-            group=group,
-            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
-            hidden=hidden,
-            num_experts=num_experts,
-            num_tokens=tokens,
-            num_topk=topk,
-            dispatch_weights=None if topk_weights is None else (topk_weights, topk_weights._version),
-        )
-        stats = cumulative_local_expert_recv_stats
-        with Launch(self.streams, device, None, async_finish) as launch:
-            result = group.ll_dispatch(
-                x.contiguous(),
-                topk_idx.contiguous(),
-                weights,
-                use_fp8=use_fp8,
-                ue8m0=round_scale,
-                send_only=return_recv_hook,
+        tokens = x.shape[0]
+        if topk_weights is None:
+            weights = plan._ones_by_tokens.get(tokens)
+            if weights is None:
+                weights = plan.ones(tokens)
+        else:
+            weights = topk_weights.contiguous()
+        group = plan.group
+        if return_recv_hook:
+            return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
+        if async_finish:
+            with Launch(self.streams, plan.device, None, True) as launch:
+                out = group.ll_dispatch(
+                    x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
+                )
+                recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
+                parts = (*recv_x, recv_count) if plan.use_fp8 else (recv_x, recv_count)
+                event = launch.finish((x, topk_idx, weights, stats), (*parts, *out[3].tensors()))
+        else:
+            streams = self.streams
+            if plan.cuda:
+                streams.before(plan.index)
+            out = group.ll_dispatch(
+                x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
             )
-            produced: tuple[Any, ...] = ()
-            if not return_recv_hook:
-                assert isinstance(result, LLDispatchOutput)
-                recv_x, recv_count = _deepep_outputs(result, use_fp8, round_scale, use_ue8m0)
-                handle.routing = result.handle
-                if stats is not None:
-                    stats.add_(recv_count)
-                produced = (*_flat(recv_x, recv_count), *result.handle.tensors())
-            event = launch.finish((x, topk_idx, weights, stats), produced)
-        if not return_recv_hook:
-            return recv_x, recv_count, handle, event, None
+            if stats is None and not plan.use_fp8:
+                recv_x, recv_count = out[0], out[2]
+            else:
+                recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
+            if streams.record and plan.cuda:
+                streams.after(plan.index)
+            event = EventOverlap()
+        return recv_x, recv_count, LowLatencyHandle(plan, tokens, out[3], topk_weights), event, None
 
-        assert isinstance(result, Pending)
-        pending: Pending[LLDispatchOutput] = result
-        later_x, later_count = _placeholders(group, hidden, use_fp8, round_scale, use_ue8m0, device)
-        done = [False]
+    @staticmethod
+    def _outputs(plan: LLPlan, out: LLDispatchOutput, stats: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
+        """ncclep's LL outputs as DeepEP returns them: ``(recv_x or (recv_x, scales), recv_count)``."""
+        recv_count = out[2]
+        if stats is not None:
+            stats.add_(recv_count)
+        if not plan.use_fp8:
+            return out[0], recv_count
+        return (out[0], plan.laid_scales(out[1])), recv_count
+
+    def _dispatch_hooked(
+        self,
+        plan: LLPlan,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        stats: torch.Tensor | None,
+        weights: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+    ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, Hook]:
+        streams = self.streams
+        if plan.cuda:
+            streams.before(plan.index)
+        pending = plan.group.ll_dispatch(
+            x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale, True
+        )
+        if streams.record and plan.cuda:
+            streams.after(plan.index)
+        handle = LowLatencyHandle(plan, x.shape[0], None, topk_weights)
+        later_x, later_count = plan.placeholders()
+        done = False
 
         def hook() -> None:
-            if done[0]:
+            nonlocal done
+            if done:
                 return
-            done[0] = True
-            out = pending.wait()
-            if device.type == "cuda":
-                self.streams.note_launch(torch.cuda.current_stream(device))
-            recv_x, recv_count = _deepep_outputs(out, use_fp8, round_scale, use_ue8m0)
-            for target, value in zip(_flat(later_x, later_count), _flat(recv_x, recv_count), strict=True):
-                deferred.fulfil(target, value)
-            handle.routing = out.handle
+            done = True
+            if plan.cuda:
+                streams.before(plan.index)
+            out: LLDispatchOutput = pending.wait()  # type: ignore[union-attr]
+            if plan.use_fp8:
+                deferred.fulfil(later_x[0], out[0])
+                plan.laid_scales(out[1], into=later_x[1])
+            else:
+                deferred.fulfil(later_x, out[0])
+            deferred.fulfil(later_count, out[2])
+            handle.routing = out[3]
             if stats is not None:
-                stats.add_(recv_count)
+                stats.add_(out[2])
+            if streams.record and plan.cuda:
+                streams.after(plan.index)
 
-        return later_x, later_count, handle, event, hook
+        return later_x, later_count, handle, EventOverlap(), hook
 
     # ------------------------------------------------------------------------------ combine
 
     def next_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The ``[L, R*T, H]`` bf16 tensor a ``zero_copy`` combine of ``handle``'s sizes reads."""
-        group = handle.group
-        shape = (
-            group.num_local_experts,
-            self.world_size * handle.num_max_dispatch_tokens_per_rank,
-            handle.hidden,
-        )
-        key = (group.device, *shape)
+        plan = handle.plan
+        key = (plan.device, *plan.combine_shape)
         if key not in self._combine_buffers:
-            self._combine_buffers[key] = torch.empty(shape, dtype=torch.bfloat16, device=group.device)
+            self._combine_buffers[key] = torch.empty(
+                plan.combine_shape, dtype=torch.bfloat16, device=plan.device
+            )
         return self._combine_buffers[key]
 
     def combine(
@@ -181,28 +334,24 @@ class LowLatency:
         return_recv_hook: bool,
         out: torch.Tensor | None,
     ) -> tuple[torch.Tensor, Any, Hook | None]:
-        routing = handle.received()
-        group = handle.group
-        shape = (
-            group.num_local_experts,
-            self.world_size * handle.num_max_dispatch_tokens_per_rank,
-            handle.hidden,
-        )
-        if tuple(x.shape) != shape:
+        routing = handle.routing
+        if routing is None:
+            routing = handle.received()  # raises
+        plan = handle.plan
+        if x.shape != plan.combine_shape:
+            shape = plan.combine_shape
             raise InvalidArgument(
                 f"x must be [{shape[0]}, {shape[1]}, {shape[2]}] like the dispatch's rows, "
                 f"got {list(x.shape)}"
             )
-        expected = (handle.num_tokens, handle.num_topk)
-        for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-            if tuple(t.shape) != expected:
-                raise InvalidArgument(
-                    f"{name} must be {list(expected)} as at the dispatch, got {list(t.shape)}"
-                )
+        expected = (handle.num_tokens, plan.topk)
+        if topk_idx.shape != expected or topk_weights.shape != expected:
+            name, t = ("topk_idx", topk_idx) if topk_idx.shape != expected else ("topk_weights", topk_weights)
+            raise InvalidArgument(f"{name} must be {list(expected)} as at the dispatch, got {list(t.shape)}")
         if topk_weights.dtype != torch.float32:
             raise InvalidArgument(f"topk_weights must be float32, got {topk_weights.dtype}")
         if zero_copy:
-            key = (group.device, *shape)
+            key = (plan.device, *plan.combine_shape)
             if key not in self._combine_buffers:
                 raise InvalidArgument(
                     "zero_copy=True needs the rows in get_next_low_latency_combine_buffer(handle)"
@@ -211,41 +360,69 @@ class LowLatency:
         else:
             expert_out = x.contiguous()
         direct = out if out is not None and out.is_contiguous() else None
-        device = x.device
-        with Launch(self.streams, device, None, async_finish) as launch:
-            if not handle.carries(topk_weights):
-                routing = with_weights(group.process_group, routing, topk_weights)
-            result = group.ll_combine(expert_out, routing, out=direct, send_only=return_recv_hook)
-            combined = None
-            if not return_recv_hook:
-                assert isinstance(result, torch.Tensor)
-                combined = _into(out, result)
-            event = launch.finish((x, topk_idx, topk_weights, expert_out, routing.recv_weights), (combined,))
-        if combined is not None:
+        group = plan.group
+        if return_recv_hook:
+            return self._combine_hooked(plan, group, expert_out, handle, routing, topk_weights, out, direct)
+        if async_finish:
+            with Launch(self.streams, plan.device, None, True) as launch:
+                if not handle.carries(topk_weights):
+                    routing = with_weights(group.process_group, routing, topk_weights)
+                combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
+                inputs = (x, topk_idx, topk_weights, expert_out, routing.recv_weights)
+                event = launch.finish(inputs, (combined,))
             return combined, event, None
+        streams = self.streams
+        if plan.cuda:
+            streams.before(plan.index)
+        if not handle.carries(topk_weights):
+            routing = with_weights(group.process_group, routing, topk_weights)
+        combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
+        if streams.record and plan.cuda:
+            streams.after(plan.index)
+        return combined, EventOverlap(), None
 
-        assert isinstance(result, Pending)
-        pending: Pending[torch.Tensor] = result
+    def _combine_hooked(
+        self,
+        plan: LLPlan,
+        group: Group,
+        expert_out: torch.Tensor,
+        handle: LowLatencyHandle,
+        routing: Any,
+        topk_weights: torch.Tensor,
+        out: torch.Tensor | None,
+        direct: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Any, Hook]:
+        streams = self.streams
+        if plan.cuda:
+            streams.before(plan.index)
+        if not handle.carries(topk_weights):
+            routing = with_weights(group.process_group, routing, topk_weights)
+        pending = group.ll_combine(expert_out, routing, direct, True)
+        if streams.record and plan.cuda:
+            streams.after(plan.index)
         later = (
             out
             if out is not None
-            else deferred.placeholder((handle.num_tokens, handle.hidden), torch.bfloat16, device)
+            else deferred.placeholder((handle.num_tokens, plan.hidden), torch.bfloat16, plan.device)
         )
-        done = [False]
+        done = False
 
         def hook() -> None:
-            if done[0]:
+            nonlocal done
+            if done:
                 return
-            done[0] = True
-            y = pending.wait()
-            if device.type == "cuda":
-                self.streams.note_launch(torch.cuda.current_stream(device))
+            done = True
+            if plan.cuda:
+                streams.before(plan.index)
+            y: torch.Tensor = pending.wait()  # type: ignore[union-attr]
             if out is None:
                 deferred.fulfil(later, y)
             elif y is not out:
                 out.copy_(y)
+            if streams.record and plan.cuda:
+                streams.after(plan.index)
 
-        return later, event, hook
+        return later, EventOverlap(), hook
 
 
 def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -253,41 +430,3 @@ def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         return y
     out.copy_(y)
     return out
-
-
-def _flat(recv_x: Any, recv_count: Any, *more: Any) -> tuple[Any, ...]:
-    parts = tuple(recv_x) if isinstance(recv_x, tuple) else (recv_x,)
-    return (*parts, recv_count, *more)
-
-
-def _deepep_outputs(
-    out: LLDispatchOutput, use_fp8: bool, round_scale: bool, use_ue8m0: bool
-) -> tuple[Any, torch.Tensor]:
-    """ncclep's LL outputs as DeepEP returns them: ``(recv_x or (recv_x, scales), recv_count)``."""
-    if not use_fp8:
-        return out.x, out.expert_counts
-    assert out.scales is not None
-    if use_ue8m0:
-        laid = scales.column_major(scales.pack_ue8m0(out.scales))
-    elif round_scale:
-        laid = scales.column_major(fp8.scales_to_float(out.scales))
-    else:
-        laid = scales.column_major(out.scales)
-    return (out.x, laid), out.expert_counts
-
-
-def _placeholders(
-    group: Any, hidden: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool, device: torch.device
-) -> tuple[Any, torch.Tensor]:
-    """Placeholders shaped like :func:`_deepep_outputs` of a dispatch on ``group``."""
-    rows = (group.num_local_experts, group.config.ll_rows_per_expert)
-    count = deferred.placeholder((group.num_local_experts,), torch.int32, device)
-    if not use_fp8:
-        return deferred.placeholder((*rows, hidden), torch.bfloat16, device), count
-    x = deferred.placeholder((*rows, hidden), fp8.FP8_DTYPE, device)
-    blocks = hidden // fp8.BLOCK
-    if use_ue8m0:
-        s = deferred.placeholder((*rows, blocks // scales.PACK), torch.int32, device)
-    else:
-        s = deferred.placeholder((*rows, blocks), torch.float32, device)
-    return (x, s), count

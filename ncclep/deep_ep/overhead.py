@@ -1,21 +1,35 @@
 """What the DeepEP shim adds to each call: the shim's ops against the ncclep Group ops they run on.
 
-    python -m ncclep.deep_ep.overhead                    # 2 gloo processes, reference backend
+    python -m ncclep.deep_ep.overhead                     # 2 gloo processes, reference backend
     python -m ncclep.deep_ep.overhead --world 4 --iters 400 --json overhead.json
+    python -m ncclep.deep_ep.overhead --gpu --world 4     # one GPU per process, NCCL, CUDA kernels
+    python -m ncclep.deep_ep.overhead --only ll_dispatch  # the calls whose name contains this
+    python -m ncclep.deep_ep.overhead --gpu --batch 10    # 10 calls back to back per sample
+    python -m ncclep.deep_ep.overhead --isolate --batch 10  # the shim's own host work alone
 
 Each process makes one :class:`ncclep.deep_ep.Buffer` and ncclep groups of the same sizes, then
-calls each shim op and the Group op it stands for in turn, ``--iters`` times each. For every shim
-call it also times what ran inside the ncclep Group ops the shim called (their methods, and the
-receive halves of ``send_only`` calls); the rest is the shim's own host time: argument handling,
-the layouts DeepEP's outputs need, and the collectives the shim adds (the weight exchange of an LL
-combine without dispatch-time weights, the count gather and host read of an exact-size HT
-dispatch). Rank 0 prints medians: the shim call, the Group call, and the shim's own time.
+calls each shim op and the Group op it stands for (same inputs) in turn, ``--iters`` times each,
+and rank 0 prints, per call, the medians of:
 
-On the reference backend (CPU, gloo) a Group op runs to completion, transfer included, so the
-end-to-end medians are noisy on a busy machine; the shim's own time is not (it excludes the Group
-op). Every call starts after a barrier (and, on GPUs, a device synchronisation), so that waiting
-for a late peer is not counted as the shim's. On GPUs (``--gpu``: one per process, NCCL) the
-calls only launch: the times are host times.
+* ``shim``: the Buffer call (with ``return_recv_hook``: the call and its hook);
+* ``Group``: the ncclep Group op it wraps (with a hook: ``send_only`` and ``wait()``);
+* ``shim-Group``: the difference of the two, call by call;
+* ``shim own``: the Buffer call less the time spent inside the ncclep Group ops it made (their
+  methods, the receive halves of ``send_only`` calls, cached dispatches): the shim's host work,
+  plus the collectives it adds (the weight exchange of an LL combine without dispatch-time
+  weights, the count gather and host read of an exact-size HT dispatch).
+
+On GPUs (``--gpu``) the calls only launch, so all four are host times, and ``shim-Group`` is the
+figure to hold to the 10 µs budget. On the reference backend (CPU, gloo) a Group op runs to
+completion, transfer included, so ``shim`` and ``Group`` vary by a millisecond or more from run to
+run and ``shim-Group`` with them; ``shim own`` excludes the Group op and does not. Every call
+sample starts after a barrier (on GPUs, after a device synchronisation too), so that waiting for a
+late peer is not counted; its results are released after its clock stops. With ``--batch 1`` (the
+default) a sample is one call, which meets caches that the barrier left cold; ``--batch n`` times
+``n`` calls back to back and reports their mean, the figure of a loop with warm caches.
+``--isolate`` replaces the Group ops under the shim (not the Group column's) by ones that replay
+a result computed once: ``shim`` (and ``shim own``) is then the shim's host work alone, without
+the transport's noise or the caches the real op leaves cold.
 """
 
 from __future__ import annotations
@@ -26,12 +40,14 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .. import fp8
 from ..bootstrap import free_port
 from ..group import Group, Pending
 from ..workloads import make_routing
@@ -65,22 +81,110 @@ class InnerClock:
             finally:
                 self.seconds += time.perf_counter() - start
 
+        timed._timed = True  # type: ignore[attr-defined]
         return timed
 
 
 GROUP_OPS = ("ll_dispatch", "ll_combine", "ht_dispatch", "ht_combine")
+CACHED_OP = torch.ops.ncclep.ht_dispatch_cached  # the real op (watch and replay replace the attribute)
 
 
 def watch(clock: InnerClock, buffer: Buffer) -> None:
-    """Time the Group ops of ``buffer``'s groups (made by the warm-up calls) and every receive half."""
+    """Time the Group ops of ``buffer``'s groups (made by the warm-up calls), every receive half and
+    the cached-dispatch op."""
     for group in buffer.groups:
         for name in GROUP_OPS:
-            setattr(group, name, clock.wrap(getattr(group, name)))
+            op = getattr(group, name)
+            if not getattr(op, "_timed", False):
+                setattr(group, name, clock.wrap(op))
     if not getattr(Pending.wait, "_timed", False):
         timed_wait = clock.wrap(Pending.wait)
-        timed_wait._timed = True  # type: ignore[attr-defined]
         Pending.wait = timed_wait  # type: ignore[method-assign]
         Pending.__call__ = timed_wait  # type: ignore[method-assign]
+    cached = torch.ops.ncclep.ht_dispatch_cached
+    if not getattr(cached, "_timed", False):
+        torch.ops.ncclep.ht_dispatch_cached = clock.wrap(cached)
+        torch.ops.ncclep.ht_dispatch_cached._replayed = getattr(cached, "_replayed", False)
+
+
+def _once(seen: dict[Any, Any], key: Any, make: Call, send_only: bool = False) -> Any:
+    """``make()``'s result, made at the first call with ``key``; as a Pending with ``send_only``."""
+    out = seen.get(key)
+    if out is None:
+        out = seen[key] = make()
+    return Pending(partial(_same, out)) if send_only else out
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def replay(buffer: Buffer) -> None:
+    """``--isolate``: the Group ops of ``buffer``'s groups (and the cached-dispatch op) replaced by
+    ones that run the real op once per kind of call and then return its result again at once, so
+    that a shim call's time is the shim's own host work (its own collectives included)."""
+    for group in buffer.groups:
+        seen: dict[Any, Any] = {}
+        ops = {name: getattr(group, name) for name in GROUP_OPS}
+
+        def ll_dispatch(
+            x: Any,
+            idx: Any,
+            w: Any,
+            use_fp8: Any = False,
+            ue8m0: Any = False,
+            send_only: bool = False,
+            _op: Any = ops["ll_dispatch"],
+            _seen: Any = seen,
+        ) -> Any:
+            return _once(_seen, ("d", use_fp8, ue8m0), partial(_op, x, idx, w, use_fp8, ue8m0), send_only)
+
+        def ll_combine(
+            rows: Any,
+            handle: Any,
+            out: Any = None,
+            send_only: bool = False,
+            _op: Any = ops["ll_combine"],
+            _seen: Any = seen,
+        ) -> Any:
+            y = _once(_seen, "c", partial(_op, rows, handle))
+            return _once({}, 0, partial(_same, y if out is None else out), send_only)
+
+        def ht_dispatch(
+            x: Any,
+            idx: Any,
+            w: Any = None,
+            x_scales: Any = None,
+            layout: Any = "flat",
+            alignment: Any = 1,
+            send_only: bool = False,
+            _op: Any = ops["ht_dispatch"],
+            _seen: Any = seen,
+        ) -> Any:
+            make = partial(_op, x, idx, w, x_scales, layout, alignment)
+            return _once(_seen, ("hd", x_scales is None, w is None), make, send_only)
+
+        def ht_combine(
+            rows: Any,
+            handle: Any,
+            w: Any = None,
+            send_only: bool = False,
+            _op: Any = ops["ht_combine"],
+            _seen: Any = seen,
+        ) -> Any:
+            return _once(_seen, ("hc", w is None), partial(_op, rows, handle, w), send_only)
+
+        group.ll_dispatch, group.ll_combine = ll_dispatch, ll_combine  # type: ignore[method-assign]
+        group.ht_dispatch, group.ht_combine = ht_dispatch, ht_combine  # type: ignore[method-assign]
+    if getattr(torch.ops.ncclep.ht_dispatch_cached, "_replayed", False):
+        return
+    cached: dict[Any, Any] = {}
+
+    def replayed_cached(group_id: int, t: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+        return _once(cached, (group_id, t.dtype), partial(CACHED_OP, group_id, t, *routing))
+
+    replayed_cached._replayed = True  # type: ignore[attr-defined]
+    torch.ops.ncclep.ht_dispatch_cached = replayed_cached
 
 
 def _median_us(values: list[float]) -> float:
@@ -88,38 +192,64 @@ def _median_us(values: list[float]) -> float:
 
 
 def _time(
-    pairs: dict[str, tuple[Call, Call]], iters: int, warmup: int, device: torch.device, clock: InnerClock
+    pairs: dict[str, tuple[Call, Call]],
+    iters: int,
+    warmup: int,
+    batch: int,
+    device: torch.device,
+    clock: InnerClock,
 ) -> dict[str, Any]:
-    """Medians of each (shim, native) call and of the shim's own time, interleaved so that drift
-    hits both alike."""
-    shim: dict[str, list[float]] = {name: [] for name in pairs}
-    own: dict[str, list[float]] = {name: [] for name in pairs}
-    native: dict[str, list[float]] = {name: [] for name in pairs}
+    """Medians of each (shim, native) call, of their difference and of the shim's own time,
+    interleaved so that drift hits both alike. A sample is ``batch`` calls back to back (their
+    total over ``batch``): 1 times a call after a pause, as a single call meets the host; more
+    times calls in a loop, with the code and data they touch in the caches."""
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"shim": [], "native": [], "diff": [], "own": []} for name in pairs
+    }
+    results: list[Any] = [None] * batch
     for i in range(warmup + iters):
         for name, (shim_call, native_call) in pairs.items():
             _sync(device)
             clock.seconds, clock.armed = 0.0, True
             start = time.perf_counter()
-            shim_call()
-            elapsed = time.perf_counter() - start
+            for j in range(batch):
+                results[j] = shim_call()
+            elapsed = (time.perf_counter() - start) / batch
             clock.armed = False
-            inner = clock.seconds
+            inner = clock.seconds / batch
+            results[:] = [None] * batch  # freeing the outputs is not the calls' time (on the CPU it can be)
             _sync(device)
             start = time.perf_counter()
-            native_call()
-            native_elapsed = time.perf_counter() - start
+            for j in range(batch):
+                results[j] = native_call()
+            native_elapsed = (time.perf_counter() - start) / batch
+            results[:] = [None] * batch
             if i >= warmup:
-                shim[name].append(elapsed)
-                own[name].append(elapsed - inner)
-                native[name].append(native_elapsed)
+                s = samples[name]
+                s["shim"].append(elapsed)
+                s["native"].append(native_elapsed)
+                s["diff"].append(elapsed - native_elapsed)
+                s["own"].append(elapsed - inner)
     return {
         name: {
-            "shim_us": _median_us(shim[name]),
-            "native_us": _median_us(native[name]),
-            "shim_own_us": _median_us(own[name]),
+            "shim_us": _median_us(s["shim"]),
+            "native_us": _median_us(s["native"]),
+            "diff_us": _median_us(s["diff"]),
+            "shim_own_us": _median_us(s["own"]),
         }
-        for name in pairs
+        for name, s in samples.items()
     }
+
+
+def _hooked(call: Call) -> Call:
+    """A call returning ``(..., hook)`` followed by its hook."""
+
+    def run() -> Any:
+        result = call()
+        result[-1]()
+        return result
+
+    return run
 
 
 def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, tuple[Call, Call]], Buffer]:
@@ -134,36 +264,69 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
         dist.group.WORLD, 0, hint, low_latency_mode=True, explicitly_destroy=True, backend=args.backend
     )
     native = Group(experts, tokens, hidden, mode="ll", max_topk=topk, backend=args.backend)
-    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, tokens, experts, use_fp8=False)
-    recv_w, _, handle_w, _, _ = buffer.low_latency_dispatch(
-        x, idx, tokens, experts, use_fp8=False, topk_weights=w
-    )
+    deep = buffer.low_latency_dispatch
+    combine = buffer.low_latency_combine
+    recv, _, handle, _, _ = deep(x, idx, tokens, experts, use_fp8=False)
+    recv_w, _, handle_w, _, _ = deep(x, idx, tokens, experts, use_fp8=False, topk_weights=w)
     out = native.ll_dispatch(x, idx, w)
     rows, routing = out[0].clone(), out[3]
+    y = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
     pairs: dict[str, tuple[Call, Call]] = {
         "ll_dispatch bf16": (
-            lambda: buffer.low_latency_dispatch(x, idx, tokens, experts, use_fp8=False),
+            lambda: deep(x, idx, tokens, experts, use_fp8=False),
             lambda: native.ll_dispatch(x, idx, w),
         ),
         "ll_dispatch fp8": (
-            lambda: buffer.low_latency_dispatch(x, idx, tokens, experts, use_fp8=True),
+            lambda: deep(x, idx, tokens, experts, use_fp8=True),
             lambda: native.ll_dispatch(x, idx, w, use_fp8=True),
         ),
+        "ll_dispatch fp8 round_scale": (
+            lambda: deep(x, idx, tokens, experts, use_fp8=True, round_scale=True),
+            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=True),
+        ),
+        "ll_dispatch fp8 ue8m0": (
+            lambda: deep(x, idx, tokens, experts, use_fp8=True, round_scale=True, use_ue8m0=True),
+            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=True),
+        ),
+        "ll_dispatch bf16 weights": (
+            lambda: deep(x, idx, tokens, experts, use_fp8=False, topk_weights=w),
+            lambda: native.ll_dispatch(x, idx, w),
+        ),
         "ll_dispatch bf16, hook": (
-            lambda: buffer.low_latency_dispatch(
-                x, idx, tokens, experts, use_fp8=False, return_recv_hook=True
-            )[4](),
+            _hooked(lambda: deep(x, idx, tokens, experts, use_fp8=False, return_recv_hook=True)),
             lambda: native.ll_dispatch(x, idx, w, send_only=True).wait(),
         ),
-        "ll_combine (weights exchanged)": (
-            lambda: buffer.low_latency_combine(recv, idx, w, handle),
-            lambda: native.ll_combine(rows, routing),
+        "ll_dispatch fp8, hook": (
+            _hooked(lambda: deep(x, idx, tokens, experts, use_fp8=True, return_recv_hook=True)),
+            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, send_only=True).wait(),
+        ),
+        "ll_dispatch bf16, async_finish": (
+            lambda: deep(x, idx, tokens, experts, use_fp8=False, async_finish=True),
+            lambda: native.ll_dispatch(x, idx, w),
         ),
         "ll_combine (dispatch's weights)": (
-            lambda: buffer.low_latency_combine(recv_w, idx, w, handle_w),
+            lambda: combine(recv_w, idx, w, handle_w),
+            lambda: native.ll_combine(rows, routing),
+        ),
+        "ll_combine (dispatch's weights), out=": (
+            lambda: combine(recv_w, idx, w, handle_w, out=y),
+            lambda: native.ll_combine(rows, routing, out=y),
+        ),
+        "ll_combine (dispatch's weights), hook": (
+            _hooked(lambda: combine(recv_w, idx, w, handle_w, return_recv_hook=True)),
+            lambda: native.ll_combine(rows, routing, send_only=True).wait(),
+        ),
+        "ll_combine (dispatch's weights), async_finish": (
+            lambda: combine(recv_w, idx, w, handle_w, async_finish=True),
+            lambda: native.ll_combine(rows, routing),
+        ),
+        "ll_combine (weights exchanged)": (
+            lambda: combine(recv, idx, w, handle),
             lambda: native.ll_combine(rows, routing),
         ),
     }
+    if hidden % (fp8.BLOCK * 4):
+        del pairs["ll_dispatch fp8 ue8m0"]  # packed UE8M0 needs hidden divisible by 512
     return pairs, buffer
 
 
@@ -172,6 +335,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     experts, tokens, hidden, topk = args.experts, args.ht_tokens, args.hidden, args.topk
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device)
+    x_fp8, x_scales = fp8.quantize(x)
     idx, w = make_routing("random", tokens, experts, topk, world_size=world, generator=g)
     idx, w = idx.to(device), w.to(device)
     buffer = Buffer(
@@ -186,29 +350,61 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     worst = tokens * world
-    recv = buffer.dispatch(x, **layout, topk_idx=idx, topk_weights=w)
-    recv_worst = buffer.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
+    dispatch = buffer.dispatch
+    recv = dispatch(x, **layout, topk_idx=idx, topk_weights=w)
+    recv_worst = dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
+    dispatch((x_fp8, x_scales), **layout, topk_idx=idx, topk_weights=w)
     out = native.ht_dispatch(x, idx, w)
     rows, routing = out.x.clone(), out.handle
+    cached = recv_worst[4].routing
+    group_id = recv_worst[4].group.id
+
+    def native_cached() -> torch.Tensor:
+        return CACHED_OP(group_id, x, cached.send_pos, cached.recv_slot, cached.recv_counts)
+
     pairs: dict[str, tuple[Call, Call]] = {
         "get_dispatch_layout (no native op)": (
             lambda: buffer.get_dispatch_layout(idx, experts),
             lambda: None,
         ),
-        "dispatch, exact size": (
-            lambda: buffer.dispatch(x, **layout, topk_idx=idx, topk_weights=w),
+        "dispatch bf16, exact size": (
+            lambda: dispatch(x, **layout, topk_idx=idx, topk_weights=w),
             lambda: native.ht_dispatch(x, idx, w),
         ),
-        "dispatch, num_worst_tokens": (
-            lambda: buffer.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst),
+        "dispatch bf16, num_worst_tokens": (
+            lambda: dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst),
             lambda: native.ht_dispatch(x, idx, w),
         ),
-        "combine (rows copied to N)": (
+        "dispatch fp8, exact size": (
+            lambda: dispatch((x_fp8, x_scales), **layout, topk_idx=idx, topk_weights=w),
+            lambda: native.ht_dispatch(x_fp8, idx, w, x_scales),
+        ),
+        "dispatch fp8, num_worst_tokens": (
+            lambda: dispatch(
+                (x_fp8, x_scales), **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst
+            ),
+            lambda: native.ht_dispatch(x_fp8, idx, w, x_scales),
+        ),
+        "dispatch bf16, num_worst_tokens, async_finish": (
+            lambda: dispatch(
+                x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst, async_finish=True
+            ),
+            lambda: native.ht_dispatch(x, idx, w),
+        ),
+        "dispatch bf16, cached": (
+            lambda: dispatch(x, handle=recv_worst[4]),
+            native_cached,
+        ),
+        "combine (exact rows, copied to N)": (
             lambda: buffer.combine(recv[0], recv[4]),
             lambda: native.ht_combine(rows, routing),
         ),
-        "combine (N rows, no copy)": (
+        "combine (N rows)": (
             lambda: buffer.combine(recv_worst[0], recv_worst[4]),
+            lambda: native.ht_combine(rows, routing),
+        ),
+        "combine (N rows), async_finish": (
+            lambda: buffer.combine(recv_worst[0], recv_worst[4], async_finish=True),
             lambda: native.ht_combine(rows, routing),
         ),
     }
@@ -225,21 +421,44 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         "nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     device = torch.device("cuda", rank) if gpu else torch.device("cpu")
-    results = {}
+    results: dict[str, Any] = {}
+    backends: dict[str, str] = {}
     clock = InnerClock()
     for make in (_ll_pairs, _ht_pairs):
         pairs, buffer = make(args, device)
+        pairs = {name: pair for name, pair in pairs.items() if not args.only or args.only in name}
+        backends.update({str(group.mode): str(group.backend) for group in buffer.groups})
+        if args.isolate:
+            replay(buffer)
         watch(clock, buffer)
-        results.update(_time(pairs, args.iters, args.warmup, device, clock))
+        results.update(_time(pairs, args.iters, args.warmup, args.batch, device, clock))
         buffer.destroy()
     if rank == 0:
+        where = f"{world} x {torch.cuda.get_device_name(device) if gpu else 'CPU'}"
+        per = f"samples of {args.batch} calls back to back" if args.batch > 1 else "calls"
+        if args.isolate:
+            per += " (--isolate: the shim's Group ops replay a result, Group is the real op)"
+        print(f"{where}, backends {backends}; medians of {args.iters} {per}, µs per call")
         width = max(len(name) for name in results)
-        print(f"{'call':<{width}}  {'shim µs':>9}  {'Group µs':>9}  {'shim own µs':>11}")
+        print(f"{'call':<{width}}  {'shim':>9}  {'Group':>9}  {'shim-Group':>10}  {'shim own':>9}")
         for name, r in results.items():
-            print(f"{name:<{width}}  {r['shim_us']:9.1f}  {r['native_us']:9.1f}  {r['shim_own_us']:11.1f}")
+            print(
+                f"{name:<{width}}  {r['shim_us']:9.1f}  {r['native_us']:9.1f}  {r['diff_us']:10.1f}  "
+                f"{r['shim_own_us']:9.1f}"
+            )
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"world": world, "args": vars(args), "results": results}, f, indent=1)
+                json.dump(
+                    {
+                        "world": world,
+                        "device": where,
+                        "backends": backends,
+                        "args": vars(args),
+                        "results": results,
+                    },
+                    f,
+                    indent=1,
+                )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -251,6 +470,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--iters", type=int, default=200, help="timed calls of each op (default 200)")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="calls back to back per sample (default 1: each call after a barrier; more: warm caches)",
+    )
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -258,6 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ht-tokens", type=int, default=256, help="HT tokens per rank")
     parser.add_argument("--backend", default="auto", help="ncclep backend of both sides")
     parser.add_argument("--gpu", action="store_true", help="one GPU per process, NCCL")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="the shim's Group ops return a result computed once: the shim's own host work alone",
+    )
+    parser.add_argument("--only", default=None, help="only the calls whose name contains this")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     mp.spawn(_worker, args=(args.world, free_port(), args), nprocs=args.world)

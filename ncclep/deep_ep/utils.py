@@ -32,6 +32,13 @@ class EventHandle:
             self.event.record(stream)
 
     @classmethod
+    def of(cls, event: torch.cuda.Event) -> EventHandle:
+        """A handle of ``event``, already recorded."""
+        handle = cls.__new__(cls)
+        handle.event = event
+        return handle
+
+    @classmethod
     def completed(cls) -> EventHandle:
         """An event that has already passed: what ops on the CPU return."""
         handle = cls.__new__(cls)

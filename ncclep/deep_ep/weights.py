@@ -17,6 +17,17 @@ import torch.distributed as dist
 
 from ..handles import LLHandle
 
+_rank_rows: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _first_rows(ranks: int, slots: int, device: torch.device) -> torch.Tensor:
+    """``[1, R]`` int64: the first row of each destination rank in a ``[R * slots, K]`` send buffer."""
+    key = (ranks, slots, device)
+    rows = _rank_rows.get(key)
+    if rows is None:
+        rows = _rank_rows[key] = (torch.arange(ranks, device=device) * slots).view(1, ranks)
+    return rows
+
 
 def weights_at_experts(process_group: Any, routing: LLHandle, topk_weights: torch.Tensor) -> torch.Tensor:
     """``recv_weights [R, T, Kmax]`` fp32 for ``routing``: the weight of each received slot's k-th
@@ -24,19 +35,22 @@ def weights_at_experts(process_group: Any, routing: LLHandle, topk_weights: torc
     """
     send_slots = routing.send_slots  # [B, R]: slot of token b on rank d, -1 if it did not go there
     tokens, ranks = send_slots.shape
-    slots, max_topk = routing.recv_rows.shape[1], routing.recv_rows.shape[2]
+    recv_rows = routing.recv_rows
+    slots, max_topk = recv_rows.shape[1], recv_rows.shape[2]
     topk = topk_weights.shape[1]
     device = topk_weights.device
-    outgoing = torch.zeros((ranks, slots + 1, topk), dtype=torch.float32, device=device)  # slot T: spare
-    dest = torch.arange(ranks, device=device).expand(tokens, ranks)
-    slot = torch.where(send_slots >= 0, send_slots, slots).long()
-    outgoing[dest, slot] = topk_weights.float().unsqueeze(1).expand(tokens, ranks, topk)
-    send = outgoing[:, :slots].contiguous()
+    spare = ranks * slots  # one more row, where the (token, rank) pairs that were not sent go
+    row = torch.where(send_slots >= 0, send_slots + _first_rows(ranks, slots, device), spare)
+    outgoing = torch.zeros((spare + 1, topk), dtype=torch.float32, device=device)
+    outgoing.index_put_((row,), topk_weights.float().unsqueeze(1).expand(tokens, ranks, topk))
+    send = outgoing[:spare].view(ranks, slots, topk)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=process_group)
-    weights = torch.zeros((ranks, slots, max_topk), dtype=torch.float32, device=device)
-    weights[:, :, :topk] = recv
-    return torch.where(routing.recv_rows >= 0, weights, 0.0)
+    if topk != max_topk:
+        padded = torch.zeros((ranks, slots, max_topk), dtype=torch.float32, device=device)
+        padded[:, :, :topk] = recv
+        recv = padded
+    return recv.masked_fill_(recv_rows < 0, 0.0)
 
 
 def with_weights(process_group: Any, routing: LLHandle, topk_weights: torch.Tensor) -> LLHandle:

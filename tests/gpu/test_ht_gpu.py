@@ -32,12 +32,12 @@ from conftest import (
 import ncclep
 from ncclep import fp8
 from ncclep.bench.timing import capture_graph
+from ncclep.testing import COMBINE_TOLERANCE, ht_dispatch_difference, relative_error
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
 
 EXPERTS, T, HIDDEN = 64, 2048, 2048
-COMBINE_TOLERANCE = 1e-2
 
 
 def _device() -> torch.device:
@@ -115,33 +115,6 @@ def _inputs(
     }
 
 
-def _same_dispatch(a: ncclep.HTDispatchOutput, b: ncclep.HTDispatchOutput) -> str | None:
-    for name in ("num_recv", "expert_counts", "topk_idx"):
-        if not torch.equal(getattr(a, name), getattr(b, name)):
-            return f"{name} differs"
-    for name in ("send_pos", "recv_slot", "recv_counts"):
-        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
-            return f"handle.{name} differs"
-    if (a.topk_weights is None) != (b.topk_weights is None):
-        return "topk_weights presence differs"
-    if b.topk_weights is not None and not torch.equal(
-        a.topk_weights.view(torch.int32), b.topk_weights.view(torch.int32)
-    ):
-        return "topk_weights differ"
-    used = b.handle.recv_slot >= 0
-    if not torch.equal(a.x[used].view(torch.uint8), b.x[used].view(torch.uint8)):
-        return "x rows differ"
-    if b.scales is not None and not torch.equal(
-        a.scales[used].view(torch.uint8), b.scales[used].view(torch.uint8)
-    ):
-        return "scales differ"
-    return None
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-20))
-
-
 def _check_pair(
     cuda: ncclep.Group,
     ref: ncclep.Group,
@@ -155,7 +128,7 @@ def _check_pair(
     """Dispatch, combine (and optionally a cached dispatch) on both backends; what differs."""
     a = cuda.ht_dispatch(**inp, layout=layout, alignment=alignment)
     b = ref.ht_dispatch(**inp, layout=layout, alignment=alignment)
-    problem = _same_dispatch(a, b)
+    problem = ht_dispatch_difference(a, b)
     dev = _device()
     rows, hidden = a.x.shape
     y = (torch.randn(rows, hidden, generator=g) * 2).to(torch.bfloat16).to(dev)
@@ -164,10 +137,10 @@ def _check_pair(
     out_b, w_b = ref.ht_combine(y, b.handle, topk_weights=w)
     tokens = inp["x"].shape[0]
     if problem is None and tokens:
-        err = _relative_error(out_a, out_b)
+        err = relative_error(out_a, out_b)
         if err > COMBINE_TOLERANCE:
             problem = f"combine error {err:.3g}"
-        elif w_a is None or w_b is None or _relative_error(w_a, w_b) > 1e-5:
+        elif w_a is None or w_b is None or relative_error(w_a, w_b) > 1e-5:
             problem = "combined weights differ"
     if cached:
         for z in (_random_x(g, tokens, hidden), torch.rand(tokens, a.topk_idx.shape[1], generator=g)):
@@ -297,12 +270,12 @@ def _gradients(seed: int, nodes: int = 1) -> list[str]:
                 grads.append((x.grad, w.grad))
             (gx_a, gw_a), (gx_b, gw_b) = grads
             if tokens and (
-                _relative_error(gx_a, gx_b) > COMBINE_TOLERANCE
-                or _relative_error(gw_a, gw_b) > COMBINE_TOLERANCE
+                relative_error(gx_a, gx_b) > COMBINE_TOLERANCE
+                or relative_error(gw_a, gw_b) > COMBINE_TOLERANCE
             ):
                 problems.append(
-                    f"{layout} B={tokens}: grad x {_relative_error(gx_a, gx_b):.3g}, "
-                    f"grad w {_relative_error(gw_a, gw_b):.3g}"
+                    f"{layout} B={tokens}: grad x {relative_error(gx_a, gx_b):.3g}, "
+                    f"grad w {relative_error(gw_a, gw_b):.3g}"
                 )
     cuda.check()
     cuda.close()
@@ -378,7 +351,7 @@ def _graph_replays(replays: int, nodes: int = 1) -> list[str]:
         if i % 10 == 0 or i == replays - 1:
             d = ref.ht_dispatch(**fresh, layout="expert_major", alignment=16)
             expected = ref.ht_combine(experts(d), d.handle)[0]
-            err = _relative_error(static_out, expected)
+            err = relative_error(static_out, expected)
             if err > COMBINE_TOLERANCE and len(problems) < 5:
                 problems.append(f"graph replay {i}: error {err:.3g}")
     cuda.check()
@@ -439,7 +412,7 @@ def _training_step_graph(replays: int, nodes: int = 1) -> list[str]:
         step(ref, ref_x, idx, ref_w, gout)
         grads = (("x", static_x.grad, ref_x.grad), ("topk_weights", static_w.grad, ref_w.grad))
         for name, got, want in grads:
-            err = _relative_error(got, want)
+            err = relative_error(got, want)
             if err > COMBINE_TOLERANCE and len(problems) < 5:
                 problems.append(f"replay {i}: grad {name} error {err:.3g}")
     cuda.check()

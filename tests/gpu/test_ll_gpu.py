@@ -17,6 +17,7 @@ from conftest import (
 
 import ncclep
 from ncclep.bench.timing import capture_graph
+from ncclep.testing import ll_dispatch_difference, relative_error
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -43,27 +44,6 @@ def _inputs(g: torch.Generator, tokens: int, hidden: int, topk: int, routing: st
     return x.to(dev), idx.to(dev), w.to(dev)
 
 
-def _same_dispatch(a: ncclep.LLDispatchOutput, b: ncclep.LLDispatchOutput) -> str | None:
-    if not torch.equal(a.expert_counts, b.expert_counts):
-        return f"expert_counts {a.expert_counts.tolist()} != {b.expert_counts.tolist()}"
-    for e, n in enumerate(b.expert_counts.tolist()):
-        if not torch.equal(a.x[e, :n].view(torch.uint8), b.x[e, :n].view(torch.uint8)):
-            return f"expert {e}: payload differs"
-        if b.scales is not None and not torch.equal(
-            a.scales[e, :n].view(torch.uint8), b.scales[e, :n].view(torch.uint8)
-        ):
-            return f"expert {e}: scales differ"
-    for name in ("send_slots", "recv_rows", "recv_weights", "recv_slot_counts"):
-        if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
-            return f"handle.{name} differs"
-    return None
-
-
-def _combine_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (out.float() - ref.float()).norm()
-    return float(diff / ref.float().norm().clamp_min(1e-20))
-
-
 def _matrix(seed: int, nodes: int = 1) -> list[str]:
     """Every routing / top-k / hidden / payload combination, dispatch bit-exact and combine close."""
     rank = dist.get_rank()
@@ -85,15 +65,15 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
         use_fp8, ue8m0 = payload != "bf16", payload == "ue8m0"
         a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0)
         b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0)
-        problem = _same_dispatch(a, b)
+        problem = ll_dispatch_difference(a, b)
         if problem:
             problems.append(f"{routing} k={topk} h={hidden} {payload} B={tokens}: {problem}")
             continue
         y = (torch.randn(a.x.shape, generator=g) * 2).to(torch.bfloat16).to(dev)
         out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)
-        if tokens and _combine_error(out_a, out_b) > 1e-2:
+        if tokens and relative_error(out_a, out_b) > 1e-2:
             problems.append(
-                f"{routing} k={topk} h={hidden} B={tokens}: combine error {_combine_error(out_a, out_b):.3g}"
+                f"{routing} k={topk} h={hidden} B={tokens}: combine error {relative_error(out_a, out_b):.3g}"
             )
     cuda.check()
     cuda.close()
@@ -121,10 +101,10 @@ def _many_iterations(count: int, nodes: int = 1) -> list[str]:
         use_fp8 = i % 2 == 1
         a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8)
         b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8)
-        problem = _same_dispatch(a, b)
+        problem = ll_dispatch_difference(a, b)
         y = torch.randn(a.x.shape, device=dev).to(torch.bfloat16)
         out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)  # every rank calls
-        err = _combine_error(out_a, out_b) if tokens else 0.0
+        err = relative_error(out_a, out_b) if tokens else 0.0
         # no break: every rank must make the same collective calls
         if (problem or err > 1e-2) and len(problems) < 5:
             problems.append(f"iteration {i}: {problem or f'combine error {err:.3g}'}")
@@ -151,14 +131,14 @@ def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
     pending = [cuda.ll_dispatch(*b, use_fp8=True, send_only=True) for b in batches]
     outs = [p.wait() for p in pending]
     for b, out in zip(batches, outs, strict=True):
-        problem = _same_dispatch(out, ref.ll_dispatch(*b, use_fp8=True))
+        problem = ll_dispatch_difference(out, ref.ll_dispatch(*b, use_fp8=True))
         if problem:
             problems.append(f"send_only dispatch: {problem}")
     ys = [torch.randn(o.x.shape, device=dev).to(torch.bfloat16) for o in outs]
     combined = [cuda.ll_combine(y, o.handle, send_only=True) for y, o in zip(ys, outs, strict=True)]
     for k, c in enumerate(combined):
         expected = ref.ll_combine(ys[k], ref.ll_dispatch(*batches[k], use_fp8=True).handle)
-        if _combine_error(c.wait(), expected) > 1e-2:
+        if relative_error(c.wait(), expected) > 1e-2:
             problems.append(f"send_only combine {k}")
 
     # CUDA graph: dispatch -> stand-in experts -> combine, captured once, replayed with new inputs
@@ -179,7 +159,7 @@ def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
         if i % 50 == 0 or i == replays - 1:
             d = ref.ll_dispatch(x, idx, w)
             expected = ref.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
-            err = _combine_error(static_out, expected)
+            err = relative_error(static_out, expected)
             if err > 1e-2 and len(problems) < 5:
                 problems.append(f"graph replay {i}: error {err:.3g}")
     cuda.check()
@@ -215,7 +195,7 @@ def _compiled_step(calls: int) -> list[str]:
         out = compiled(cuda.id, x, idx, w)
         d = ref.ll_dispatch(x, idx, w)
         expected = ref.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
-        err = _combine_error(out, expected) if tokens else 0.0
+        err = relative_error(out, expected) if tokens else 0.0
         if err > 1e-2 and len(problems) < 5:
             problems.append(f"call {i} ({tokens} tokens): error {err:.3g}")
     cuda.check()
