@@ -239,8 +239,8 @@ def _rejected_calls(nodes: int) -> list[str]:
         a, b = cuda.ll_dispatch(x, idx, w), ref.ll_dispatch(x, idx, w)
         y = torch.randn(a.x.shape, generator=g).to(torch.bfloat16).to(dev)
         out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)
-        problem = _same_dispatch(a, b)
-        err = _combine_error(out_a, out_b)
+        problem = ll_dispatch_difference(a, b)
+        err = relative_error(out_a, out_b)
         if problem or err > 1e-2:
             problems.append(f"{what}: {problem or f'combine error {err:.3g}'}")
 
@@ -263,7 +263,7 @@ def _rejected_calls(nodes: int) -> list[str]:
         cuda.ll_combine(y, a.handle)
         again = lambda: cuda.ll_combine(y, a.handle)  # noqa: E731
         problems.append(peer_rejection(again, BAD, "handle", "ll_combine receive"))
-    err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle))
+    err = relative_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle))
     if err > 1e-2:
         problems.append(f"the combine again after the rejected one: error {err:.3g}")
     round_trip(x, idx, w, "the round trip after the rejected combine")
@@ -300,11 +300,11 @@ def _timeout_then_new_group() -> str:
     ref = ncclep.Group(EXPERTS, T, 1024, mode="ll", backend="reference")
     a, b = cuda.ll_dispatch(x, idx, w), ref.ll_dispatch(x, idx, w)
     y = torch.randn(a.x.shape, generator=g).to(torch.bfloat16).to(dev)
-    err = _combine_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle))
+    err = relative_error(cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle))
     cuda.check()
     cuda.close()
     ref.close()
-    return f"{seen} | new group: {_same_dispatch(a, b)}, combine error {err:.3g}"
+    return f"{seen} | new group: {ll_dispatch_difference(a, b)}, combine error {err:.3g}"
 
 
 def test_ll_timeout_then_close_and_new_group() -> None:
