@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import _native, backends, env, ops, registry, validate
+from . import _native, backends, env, ops, outputs, registry, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import MODE_IDS, GroupConfig
 from .errors import InvalidArgument, NcclepError
@@ -443,18 +443,14 @@ class Group:
 
 
 def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool) -> LLDispatchOutput:
-    recv_x, scales, counts, *handle = outs
-    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, LLHandle(*handle))
+    """The op's flat outputs as the method returns them (the op gives an empty tensor for None)."""
+    recv_x, scales, *rest = outs
+    return outputs.ll_dispatch_output((recv_x, scales if use_fp8 else None, *rest))
 
 
 def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool) -> HTDispatchOutput:
-    recv_x, scales, idx, weights, num_recv, counts, send_pos, recv_slot, recv_counts = outs
-    return HTDispatchOutput(
-        recv_x,
-        scales if has_scales else None,
-        idx,
-        weights if has_weights else None,
-        num_recv,
-        counts,
-        HTHandle(send_pos, recv_slot, recv_counts, idx),
+    """The op's flat outputs as the method returns them (the op gives empty tensors for None)."""
+    recv_x, scales, idx, weights, *rest = outs
+    return outputs.ht_dispatch_output(
+        (recv_x, scales if has_scales else None, idx, weights if has_weights else None, *rest)
     )
