@@ -158,26 +158,16 @@ class ModeSoak:
         self.iters = getattr(args, f"{mode}_iters")
         self.window_size = args.window or max(1, self.iters // 10)
         self.graphs = device.type == "cuda"
-        backend = args.backend_resolved
+        sizes = (self.experts, self.tokens, self.hidden)
         self.dut = ncclep.Group(
-            self.experts,
-            self.tokens,
-            self.hidden,
+            *sizes,
             mode=mode,
             process_group=pg,
             max_topk=self.topk,
-            backend=backend,
+            backend=args.backend_resolved,
             timeout_s=args.timeout,
         )
-        self.ref = ncclep.Group(
-            self.experts,
-            self.tokens,
-            self.hidden,
-            mode=mode,
-            process_group=pg,
-            max_topk=self.topk,
-            backend="reference",
-        )
+        self.ref = ncclep.Group(*sizes, mode=mode, process_group=pg, max_topk=self.topk, backend="reference")
         # Choices every rank makes alike (payload, top-k, hidden, layout), and this rank's own.
         self.shared = random.Random(args.seed * 7919 + (0 if mode == "ll" else 1))
         self.local = random.Random(args.seed * 1_000_003 + self.rank * 101 + (0 if mode == "ll" else 1))

@@ -12,7 +12,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import _native, backends, collectives, env, ops, registry, validate
+from . import _native, backends, collectives, env, ops, outputs, registry, validate
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import MODE_IDS, GroupConfig
 from .errors import PEER_LOST, PEER_REJECTED, TIMEOUT, CommError, InvalidArgument, NcclepError
@@ -450,7 +450,7 @@ class Group:
         if ops.eager(x):
             return self._stamp(self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0))
         outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
-        return ll_output(outs, use_fp8, self.id)
+        return self._stamp(ll_output(outs, use_fp8))
 
     def ll_combine(
         self,
@@ -555,7 +555,7 @@ class Group:
         if ops.eager(x, topk_weights):
             return self._stamp(self._backend.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment))
         outs = torch.ops.ncclep.ht_dispatch(self.id, x, x_scales, topk_idx, topk_weights, layout, alignment)
-        return ht_output(outs, x_scales is not None, topk_weights is not None, self.id)
+        return self._stamp(ht_output(outs, x_scales is not None, topk_weights is not None))
 
     def ht_combine(
         self,
@@ -599,22 +599,15 @@ class Group:
         return out, (weights if topk_weights is not None else None)
 
 
-def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool, group: int | None = None) -> LLDispatchOutput:
-    recv_x, scales, counts, send_slots, recv_rows, recv_weights, recv_slot_counts = outs
-    handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts, group)
-    return LLDispatchOutput(recv_x, scales if use_fp8 else None, counts, handle)
+def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool) -> LLDispatchOutput:
+    """The op's flat outputs as the method returns them (the op gives an empty tensor for None)."""
+    recv_x, scales, *rest = outs
+    return outputs.ll_dispatch_output((recv_x, scales if use_fp8 else None, *rest))
 
 
-def ht_output(
-    outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool, group: int | None = None
-) -> HTDispatchOutput:
-    recv_x, scales, idx, weights, num_recv, counts, send_pos, recv_slot, recv_counts = outs
-    return HTDispatchOutput(
-        recv_x,
-        scales if has_scales else None,
-        idx,
-        weights if has_weights else None,
-        num_recv,
-        counts,
-        HTHandle(send_pos, recv_slot, recv_counts, idx, group),
+def ht_output(outs: tuple[torch.Tensor, ...], has_scales: bool, has_weights: bool) -> HTDispatchOutput:
+    """The op's flat outputs as the method returns them (the op gives empty tensors for None)."""
+    recv_x, scales, idx, weights, *rest = outs
+    return outputs.ht_dispatch_output(
+        (recv_x, scales if has_scales else None, idx, weights if has_weights else None, *rest)
     )

@@ -184,12 +184,9 @@ def ll_dispatch_difference(a: LLDispatchOutput, b: LLDispatchOutput) -> str | No
         return f"expert_counts {a.expert_counts.tolist()} != reference {b.expert_counts.tolist()}"
     rows = b.x.shape[1]
     used = torch.arange(rows, device=b.x.device).unsqueeze(0) < b.expert_counts.unsqueeze(1).long()
-    if _rows_differ(a.x, b.x, used):
-        return "dispatch payload differs on rows in use"
-    if (a.scales is None) != (b.scales is None):
-        return "scales presence differs"
-    if b.scales is not None and a.scales is not None and _rows_differ(a.scales, b.scales, used):
-        return "dispatch scales differ on rows in use"
+    problem = _payload_difference(a, b, used)
+    if problem:
+        return problem
     for name in ("send_slots", "recv_rows", "recv_weights", "recv_slot_counts"):
         if not torch.equal(getattr(a.handle, name), getattr(b.handle, name)):
             return f"handle.{name} differs"
@@ -213,7 +210,11 @@ def ht_dispatch_difference(a: HTDispatchOutput, b: HTDispatchOutput) -> str | No
         and not torch.equal(_bytes(a.topk_weights), _bytes(b.topk_weights))
     ):
         return "topk_weights differ"
-    used = b.handle.recv_slot >= 0
+    return _payload_difference(a, b, b.handle.recv_slot >= 0)
+
+
+def _payload_difference(a: Any, b: Any, used: torch.Tensor) -> str | None:
+    """Dispatch payload and scales of ``a`` against ``b``'s, bit for bit on the ``used`` rows."""
     if _rows_differ(a.x, b.x, used):
         return "dispatch payload differs on rows in use"
     if (a.scales is None) != (b.scales is None):
