@@ -84,8 +84,9 @@ STEPS = [
     "recv_start",
     "flags_seen",
     "copied",
+    "loaded",
 ]
-SENT, ARRIVED, SIGNALED, FLAGS_SEEN, COPIED = 3, 4, 5, 7, 8
+ACKED, ROUTED, SENT, ARRIVED, SIGNALED, FLAGS_SEEN, COPIED, LOADED = 1, 2, 3, 4, 5, 7, 8, 9
 
 
 def trace(tokens: int, use_fp8: bool) -> str:
@@ -96,7 +97,7 @@ def trace(tokens: int, use_fp8: bool) -> str:
     g = torch.Generator().manual_seed(rank)
     group = ncclep.Group(256, tokens, 7168, mode="ll", backend="cuda")
     x = torch.randn(tokens, 7168, generator=g).to(torch.bfloat16).to(dev)
-    idx, w = _routing(tokens, False, dev)
+    idx, w = _routing(tokens, use_fp8, dev)
     blocks = group.config.num_sms or torch.cuda.get_device_properties(dev).multi_processor_count
     for _ in range(10):
         group.ll_dispatch(x, idx, w, use_fp8=use_fp8)
@@ -123,25 +124,28 @@ def trace(tokens: int, use_fp8: bool) -> str:
         for a in range(ARRIVED):
             delta = (t[senders, a + 1] - t[senders, a]) / 1e3
             parts.append(f"{STEPS[a]}->{STEPS[a + 1]} {delta.median():.1f}")
+        loading = (t[senders, LOADED] - t[senders, ACKED]) / 1e3
+        parts.append(f"(acked->loaded {loading.median():.1f})")
         parts.append(f"slowest sender arrived at {rel(ARRIVED, senders).max():.1f}")
     if last.numel():
         parts.append(f"arrival counted at {rel(SIGNALED, last)[0]:.1f}")
     parts.append(f"flags seen (median block) at {rel(FLAGS_SEEN, everyone).median():.1f}")
     parts.append(f"copies done (last block) at {rel(COPIED, everyone).max():.1f}")
-    return f"rank {rank} tokens={tokens}: " + "; ".join(parts)
+    return f"rank {rank} {'fp8' if use_fp8 else 'bf16'} tokens={tokens}: " + "; ".join(parts)
 
 
 def run(_args: object, _pg: object, _device: torch.device) -> int:
     """Per-rank entry point for ``ncclep.launch`` (spawned per GPU, or under torchrun / mpirun)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    if os.environ.get("PHASE_TRACE"):
-        for tokens in [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,128").split(",")]:
-            lines: list = [None] * world
-            dist.all_gather_object(lines, trace(tokens, False))
-            if rank == 0:
-                print("\n".join(lines), flush=True)
-        return 0
     dtypes = [d == "fp8" for d in os.environ.get("PHASE_DTYPES", "bf16,fp8").split(",")]
+    if os.environ.get("PHASE_TRACE"):
+        for use_fp8 in dtypes:
+            for tokens in [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,128").split(",")]:
+                lines: list = [None] * world
+                dist.all_gather_object(lines, trace(tokens, use_fp8))
+                if rank == 0:
+                    print("\n".join(lines), flush=True)
+        return 0
     sizes = [int(t) for t in os.environ.get("PHASE_TOKENS", "1,8,32,128,256").split(",")]
     for use_fp8 in dtypes:
         for tokens in sizes:

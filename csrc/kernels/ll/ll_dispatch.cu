@@ -329,6 +329,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   stamp(p, kTraceAcked);
   const Routing r = carveRouting(smem, c.numExperts, R, p.numTokens * p.topk);
   loadEntries(p, r, err);
+  stamp(p, kTraceLoaded);
 
   const bool failed = device::hasError(err);
   // Block 0 sends every destination our counts first: they are known to every block already.

@@ -29,6 +29,7 @@ enum LLTraceStep : int {
   kTraceRecvStart,
   kTraceFlagsSeen,  // every source's counts and data signals acquired
   kTraceCopied,     // the block's messages copied into the outputs
+  kTraceLoaded,     // every top-k entry loaded, checked and counted (between acked and routed)
   kLLTraceSteps = 16,
 };
 
