@@ -10,7 +10,8 @@ constexpr int kFp8Block = 128;  // channels per fp8 scale
 constexpr int kLLMaxTopk = 16;
 constexpr int kLLMaxRanks = 128;
 constexpr int kLLMaxExperts = 4096;
-// Top-k entries (tokens x top-k) a dispatch ranks in shared memory: maxTokens * maxTopk <= this.
+// Top-k entries (tokens x top-k) of one dispatch: maxTokens * maxTopk <= this (the dispatch counts a
+// token's ranks in 16-bit halves of one word, so the token count must stay below 2^16).
 constexpr int kLLMaxEntries = 16384;
 constexpr int kLLHiddenMultiple = 128;  // one fp8 scale block
 

@@ -1,16 +1,18 @@
 // LL dispatch: each token goes once to every rank holding one of its experts.
 //
-// Send (per source rank): every block first ranks all tokens' top-k entries in shared memory (a
-// token's slot at each destination = its index among our tokens going there; its row at each
-// expert = its index among our tokens choosing that expert). Then block b sends token b: a header
-// with its local expert ids, rows and weights, and the payload (bf16, or fp8 quantised here), to
-// each destination: straight into the peer's window over NVLink, or staged and put over the
-// network. The last block to finish sends each destination our per-expert counts and signals it.
+// Send (per source rank): block b ranks token b against our earlier tokens (a thread per earlier
+// token; its slot at each destination = its index among our tokens going there, its row at each
+// expert = its index among our tokens choosing that expert), then sends it: a header with its
+// local expert ids, rows and weights, and the payload (bf16, or fp8 quantised here), to each
+// destination: straight into the peer's window over NVLink, or staged and put over the network.
+// Block 0 first counts our tokens per expert and per destination and sends each destination its
+// counts; every block signals each destination the messages it sent there.
 //
-// Receive: wait for every source's signal; a local expert's rows start, for source r, after the
+// Receive: wait for every source's counts; a local expert's rows start, for source r, after the
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
 // then token index, the reference backend's order. Warps copy the messages into the rows of
-// their local experts and record the handle; the last block acknowledges each source.
+// their local experts as each source's messages land, and record the handle; the last block
+// acknowledges each source.
 //
 // A rank that rejected the call (p.rejectCode) sends no token and, in place of its token total for
 // each destination, the reject word (reject.h): a negative count, which its peers record as that
@@ -44,118 +46,122 @@ __device__ __forceinline__ void stamp(const LLDispatchParams& p, int step) {
 
 // ------------------------------------------------------------------------------------------ send
 
-// One call's top-k entries (entry i = token i / K, choice i % K), checked, in shared memory.
-struct Routing {
-  int* expertTotal;  // [E] our tokens choosing each expert
-  int* destTotal;    // [R] our tokens going to each rank
-  int16_t* raw;      // [B*K] expert id if in range, else -1 (repeats kept)
-  int16_t* expert;   // [B*K] checked expert id: -1 for none, out of range, or a repeat
-  int8_t* first;     // [B*K] 1 if the entry is its token's first choice on that rank
-  int* warpDest;     // [warps][R] per-warp partial destTotal (few ranks: one counter per warp
-                     // would serialise hundreds of shared-memory atomics)
+// Our per-expert and per-destination token totals (block 0 only), in shared memory.
+struct Totals {
+  int* expert;  // [E] our tokens choosing each expert
+  int* dest;    // [R] our tokens going to each rank
 };
 
-// Where one token's messages go: per choice k, its row among our tokens for that expert, and
-// (first choice on a rank only, else -1) its slot among our tokens going to that rank.
+// Where one token's messages go: per choice k, its checked expert (-1 for none, out of range or a
+// repeat), its row among our tokens for that expert, and (first choice on a rank only, else -1)
+// its slot among our tokens going to that rank.
 struct TokenRanks {
+  int expert[kLLMaxTopk];
   int pos[kLLMaxTopk];
   int slot[kLLMaxTopk];
 };
 
 __host__ __device__ inline size_t alignUp16(size_t x) { return (x + 15) / 16 * 16; }
 
-__device__ __forceinline__ Routing carveRouting(char* smem, int numExperts, int nRanks, int entries) {
-  Routing r;
-  size_t at = 0;
-  r.expertTotal = reinterpret_cast<int*>(smem + at);
-  at = alignUp16(at + size_t(numExperts) * 4);
-  r.destTotal = reinterpret_cast<int*>(smem + at);
-  at = alignUp16(at + size_t(nRanks) * 4);
-  r.raw = reinterpret_cast<int16_t*>(smem + at);
-  at = alignUp16(at + size_t(entries) * 2);
-  r.expert = reinterpret_cast<int16_t*>(smem + at);
-  at = alignUp16(at + size_t(entries) * 2);
-  r.first = reinterpret_cast<int8_t*>(smem + at);
-  at = alignUp16(at + size_t(entries));
-  r.warpDest = reinterpret_cast<int*>(smem + at);
-  return r;
+__device__ __forceinline__ Totals carveTotals(char* smem, int numExperts) {
+  return {reinterpret_cast<int*>(smem), reinterpret_cast<int*>(smem + alignUp16(size_t(numExperts) * 4))};
 }
 
-// Loads and checks every entry, and counts our tokens per expert and per destination rank.
-__device__ void loadEntries(const LLDispatchParams& p, const Routing& r, const device::ErrorSink& err) {
-  const LLCommon& c = p.c;
-  const int K = p.topk, entries = p.numTokens * K, L = c.layout.numLocalExperts;
-  const int tid = threadIdx.x;
-  const bool report = blockIdx.x == 0;
-  const int warps = blockDim.x >> 5, warp = tid >> 5;
-  for (int i = tid; i < c.numExperts; i += blockDim.x) r.expertTotal[i] = 0;
-  for (int i = tid; i < c.nRanks * warps; i += blockDim.x) r.warpDest[i] = 0;
-  for (int i = tid; i < entries; i += blockDim.x)
-    r.raw[i] = int16_t(device::checkExpertId(device::loadExpertId(p.topkIdx, p.topkIdx64, i), c.numExperts, report,
-                                             err, kPhaseLLDispatchSend));
-  __syncthreads();
-  // A repeat of an earlier choice is dropped; a choice is first on its rank if no earlier one is
-  // there (comparing raw ids is enough: a repeat has the same rank as the choice it repeats).
-  for (int i = tid; i < entries; i += blockDim.x) {
-    const int k = i % K;
-    const int16_t* token = r.raw + (i - k);
-    int e = token[k];
-    bool first = e >= 0;
-    for (int j = 0; j < k && e >= 0; ++j) {
-      if (token[j] == e) {
-        e = device::dropRepeat(i / K, report, err, kPhaseLLDispatchSend);
-      } else if (token[j] >= 0 && token[j] / L == e / L) {
-        first = false;
-      }
+// Token t's choices in registers: experts[k] its checked expert, dests[k] its rank if k is the
+// token's first choice there, else -1 (-1 for both past topk or when `valid` is false).
+__device__ __forceinline__ void tokenChoices(const LLDispatchParams& p, int t, bool valid, bool report,
+                                             const device::ErrorSink& err, int (&experts)[kLLMaxTopk],
+                                             int (&dests)[kLLMaxTopk]) {
+  const int L = p.c.layout.numLocalExperts;
+  if (report) {
+    device::laneTokenExperts<kLLMaxTopk>(p.topkIdx, p.topkIdx64, t, valid, p.topk, p.c.numExperts, experts, err,
+                                         kPhaseLLDispatchSend);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kLLMaxTopk; ++k) {
+      const int64_t raw = valid && k < p.topk ? device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * p.topk + k) : -1;
+      int e = device::isExpertId(raw, p.c.numExperts) ? int(raw) : -1;
+#pragma unroll
+      for (int j = 0; j < k; ++j) e = e >= 0 && experts[j] == e ? -1 : e;
+      experts[k] = e;
     }
-    first = first && e >= 0;
-    r.expert[i] = int16_t(e);
-    r.first[i] = first;
-    if (e >= 0) atomicAdd(&r.expertTotal[e], 1);
-    if (first) atomicAdd(&r.warpDest[warp * c.nRanks + e / L], 1);
   }
+#pragma unroll
+  for (int k = 0; k < kLLMaxTopk; ++k) {
+    const int d = experts[k] >= 0 ? experts[k] / L : -1;
+    bool first = d >= 0;
+#pragma unroll
+    for (int j = 0; j < k; ++j) first = first && (experts[j] < 0 || experts[j] / L != d);
+    dests[k] = first ? d : -1;
+  }
+}
+
+// Block 0: our tokens per expert and per destination, reporting the ids it drops.
+__device__ void countTotals(const LLDispatchParams& p, const Totals& totals, const device::ErrorSink& err) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int i = tid; i < p.c.numExperts; i += blockDim.x) totals.expert[i] = 0;
+  for (int i = tid; i < p.c.nRanks; i += blockDim.x) totals.dest[i] = 0;
   __syncthreads();
-  for (int d = tid; d < c.nRanks; d += blockDim.x) {
-    int total = 0;
-    for (int w = 0; w < warps; ++w) total += r.warpDest[w * c.nRanks + d];
-    r.destTotal[d] = total;
+  // Warp-uniform loop (the match below needs every lane).
+  for (int t0 = tid - lane; t0 < p.numTokens; t0 += blockDim.x) {
+    const int t = t0 + lane;
+    int experts[kLLMaxTopk], dests[kLLMaxTopk];
+    tokenChoices(p, t, t < p.numTokens, true, err, experts, dests);
+#pragma unroll
+    for (int k = 0; k < kLLMaxTopk; ++k) {
+      if (k >= p.topk) break;
+      if (experts[k] >= 0) atomicAdd(&totals.expert[experts[k]], 1);
+      // Few ranks: one atomic per distinct rank in the warp, not per lane.
+      const unsigned same = __match_any_sync(kFullMask, dests[k]);
+      if (dests[k] >= 0 && lane == __ffs(same) - 1) atomicAdd(&totals.dest[dests[k]], __popc(same));
+    }
   }
   __syncthreads();
 }
 
-// Ranks token b against our earlier tokens, the whole block scanning their entries.
-__device__ void rankToken(const LLDispatchParams& p, const Routing& r, int b, TokenRanks& out) {
-  const int K = p.topk, L = p.c.layout.numLocalExperts;
-  const int tid = threadIdx.x;
+// Ranks token b against our earlier tokens: a thread per earlier token counts the choices it
+// shares with b, a block reduction sums them.
+__device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  const device::ErrorSink quiet{nullptr, nullptr};
   __syncthreads();  // the previous token's ranks are no longer read
   if (tid < kLLMaxTopk) {
     out.pos[tid] = 0;
     out.slot[tid] = 0;
   }
-  __syncthreads();
-  int mine[kLLMaxTopk], dest[kLLMaxTopk];
+  int mine[kLLMaxTopk], mineDest[kLLMaxTopk];
+  tokenChoices(p, b, true, false, quiet, mine, mineDest);
+  // Per choice k: shared expert in the low 16 bits, shared first rank in the high 16 (each total
+  // is below the token count, so the halves never carry into each other).
+  int shared[kLLMaxTopk];
 #pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) {
-    mine[k] = k < K ? r.expert[b * K + k] : -1;
-    dest[k] = k < K && r.first[b * K + k] ? mine[k] / L : -1;
-  }
-  // Warp-uniform loop: a ballot per choice counts a warp's hits, one atomic adds them.
-  const int lane = tid & 31, n = b * K;
-  for (int base = tid - lane; base < n; base += blockDim.x) {
-    const int i = base + lane;
-    const int e = i < n ? int(r.expert[i]) : -1;
-    const int d = e >= 0 && r.first[i] ? e / L : -2;
+  for (int k = 0; k < kLLMaxTopk; ++k) shared[k] = 0;
+  for (int t = tid; t < b; t += blockDim.x) {
+    int experts[kLLMaxTopk], dests[kLLMaxTopk];
+    tokenChoices(p, t, true, false, quiet, experts, dests);
 #pragma unroll
-    for (int k = 0; k < kLLMaxTopk; ++k) {
-      if (k >= K) break;
-      const unsigned samePos = __ballot_sync(kFullMask, e >= 0 && mine[k] == e);
-      const unsigned sameDest = __ballot_sync(kFullMask, dest[k] == d);
-      if (lane == 0 && samePos) atomicAdd(&out.pos[k], __popc(samePos));
-      if (lane == 0 && sameDest) atomicAdd(&out.slot[k], __popc(sameDest));
+    for (int j = 0; j < kLLMaxTopk; ++j) {
+      if (j >= p.topk) break;
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k)
+        shared[k] += int(experts[j] >= 0 && experts[j] == mine[k]) + (int(dests[j] >= 0 && dests[j] == mineDest[k]) << 16);
     }
   }
+  __syncthreads();  // zeroed
+#pragma unroll
+  for (int k = 0; k < kLLMaxTopk; ++k) {
+    if (k >= p.topk) break;
+    const int sum = __reduce_add_sync(kFullMask, shared[k]);
+    if (lane == 0 && (sum & 0xffff)) atomicAdd(&out.pos[k], sum & 0xffff);
+    if (lane == 0 && (sum >> 16)) atomicAdd(&out.slot[k], sum >> 16);
+  }
   __syncthreads();
-  if (tid < kLLMaxTopk && dest[tid] < 0) out.slot[tid] = -1;
+#pragma unroll
+  for (int k = 0; k < kLLMaxTopk; ++k) {
+    if (tid != k) continue;
+    out.expert[k] = mine[k];
+    if (mineDest[k] < 0) out.slot[k] = -1;
+  }
   __syncthreads();
 }
 
@@ -210,14 +216,14 @@ __device__ __forceinline__ size_t messageBytes(const LLDispatchParams& p) {
 }
 
 template <class Net>
-__device__ void sendToken(const LLDispatchParams& p, const Routing& r, const transport::Peers<Net>& peers,
+__device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>& peers,
                           uint32_t parity, int b, const TokenRanks& ranks, char** msgs) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const int* slot = ranks.slot;
-  const int16_t* expert = r.expert + b * K;
+  const int* expert = ranks.expert;
   auto dstOffset = [&](int s) {
     return l.dispatchSlots + ((size_t(parity) * R + c.rank) * T + size_t(s)) * l.dispatchMsgBytes;
   };
@@ -327,8 +333,8 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
       peers.wait(d, kSigDispatchAck, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend);
   }
   stamp(p, kTraceAcked);
-  const Routing r = carveRouting(smem, c.numExperts, R, p.numTokens * p.topk);
-  loadEntries(p, r, err);
+  const Totals totals = carveTotals(smem, c.numExperts);
+  if (blockIdx.x == 0) countTotals(p, totals, err);
   stamp(p, kTraceLoaded);
 
   const bool failed = device::hasError(err);
@@ -339,9 +345,9 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
     for (int i = tid; i < R * (L + 1); i += blockDim.x) {
       const int d = i / (L + 1), e = i % (L + 1);
       int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
-      entry[e] = e < L            ? r.expertTotal[d * L + e]
+      entry[e] = e < L            ? totals.expert[d * L + e]
                  : p.rejectCode != 0 ? int32_t(rejectWord(p.rejectCode))
-                                     : r.destTotal[d];
+                                     : totals.dest[d];
     }
     __syncthreads();
     for (int d = 0; d < R; ++d) peers.put(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
@@ -352,10 +358,10 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   const bool sends = !failed && int(blockIdx.x) < p.numTokens;
   for (int i = tid; i < R; i += blockDim.x) flags.sentTo[i] = 0;
   for (int b = blockIdx.x; sends && b < p.numTokens; b += gridDim.x) {
-    rankToken(p, r, b, flags.ranks);
+    rankToken(p, b, flags.ranks);
     if (b == int(blockIdx.x)) stamp(p, kTraceRouted);
-    sendToken(p, r, peers, parity, b, flags.ranks, flags.msgs);
-    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[r.expert[b * p.topk + tid] / L] += 1;
+    sendToken(p, peers, parity, b, flags.ranks, flags.msgs);
+    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.expert[tid] / L] += 1;
   }
   __syncthreads();
   stamp(p, kTraceSent);
@@ -377,17 +383,18 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
 // ------------------------------------------------------------------------------------------ receive
 
 struct RecvShared {
-  int* count;   // [R] tokens from each source
-  int* start;   // [R + 1] prefix of count
-  int* offset;  // [L][R]: first row of that source's tokens at each local expert
+  uint64_t* want;  // [R] what the source's data signal reaches once all its messages landed
+  int* count;      // [R] tokens from each source
+  int* start;      // [R + 1] prefix of count
+  int* offset;     // [L][R]: first row of that source's tokens at each local expert
 };
 
-__device__ __forceinline__ RecvShared carveRecv(char* smem, int nRanks, int numLocalExperts) {
+__device__ __forceinline__ RecvShared carveRecv(char* smem, int nRanks) {
   RecvShared s;
-  s.count = reinterpret_cast<int*>(smem);
+  s.want = reinterpret_cast<uint64_t*>(smem);
+  s.count = reinterpret_cast<int*>(s.want + nRanks);
   s.start = s.count + nRanks;
   s.offset = s.start + nRanks + 1;
-  (void)numLocalExperts;
   return s;
 }
 
@@ -426,14 +433,16 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const int rowsPerExpert = R * T;
-  const RecvShared s = carveRecv(smem, R, L);
+  const RecvShared s = carveRecv(smem, R);
 
   stamp(p, kTraceRecvStart);
   auto counts = [&](int r) {
     return reinterpret_cast<const int*>(c.local + l.dispatchCounts + (size_t(parity) * R + r) * l.countsBytes);
   };
-  // Each source's counts first, then all of its messages (the data signal reaches our mark of
-  // the earlier calls in this parity plus this call's count).
+  // Every source's counts first: they place each source's rows. Its messages are awaited by the
+  // warps that copy them (the data signal reaches our mark of the earlier calls in this parity
+  // plus this call's count), so early sources are copied while late ones are still sending.
+  const bool keep = p.rejectCode == 0;  // a rejecting rank writes no output
   for (int r = tid; r < R; r += blockDim.x) {
     if (!peers.wait(r, kSigDispatchCounts, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv)) continue;
     int n = __ldcg(counts(r) + L);
@@ -443,8 +452,9 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
       n = 0;
     }
     s.count[r] = n;
-    peers.wait(r, kSigDispatchData + int(parity), *ll::receivedMark(c, 0, parity, r) + uint64_t(n), c.timeoutNs,
-               err, kPhaseLLDispatchRecv);
+    s.want[r] = *ll::receivedMark(c, 0, parity, r) + uint64_t(n);
+    // Nothing is copied on a rejecting rank: its data waits here, keeping the marks exact.
+    if (!keep) peers.wait(r, kSigDispatchData + int(parity), s.want[r], c.timeoutNs, err, kPhaseLLDispatchRecv);
   }
   __syncthreads();
   stamp(p, kTraceFlagsSeen);
@@ -453,7 +463,6 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     s.start[0] = 0;
     for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + s.count[r];
   }
-  const bool keep = p.rejectCode == 0;  // a rejecting rank writes no output
   for (int e = tid; e < L; e += blockDim.x) {
     int acc = 0;
     for (int r = 0; r < R; ++r) {
@@ -476,10 +485,21 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
   const int perPart = (chunks + parts - 1) / parts;
   const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
+  int landed = -1;  // the source whose messages this warp last saw land
   for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;
     const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
+    if (r != landed) {
+      // Lane 0 acquires the signal; the warp barrier orders the other lanes' loads after it.
+      bool ok = true;
+      if (lane == 0)
+        ok = peers.wait(r, kSigDispatchData + int(parity), s.want[r], c.timeoutNs, err, kPhaseLLDispatchRecv);
+      ok = __shfl_sync(kFullMask, ok, 0);
+      __syncwarp();
+      if (!ok) break;
+      landed = r;
+    }
     const char* msg = slots + (size_t(r) * T + j) * l.dispatchMsgBytes;
     int row = -1;
     if (lane < KM) {
@@ -525,7 +545,8 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   stamp(p, kTraceCopied);
   if (tid == 0) {
     __threadfence();
-    flags.last = device::arriveLast(&state->blocksDone[1], gridDim.x);
+    // A failed wait left messages uncopied: no acknowledgement (the group is closed after it).
+    flags.last = !device::hasError(err) && device::arriveLast(&state->blocksDone[1], gridDim.x);
   }
   __syncthreads();
   if (!flags.last) return;
@@ -573,10 +594,9 @@ int launch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
 }  // namespace
 
 size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
-  const size_t entries = size_t(l.maxTokens) * size_t(l.maxTopk);
-  const size_t send = alignUp16(size_t(numExperts) * 4) + alignUp16(size_t(l.nRanks) * 4) +
-                      2 * alignUp16(entries * 2) + alignUp16(entries) + size_t(kLLThreads / 32) * l.nRanks * 4;
-  const size_t recv = (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
+  const size_t send = alignUp16(size_t(numExperts) * 4) + size_t(l.nRanks) * 4;
+  const size_t recv =
+      size_t(l.nRanks) * 8 + (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
   return send > recv ? send : recv;
 }
 

@@ -22,14 +22,14 @@ enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 enum LLTraceStep : int {
   kTraceSendStart = 0,
   kTraceAcked,      // after waiting for the destinations to free this parity
-  kTraceRouted,     // slots, rows and counts of every token ranked in shared memory
+  kTraceRouted,     // the block's first token ranked (its slots and rows known)
   kTraceSent,       // all the block's tokens stored
   kTraceArrived,    // after this block's data signals (each after a system fence)
   kTraceSignaled,   // after the arrival count
   kTraceRecvStart,
-  kTraceFlagsSeen,  // every source's counts and data signals acquired
+  kTraceFlagsSeen,  // every source's counts acquired (its data is awaited per warp)
   kTraceCopied,     // the block's messages copied into the outputs
-  kTraceLoaded,     // every top-k entry loaded, checked and counted (between acked and routed)
+  kTraceLoaded,     // block 0: our tokens counted per expert and rank (others: right after acked)
   kLLTraceSteps = 16,
 };
 
