@@ -67,12 +67,23 @@ __device__ __forceinline__ Totals carveTotals(char* smem, int numExperts) {
   return {reinterpret_cast<int*>(smem), reinterpret_cast<int*>(smem + alignUp16(size_t(numExperts) * 4))};
 }
 
+// Division by the local expert count without a division instruction sequence per call:
+// __umulhi(e, ceil(2^32 / L)) is e / L exactly while e * L < 2^32 (experts and L are below 2^12).
+struct ExpertRank {
+  uint32_t L;
+  uint32_t magic;  // 0 for L = 1
+  __device__ __forceinline__ explicit ExpertRank(int numLocalExperts)
+      : L(uint32_t(numLocalExperts)), magic(numLocalExperts > 1 ? 0xffffffffu / uint32_t(numLocalExperts) + 1 : 0) {}
+  __device__ __forceinline__ int of(int expert) const {
+    return magic ? int(__umulhi(uint32_t(expert), magic)) : expert;
+  }
+};
+
 // Token t's choices in registers: experts[k] its checked expert, dests[k] its rank if k is the
 // token's first choice there, else -1 (-1 for both past topk or when `valid` is false).
-__device__ __forceinline__ void tokenChoices(const LLDispatchParams& p, int t, bool valid, bool report,
-                                             const device::ErrorSink& err, int (&experts)[kLLMaxTopk],
+__device__ __forceinline__ void tokenChoices(const LLDispatchParams& p, const ExpertRank& rankOf, int t, bool valid,
+                                             bool report, const device::ErrorSink& err, int (&experts)[kLLMaxTopk],
                                              int (&dests)[kLLMaxTopk]) {
-  const int L = p.c.layout.numLocalExperts;
   if (report) {
     device::laneTokenExperts<kLLMaxTopk>(p.topkIdx, p.topkIdx64, t, valid, p.topk, p.c.numExperts, experts, err,
                                          kPhaseLLDispatchSend);
@@ -87,18 +98,20 @@ __device__ __forceinline__ void tokenChoices(const LLDispatchParams& p, int t, b
     }
   }
 #pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) {
-    const int d = experts[k] >= 0 ? experts[k] / L : -1;
-    bool first = d >= 0;
+  for (int k = 0; k < kLLMaxTopk; ++k) dests[k] = experts[k] >= 0 ? rankOf.of(experts[k]) : -1;
 #pragma unroll
-    for (int j = 0; j < k; ++j) first = first && (experts[j] < 0 || experts[j] / L != d);
-    dests[k] = first ? d : -1;
+  for (int k = kLLMaxTopk - 1; k > 0; --k) {
+    bool first = true;
+#pragma unroll
+    for (int j = 0; j < k; ++j) first = first && dests[j] != dests[k];
+    if (!first) dests[k] = -1;
   }
 }
 
 // Block 0: our tokens per expert and per destination, reporting the ids it drops.
 __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, const device::ErrorSink& err) {
   const int tid = threadIdx.x, lane = tid & 31;
+  const ExpertRank rankOf(p.c.layout.numLocalExperts);
   for (int i = tid; i < p.c.numExperts; i += blockDim.x) totals.expert[i] = 0;
   for (int i = tid; i < p.c.nRanks; i += blockDim.x) totals.dest[i] = 0;
   __syncthreads();
@@ -106,7 +119,7 @@ __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, con
   for (int t0 = tid - lane; t0 < p.numTokens; t0 += blockDim.x) {
     const int t = t0 + lane;
     int experts[kLLMaxTopk], dests[kLLMaxTopk];
-    tokenChoices(p, t, t < p.numTokens, true, err, experts, dests);
+    tokenChoices(p, rankOf, t, t < p.numTokens, true, err, experts, dests);
 #pragma unroll
     for (int k = 0; k < kLLMaxTopk; ++k) {
       if (k >= p.topk) break;
@@ -124,13 +137,14 @@ __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, con
 __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
   const int tid = threadIdx.x, lane = tid & 31;
   const device::ErrorSink quiet{nullptr, nullptr};
+  const ExpertRank rankOf(p.c.layout.numLocalExperts);
   __syncthreads();  // the previous token's ranks are no longer read
   if (tid < kLLMaxTopk) {
     out.pos[tid] = 0;
     out.slot[tid] = 0;
   }
   int mine[kLLMaxTopk], mineDest[kLLMaxTopk];
-  tokenChoices(p, b, true, false, quiet, mine, mineDest);
+  tokenChoices(p, rankOf, b, true, false, quiet, mine, mineDest);
   // Per choice k: shared expert in the low 16 bits, shared first rank in the high 16 (each total
   // is below the token count, so the halves never carry into each other).
   int shared[kLLMaxTopk];
@@ -138,7 +152,7 @@ __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
   for (int k = 0; k < kLLMaxTopk; ++k) shared[k] = 0;
   for (int t = tid; t < b; t += blockDim.x) {
     int experts[kLLMaxTopk], dests[kLLMaxTopk];
-    tokenChoices(p, t, true, false, quiet, experts, dests);
+    tokenChoices(p, rankOf, t, true, false, quiet, experts, dests);
 #pragma unroll
     for (int j = 0; j < kLLMaxTopk; ++j) {
       if (j >= p.topk) break;
