@@ -79,103 +79,105 @@ struct ExpertRank {
   }
 };
 
-// Token t's choices in registers: experts[k] its checked expert, dests[k] its rank if k is the
-// token's first choice there, else -1 (-1 for both past topk or when `valid` is false).
-__device__ __forceinline__ void tokenChoices(const LLDispatchParams& p, const ExpertRank& rankOf, int t, bool valid,
-                                             bool report, const device::ErrorSink& err, int (&experts)[kLLMaxTopk],
-                                             int (&dests)[kLLMaxTopk]) {
-  if (report) {
-    device::laneTokenExperts<kLLMaxTopk>(p.topkIdx, p.topkIdx64, t, valid, p.topk, p.c.numExperts, experts, err,
-                                         kPhaseLLDispatchSend);
-  } else {
-#pragma unroll
-    for (int k = 0; k < kLLMaxTopk; ++k) {
-      const int64_t raw = valid && k < p.topk ? device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * p.topk + k) : -1;
-      int e = device::isExpertId(raw, p.c.numExperts) ? int(raw) : -1;
-#pragma unroll
-      for (int j = 0; j < k; ++j) e = e >= 0 && experts[j] == e ? -1 : e;
-      experts[k] = e;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) dests[k] = experts[k] >= 0 ? rankOf.of(experts[k]) : -1;
-#pragma unroll
-  for (int k = kLLMaxTopk - 1; k > 0; --k) {
-    bool first = true;
-#pragma unroll
-    for (int j = 0; j < k; ++j) first = first && dests[j] != dests[k];
-    if (!first) dests[k] = -1;
-  }
+// Choice k of token t if it names an expert, else -1 (repeats kept).
+__device__ __forceinline__ int choiceExpert(const LLDispatchParams& p, int t, int k) {
+  const int64_t raw = device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * p.topk + k);
+  return raw >= 0 && raw < p.c.numExperts ? int(raw) : -1;
 }
 
-// Block 0: our tokens per expert and per destination, reporting the ids it drops.
+// Choice k of token t, checked: its expert, or -1 for none, an id out of range, or a repeat of an
+// earlier choice of the token (reported when `report`). Earlier choices are reloaded (L1 hits):
+// kept in registers, 16 of them per token made the kernel's code too large to run from cache.
+__device__ __forceinline__ int checkedChoice(const LLDispatchParams& p, int t, int k, bool report,
+                                             const device::ErrorSink& err) {
+  const int64_t raw = device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * p.topk + k);
+  if (!device::isExpertId(raw, p.c.numExperts)) {
+    if (report) device::reportError(err, kDeviceBadExpert, kPhaseLLDispatchSend, -1, int32_t(raw));
+    return -1;
+  }
+  if (raw < 0) return -1;
+  for (int j = 0; j < k; ++j) {
+    if (choiceExpert(p, t, j) == int(raw)) {
+      if (report) device::reportError(err, kDeviceDuplicateExpert, kPhaseLLDispatchSend, -1, t);
+      return -1;
+    }
+  }
+  return int(raw);
+}
+
+// Whether checked choice k (expert e >= 0) of token t is the token's first on e's rank. Raw ids
+// suffice: a repeat is on the rank of the choice it repeats.
+__device__ __forceinline__ bool firstOnRank(const LLDispatchParams& p, const ExpertRank& rankOf, int t, int k, int e) {
+  const int d = rankOf.of(e);
+  for (int j = 0; j < k; ++j) {
+    const int other = choiceExpert(p, t, j);
+    if (other >= 0 && rankOf.of(other) == d) return false;
+  }
+  return true;
+}
+
+// Block 0: our tokens per expert and per destination (a thread per top-k entry), reporting the ids
+// it drops.
 __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, const device::ErrorSink& err) {
   const int tid = threadIdx.x, lane = tid & 31;
   const ExpertRank rankOf(p.c.layout.numLocalExperts);
   for (int i = tid; i < p.c.numExperts; i += blockDim.x) totals.expert[i] = 0;
   for (int i = tid; i < p.c.nRanks; i += blockDim.x) totals.dest[i] = 0;
   __syncthreads();
+  const int entries = p.numTokens * p.topk;
   // Warp-uniform loop (the match below needs every lane).
-  for (int t0 = tid - lane; t0 < p.numTokens; t0 += blockDim.x) {
-    const int t = t0 + lane;
-    int experts[kLLMaxTopk], dests[kLLMaxTopk];
-    tokenChoices(p, rankOf, t, t < p.numTokens, true, err, experts, dests);
-#pragma unroll
-    for (int k = 0; k < kLLMaxTopk; ++k) {
-      if (k >= p.topk) break;
-      if (experts[k] >= 0) atomicAdd(&totals.expert[experts[k]], 1);
-      // Few ranks: one atomic per distinct rank in the warp, not per lane.
-      const unsigned same = __match_any_sync(kFullMask, dests[k]);
-      if (dests[k] >= 0 && lane == __ffs(same) - 1) atomicAdd(&totals.dest[dests[k]], __popc(same));
-    }
+  for (int i0 = tid - lane; i0 < entries; i0 += blockDim.x) {
+    const int i = i0 + lane, t = i / p.topk, k = i - t * p.topk;
+    const int e = i < entries ? checkedChoice(p, t, k, true, err) : -1;
+    const int d = e >= 0 && firstOnRank(p, rankOf, t, k, e) ? rankOf.of(e) : -1;
+    if (e >= 0) atomicAdd(&totals.expert[e], 1);
+    // Few ranks: one atomic per distinct rank in the warp, not per lane.
+    const unsigned same = __match_any_sync(kFullMask, d);
+    if (d >= 0 && lane == __ffs(same) - 1) atomicAdd(&totals.dest[d], __popc(same));
   }
   __syncthreads();
 }
 
-// Ranks token b against our earlier tokens: a thread per earlier token counts the choices it
-// shares with b, a block reduction sums them.
+// Ranks token b against our earlier tokens: a thread per earlier token marks which of b's
+// experts and first ranks it shares (a repeat marks the same bit once), warps count the marks.
 __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
-  const int tid = threadIdx.x, lane = tid & 31;
-  const device::ErrorSink quiet{nullptr, nullptr};
+  const int tid = threadIdx.x, lane = tid & 31, K = p.topk;
   const ExpertRank rankOf(p.c.layout.numLocalExperts);
   __syncthreads();  // the previous token's ranks are no longer read
-  if (tid < kLLMaxTopk) {
+  if (tid < K) {
+    const int e = checkedChoice(p, b, tid, false, {});
+    out.expert[tid] = e;
+    out.slot[tid] = e >= 0 && firstOnRank(p, rankOf, b, tid, e) ? rankOf.of(e) : -1;  // its rank, for now
     out.pos[tid] = 0;
-    out.slot[tid] = 0;
-  }
-  int mine[kLLMaxTopk], mineDest[kLLMaxTopk];
-  tokenChoices(p, rankOf, b, true, false, quiet, mine, mineDest);
-  // Per choice k: shared expert in the low 16 bits, shared first rank in the high 16 (each total
-  // is below the token count, so the halves never carry into each other).
-  int shared[kLLMaxTopk];
-#pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) shared[k] = 0;
-  for (int t = tid; t < b; t += blockDim.x) {
-    int experts[kLLMaxTopk], dests[kLLMaxTopk];
-    tokenChoices(p, rankOf, t, true, false, quiet, experts, dests);
-#pragma unroll
-    for (int j = 0; j < kLLMaxTopk; ++j) {
-      if (j >= p.topk) break;
-#pragma unroll
-      for (int k = 0; k < kLLMaxTopk; ++k)
-        shared[k] += int(experts[j] >= 0 && experts[j] == mine[k]) + (int(dests[j] >= 0 && dests[j] == mineDest[k]) << 16);
-    }
-  }
-  __syncthreads();  // zeroed
-#pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) {
-    if (k >= p.topk) break;
-    const int sum = __reduce_add_sync(kFullMask, shared[k]);
-    if (lane == 0 && (sum & 0xffff)) atomicAdd(&out.pos[k], sum & 0xffff);
-    if (lane == 0 && (sum >> 16)) atomicAdd(&out.slot[k], sum >> 16);
   }
   __syncthreads();
-#pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) {
-    if (tid != k) continue;
-    out.expert[k] = mine[k];
-    if (mineDest[k] < 0) out.slot[k] = -1;
+  int counted[2] = {0, 0};  // lanes < K: pos and slot of choice `lane`, summed over the warp's tokens
+  for (int t0 = tid - lane; t0 < b; t0 += blockDim.x) {
+    const int t = t0 + lane;
+    unsigned sameExpert = 0, sameRank = 0;
+    for (int j = 0; t < b && j < K; ++j) {
+      const int e = choiceExpert(p, t, j);
+      if (e < 0) continue;
+      const int d = rankOf.of(e);
+      for (int k = 0; k < K; ++k) {
+        sameExpert |= unsigned(out.expert[k] == e) << k;
+        sameRank |= unsigned(out.slot[k] == d) << k;
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      const int nExpert = __popc(__ballot_sync(kFullMask, (sameExpert >> k) & 1u));
+      const int nRank = __popc(__ballot_sync(kFullMask, (sameRank >> k) & 1u));
+      if (lane == k) {
+        counted[0] += nExpert;
+        counted[1] += nRank;
+      }
+    }
   }
+  __syncthreads();  // every warp read the ranks in out.slot
+  if (tid < K) out.slot[tid] = out.slot[tid] >= 0 ? 0 : -1;
+  __syncthreads();
+  if (lane < K && counted[0]) atomicAdd(&out.pos[lane], counted[0]);
+  if (lane < K && counted[1]) atomicAdd(&out.slot[lane], counted[1]);
   __syncthreads();
 }
 
