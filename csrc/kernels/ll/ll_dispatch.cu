@@ -5,8 +5,8 @@
 // expert = its index among our tokens choosing that expert), then sends it: a header with its
 // local expert ids, rows and weights, and the payload (bf16, or fp8 quantised here), to each
 // destination: straight into the peer's window over NVLink, or staged and put over the network.
-// Block 0 first counts our tokens per expert and per destination and sends each destination its
-// counts; every block signals each destination the messages it sent there.
+// The last block first counts our tokens per expert and per destination and sends each destination
+// its counts; every block signals each destination the messages it sent there.
 //
 // Receive: wait for every source's counts; a local expert's rows start, for source r, after the
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
@@ -46,7 +46,7 @@ __device__ __forceinline__ void stamp(const LLDispatchParams& p, int step) {
 
 // ------------------------------------------------------------------------------------------ send
 
-// Our per-expert and per-destination token totals (block 0 only), in shared memory.
+// Our per-expert and per-destination token totals (the counts block only), in shared memory.
 struct Totals {
   int* expert;  // [E] our tokens choosing each expert
   int* dest;    // [R] our tokens going to each rank
@@ -116,8 +116,8 @@ __device__ __forceinline__ bool firstOnRank(const LLDispatchParams& p, const Exp
   return true;
 }
 
-// Block 0: our tokens per expert and per destination (a thread per top-k entry), reporting the ids
-// it drops.
+// The counts block: our tokens per expert and per destination (a thread per top-k entry),
+// reporting the ids it drops.
 __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, const device::ErrorSink& err) {
   const int tid = threadIdx.x, lane = tid & 31;
   const ExpertRank rankOf(p.c.layout.numLocalExperts);
@@ -350,12 +350,15 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   }
   stamp(p, kTraceAcked);
   const Totals totals = carveTotals(smem, c.numExperts);
-  if (blockIdx.x == 0) countTotals(p, totals, err);
+  // The last block counts and sends the totals: it has no token, or no more than the others, when
+  // tokens do not fill the grid evenly (block 0, with a token always, was every call's slowest).
+  const bool countsBlock = blockIdx.x == gridDim.x - 1;
+  if (countsBlock) countTotals(p, totals, err);
   stamp(p, kTraceLoaded);
 
   const bool failed = device::hasError(err);
-  // Block 0 sends every destination our counts first: they are known to every block already.
-  if (blockIdx.x == 0 && !failed) {
+  // The counts block sends every destination our counts before its tokens.
+  if (countsBlock && !failed) {
     const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
     auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
     for (int i = tid; i < R * (L + 1); i += blockDim.x) {

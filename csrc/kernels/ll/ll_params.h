@@ -29,7 +29,7 @@ enum LLTraceStep : int {
   kTraceRecvStart,
   kTraceFlagsSeen,  // every source's counts acquired (its data is awaited per warp)
   kTraceCopied,     // the block's messages copied into the outputs
-  kTraceLoaded,     // block 0: our tokens counted per expert and rank (others: right after acked)
+  kTraceLoaded,     // the last block: our tokens counted per expert and rank (others: after acked)
   kLLTraceSteps = 16,
 };
 
