@@ -9,17 +9,13 @@ expert rank (one bf16 row per token and rank goes back), then over ranks on the 
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
 import torch
-import torch.distributed as dist
 
-from ..config import GroupConfig
-from ..errors import InvalidArgument
 from ..handles import HTDispatchOutput, HTHandle
-from .exchange import Counts, Exchange, PendingRows, as_bytes, pack_rows, unpack_rows
+from .backend import ReferenceBackend
+from .exchange import Counts, PendingRows, as_bytes, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
@@ -56,33 +52,7 @@ class HTCombineInFlight:
     topk: int | None
 
 
-class ReferenceHT:
-    def __init__(
-        self,
-        cfg: GroupConfig,
-        rank: int,
-        group: dist.ProcessGroup | None,
-        device: torch.device | None = None,
-        key: int = 0,
-    ) -> None:
-        self.cfg = cfg
-        self.rank = rank
-        self.group = group
-        self.exchange = Exchange(
-            rank,
-            cfg.world_size,
-            group,
-            device or torch.device("cpu"),
-            cfg.timeout_s,
-            key,
-            zlib.crc32(repr(cfg).encode()),
-        )
-
-    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
-        """Take part in ``op`` with no rows and ``problem``'s reason, then raise ``problem``: the
-        peers raise CommError naming this rank for the same call."""
-        self.exchange.reject(op, problem)
-
+class ReferenceHT(ReferenceBackend):
     def dispatch_send(
         self,
         x: torch.Tensor,

@@ -8,18 +8,14 @@ sends one bf16 row back per (token, rank), and the owner sums those in rank orde
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
 import torch
-import torch.distributed as dist
 
 from .. import fp8
-from ..config import GroupConfig
-from ..errors import InvalidArgument
 from ..handles import LLDispatchOutput, LLHandle
-from .exchange import Counts, Exchange, PendingRows, pack_rows, unpack_rows
+from .backend import ReferenceBackend
+from .exchange import Counts, PendingRows, pack_rows, unpack_rows
 from .routing import (
     destination_mask,
     local_choices,
@@ -59,33 +55,7 @@ def _pad_columns(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-class ReferenceLL:
-    def __init__(
-        self,
-        cfg: GroupConfig,
-        rank: int,
-        group: dist.ProcessGroup | None,
-        device: torch.device | None = None,
-        key: int = 0,
-    ) -> None:
-        self.cfg = cfg
-        self.rank = rank
-        self.group = group
-        self.exchange = Exchange(
-            rank,
-            cfg.world_size,
-            group,
-            device or torch.device("cpu"),
-            cfg.timeout_s,
-            key,
-            zlib.crc32(repr(cfg).encode()),
-        )
-
-    def reject(self, op: str, problem: InvalidArgument, **_call: Any) -> NoReturn:
-        """Take part in ``op`` with no rows and ``problem``'s reason, then raise ``problem``: the
-        peers raise CommError naming this rank for the same call."""
-        self.exchange.reject(op, problem)
-
+class ReferenceLL(ReferenceBackend):
     def dispatch_send(
         self,
         x: torch.Tensor,
