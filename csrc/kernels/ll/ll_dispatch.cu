@@ -70,10 +70,9 @@ __device__ __forceinline__ Totals carveTotals(char* smem, int numExperts) {
 // Division by the local expert count without a division instruction sequence per call:
 // __umulhi(e, ceil(2^32 / L)) is e / L exactly while e * L < 2^32 (experts and L are below 2^12).
 struct ExpertRank {
-  uint32_t L;
   uint32_t magic;  // 0 for L = 1
   __device__ __forceinline__ explicit ExpertRank(int numLocalExperts)
-      : L(uint32_t(numLocalExperts)), magic(numLocalExperts > 1 ? 0xffffffffu / uint32_t(numLocalExperts) + 1 : 0) {}
+      : magic(numLocalExperts > 1 ? 0xffffffffu / uint32_t(numLocalExperts) + 1 : 0) {}
   __device__ __forceinline__ int of(int expert) const {
     return magic ? int(__umulhi(uint32_t(expert), magic)) : expert;
   }
