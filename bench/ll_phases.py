@@ -124,9 +124,10 @@ def trace(tokens: int, use_fp8: bool) -> str:
         for a in range(ARRIVED):
             delta = (t[senders, a + 1] - t[senders, a]) / 1e3
             parts.append(f"{STEPS[a]}->{STEPS[a + 1]} {delta.median():.1f}")
-        loading = (t[senders, LOADED] - t[senders, ACKED]) / 1e3
-        parts.append(f"(acked->loaded {loading.median():.1f})")
         parts.append(f"slowest sender arrived at {rel(ARRIVED, senders).max():.1f}")
+    # Only the last block counts the totals; in the others the loaded step follows acked at once.
+    counted = (t[blocks - 1, LOADED] - t[blocks - 1, ACKED]) / 1e3
+    parts.append(f"counts block acked->loaded {counted:.1f}")
     if last.numel():
         parts.append(f"arrival counted at {rel(SIGNALED, last)[0]:.1f}")
     parts.append(f"flags seen (median block) at {rel(FLAGS_SEEN, everyone).median():.1f}")
