@@ -144,7 +144,8 @@ __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
   const int tid = threadIdx.x, lane = tid & 31, K = p.topk;
   const ExpertRank rankOf(p.c.layout.numLocalExperts);
   if (tid < b) {
-    // The first earlier token this thread scans: its ids towards L1 while the block's own load.
+    // The first earlier token this thread scans: its ids on their way to L1 while the block's token's
+    // ids load.
     const char* ids = static_cast<const char*>(p.topkIdx) + (int64_t(tid) * K << (p.topkIdx64 ? 3 : 2));
     const int bytes = K << (p.topkIdx64 ? 3 : 2);
     asm volatile("prefetch.global.L1 [%0];" ::"l"(ids));
