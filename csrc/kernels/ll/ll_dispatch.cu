@@ -142,6 +142,14 @@ __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, con
 __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
   const int tid = threadIdx.x, lane = tid & 31, K = p.topk;
   const ExpertRank rankOf(p.c.layout.numLocalExperts);
+  if (tid < b) {
+    // The first earlier token this thread scans: its ids on their way to L1 while the block's token's
+    // ids load.
+    const char* ids = static_cast<const char*>(p.topkIdx) + (int64_t(tid) * K << (p.topkIdx64 ? 3 : 2));
+    const int bytes = K << (p.topkIdx64 ? 3 : 2);
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(ids));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(ids + bytes - 1));
+  }
   __syncthreads();  // the previous token's ranks are no longer read
   if (tid < K) {
     const int e = checkedChoice(p, b, tid, false, {});
@@ -416,28 +424,65 @@ __device__ __forceinline__ RecvShared carveRecv(char* smem, int nRanks) {
   return s;
 }
 
-// Copies one message's part into the rows of its local experts (a warp; lane k holds choice k).
-__device__ __forceinline__ void copyPart(const int4* src, int chunkBegin, int chunkEnd, char* out, size_t rowBytes,
-                                         int row, int KM, int lane) {
-  int rows[kLLMaxTopk];
+constexpr int kCopyUnroll = 4;  // 16-byte chunks in flight per lane
+
+// A message's rows are held one per lane: lane k < KM has choice k's row (-1: not here). The
+// copies loop over them with a shuffle each (a runtime loop: an unrolled one per maximum top-k
+// made the kernel's code too large to run from cache).
+
+// Stores one batch of 16-byte chunks (starting at chunk i0 + lane, 32 apart) into every row.
+__device__ __forceinline__ void storeChunks(const int4 (&v)[kCopyUnroll], int i0, int end, char* out, size_t rowBytes,
+                                            int laneRow, int KM) {
+  for (int k = 0; k < KM; ++k) {
+    const int row = __shfl_sync(kFullMask, laneRow, k);
+    if (row < 0) continue;
+    int4* dst = reinterpret_cast<int4*>(out + int64_t(row) * rowBytes);
 #pragma unroll
-  for (int k = 0; k < kLLMaxTopk; ++k) rows[k] = __shfl_sync(kFullMask, row, k);
-  constexpr int kUnroll = 4;
-  for (int i = chunkBegin + lane; i < chunkEnd; i += 32 * kUnroll) {
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (i + u * 32 < chunkEnd) v[u] = loadCg(src + i + u * 32);
-#pragma unroll
-    for (int k = 0; k < kLLMaxTopk; ++k) {
-      if (k >= KM || rows[k] < 0) continue;
-      int4* dst = reinterpret_cast<int4*>(out + int64_t(rows[k]) * rowBytes);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * 32 < chunkEnd) dst[i + u * 32] = v[u];
-    }
+    for (int u = 0; u < kCopyUnroll; ++u)
+      if (i0 + u * 32 < end) dst[i0 + u * 32] = v[u];
   }
 }
+
+__device__ __forceinline__ void loadChunks(const int4* src, int i0, int end, int4 (&v)[kCopyUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u)
+    if (i0 + u * 32 < end) v[u] = loadCg(src + i0 + u * 32);
+}
+
+// A message's scales into every row's scales: 4-byte words where sizes and the output allow,
+// else bytes. The first two words per lane are loaded by the caller with the rest of the
+// message (`first`), so that no load waits behind a store.
+struct ScaleCopy {
+  int words;  // 4-byte words per row, 0 when copied as bytes
+  int bytes;
+  __device__ __forceinline__ ScaleCopy(int scaleBytes, const void* outScales)
+      : words(scaleBytes % 4 == 0 && reinterpret_cast<uintptr_t>(outScales) % 4 == 0 ? scaleBytes / 4 : 0),
+        bytes(scaleBytes) {}
+
+  __device__ __forceinline__ void load(const char* src, int lane, uint32_t (&first)[2]) const {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
+    first[0] = lane < words ? __ldcg(w + lane) : 0u;
+    first[1] = lane + 32 < words ? __ldcg(w + lane + 32) : 0u;
+  }
+
+  __device__ __forceinline__ void store(const char* src, const uint32_t (&first)[2], char* out, int laneRow, int KM,
+                                        int lane) const {
+    for (int k = 0; k < KM; ++k) {
+      const int row = __shfl_sync(kFullMask, laneRow, k);
+      if (row < 0) continue;
+      char* dst = out + int64_t(row) * bytes;
+      if (words) {
+        uint32_t* w = reinterpret_cast<uint32_t*>(dst);
+        if (lane < words) w[lane] = first[0];
+        if (lane + 32 < words) w[lane + 32] = first[1];
+        for (int i = lane + 64; i < words; i += 32) w[i] = __ldcg(reinterpret_cast<const uint32_t*>(src) + i);
+      } else {
+        for (int i = lane; i < bytes; i += 32)
+          reinterpret_cast<uint8_t*>(dst)[i] = __ldcg(reinterpret_cast<const uint8_t*>(src) + i);
+      }
+    }
+  }
+};
 
 template <class Net>
 __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags) {
@@ -502,6 +547,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   int parts = total > 0 ? warps / total : 1;
   parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
   const int perPart = (chunks + parts - 1) / parts;
+  const ScaleCopy scaleCopy(scaleBytes, p.recvScales);
   const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
   int landed = -1;  // the source whose messages this warp last saw land
   for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
@@ -519,34 +565,36 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
       landed = r;
     }
     const char* msg = slots + (size_t(r) * T + j) * l.dispatchMsgBytes;
-    int row = -1;
+    const int4* payload = reinterpret_cast<const int4*>(msg + l.headerBytes);
+    const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
+    // Every load of the item's first batch (payload, scales, header) is issued before any store.
+    int4 v[kCopyUnroll];
+    loadChunks(payload, begin + lane, end, v);
+    const bool scalesHere = scaleBytes && part == parts - 1;
+    const char* scaleSrc = msg + l.headerBytes + rowBytes;
+    uint32_t scaleWords[2] = {0u, 0u};
+    if (scalesHere) scaleCopy.load(scaleSrc, lane, scaleWords);
+    int e = -1, pos = 0;
+    float w = 0.0f;
     if (lane < KM) {
       const int32_t* header = reinterpret_cast<const int32_t*>(msg);
-      const int e = __ldcg(header + 1 + 3 * lane);
-      const int pos = __ldcg(header + 2 + 3 * lane);
-      const float w = __int_as_float(__ldcg(header + 3 + 3 * lane));
-      row = e >= 0 ? e * rowsPerExpert + s.offset[e * R + r] + pos : -1;
-      if (part == 0) {
-        const int64_t at = (int64_t(r) * T + j) * KM + lane;
-        p.recvRows[at] = row;
-        p.recvWeights[at] = e >= 0 ? w : 0.0f;
-      }
+      e = __ldcg(header + 1 + 3 * lane);
+      pos = __ldcg(header + 2 + 3 * lane);
+      w = __int_as_float(__ldcg(header + 3 + 3 * lane));
     }
-    const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
-    copyPart(reinterpret_cast<const int4*>(msg + l.headerBytes), begin, end, static_cast<char*>(p.recvX), rowBytes,
-             row, KM, lane);
-    if (scaleBytes && part == parts - 1) {
-      const uint8_t* scales = reinterpret_cast<const uint8_t*>(msg + l.headerBytes + rowBytes);
-      int rows[kLLMaxTopk];
-#pragma unroll
-      for (int k = 0; k < kLLMaxTopk; ++k) rows[k] = __shfl_sync(kFullMask, row, k);
-      for (int i = lane; i < scaleBytes; i += 32) {
-        const uint8_t v = __ldcg(scales + i);
-#pragma unroll
-        for (int k = 0; k < kLLMaxTopk; ++k)
-          if (k < KM && rows[k] >= 0) static_cast<uint8_t*>(p.recvScales)[int64_t(rows[k]) * scaleBytes + i] = v;
-      }
+    const int row = e >= 0 ? e * rowsPerExpert + s.offset[e * R + r] + pos : -1;
+    if (lane < KM && part == 0) {
+      const int64_t at = (int64_t(r) * T + j) * KM + lane;
+      p.recvRows[at] = row;
+      p.recvWeights[at] = e >= 0 ? w : 0.0f;
     }
+    char* out = static_cast<char*>(p.recvX);
+    storeChunks(v, begin + lane, end, out, rowBytes, row, KM);
+    for (int i0 = begin + lane + 32 * kCopyUnroll; i0 - lane < end; i0 += 32 * kCopyUnroll) {
+      loadChunks(payload, i0, end, v);
+      storeChunks(v, i0, end, out, rowBytes, row, KM);
+    }
+    if (scalesHere) scaleCopy.store(scaleSrc, scaleWords, static_cast<char*>(p.recvScales), row, KM, lane);
   }
 
   // Handle entries of unused slots.
