@@ -7,7 +7,9 @@
 //   countFlags  uint64 [2 parities][R sources]: (epoch << 32) | tokens the source sends us
 //   counts      int32  [2][R sources][L local experts]: the source's tokens per local expert
 //   tileCounts  int32  [maxTiles][R + E]   local scratch: per 32-token tile, tokens per destination
-//               rank and per expert, turned into exclusive prefixes over tiles by the layout step
+//               rank and per expert, turned into exclusive prefixes over its group's tiles
+//   groupCounts int32  [maxGroups][R + E]  local scratch: the same per group of kHTTileGroup tiles,
+//               turned into exclusive prefixes over groups (a tile's offset is the sum of both)
 //   expertPos   int32  [T][maxTopk]        local scratch: row of (token, choice) among our tokens
 //               for that expert
 //   rowCount    int32  [R * T]             local scratch (combine): rows holding each slot
@@ -58,6 +60,7 @@
 namespace ncclep {
 
 constexpr int kHTTile = 32;  // tokens per layout tile (one warp, one token per lane)
+constexpr int kHTTileGroup = 16;  // consecutive tiles one count block counts and scans together
 
 // Signal kinds of the hierarchical path: signal (kind, peer) is a counter in our window that
 // `peer` adds to (GIN signal index kind * R + peer).
@@ -84,6 +87,7 @@ struct HTLayout {
   size_t countFlags;
   size_t counts;
   size_t tileCounts;
+  size_t groupCounts;
   size_t expertPos;
   size_t rowCount;
   size_t rowsOf;
@@ -149,6 +153,7 @@ inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts,
   take(&l.countFlags, 2 * R, 8);
   take(&l.counts, 2 * R * size_t(l.numLocalExperts), 4);
   take(&l.tileCounts, size_t(l.maxTiles) * (R + size_t(numExperts)), 4);
+  take(&l.groupCounts, size_t((l.maxTiles + kHTTileGroup - 1) / kHTTileGroup) * (R + size_t(numExperts)), 4);
   take(&l.expertPos, T * K, 4);
   take(&l.rowCount, R * T, 4);
   take(&l.rowsOf, R * T * K, 4);
