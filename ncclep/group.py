@@ -180,7 +180,8 @@ class Group:
         # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
         # graph) from handing a graph traced for one configuration to a group with another.
         self.id = (zlib.crc32(repr(self.config).encode()) << 20) | (next(_ids) & 0xFFFFF)
-        registry.add(self.id, registry.Entry(self, self.config, self._backend))
+        self._checks = validate.Checks(self.config, self.device)
+        registry.add(self.id, registry.Entry(self, self.config, self._backend, self._checks))
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -439,7 +440,7 @@ class Group:
         try:
             self._check_mode("ll")
             validate.check_flags(use_fp8=use_fp8, ue8m0=ue8m0, send_only=send_only)
-            validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
+            self._checks.ll_dispatch(x, topk_idx, topk_weights)
             if ue8m0 and not use_fp8:
                 raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
         except InvalidArgument as problem:
@@ -481,11 +482,10 @@ class Group:
         try:
             self._check_mode("ll")
             validate.check_flags(send_only=send_only)
-            validate.validate_ll_handle(self.config, self.device, handle, self.id)
-            validate.validate_ll_combine(self.config, self.device, expert_out)
+            self._checks.ll_handle(handle, self.id)
+            hidden = self._checks.ll_combine(expert_out)
             if out is not None:
-                tokens = handle.send_slots.shape[0]
-                validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+                self._checks.out("out", out, (handle.send_slots.shape[0], hidden))
         except InvalidArgument as problem:
             self._reject("ll_combine", problem)
         if send_only:
@@ -544,9 +544,7 @@ class Group:
         try:
             self._check_mode("ht")
             validate.check_flags(send_only=send_only)
-            validate.validate_ht_dispatch(
-                self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
-            )
+            self._checks.ht_dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment)
         except InvalidArgument as problem:
             self._reject("ht_dispatch", problem)
         if send_only:
@@ -585,9 +583,9 @@ class Group:
         try:
             self._check_mode("ht")
             validate.check_flags(send_only=send_only)
-            validate.validate_ht_handle(self.config, self.device, handle, self.id)
+            self._checks.ht_handle(handle, self.id)
             rows, topk = handle.recv_topk_idx.shape
-            validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+            self._checks.ht_combine(x, rows, topk_weights, topk)
         except InvalidArgument as problem:
             self._reject("ht_combine", problem)
         if send_only:
