@@ -390,7 +390,8 @@ class Group:
 
     def _stamp(self, out: T) -> T:
         """The output with its handle marked as this group's (a combine elsewhere refuses it)."""
-        return out._replace(handle=out.handle.of_group(self.id))  # type: ignore[attr-defined]
+        *fields, handle = out  # type: ignore[misc]  # the handle is the last field of every output
+        return type(out)(*fields, handle.of_group(self.id))
 
     # ----------------------------------------------------------------------------- LL
 
