@@ -378,10 +378,6 @@ class Group:
         if self.closed:
             raise NcclepError(f"group {self.id} is closed")
 
-    def _check_mode(self, mode: str) -> None:
-        if self.config.mode != mode:
-            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
-
     def _reject(self, op: str, problem: InvalidArgument) -> NoReturn:
         """``op``'s host-side checks failed here: this rank still takes part in the op (the
         backend's ``reject``: no rows, the reason in their place), so that every peer hears of it
@@ -439,11 +435,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ll")
-            validate.check_flags(use_fp8=use_fp8, ue8m0=ue8m0, send_only=send_only)
-            self._checks.ll_dispatch(x, topk_idx, topk_weights)
-            if ue8m0 and not use_fp8:
-                raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+            self._checks.ll_dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, send_only)
         except InvalidArgument as problem:
             self._reject("ll_dispatch", problem)
         if send_only:
@@ -481,12 +473,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ll")
-            validate.check_flags(send_only=send_only)
-            self._checks.ll_handle(handle, self.id)
-            hidden = self._checks.ll_combine(expert_out)
-            if out is not None:
-                self._checks.out("out", out, (handle.send_slots.shape[0], hidden))
+            self._checks.ll_combine(expert_out, handle, out, send_only, self.id)
         except InvalidArgument as problem:
             self._reject("ll_combine", problem)
         if send_only:
@@ -543,9 +530,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ht")
-            validate.check_flags(send_only=send_only)
-            self._checks.ht_dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment)
+            self._checks.ht_dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment, send_only)
         except InvalidArgument as problem:
             self._reject("ht_dispatch", problem)
         if send_only:
@@ -582,11 +567,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ht")
-            validate.check_flags(send_only=send_only)
-            self._checks.ht_handle(handle, self.id)
-            rows, topk = handle.recv_topk_idx.shape
-            self._checks.ht_combine(x, rows, topk_weights, topk)
+            self._checks.ht_combine(x, handle, topk_weights, send_only, self.id)
         except InvalidArgument as problem:
             self._reject("ht_combine", problem)
         if send_only:

@@ -219,7 +219,6 @@ def ht_dispatch_cached(
     entry = registry.lookup(group)
     handle = HTHandle(send_pos, recv_slot, recv_counts, recv_slot.new_empty((0, 0)))
     try:
-        entry.checks.ht_handle(handle, with_topk=False)
         entry.checks.ht_dispatch_cached(x, handle)
     except InvalidArgument as problem:  # the peers hear of it (see Group)
         entry.backend.reject("ht_dispatch_cached", problem)

@@ -40,11 +40,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def check_flags(**flags: object) -> None:
-    """Each of ``flags`` is a bool."""
-    for name, value in flags.items():
-        if value is not True and value is not False:
-            raise InvalidArgument(f"{name} must be a bool, got {value!r}", reason="type")
+def check_flag(name: str, value: object) -> None:
+    if value is not True and value is not False:
+        raise InvalidArgument(f"{name} must be a bool, got {value!r}", reason="type")
 
 
 def check_expert_ids(cfg: GroupConfig, topk_idx: torch.Tensor) -> None:
@@ -110,6 +108,10 @@ class Checks:
         self.per_rank = (ranks,)  # shape of recv_slot_counts and recv_counts
         self.per_slot = (ranks, cfg.max_tokens_per_rank, cfg.max_topk)  # of recv_rows and recv_weights
 
+    def _mode(self, mode: str) -> None:
+        if self.cfg.mode != mode:
+            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
+
     def tensor(self, name: str, t: object, dtypes: Dtypes, ndim: int) -> torch.Size:
         """``t`` is a contiguous tensor of one of ``dtypes`` with ``ndim`` dimensions on the
         group's device. Returns its shape."""
@@ -125,10 +127,6 @@ class Checks:
         if not t.is_contiguous():
             raise InvalidArgument(f"{name} must be contiguous", reason="layout")
         return shape
-
-    def out(self, name: str, out: object, shape: Sequence[int]) -> None:
-        """``out``, a bfloat16 output buffer of ``shape``."""
-        _check_shape(name, self.tensor(name, out, BF16, len(shape)), shape)
 
     # ----------------------------------------------------------------------------- inputs
 
@@ -160,7 +158,21 @@ class Checks:
         if topk_weights is not None:
             _check_shape("topk_weights", self.tensor("topk_weights", topk_weights, FP32, 2), shape)
 
-    def ll_dispatch(self, x: object, topk_idx: object, topk_weights: object) -> None:
+    # ----------------------------------------------------------------------------- ops
+
+    def ll_dispatch(
+        self,
+        x: object,
+        topk_idx: object,
+        topk_weights: object,
+        use_fp8: object,
+        ue8m0: object,
+        send_only: object,
+    ) -> None:
+        self._mode("ll")
+        check_flag("use_fp8", use_fp8)
+        check_flag("ue8m0", ue8m0)
+        check_flag("send_only", send_only)
         tokens, hidden = self._tokens(self.tensor("x", x, BF16, 2))
         if hidden % BLOCK:
             raise InvalidArgument(
@@ -171,9 +183,15 @@ class Checks:
                 "topk_weights must be a torch.Tensor [B, K] float32 for LL dispatch, got None", reason="type"
             )
         self._routing(tokens, topk_idx, topk_weights)
+        if ue8m0 and not use_fp8:
+            raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
 
-    def ll_combine(self, expert_out: object) -> int:
-        """Returns the hidden size of ``expert_out``."""
+    def ll_combine(
+        self, expert_out: object, handle: LLHandle, out: object, send_only: object, group_id: int
+    ) -> None:
+        self._mode("ll")
+        check_flag("send_only", send_only)
+        self._ll_handle(handle, group_id)
         cfg = self.cfg
         shape = self.tensor("expert_out", expert_out, BF16, 3)
         experts, rows, hidden = shape
@@ -188,7 +206,9 @@ class Checks:
                 f"expert_out hidden must be a multiple of {BLOCK} up to {cfg.hidden}, got {hidden}",
                 reason="hidden",
             )
-        return hidden
+        if out is not None:
+            expected = (handle.send_slots.shape[0], hidden)
+            _check_shape("out", self.tensor("out", out, BF16, 2), expected)
 
     def ht_dispatch(
         self,
@@ -198,7 +218,10 @@ class Checks:
         topk_weights: object,
         layout: object,
         alignment: object,
+        send_only: object,
     ) -> None:
+        self._mode("ht")
+        check_flag("send_only", send_only)
         tokens, hidden = self._tokens(self.tensor("x", x, HT_X_DTYPES, 2))
         if x.dtype == FP8_DTYPE:
             if hidden % BLOCK:
@@ -222,8 +245,12 @@ class Checks:
         if layout == "flat" and alignment != 1:
             raise InvalidArgument("alignment applies to the expert_major layout only", reason="option")
 
-    def ht_combine(self, x: object, rows: int, topk_weights: object, topk: int) -> None:
-        """``x`` and ``topk_weights`` of a combine of a dispatch of ``rows`` rows and top-k ``topk``."""
+    def ht_combine(
+        self, x: object, handle: HTHandle, topk_weights: object, send_only: object, group_id: int
+    ) -> None:
+        self._mode("ht")
+        check_flag("send_only", send_only)
+        rows, topk = self._ht_handle(handle, group_id)
         cfg = self.cfg
         got_rows, hidden = self.tensor("x", x, BF16, 2)
         if hidden % HT_HIDDEN_MULTIPLE:
@@ -240,7 +267,9 @@ class Checks:
             _check_shape("topk_weights", self.tensor("topk_weights", topk_weights, FP32, 2), (rows, topk))
 
     def ht_dispatch_cached(self, x: object, handle: HTHandle) -> None:
-        """The input of the cached (backward) dispatch: one row per token of the handle's dispatch."""
+        """The cached (backward) dispatch: ``handle`` an HTHandle of this group's sizes (any group's:
+        the op has no group to compare), ``x`` one row per token of the handle's dispatch."""
+        self._ht_handle_routing(handle, None)
         if not isinstance(x, torch.Tensor):
             raise InvalidArgument(f"x must be a torch.Tensor, got {type(x).__name__}", reason="type")
         shape = self.tensor("x", x, (x.dtype,), max(x.dim(), 1))
@@ -266,7 +295,7 @@ class Checks:
         if got != shape:
             raise _wrong_handle_shape(field, got, shape)
 
-    def ll_handle(self, handle: object, group_id: int | None = None) -> None:
+    def _ll_handle(self, handle: object, group_id: int) -> None:
         """The handle of an LL combine: an LLHandle of this group's sizes (shapes only, no device sync)."""
         if not isinstance(handle, LLHandle):
             raise InvalidArgument(
@@ -288,9 +317,24 @@ class Checks:
         self._handle_tensor_of_shape(RECV_WEIGHTS, handle.recv_weights, FP32, self.per_slot)
         self._handle_tensor_of_shape(RECV_SLOT_COUNTS, handle.recv_slot_counts, INT32, self.per_rank)
 
-    def ht_handle(self, handle: object, group_id: int | None = None, with_topk: bool = True) -> None:
-        """The handle of an HT combine or cached dispatch: an HTHandle of this group's sizes
-        (``with_topk=False``: the cached dispatch, which does not read ``recv_topk_idx``)."""
+    def _ht_handle(self, handle: HTHandle, group_id: int) -> tuple[int, int]:
+        """The handle of an HT combine: an HTHandle of this group's sizes. Returns (rows, top-k) of
+        its dispatch's output."""
+        rows = self._ht_handle_routing(handle, group_id)
+        idx = self._handle_tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INT32, 2)
+        if idx[0] != rows:
+            raise _wrong_handle_shape(RECV_TOPK_IDX, idx, (rows, None))
+        if not 1 <= idx[1] <= self.cfg.max_topk:
+            raise InvalidArgument(
+                f"HT handle's recv_topk_idx has top-k {idx[1]}; this group takes 1 to {self.cfg.max_topk} "
+                "(is it a handle of another group?)",
+                reason="handle",
+            )
+        return rows, idx[1]
+
+    def _ht_handle_routing(self, handle: object, group_id: int | None) -> int:
+        """An HTHandle of this group's sizes but for ``recv_topk_idx`` (which the cached dispatch
+        does not read). Returns the rows of its dispatch's output."""
         if not isinstance(handle, HTHandle):
             raise InvalidArgument(
                 f"handle must be the HTHandle of this group's ht_dispatch, got {type(handle).__name__}",
@@ -309,14 +353,4 @@ class Checks:
             )
         rows = self._handle_tensor(RECV_SLOT, handle.recv_slot, INT32, 1)[0]
         self._handle_tensor_of_shape(RECV_COUNTS, handle.recv_counts, INT32, self.per_rank)
-        if not with_topk:
-            return
-        idx = self._handle_tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INT32, 2)
-        if idx[0] != rows:
-            raise _wrong_handle_shape(RECV_TOPK_IDX, idx, (rows, None))
-        if not 1 <= idx[1] <= cfg.max_topk:
-            raise InvalidArgument(
-                f"HT handle's recv_topk_idx has top-k {idx[1]}; this group takes 1 to {cfg.max_topk} "
-                "(is it a handle of another group?)",
-                reason="handle",
-            )
+        return rows
