@@ -87,6 +87,13 @@ RECV_COUNTS = "HT handle's recv_counts"
 RECV_TOPK_IDX = "HT handle's recv_topk_idx"
 
 
+def _problem(message: str, reason: str, of_handle: bool) -> InvalidArgument:
+    """A tensor check's failure; a handle's field fails with reason "handle" and a hint."""
+    if of_handle:
+        return InvalidArgument(f"{message} (is it a handle of this group's dispatch?)", reason="handle")
+    return InvalidArgument(message, reason=reason)
+
+
 def _wrong_handle_shape(field: str, shape: torch.Size, pattern: Pattern) -> InvalidArgument:
     wanted = tuple("*" if w is None else w for w in pattern)
     return InvalidArgument(
@@ -112,20 +119,20 @@ class Checks:
         if self.cfg.mode != mode:
             raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
 
-    def tensor(self, name: str, t: object, dtypes: Dtypes, ndim: int) -> torch.Size:
+    def tensor(self, name: str, t: object, dtypes: Dtypes, ndim: int, of_handle: bool = False) -> torch.Size:
         """``t`` is a contiguous tensor of one of ``dtypes`` with ``ndim`` dimensions on the
-        group's device. Returns its shape."""
+        group's device. Returns its shape. ``of_handle``: ``t`` is a handle's field."""
         if not isinstance(t, torch.Tensor):
-            raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__name__}", reason="type")
+            raise _problem(f"{name} must be a torch.Tensor, got {type(t).__name__}", "type", of_handle)
         if t.dtype not in dtypes:
-            raise InvalidArgument(f"{name} must have dtype {_names(dtypes)}, got {t.dtype}", reason="dtype")
+            raise _problem(f"{name} must have dtype {_names(dtypes)}, got {t.dtype}", "dtype", of_handle)
         shape = t.shape
         if len(shape) != ndim:
-            raise InvalidArgument(f"{name} must be {ndim}-D, got shape {tuple(shape)}", reason="shape")
+            raise _problem(f"{name} must be {ndim}-D, got shape {tuple(shape)}", "shape", of_handle)
         if t.get_device() != self.device_index and not _same_device(t.device, self.device):
-            raise InvalidArgument(f"{name} must be on {self.device}, got {t.device}", reason="device")
+            raise _problem(f"{name} must be on {self.device}, got {t.device}", "device", of_handle)
         if not t.is_contiguous():
-            raise InvalidArgument(f"{name} must be contiguous", reason="layout")
+            raise _problem(f"{name} must be contiguous", "layout", of_handle)
         return shape
 
     # ----------------------------------------------------------------------------- inputs
@@ -281,17 +288,8 @@ class Checks:
 
     # ----------------------------------------------------------------------------- handles
 
-    def _handle_tensor(self, field: str, t: object, dtypes: Dtypes, ndim: int) -> torch.Size:
-        """A handle's ``field``: a contiguous tensor of ``dtypes`` with ``ndim`` dimensions on the
-        group's device. Returns its shape."""
-        try:
-            return self.tensor(field, t, dtypes, ndim)
-        except InvalidArgument as exc:
-            problem = f"{exc} (is it a handle of this group's dispatch?)"
-            raise InvalidArgument(problem, reason="handle") from None
-
     def _handle_tensor_of_shape(self, field: str, t: object, dtypes: Dtypes, shape: tuple[int, ...]) -> None:
-        got = self._handle_tensor(field, t, dtypes, len(shape))
+        got = self.tensor(field, t, dtypes, len(shape), of_handle=True)
         if got != shape:
             raise _wrong_handle_shape(field, got, shape)
 
@@ -304,7 +302,7 @@ class Checks:
             )
         _check_handle_group("LL", handle, group_id)
         ranks, slots = self.cfg.world_size, self.cfg.max_tokens_per_rank
-        send = self._handle_tensor(SEND_SLOTS, handle.send_slots, INT32, 2)
+        send = self.tensor(SEND_SLOTS, handle.send_slots, INT32, 2, of_handle=True)
         if send[1] != ranks:
             raise _wrong_handle_shape(SEND_SLOTS, send, (None, ranks))
         if send[0] > slots:
@@ -321,7 +319,7 @@ class Checks:
         """The handle of an HT combine: an HTHandle of this group's sizes. Returns (rows, top-k) of
         its dispatch's output."""
         rows = self._ht_handle_routing(handle, group_id)
-        idx = self._handle_tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INT32, 2)
+        idx = self.tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INT32, 2, of_handle=True)
         if idx[0] != rows:
             raise _wrong_handle_shape(RECV_TOPK_IDX, idx, (rows, None))
         if not 1 <= idx[1] <= self.cfg.max_topk:
@@ -342,7 +340,7 @@ class Checks:
             )
         _check_handle_group("HT", handle, group_id)
         cfg = self.cfg
-        send = self._handle_tensor(SEND_POS, handle.send_pos, INT32, 2)
+        send = self.tensor(SEND_POS, handle.send_pos, INT32, 2, of_handle=True)
         if send[1] != cfg.world_size:
             raise _wrong_handle_shape(SEND_POS, send, (None, cfg.world_size))
         if send[0] > cfg.max_tokens_per_rank:
@@ -351,6 +349,6 @@ class Checks:
                 f"max_tokens_per_rank ({cfg.max_tokens_per_rank}) (is it a handle of another group?)",
                 reason="handle",
             )
-        rows = self._handle_tensor(RECV_SLOT, handle.recv_slot, INT32, 1)[0]
+        rows = self.tensor(RECV_SLOT, handle.recv_slot, INT32, 1, of_handle=True)[0]
         self._handle_tensor_of_shape(RECV_COUNTS, handle.recv_counts, INT32, self.per_rank)
         return rows
