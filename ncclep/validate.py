@@ -64,8 +64,8 @@ def check_expert_ids(cfg: GroupConfig, topk_idx: torch.Tensor) -> None:
         raise InvalidArgument(f"topk_idx row {row} names the same expert twice", reason="duplicate_expert")
 
 
-def _check_shape(name: str, shape: torch.Size, expected: Sequence[int]) -> None:
-    if tuple(shape) != tuple(expected):
+def _check_shape(name: str, shape: torch.Size, expected: tuple[int, ...]) -> None:
+    if shape != expected:  # torch.Size compares as a tuple
         raise InvalidArgument(f"{name} must have shape {tuple(expected)}, got {tuple(shape)}", reason="shape")
 
 
@@ -77,6 +77,7 @@ def _check_handle_group(kind: str, handle: LLHandle | HTHandle, group_id: int | 
         )
 
 
+# a handle's fields as the messages name them
 SEND_SLOTS = "LL handle's send_slots"
 RECV_ROWS = "LL handle's recv_rows"
 RECV_WEIGHTS = "LL handle's recv_weights"
