@@ -144,7 +144,7 @@ class CudaHT:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = x.shape[1]
         topk = handle.recv_topk_idx.shape[1]
-        # hidden % 8 and the weights' shape are checked before (validate.validate_ht_combine)
+        # hidden % 8 and the weights' shape are checked before (validate.Checks.ht_combine)
         key = (hidden, topk, topk_weights is not None)
         plan = self._combine_plans.get(key)
         if plan is None:

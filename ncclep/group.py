@@ -180,7 +180,8 @@ class Group:
         # it; folding the sizes into the id keeps torch.compile's on-disk caches (keyed on the
         # graph) from handing a graph traced for one configuration to a group with another.
         self.id = (zlib.crc32(repr(self.config).encode()) << 20) | (next(_ids) & 0xFFFFF)
-        registry.add(self.id, registry.Entry(self, self.config, self._backend))
+        self._checks = validate.Checks(self.config, self.device)
+        registry.add(self.id, registry.Entry(self, self.config, self._backend, self._checks))
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -377,10 +378,6 @@ class Group:
         if self.closed:
             raise NcclepError(f"group {self.id} is closed")
 
-    def _check_mode(self, mode: str) -> None:
-        if self.config.mode != mode:
-            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
-
     def _reject(self, op: str, problem: InvalidArgument) -> NoReturn:
         """``op``'s host-side checks failed here: this rank still takes part in the op (the
         backend's ``reject``: no rows, the reason in their place), so that every peer hears of it
@@ -389,7 +386,8 @@ class Group:
 
     def _stamp(self, out: T) -> T:
         """The output with its handle marked as this group's (a combine elsewhere refuses it)."""
-        return out._replace(handle=out.handle.of_group(self.id))  # type: ignore[attr-defined]
+        *fields, handle = out  # type: ignore[misc]  # the handle is the last field of every output
+        return type(out)(*fields, handle.of_group(self.id))
 
     # ----------------------------------------------------------------------------- LL
 
@@ -437,11 +435,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ll")
-            validate.check_flags(use_fp8=use_fp8, ue8m0=ue8m0, send_only=send_only)
-            validate.validate_ll_dispatch(self.config, self.device, x, topk_idx, topk_weights)
-            if ue8m0 and not use_fp8:
-                raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+            self._checks.ll_dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, send_only)
         except InvalidArgument as problem:
             self._reject("ll_dispatch", problem)
         if send_only:
@@ -479,13 +473,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ll")
-            validate.check_flags(send_only=send_only)
-            validate.validate_ll_handle(self.config, self.device, handle, self.id)
-            validate.validate_ll_combine(self.config, self.device, expert_out)
-            if out is not None:
-                tokens = handle.send_slots.shape[0]
-                validate.validate_out("out", out, (tokens, expert_out.shape[2]), self.device)
+            self._checks.ll_combine(expert_out, handle, out, send_only, self.id)
         except InvalidArgument as problem:
             self._reject("ll_combine", problem)
         if send_only:
@@ -542,11 +530,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ht")
-            validate.check_flags(send_only=send_only)
-            validate.validate_ht_dispatch(
-                self.config, self.device, x, x_scales, topk_idx, topk_weights, layout, alignment
-            )
+            self._checks.ht_dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment, send_only)
         except InvalidArgument as problem:
             self._reject("ht_dispatch", problem)
         if send_only:
@@ -583,11 +567,7 @@ class Group:
         """
         self._require_open()
         try:
-            self._check_mode("ht")
-            validate.check_flags(send_only=send_only)
-            validate.validate_ht_handle(self.config, self.device, handle, self.id)
-            rows, topk = handle.recv_topk_idx.shape
-            validate.validate_ht_combine(self.config, self.device, x, rows, topk_weights, topk)
+            self._checks.ht_combine(x, handle, topk_weights, send_only, self.id)
         except InvalidArgument as problem:
             self._reject("ht_combine", problem)
         if send_only:

@@ -7,7 +7,7 @@ handles can cross ``torch.compile`` graphs and CUDA graphs. Both backends fill t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -36,7 +36,14 @@ class LLHandle:
         return (self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts)
 
     def of_group(self, group: int) -> LLHandle:
-        return LLHandle(self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts, group)
+        return _new(
+            LLHandle,
+            send_slots=self.send_slots,
+            recv_rows=self.recv_rows,
+            recv_weights=self.recv_weights,
+            recv_slot_counts=self.recv_slot_counts,
+            group=group,
+        )
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,26 @@ class HTHandle:
         return (self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx)
 
     def of_group(self, group: int) -> HTHandle:
-        return HTHandle(self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx, group)
+        return _new(
+            HTHandle,
+            send_pos=self.send_pos,
+            recv_slot=self.recv_slot,
+            recv_counts=self.recv_counts,
+            recv_topk_idx=self.recv_topk_idx,
+            group=group,
+        )
+
+
+_Handle = TypeVar("_Handle", LLHandle, HTHandle)
+
+
+def _new(cls: type[_Handle], **fields: object) -> _Handle:
+    """``cls(**fields)`` for a handle class, every field given. Every eager dispatch makes one
+    (``of_group``), and the frozen dataclass's ``__init__``, which sets each field through
+    ``object.__setattr__``, costs twice as long as filling the instance's dict."""
+    handle = object.__new__(cls)
+    vars(handle).update(fields)
+    return handle
 
 
 class LLDispatchOutput(NamedTuple):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import outputs, registry, validate
+from . import outputs, registry
 from .errors import InvalidArgument
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
@@ -219,8 +219,7 @@ def ht_dispatch_cached(
     entry = registry.lookup(group)
     handle = HTHandle(send_pos, recv_slot, recv_counts, recv_slot.new_empty((0, 0)))
     try:
-        validate.validate_ht_handle(entry.config, entry.group.device, handle, with_topk=False)
-        validate.validate_ht_dispatch_cached(entry.config, entry.group.device, x, handle)
+        entry.checks.ht_dispatch_cached(x, handle)
     except InvalidArgument as problem:  # the peers hear of it (see Group)
         entry.backend.reject("ht_dispatch_cached", problem)
     return entry.backend.dispatch_cached(x, handle)

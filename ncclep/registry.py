@@ -8,6 +8,7 @@ from typing import Any
 
 from .config import GroupConfig
 from .errors import NcclepError
+from .validate import Checks
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class Entry:
     group: Any  # the ncclep.Group
     config: GroupConfig
     backend: Any  # the group's mode's backend: ReferenceLL, CudaLL, ReferenceHT or CudaHT
+    checks: Checks  # the argument checks of the group's ops
 
 
 _entries: dict[int, Entry] = {}

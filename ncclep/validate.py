@@ -1,4 +1,9 @@
-"""Input checks run before anything is launched. Each failure names the argument and the limit."""
+"""Input checks run before anything is launched. Each failure names the argument and the limit.
+
+A group's checks are a :class:`Checks`, made with the group, which works out once what depends only
+on the group's sizes and device. They run on every eager call, where a microsecond of host time
+counts: each check reads a tensor's attributes once, and messages are only built for a failure.
+"""
 
 from __future__ import annotations
 
@@ -11,35 +16,22 @@ from .errors import InvalidArgument
 from .fp8 import BLOCK, FP8_DTYPE, UE8M0_DTYPE
 from .handles import HTHandle, LLHandle
 
-INDEX_DTYPES = (torch.int64, torch.int32)
+Dtypes = tuple[torch.dtype, ...]
+Pattern = tuple[int | None, ...]  # a shape; None stands for any size
+
+INDEX_DTYPES: Dtypes = (torch.int64, torch.int32)
+BF16: Dtypes = (torch.bfloat16,)
+FP32: Dtypes = (torch.float32,)
+INT32: Dtypes = (torch.int32,)
+HT_X_DTYPES: Dtypes = (torch.bfloat16, FP8_DTYPE)
+SCALE_DTYPES: Dtypes = (torch.float32, UE8M0_DTYPE)
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_tensor(
-    name: str,
-    t: object,
-    *,
-    dtypes: Sequence[torch.dtype],
-    ndim: int,
-    device: torch.device,
-) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__name__}", reason="type")
-    if t.dtype not in dtypes:
-        raise InvalidArgument(f"{name} must have dtype {_names(dtypes)}, got {t.dtype}", reason="dtype")
-    if t.dim() != ndim:
-        raise InvalidArgument(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}", reason="shape")
-    if t.get_device() != _index(device) and not _same_device(t.device, device):
-        raise InvalidArgument(f"{name} must be on {device}, got {t.device}", reason="device")
-    if not t.is_contiguous():
-        raise InvalidArgument(f"{name} must be contiguous", reason="layout")
-    return t
-
-
-def _index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
     """``Tensor.get_device()`` of a tensor on ``device`` (cheaper than ``Tensor.device``)."""
     return -1 if device.type == "cpu" else (device.index if device.index is not None else -2)
 
@@ -48,46 +40,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise InvalidArgument(
-            f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}", reason="shape"
-        )
-
-
-def check_tokens(cfg: GroupConfig, x: torch.Tensor) -> None:
-    tokens, hidden = x.shape
-    if tokens > cfg.max_tokens_per_rank:
-        raise InvalidArgument(
-            f"x has {tokens} tokens, more than the group's max_tokens_per_rank ({cfg.max_tokens_per_rank})",
-            reason="tokens",
-        )
-    if hidden > cfg.hidden:
-        raise InvalidArgument(
-            f"x has hidden size {hidden}, more than the group's hidden ({cfg.hidden})", reason="hidden"
-        )
-
-
-def check_routing(
-    cfg: GroupConfig,
-    tokens: int,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor | None,
-    device: torch.device,
-) -> None:
-    check_tensor("topk_idx", topk_idx, dtypes=INDEX_DTYPES, ndim=2, device=device)
-    if topk_idx.shape[0] != tokens:
-        raise InvalidArgument(
-            f"topk_idx has {topk_idx.shape[0]} rows but x has {tokens} tokens", reason="shape"
-        )
-    topk = topk_idx.shape[1]
-    if not 1 <= topk <= cfg.max_topk:
-        raise InvalidArgument(
-            f"top-k is {topk}; it must be between 1 and max_topk ({cfg.max_topk})", reason="topk"
-        )
-    if topk_weights is not None:
-        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2, device=device)
-        check_shape("topk_weights", topk_weights, topk_idx.shape)
+def check_flag(name: str, value: object) -> None:
+    if value is not True and value is not False:
+        raise InvalidArgument(f"{name} must be a bool, got {value!r}", reason="type")
 
 
 def check_expert_ids(cfg: GroupConfig, topk_idx: torch.Tensor) -> None:
@@ -109,113 +64,9 @@ def check_expert_ids(cfg: GroupConfig, topk_idx: torch.Tensor) -> None:
         raise InvalidArgument(f"topk_idx row {row} names the same expert twice", reason="duplicate_expert")
 
 
-def validate_ll_dispatch(
-    cfg: GroupConfig,
-    device: torch.device,
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-) -> None:
-    check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2, device=device)
-    check_tokens(cfg, x)
-    if x.shape[1] % BLOCK:
-        raise InvalidArgument(
-            f"LL dispatch needs hidden divisible by {BLOCK}, got {x.shape[1]}", reason="hidden"
-        )
-    if topk_weights is None:  # optional in HT (check_routing lets None through), required here
-        raise InvalidArgument(
-            "topk_weights must be a torch.Tensor [B, K] float32 for LL dispatch, got None", reason="type"
-        )
-    check_routing(cfg, x.shape[0], topk_idx, topk_weights, device)
-
-
-def validate_ll_combine(
-    cfg: GroupConfig, device: torch.device, expert_out: torch.Tensor, hidden: int | None = None
-) -> None:
-    check_tensor("expert_out", expert_out, dtypes=(torch.bfloat16,), ndim=3, device=device)
-    rows = cfg.ll_rows_per_expert
-    if expert_out.shape[0] != cfg.num_local_experts or expert_out.shape[1] != rows:
-        raise InvalidArgument(
-            f"expert_out must have shape ({cfg.num_local_experts}, {rows}, hidden), "
-            f"got {tuple(expert_out.shape)}",
-            reason="shape",
-        )
-    if expert_out.shape[2] > cfg.hidden or expert_out.shape[2] % BLOCK:
-        raise InvalidArgument(
-            f"expert_out hidden must be a multiple of {BLOCK} up to {cfg.hidden}, got {expert_out.shape[2]}",
-            reason="hidden",
-        )
-
-
-def validate_out(name: str, out: torch.Tensor, shape: Sequence[int], device: torch.device) -> None:
-    check_tensor(name, out, dtypes=(torch.bfloat16,), ndim=len(shape), device=device)
-    check_shape(name, out, shape)
-
-
-def validate_ht_dispatch(
-    cfg: GroupConfig,
-    device: torch.device,
-    x: torch.Tensor,
-    x_scales: torch.Tensor | None,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor | None,
-    layout: str,
-    alignment: int,
-) -> None:
-    check_tensor("x", x, dtypes=(torch.bfloat16, FP8_DTYPE), ndim=2, device=device)
-    check_tokens(cfg, x)
-    if x.dtype == FP8_DTYPE:
-        if x.shape[1] % BLOCK:
-            raise InvalidArgument(
-                f"fp8 x needs hidden divisible by {BLOCK}, got {x.shape[1]}", reason="hidden"
-            )
-        if x_scales is None:
-            raise InvalidArgument("fp8 x needs x_scales [B, H/128]", reason="type")
-        check_tensor("x_scales", x_scales, dtypes=(torch.float32, UE8M0_DTYPE), ndim=2, device=device)
-        check_shape("x_scales", x_scales, (x.shape[0], x.shape[1] // BLOCK))
-    else:
-        if x_scales is not None:
-            raise InvalidArgument("x_scales is only for fp8 x", reason="option")
-        if x.shape[1] % 8:
-            raise InvalidArgument(f"x needs hidden divisible by 8, got {x.shape[1]}", reason="hidden")
-    check_routing(cfg, x.shape[0], topk_idx, topk_weights, device)
-    if layout not in LAYOUTS:
-        raise InvalidArgument(f"layout must be one of {LAYOUTS}, got {layout!r}", reason="option")
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
-        raise InvalidArgument(f"alignment must be a positive int, got {alignment!r}", reason="option")
-    if layout == "flat" and alignment != 1:
-        raise InvalidArgument("alignment applies to the expert_major layout only", reason="option")
-
-
-def validate_ht_combine(
-    cfg: GroupConfig,
-    device: torch.device,
-    x: torch.Tensor,
-    rows: int,
-    topk_weights: torch.Tensor | None,
-    topk: int,
-) -> None:
-    check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2, device=device)
-    if x.shape[1] % HT_HIDDEN_MULTIPLE:
-        raise InvalidArgument(
-            f"HT combine needs hidden divisible by {HT_HIDDEN_MULTIPLE}, got {x.shape[1]}", reason="hidden"
-        )
-    if x.shape[0] != rows:
-        raise InvalidArgument(f"x must have the dispatch's {rows} rows, got {x.shape[0]}", reason="shape")
-    if x.shape[1] > cfg.hidden:
-        raise InvalidArgument(
-            f"x has hidden size {x.shape[1]}, more than the group's hidden ({cfg.hidden})", reason="hidden"
-        )
-    if topk_weights is not None:
-        check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2, device=device)
-        check_shape("topk_weights", topk_weights, (rows, topk))
-
-
-def check_flags(**flags: object) -> None:
-    """Each of ``flags`` is a bool."""
-    for name, value in flags.items():
-        if value is not True and value is not False:
-            raise InvalidArgument(f"{name} must be a bool, got {value!r}", reason="type")
+def _check_shape(name: str, shape: torch.Size, expected: tuple[int, ...]) -> None:
+    if shape != expected:  # torch.Size compares as a tuple
+        raise InvalidArgument(f"{name} must have shape {tuple(expected)}, got {tuple(shape)}", reason="shape")
 
 
 def _check_handle_group(kind: str, handle: LLHandle | HTHandle, group_id: int | None) -> None:
@@ -226,103 +77,279 @@ def _check_handle_group(kind: str, handle: LLHandle | HTHandle, group_id: int | 
         )
 
 
-def _check_handle_tensor(
-    kind: str,
-    name: str,
-    t: object,
-    dtypes: Sequence[torch.dtype],
-    shape: Sequence[int | None],
-    device: torch.device,
-) -> torch.Tensor:
-    """A handle field: a tensor of ``dtypes`` on ``device`` whose shape matches ``shape`` (None: any)."""
-    field = f"{kind} handle's {name}"
-    try:
-        check_tensor(field, t, dtypes=dtypes, ndim=len(shape), device=device)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{exc} (is it a handle of this group's dispatch?)", reason="handle") from None
-    assert isinstance(t, torch.Tensor)
-    if any(want is not None and got != want for got, want in zip(t.shape, shape, strict=True)):
-        wanted = tuple("*" if w is None else w for w in shape)
-        raise InvalidArgument(
-            f"{field} has shape {tuple(t.shape)}; this group's handles have {wanted} "
-            "(is it a handle of another group?)",
-            reason="handle",
-        )
-    return t
+# a handle's fields as the messages name them
+SEND_SLOTS = "LL handle's send_slots"
+RECV_ROWS = "LL handle's recv_rows"
+RECV_WEIGHTS = "LL handle's recv_weights"
+RECV_SLOT_COUNTS = "LL handle's recv_slot_counts"
+SEND_POS = "HT handle's send_pos"
+RECV_SLOT = "HT handle's recv_slot"
+RECV_COUNTS = "HT handle's recv_counts"
+RECV_TOPK_IDX = "HT handle's recv_topk_idx"
 
 
-def validate_ll_handle(
-    cfg: GroupConfig, device: torch.device, handle: object, group_id: int | None = None
-) -> LLHandle:
-    """The handle of an LL combine: an LLHandle of this group's sizes (shapes only, no device sync)."""
-    if not isinstance(handle, LLHandle):
-        raise InvalidArgument(
-            f"handle must be the LLHandle of this group's ll_dispatch, got {type(handle).__name__}",
-            reason="handle",
-        )
-    _check_handle_group("LL", handle, group_id)
-    ranks, slots, kmax = cfg.world_size, cfg.max_tokens_per_rank, cfg.max_topk
-    send = _check_handle_tensor("LL", "send_slots", handle.send_slots, (torch.int32,), (None, ranks), device)
-    if send.shape[0] > slots:
-        raise InvalidArgument(
-            f"LL handle's send_slots has {send.shape[0]} tokens, more than the group's "
-            f"max_tokens_per_rank ({slots}) (is it a handle of another group?)",
-            reason="handle",
-        )
-    _check_handle_tensor("LL", "recv_rows", handle.recv_rows, (torch.int32,), (ranks, slots, kmax), device)
-    _check_handle_tensor(
-        "LL", "recv_weights", handle.recv_weights, (torch.float32,), (ranks, slots, kmax), device
+def _problem(message: str, reason: str, of_handle: bool) -> InvalidArgument:
+    """A tensor check's failure; a handle's field fails with reason "handle" and a hint."""
+    if of_handle:
+        return InvalidArgument(f"{message} (is it a handle of this group's dispatch?)", reason="handle")
+    return InvalidArgument(message, reason=reason)
+
+
+def _wrong_handle_shape(field: str, shape: torch.Size, pattern: Pattern) -> InvalidArgument:
+    wanted = tuple("*" if w is None else w for w in pattern)
+    return InvalidArgument(
+        f"{field} has shape {tuple(shape)}; this group's handles have {wanted} "
+        "(is it a handle of another group?)",
+        reason="handle",
     )
-    _check_handle_tensor("LL", "recv_slot_counts", handle.recv_slot_counts, (torch.int32,), (ranks,), device)
-    return handle
 
 
-def validate_ht_handle(
-    cfg: GroupConfig,
-    device: torch.device,
-    handle: object,
-    group_id: int | None = None,
-    with_topk: bool = True,
-) -> HTHandle:
-    """The handle of an HT combine or cached dispatch: an HTHandle of this group's sizes
-    (``with_topk=False``: the cached dispatch, which does not read ``recv_topk_idx``)."""
-    if not isinstance(handle, HTHandle):
-        raise InvalidArgument(
-            f"handle must be the HTHandle of this group's ht_dispatch, got {type(handle).__name__}",
-            reason="handle",
-        )
-    _check_handle_group("HT", handle, group_id)
-    ranks = cfg.world_size
-    send = _check_handle_tensor("HT", "send_pos", handle.send_pos, (torch.int32,), (None, ranks), device)
-    if send.shape[0] > cfg.max_tokens_per_rank:
-        raise InvalidArgument(
-            f"HT handle's send_pos has {send.shape[0]} tokens, more than the group's "
-            f"max_tokens_per_rank ({cfg.max_tokens_per_rank}) (is it a handle of another group?)",
-            reason="handle",
-        )
-    slot = _check_handle_tensor("HT", "recv_slot", handle.recv_slot, (torch.int32,), (None,), device)
-    _check_handle_tensor("HT", "recv_counts", handle.recv_counts, (torch.int32,), (ranks,), device)
-    if not with_topk:
-        return handle
-    idx = _check_handle_tensor(
-        "HT", "recv_topk_idx", handle.recv_topk_idx, (torch.int32,), (slot.shape[0], None), device
-    )
-    if not 1 <= idx.shape[1] <= cfg.max_topk:
-        raise InvalidArgument(
-            f"HT handle's recv_topk_idx has top-k {idx.shape[1]}; this group takes 1 to {cfg.max_topk} "
-            "(is it a handle of another group?)",
-            reason="handle",
-        )
-    return handle
+class Checks:
+    """The argument checks of one group's ops. Each raises :class:`InvalidArgument` naming the
+    first thing wrong, in the order the checks are written here."""
 
+    def __init__(self, cfg: GroupConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.device_index = device_index(device)
+        ranks = cfg.world_size
+        self.per_rank = (ranks,)  # shape of recv_slot_counts and recv_counts
+        self.per_slot = (ranks, cfg.max_tokens_per_rank, cfg.max_topk)  # of recv_rows and recv_weights
 
-def validate_ht_dispatch_cached(cfg: GroupConfig, device: torch.device, x: object, handle: HTHandle) -> None:
-    """The input of the cached (backward) dispatch: one row per token of the handle's dispatch."""
-    if not isinstance(x, torch.Tensor):
-        raise InvalidArgument(f"x must be a torch.Tensor, got {type(x).__name__}", reason="type")
-    check_tensor("x", x, dtypes=(x.dtype,), ndim=max(x.dim(), 1), device=device)
-    tokens = handle.send_pos.shape[0]
-    if x.shape[0] != tokens:
-        raise InvalidArgument(
-            f"x has {x.shape[0]} rows but the handle's dispatch had {tokens} tokens", reason="shape"
-        )
+    def _mode(self, mode: str) -> None:
+        if self.cfg.mode != mode:
+            raise InvalidArgument(f"{mode.upper()} ops need a group made with mode={mode!r}", reason="mode")
+
+    def tensor(self, name: str, t: object, dtypes: Dtypes, ndim: int, of_handle: bool = False) -> torch.Size:
+        """``t`` is a contiguous tensor of one of ``dtypes`` with ``ndim`` dimensions on the
+        group's device. Returns its shape. ``of_handle``: ``t`` is a handle's field."""
+        if not isinstance(t, torch.Tensor):
+            raise _problem(f"{name} must be a torch.Tensor, got {type(t).__name__}", "type", of_handle)
+        if t.dtype not in dtypes:
+            raise _problem(f"{name} must have dtype {_names(dtypes)}, got {t.dtype}", "dtype", of_handle)
+        shape = t.shape
+        if len(shape) != ndim:
+            raise _problem(f"{name} must be {ndim}-D, got shape {tuple(shape)}", "shape", of_handle)
+        if t.get_device() != self.device_index and not _same_device(t.device, self.device):
+            raise _problem(f"{name} must be on {self.device}, got {t.device}", "device", of_handle)
+        if not t.is_contiguous():
+            raise _problem(f"{name} must be contiguous", "layout", of_handle)
+        return shape
+
+    # ----------------------------------------------------------------------------- inputs
+
+    def _tokens(self, shape: torch.Size) -> tuple[int, int]:
+        """(tokens, hidden) of ``x``'s ``shape``, within the group's sizes."""
+        cfg = self.cfg
+        tokens, hidden = shape
+        if tokens > cfg.max_tokens_per_rank:
+            raise InvalidArgument(
+                f"x has {tokens} tokens, more than the group's max_tokens_per_rank "
+                f"({cfg.max_tokens_per_rank})",
+                reason="tokens",
+            )
+        if hidden > cfg.hidden:
+            raise InvalidArgument(
+                f"x has hidden size {hidden}, more than the group's hidden ({cfg.hidden})", reason="hidden"
+            )
+        return tokens, hidden
+
+    def _routing(self, tokens: int, topk_idx: object, topk_weights: object) -> None:
+        shape = self.tensor("topk_idx", topk_idx, INDEX_DTYPES, 2)
+        if shape[0] != tokens:
+            raise InvalidArgument(f"topk_idx has {shape[0]} rows but x has {tokens} tokens", reason="shape")
+        topk = shape[1]
+        if not 1 <= topk <= self.cfg.max_topk:
+            raise InvalidArgument(
+                f"top-k is {topk}; it must be between 1 and max_topk ({self.cfg.max_topk})", reason="topk"
+            )
+        if topk_weights is not None:
+            _check_shape("topk_weights", self.tensor("topk_weights", topk_weights, FP32, 2), shape)
+
+    # ----------------------------------------------------------------------------- ops
+
+    def ll_dispatch(
+        self,
+        x: object,
+        topk_idx: object,
+        topk_weights: object,
+        use_fp8: object,
+        ue8m0: object,
+        send_only: object,
+    ) -> None:
+        self._mode("ll")
+        check_flag("use_fp8", use_fp8)
+        check_flag("ue8m0", ue8m0)
+        check_flag("send_only", send_only)
+        tokens, hidden = self._tokens(self.tensor("x", x, BF16, 2))
+        if hidden % BLOCK:
+            raise InvalidArgument(
+                f"LL dispatch needs hidden divisible by {BLOCK}, got {hidden}", reason="hidden"
+            )
+        if topk_weights is None:  # optional in HT (_routing lets None through), required here
+            raise InvalidArgument(
+                "topk_weights must be a torch.Tensor [B, K] float32 for LL dispatch, got None", reason="type"
+            )
+        self._routing(tokens, topk_idx, topk_weights)
+        if ue8m0 and not use_fp8:
+            raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+
+    def ll_combine(
+        self, expert_out: object, handle: LLHandle, out: object, send_only: object, group_id: int
+    ) -> None:
+        self._mode("ll")
+        check_flag("send_only", send_only)
+        self._ll_handle(handle, group_id)
+        cfg = self.cfg
+        shape = self.tensor("expert_out", expert_out, BF16, 3)
+        experts, rows, hidden = shape
+        if experts != cfg.num_local_experts or rows != cfg.ll_rows_per_expert:
+            raise InvalidArgument(
+                f"expert_out must have shape ({cfg.num_local_experts}, {cfg.ll_rows_per_expert}, hidden), "
+                f"got {tuple(shape)}",
+                reason="shape",
+            )
+        if hidden > cfg.hidden or hidden % BLOCK:
+            raise InvalidArgument(
+                f"expert_out hidden must be a multiple of {BLOCK} up to {cfg.hidden}, got {hidden}",
+                reason="hidden",
+            )
+        if out is not None:
+            expected = (handle.send_slots.shape[0], hidden)
+            _check_shape("out", self.tensor("out", out, BF16, 2), expected)
+
+    def ht_dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: object,
+        topk_idx: object,
+        topk_weights: object,
+        layout: object,
+        alignment: object,
+        send_only: object,
+    ) -> None:
+        self._mode("ht")
+        check_flag("send_only", send_only)
+        tokens, hidden = self._tokens(self.tensor("x", x, HT_X_DTYPES, 2))
+        if x.dtype == FP8_DTYPE:
+            if hidden % BLOCK:
+                raise InvalidArgument(
+                    f"fp8 x needs hidden divisible by {BLOCK}, got {hidden}", reason="hidden"
+                )
+            if x_scales is None:
+                raise InvalidArgument("fp8 x needs x_scales [B, H/128]", reason="type")
+            scales = self.tensor("x_scales", x_scales, SCALE_DTYPES, 2)
+            _check_shape("x_scales", scales, (tokens, hidden // BLOCK))
+        else:
+            if x_scales is not None:
+                raise InvalidArgument("x_scales is only for fp8 x", reason="option")
+            if hidden % 8:
+                raise InvalidArgument(f"x needs hidden divisible by 8, got {hidden}", reason="hidden")
+        self._routing(tokens, topk_idx, topk_weights)
+        if layout not in LAYOUTS:
+            raise InvalidArgument(f"layout must be one of {LAYOUTS}, got {layout!r}", reason="option")
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+            raise InvalidArgument(f"alignment must be a positive int, got {alignment!r}", reason="option")
+        if layout == "flat" and alignment != 1:
+            raise InvalidArgument("alignment applies to the expert_major layout only", reason="option")
+
+    def ht_combine(
+        self, x: object, handle: HTHandle, topk_weights: object, send_only: object, group_id: int
+    ) -> None:
+        self._mode("ht")
+        check_flag("send_only", send_only)
+        rows, topk = self._ht_handle(handle, group_id)
+        cfg = self.cfg
+        got_rows, hidden = self.tensor("x", x, BF16, 2)
+        if hidden % HT_HIDDEN_MULTIPLE:
+            raise InvalidArgument(
+                f"HT combine needs hidden divisible by {HT_HIDDEN_MULTIPLE}, got {hidden}", reason="hidden"
+            )
+        if got_rows != rows:
+            raise InvalidArgument(f"x must have the dispatch's {rows} rows, got {got_rows}", reason="shape")
+        if hidden > cfg.hidden:
+            raise InvalidArgument(
+                f"x has hidden size {hidden}, more than the group's hidden ({cfg.hidden})", reason="hidden"
+            )
+        if topk_weights is not None:
+            _check_shape("topk_weights", self.tensor("topk_weights", topk_weights, FP32, 2), (rows, topk))
+
+    def ht_dispatch_cached(self, x: object, handle: HTHandle) -> None:
+        """The cached (backward) dispatch: ``handle`` an HTHandle of this group's sizes (any group's:
+        the op has no group to compare), ``x`` one row per token of the handle's dispatch."""
+        self._ht_handle_routing(handle, None)
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgument(f"x must be a torch.Tensor, got {type(x).__name__}", reason="type")
+        shape = self.tensor("x", x, (x.dtype,), max(x.dim(), 1))
+        tokens = handle.send_pos.shape[0]
+        if shape[0] != tokens:
+            raise InvalidArgument(
+                f"x has {shape[0]} rows but the handle's dispatch had {tokens} tokens", reason="shape"
+            )
+
+    # ----------------------------------------------------------------------------- handles
+
+    def _handle_tensor_of_shape(self, field: str, t: object, dtypes: Dtypes, shape: tuple[int, ...]) -> None:
+        got = self.tensor(field, t, dtypes, len(shape), of_handle=True)
+        if got != shape:
+            raise _wrong_handle_shape(field, got, shape)
+
+    def _ll_handle(self, handle: object, group_id: int) -> None:
+        """The handle of an LL combine: an LLHandle of this group's sizes (shapes only, no device sync)."""
+        if not isinstance(handle, LLHandle):
+            raise InvalidArgument(
+                f"handle must be the LLHandle of this group's ll_dispatch, got {type(handle).__name__}",
+                reason="handle",
+            )
+        _check_handle_group("LL", handle, group_id)
+        ranks, slots = self.cfg.world_size, self.cfg.max_tokens_per_rank
+        send = self.tensor(SEND_SLOTS, handle.send_slots, INT32, 2, of_handle=True)
+        if send[1] != ranks:
+            raise _wrong_handle_shape(SEND_SLOTS, send, (None, ranks))
+        if send[0] > slots:
+            raise InvalidArgument(
+                f"LL handle's send_slots has {send[0]} tokens, more than the group's "
+                f"max_tokens_per_rank ({slots}) (is it a handle of another group?)",
+                reason="handle",
+            )
+        self._handle_tensor_of_shape(RECV_ROWS, handle.recv_rows, INT32, self.per_slot)
+        self._handle_tensor_of_shape(RECV_WEIGHTS, handle.recv_weights, FP32, self.per_slot)
+        self._handle_tensor_of_shape(RECV_SLOT_COUNTS, handle.recv_slot_counts, INT32, self.per_rank)
+
+    def _ht_handle(self, handle: HTHandle, group_id: int) -> tuple[int, int]:
+        """The handle of an HT combine: an HTHandle of this group's sizes. Returns (rows, top-k) of
+        its dispatch's output."""
+        rows = self._ht_handle_routing(handle, group_id)
+        idx = self.tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INT32, 2, of_handle=True)
+        if idx[0] != rows:
+            raise _wrong_handle_shape(RECV_TOPK_IDX, idx, (rows, None))
+        if not 1 <= idx[1] <= self.cfg.max_topk:
+            raise InvalidArgument(
+                f"HT handle's recv_topk_idx has top-k {idx[1]}; this group takes 1 to {self.cfg.max_topk} "
+                "(is it a handle of another group?)",
+                reason="handle",
+            )
+        return rows, idx[1]
+
+    def _ht_handle_routing(self, handle: object, group_id: int | None) -> int:
+        """An HTHandle of this group's sizes but for ``recv_topk_idx`` (which the cached dispatch
+        does not read). Returns the rows of its dispatch's output."""
+        if not isinstance(handle, HTHandle):
+            raise InvalidArgument(
+                f"handle must be the HTHandle of this group's ht_dispatch, got {type(handle).__name__}",
+                reason="handle",
+            )
+        _check_handle_group("HT", handle, group_id)
+        cfg = self.cfg
+        send = self.tensor(SEND_POS, handle.send_pos, INT32, 2, of_handle=True)
+        if send[1] != cfg.world_size:
+            raise _wrong_handle_shape(SEND_POS, send, (None, cfg.world_size))
+        if send[0] > cfg.max_tokens_per_rank:
+            raise InvalidArgument(
+                f"HT handle's send_pos has {send[0]} tokens, more than the group's "
+                f"max_tokens_per_rank ({cfg.max_tokens_per_rank}) (is it a handle of another group?)",
+                reason="handle",
+            )
+        rows = self.tensor(RECV_SLOT, handle.recv_slot, INT32, 1, of_handle=True)[0]
+        self._handle_tensor_of_shape(RECV_COUNTS, handle.recv_counts, INT32, self.per_rank)
+        return rows
