@@ -74,19 +74,8 @@ def measure(tokens: int, use_fp8: bool, reps: int = 30) -> dict[str, float]:
     return out
 
 
-STEPS = [
-    "send_start",
-    "acked",
-    "routed",
-    "sent",
-    "arrived",
-    "signaled",
-    "recv_start",
-    "flags_seen",
-    "copied",
-    "loaded",
-]
-ACKED, ROUTED, SENT, ARRIVED, SIGNALED, FLAGS_SEEN, COPIED, LOADED = 1, 2, 3, 4, 5, 7, 8, 9
+# The kernel's trace steps (csrc/kernels/ll/ll_params.h, LLTraceStep).
+SEND_START, ACKED, ROUTED, SENT, ARRIVED, RECV_START, FLAGS_SEEN, COPIED, LOADED = 0, 1, 2, 3, 4, 6, 7, 8, 9
 
 
 def trace(tokens: int, use_fp8: bool) -> str:
@@ -118,19 +107,19 @@ def trace(tokens: int, use_fp8: bool) -> str:
 
     everyone = torch.arange(blocks)
     senders = everyone[:tokens]
-    last = (t[:, SIGNALED] > 0).nonzero().flatten()
     parts = []
     if senders.numel():
-        for a in range(ARRIVED):
-            delta = (t[senders, a + 1] - t[senders, a]) / 1e3
-            parts.append(f"{STEPS[a]}->{STEPS[a + 1]} {delta.median():.1f}")
-        parts.append(f"slowest sender arrived at {rel(ARRIVED, senders).max():.1f}")
-    # Only the last block counts the totals; in the others the loaded step follows acked at once.
-    counted = (t[blocks - 1, LOADED] - t[blocks - 1, ACKED]) / 1e3
-    parts.append(f"counts block acked->loaded {counted:.1f}")
-    if last.numel():
-        parts.append(f"arrival counted at {rel(SIGNALED, last)[0]:.1f}")
-    parts.append(f"flags seen (median block) at {rel(FLAGS_SEEN, everyone).median():.1f}")
+        # A sender ranks its first token, then checks the acknowledgements it read at its start.
+        for name, step in (("routed", ROUTED), ("acked", ACKED), ("sent", SENT), ("signalled", ARRIVED)):
+            since = (t[senders, step] - t[senders, SEND_START]) / 1e3
+            parts.append(f"{name} {since.median():.1f}")
+        parts.append(f"slowest sender signalled at {rel(ARRIVED, senders).max():.1f}")
+    # Only the last block counts the totals (and sends the counts after its acknowledgements).
+    counter = blocks - 1
+    counted, acked = ((t[counter, step] - t[counter, SEND_START]) / 1e3 for step in (LOADED, ACKED))
+    parts.append(f"counts block: counted {counted:.1f}, acked {acked:.1f}")
+    parts.append(f"receive started (median block) at {rel(RECV_START, everyone).median():.1f}")
+    parts.append(f"counts seen (median block) at {rel(FLAGS_SEEN, everyone).median():.1f}")
     parts.append(f"copies done (last block) at {rel(COPIED, everyone).max():.1f}")
     return f"rank {rank} {'fp8' if use_fp8 else 'bf16'} tokens={tokens}: " + "; ".join(parts)
 

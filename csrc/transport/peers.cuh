@@ -70,15 +70,22 @@ struct Peers {
   }
 
   // Acquires the signal: what the peer published before adding to it is visible after a true.
+  // `seen`, if given, receives the last value read (the one that ended the wait after a true).
   __device__ __forceinline__ bool wait(int peer, int kind, uint64_t least, uint64_t timeoutNs,
-                                       const device::ErrorSink& err, int phase) const {
+                                       const device::ErrorSink& err, int phase, uint64_t* seen = nullptr) const {
     const int signal = signals.index(kind, peer);
     const size_t counter = signals.counterAt(kind, peer);
     const bool remote = viaNet(peer);
     const uint64_t* word = reinterpret_cast<const uint64_t*>(net.local + counter);
-    return device::waitUntil<device::SignalBackoff>(
-        [&] { return (remote ? net.readSignal(signal, counter) : device::loadAcquire(word)) >= least; },
+    uint64_t value = 0;
+    const bool ok = device::waitUntil<device::SignalBackoff>(
+        [&] {
+          value = remote ? net.readSignal(signal, counter) : device::loadAcquire(word);
+          return value >= least;
+        },
         timeoutNs, err, phase, peer, int32_t(least));
+    if (seen != nullptr) *seen = value;
+    return ok;
   }
 
   // Acquires the signal, as wait does.

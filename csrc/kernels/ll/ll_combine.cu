@@ -33,13 +33,30 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+static_assert(3 * kLLMaxRanks <= kLLThreads, "three threads per rank in the receive's first step");
+
 struct CombineShared {
   int start[kLLMaxRanks + 1];
   int chunksTo[kLLMaxRanks];  // send: 16-byte chunks this block stored for each rank
   int expected[kLLMaxRanks];  // receive: our tokens each rank returns (highest slot + 1)
   int rejected[kLLMaxRanks];  // receive: the rank rejected this call (its rows count as none)
+  uint64_t mark[kLLMaxRanks];  // receive: our received-data mark of each rank in this parity
+  uint64_t seen[kLLMaxRanks];  // receive: each rank's data signal (acquired), last read
+  uint32_t sendSeq;            // the send half's call, for the receive half's arrival in a fused launch
   bool last;
 };
+
+// Rank d returns one row per token we sent it: slots 0..n-1, so n = highest slot + 1. Warps
+// from `firstWarp` on, a rank each.
+__device__ __forceinline__ void expectRows(const LLCombineParams& p, CombineShared& s, int firstWarp) {
+  const int R = p.c.nRanks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, numWarps = blockDim.x >> 5;
+  for (int d = warp - firstWarp; warp >= firstWarp && d < R; d += numWarps - firstWarp) {
+    int highest = -1;
+    for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
+    highest = __reduce_max_sync(kFullMask, highest);
+    if (lane == 0) s.expected[d] = highest + 1;
+  }
+}
 
 // A rejecting rank's stand-in for its rows (block 0): its `rejects` word, then kLLRejectAdd, to
 // each rank; the same thread puts (network) and signals, so the signal covers the word.
@@ -57,18 +74,20 @@ __device__ void sendRejection(const LLCombineParams& p, const transport::Peers<N
   }
 }
 
-// Waits for source r's rows of this call (`need` chunks past our mark); sets rejected[r] when r
-// rejected the call instead. False after a failed wait.
+// Waits for source r's rows of this call (`need` chunks past our mark `base`), starting from the
+// signal's value `seen` acquired before; sets rejected[r] when r rejected the call instead, and
+// leaves in seen[r] the value that ended the wait. False after a failed wait.
 template <class Net>
 __device__ bool waitRows(const LLCombineParams& p, const transport::Peers<Net>& peers, const device::ErrorSink& err,
-                         uint32_t seq, int r, uint64_t need, CombineShared& s) {
+                         uint32_t seq, int r, uint64_t need, uint64_t base, uint64_t seen, CombineShared& s) {
   const LLCommon& c = p.c;
   const uint32_t parity = seq & 1u;
   const int kind = kSigCombineData + int(parity);
-  uint64_t base = *ll::receivedMark(c, 1, parity, r);
   for (;;) {
-    if (!peers.wait(r, kind, base + need, c.timeoutNs, err, kPhaseLLCombineRecv)) return false;
-    const uint64_t adds = (peers.read(r, kind) - base) >> kLLRejectShift;
+    if (seen < base + need && !peers.wait(r, kind, base + need, c.timeoutNs, err, kPhaseLLCombineRecv, &seen))
+      return false;
+    s.seen[r] = seen;
+    const uint64_t adds = (seen - base) >> kLLRejectShift;
     if (adds == 0) return true;
     const uint64_t word =
         device::loadAcquire(reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, parity, r)));
@@ -96,8 +115,11 @@ __device__ bool waitPeerDoneWithCall(const LLCombineParams& p, const transport::
 }
 
 
+// `arrive`: the send half counts its own blocks' arrival (a send-only launch); in a launch with
+// the receive half, that half's arrival also ends the send half's call, and the rows each rank
+// returns are worked out here, while the first loads are in flight.
 template <class Net>
-__device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
+__device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arrive) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
@@ -108,17 +130,32 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
 
-  if (seq >= 2) {
-    for (int d = tid; d < R; d += blockDim.x)
-      peers.wait(d, kSigCombineAck, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend);
+  // Parity `parity` of a rank still holds our rows of call seq-2 until it acknowledged them: the
+  // acknowledgement is read beside the sequence number (warp 0) and waited for below if needed.
+  const uint64_t ackSeen = tid < R ? peers.read(tid, kSigCombineAck) : 0;
+  if (warp == 1) {  // the prefix of the tokens each source sent us: where its items start
+    int base = 0;
+    for (int r0 = 0; r0 < R; r0 += 32) {
+      const int r = r0 + lane;
+      const int n = r < R && p.rejectCode == 0 ? p.recvSlotCounts[r] : 0;
+      int inclusive = n;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int below = __shfl_up_sync(kFullMask, inclusive, o);
+        if (lane >= o) inclusive += below;
+      }
+      if (r < R) s.start[r] = base + inclusive - n;
+      base += __shfl_sync(kFullMask, inclusive, 31);
+    }
+    if (lane == 0) s.start[R] = base;
   }
-  if (tid == 0) {
-    s.start[0] = 0;
-    for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + (p.rejectCode != 0 ? 0 : p.recvSlotCounts[r]);
-  }
-  for (int r = tid; r < R; r += blockDim.x) s.chunksTo[r] = 0;
-  __syncthreads();
-  const bool failed = device::hasError(err);
+  if (!arrive) expectRows(p, s, 2);
+  if (tid < R) s.chunksTo[tid] = 0;
+  bool acked = true;
+  if (tid < R && seq >= 2 && ackSeen < uint64_t(seq - 1))
+    acked = peers.wait(tid, kSigCombineAck, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend);
+  // The barrier also orders each acknowledgement before every thread's stores to that rank.
+  const bool failed = __syncthreads_or(!acked);
   if (p.rejectCode != 0 && blockIdx.x == 0 && !failed) sendRejection(p, peers, seq);
 
   // Work items: (message, part), a warp each, spread over the SMs first.
@@ -173,8 +210,9 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
 
   // Each block tells each rank how many chunks of its rows landed (after the signal's fence).
   __syncthreads();
-  for (int d = tid; d < R; d += blockDim.x)
-    if (s.chunksTo[d] > 0) peers.signal(d, kSigCombineData + int(parity), s.chunksTo[d]);
+  if (tid < R && s.chunksTo[tid] > 0) peers.signal(tid, kSigCombineData + int(parity), s.chunksTo[tid]);
+  if (tid == 0) s.sendSeq = seq;
+  if (!arrive) return;
   if (tid == 0) s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
   __syncthreads();
   if (s.last && tid == 0) {
@@ -183,8 +221,10 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s) {
   }
 }
 
+// `endsSend`: a fused launch, whose send half's call (s.sendSeq) this half's arrival ends too, and
+// whose send half worked out the rows each rank returns.
 template <class Net>
-__device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
+__device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool endsSend) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
@@ -194,24 +234,27 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens;
   const int tid = threadIdx.x;
-
   const int chunks = p.hidden / 8;
-  // Rank d returns one row per token we sent it: slots 0..n-1, so n = highest slot + 1.
-  const int lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
-  for (int d = warp; d < R; d += numWarps) {
-    int highest = -1;
-    for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
-    highest = __reduce_max_sync(kFullMask, highest);
-    if (lane == 0) s.expected[d] = highest + 1;
+
+  // First step, in one round trip: thread r loads our marks of rank r (both parities, before the
+  // sequence number is known), threads R + 2r + q read (acquire) its data signal of parity q.
+  if (tid < R) {
+    const uint64_t marks[2] = {*ll::receivedMark(c, 1, 0, tid), *ll::receivedMark(c, 1, 1, tid)};
+    s.mark[tid] = marks[parity];
+    s.rejected[tid] = 0;
+  } else if (tid < 3 * R) {
+    const int r = (tid - R) >> 1, q = (tid - R) & 1;
+    const uint64_t got = peers.read(r, kSigCombineData + q);
+    if (uint32_t(q) == parity) s.seen[r] = got;
   }
+  if (!endsSend) expectRows(p, s, (3 * R + 31) / 32);
   __syncthreads();
-  for (int r = tid; r < R; r += blockDim.x) {
-    s.rejected[r] = 0;
-    if (p.rejectCode != 0) waitPeerDoneWithCall(p, peers, err, seq, r);
-    else waitRows(p, peers, err, seq, r, uint64_t(s.expected[r]) * uint64_t(chunks), s);
+  bool ok = true;
+  if (tid < R) {
+    if (p.rejectCode != 0) ok = waitPeerDoneWithCall(p, peers, err, seq, tid);
+    else ok = waitRows(p, peers, err, seq, tid, uint64_t(s.expected[tid]) * uint64_t(chunks), s.mark[tid], s.seen[tid], s);
   }
-  __syncthreads();
-  if (device::hasError(err)) return;
+  if (__syncthreads_or(!ok)) return;
 
   const char* slots = c.local + l.combineSlots + size_t(parity) * R * T * l.combineMsgBytes;
   for (int b = blockIdx.x; b < p.numTokens; b += gridDim.x) {
@@ -238,23 +281,28 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s) {
   if (tid == 0) {
     state->blocksDone[3] = 0;
     state->combineRecvSeq = seq + 1;
+    if (endsSend) state->combineSendSeq = s.sendSeq + 1;
   }
   // Everything r added to the signal in this parity is ours to count: its rows of this call (or
-  // its rejection), and rejections of earlier calls; its next call here waits for our ack.
-  for (int r = tid; r < R; r += blockDim.x) {
-    *ll::receivedMark(c, 1, parity, r) = peers.read(r, kSigCombineData + int(parity));
-    peers.signal(r, kSigCombineAck, 1);
+  // its rejection), and rejections of earlier calls; its next call here waits for our ack. The
+  // value that ended our wait has it all (r adds nothing more here before that ack); a rejecting
+  // rank, which waited for acknowledgements instead, reads the signal now.
+  if (tid < R) {
+    *ll::receivedMark(c, 1, parity, tid) =
+        p.rejectCode != 0 ? peers.read(tid, kSigCombineData + int(parity)) : s.seen[tid];
+    peers.signal(tid, kSigCombineAck, 1);
   }
 }
 
 template <class Net>
 __global__ void __launch_bounds__(kLLThreads, 1) llCombineKernel(const __grid_constant__ LLCombineParams p) {
   __shared__ CombineShared shared;
+  const bool fused = (p.phases & kLLSend) && (p.phases & kLLRecv);
   if (p.phases & kLLSend) {
-    combineSend<Net>(p, shared);
+    combineSend<Net>(p, shared, !fused);
     __syncthreads();
   }
-  if (p.phases & kLLRecv) combineRecv<Net>(p, shared);
+  if (p.phases & kLLRecv) combineRecv<Net>(p, shared, fused);
 }
 
 }  // namespace

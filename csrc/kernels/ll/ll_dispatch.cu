@@ -330,62 +330,79 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
   }
 }
 
+static_assert(4 * kLLMaxRanks <= kLLThreads, "a thread per rank (four per rank in the receive's first step)");
+
 struct SendFlags {
   bool last;
+  uint32_t sendSeq;  // the send half's call number, for the receive half's arrival in a fused launch
   char* msgs[kLLMaxTopk];
   TokenRanks ranks;
   int sentTo[kLLMaxRanks];  // messages this block sent to each rank
 };
 
+// `arrive`: the send half counts its own blocks' arrival (a send-only launch); in a launch with
+// the receive half, that half's arrival also ends the send half's call.
 template <class Net>
-__device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& flags) {
+__device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& flags, bool arrive) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchSendSeq);
-  const uint32_t parity = seq & 1u;
   const int R = c.nRanks, L = l.numLocalExperts;
   const int tid = threadIdx.x;
 
   stamp(p, kTraceSendStart);
-  // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it.
-  if (seq >= 2) {
-    for (int d = tid; d < R; d += blockDim.x)
-      peers.wait(d, kSigDispatchAck, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend);
-  }
-  stamp(p, kTraceAcked);
-  const Totals totals = carveTotals(smem, c.numExperts);
+  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchSendSeq);
+  const uint32_t parity = seq & 1u;
+  // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it. The
+  // acknowledgement is read now, beside the sequence number, and checked after the counting or
+  // the first token's ranking (neither touches a peer), so the round trips overlap.
+  const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
+  // Waited for (when not yet seen) by a block before its first store to a peer; true when a
+  // destination never acknowledged: the block then sends nothing. The barrier also orders each
+  // acknowledgement before every thread's stores to that destination.
+  auto ackFailed = [&] {
+    bool acked = true;
+    if (tid < R && seq >= 2 && ackSeen < uint64_t(seq - 1))
+      acked = peers.wait(tid, kSigDispatchAck, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend);
+    const bool failed = __syncthreads_or(!acked);
+    stamp(p, kTraceAcked);
+    return failed;
+  };
+  bool failed = false;
   // The last block counts and sends the totals: it has no token, or no more than the others, when
   // tokens do not fill the grid evenly (block 0, with a token always, was every call's slowest).
   const bool countsBlock = blockIdx.x == gridDim.x - 1;
-  if (countsBlock) countTotals(p, totals, err);
-  stamp(p, kTraceLoaded);
-
-  const bool failed = device::hasError(err);
-  // The counts block sends every destination our counts before its tokens.
-  if (countsBlock && !failed) {
-    const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
-    auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
-    for (int i = tid; i < R * (L + 1); i += blockDim.x) {
-      const int d = i / (L + 1), e = i % (L + 1);
-      int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
-      entry[e] = e < L            ? totals.expert[d * L + e]
-                 : p.rejectCode != 0 ? int32_t(rejectWord(p.rejectCode))
-                                     : totals.dest[d];
+  if (countsBlock) {
+    const Totals totals = carveTotals(smem, c.numExperts);
+    countTotals(p, totals, err);
+    stamp(p, kTraceLoaded);
+    failed = ackFailed();
+    if (!failed) {
+      const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
+      auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
+      for (int i = tid; i < R * (L + 1); i += blockDim.x) {
+        const int d = i / (L + 1), e = i % (L + 1);
+        int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
+        entry[e] = e < L            ? totals.expert[d * L + e]
+                   : p.rejectCode != 0 ? int32_t(rejectWord(p.rejectCode))
+                                       : totals.dest[d];
+      }
+      __syncthreads();
+      for (int d = 0; d < R; ++d) peers.put(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
+      __syncthreads();
+      if (tid < R) peers.signal(tid, kSigDispatchCounts, 1);
     }
-    __syncthreads();
-    for (int d = 0; d < R; ++d) peers.put(d, countsAt, stageAt(d), l.countsBytes, tid, blockDim.x);
-    __syncthreads();
-    for (int d = tid; d < R; d += blockDim.x) peers.signal(d, kSigDispatchCounts, 1);
   }
 
-  const bool sends = !failed && int(blockIdx.x) < p.numTokens;
-  for (int i = tid; i < R; i += blockDim.x) flags.sentTo[i] = 0;
-  for (int b = blockIdx.x; sends && b < p.numTokens; b += gridDim.x) {
+  if (tid < R) flags.sentTo[tid] = 0;
+  for (int b = blockIdx.x; !failed && b < p.numTokens; b += gridDim.x) {
     rankToken(p, b, flags.ranks);
-    if (b == int(blockIdx.x)) stamp(p, kTraceRouted);
+    if (b == int(blockIdx.x)) {
+      stamp(p, kTraceRouted);
+      if (!countsBlock && ackFailed()) break;
+    }
     sendToken(p, peers, parity, b, flags.ranks, flags.msgs);
     if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.expert[tid] / L] += 1;
   }
@@ -393,10 +410,11 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   stamp(p, kTraceSent);
   // Each block tells each destination how many of its messages landed (the signal's fence makes
   // them visible first); the receiver waits for the total its counts announced.
-  for (int d = tid; d < R; d += blockDim.x)
-    if (flags.sentTo[d] > 0) peers.signal(d, kSigDispatchData + int(parity), flags.sentTo[d]);
+  if (tid < R && flags.sentTo[tid] > 0) peers.signal(tid, kSigDispatchData + int(parity), flags.sentTo[tid]);
+  if (tid == 0) flags.sendSeq = seq;
   __syncthreads();
   stamp(p, kTraceArrived);
+  if (!arrive) return;
   if (tid == 0) flags.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
   __syncthreads();
   if (flags.last && tid == 0) {
@@ -410,6 +428,8 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
 
 struct RecvShared {
   uint64_t* want;  // [R] what the source's data signal reaches once all its messages landed
+  uint64_t* seen;  // [R] the source's data signal when this block started (acquired)
+  uint64_t* mark;  // [R] our received-data mark of the source in this parity
   int* count;      // [R] tokens from each source
   int* start;      // [R + 1] prefix of count
   int* offset;     // [L][R]: first row of that source's tokens at each local expert
@@ -418,13 +438,16 @@ struct RecvShared {
 __device__ __forceinline__ RecvShared carveRecv(char* smem, int nRanks) {
   RecvShared s;
   s.want = reinterpret_cast<uint64_t*>(smem);
-  s.count = reinterpret_cast<int*>(s.want + nRanks);
+  s.seen = s.want + nRanks;
+  s.mark = s.seen + nRanks;
+  s.count = reinterpret_cast<int*>(s.mark + nRanks);
   s.start = s.count + nRanks;
   s.offset = s.start + nRanks + 1;
   return s;
 }
 
 constexpr int kCopyUnroll = 4;  // 16-byte chunks in flight per lane
+constexpr int kCountBatch = 8;  // sources' counts loaded at once per thread
 
 // A message's rows are held one per lane: lane k < KM has choice k's row (-1: not here). The
 // copies loop over them with a shuffle each (a runtime loop: an unrolled one per maximum top-k
@@ -484,59 +507,92 @@ struct ScaleCopy {
   }
 };
 
+// `endsSend`: a fused launch, whose send half's call (flags.sendSeq) this half's arrival ends too.
 template <class Net>
-__device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags) {
+__device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags, bool endsSend) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchRecvSeq);
-  const uint32_t parity = seq & 1u;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const int rowsPerExpert = R * T;
   const RecvShared s = carveRecv(smem, R);
 
   stamp(p, kTraceRecvStart);
+  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchRecvSeq);
+  const uint32_t parity = seq & 1u;
   auto counts = [&](int r) {
     return reinterpret_cast<const int*>(c.local + l.dispatchCounts + (size_t(parity) * R + r) * l.countsBytes);
   };
-  // Every source's counts first: they place each source's rows. Its messages are awaited by the
-  // warps that copy them (the data signal reaches our mark of the earlier calls in this parity
-  // plus this call's count), so early sources are copied while late ones are still sending.
-  const bool keep = p.rejectCode == 0;  // a rejecting rank writes no output
-  for (int r = tid; r < R; r += blockDim.x) {
-    if (!peers.wait(r, kSigDispatchCounts, seq + 1, c.timeoutNs, err, kPhaseLLDispatchRecv)) continue;
-    int n = __ldcg(counts(r) + L);
-    if (n < 0) {  // r rejected the call: no token from it
-      if (blockIdx.x == 0 && p.rejectCode == 0)
-        device::reportError(err, kDevicePeerRejected, kPhaseLLDispatchRecv, r, rejectReason(uint32_t(n)));
-      n = 0;
-    }
-    s.count[r] = n;
-    s.want[r] = *ll::receivedMark(c, 0, parity, r) + uint64_t(n);
-    // Nothing is copied on a rejecting rank: its data waits here, keeping the marks exact.
-    if (!keep) peers.wait(r, kSigDispatchData + int(parity), s.want[r], c.timeoutNs, err, kPhaseLLDispatchRecv);
+  // First step, in one round trip: thread r acquires source r's counts signal (the counts place
+  // its rows); threads R + 2r + q read its data signal of parity q (each before the sequence
+  // number is known), so that a warp whose source has landed skips its own wait; threads 3R + r
+  // load our marks. A source's messages are otherwise awaited by the warps that copy them, so
+  // early sources are copied while late ones are still sending.
+  bool ok = true;
+  if (tid < R) {
+    uint64_t got = peers.read(tid, kSigDispatchCounts);
+    if (got < uint64_t(seq) + 1) ok = peers.wait(tid, kSigDispatchCounts, uint64_t(seq) + 1, c.timeoutNs, err, kPhaseLLDispatchRecv);
+  } else if (tid < 3 * R) {
+    const int r = (tid - R) >> 1, q = (tid - R) & 1;
+    const uint64_t got = peers.read(r, kSigDispatchData + q);
+    if (uint32_t(q) == parity) s.seen[r] = got;
+  } else if (tid < 4 * R) {
+    s.mark[tid - 3 * R] = *ll::receivedMark(c, 0, parity, tid - 3 * R);
   }
-  __syncthreads();
+  if (__syncthreads_or(!ok)) return;
   stamp(p, kTraceFlagsSeen);
-  if (device::hasError(err)) return;
-  if (tid == 0) {
-    s.start[0] = 0;
-    for (int r = 0; r < R; ++r) s.start[r + 1] = s.start[r] + s.count[r];
+
+  // Second step: every source's counts. The last warp takes the token totals (a negative one: the
+  // source rejected the call, no token from it) and their prefix; the other threads, a local
+  // expert each, the prefix of its counts over sources.
+  const bool keep = p.rejectCode == 0;  // a rejecting rank writes no output
+  if (warp == numWarps - 1) {
+    int base = 0;
+    for (int r0 = 0; r0 < R; r0 += 32) {
+      const int r = r0 + lane;
+      int n = r < R ? __ldcg(counts(r) + L) : 0;
+      if (n < 0) {
+        if (blockIdx.x == 0 && keep)
+          device::reportError(err, kDevicePeerRejected, kPhaseLLDispatchRecv, r, rejectReason(uint32_t(n)));
+        n = 0;
+      }
+      int inclusive = n;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int below = __shfl_up_sync(kFullMask, inclusive, o);
+        if (lane >= o) inclusive += below;
+      }
+      if (r < R) {
+        s.count[r] = n;
+        s.start[r] = base + inclusive - n;
+        s.want[r] = s.mark[r] + uint64_t(n);
+        if (blockIdx.x == 0 && keep) p.recvSlotCounts[r] = n;
+      }
+      base += __shfl_sync(kFullMask, inclusive, 31);
+    }
+    if (lane == 0) s.start[R] = base;
   }
-  for (int e = tid; e < L; e += blockDim.x) {
+  for (int e = tid; warp < numWarps - 1 && e < L; e += blockDim.x - 32) {
     int acc = 0;
-    for (int r = 0; r < R; ++r) {
-      s.offset[e * R + r] = acc;
-      acc += __ldcg(counts(r) + e);
+    for (int r0 = 0; r0 < R; r0 += kCountBatch) {
+      int n[kCountBatch];
+#pragma unroll
+      for (int u = 0; u < kCountBatch; ++u) n[u] = r0 + u < R ? __ldcg(counts(r0 + u) + e) : 0;
+#pragma unroll
+      for (int u = 0; u < kCountBatch; ++u) {
+        if (r0 + u < R) s.offset[e * R + r0 + u] = acc;
+        acc += n[u];
+      }
     }
     if (blockIdx.x == 0 && keep) p.expertCounts[e] = acc;
   }
-  if (blockIdx.x == 0 && keep)
-    for (int r = tid; r < R; r += blockDim.x) p.recvSlotCounts[r] = s.count[r];
   __syncthreads();
+  // Nothing is copied on a rejecting rank: its data is awaited here, keeping the marks exact.
+  if (!keep && tid < R)
+    ok = peers.wait(tid, kSigDispatchData + int(parity), s.want[tid], c.timeoutNs, err, kPhaseLLDispatchRecv);
 
   // Work items: (message, part); a warp each, spread over the SMs first.
   const int total = keep ? s.start[R] : 0;
@@ -555,13 +611,19 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
     if (r != landed) {
-      // Lane 0 acquires the signal; the warp barrier orders the other lanes' loads after it.
-      bool ok = true;
-      if (lane == 0)
-        ok = peers.wait(r, kSigDispatchData + int(parity), s.want[r], c.timeoutNs, err, kPhaseLLDispatchRecv);
-      ok = __shfl_sync(kFullMask, ok, 0);
-      __syncwarp();
-      if (!ok) break;
+      // Landed when the block started (acquired then, ordered by the block barriers since), or
+      // lane 0 acquires the signal and the warp barrier orders the other lanes' loads after it.
+      if (s.seen[r] < s.want[r]) {
+        bool waited = true;
+        if (lane == 0)
+          waited = peers.wait(r, kSigDispatchData + int(parity), s.want[r], c.timeoutNs, err, kPhaseLLDispatchRecv);
+        waited = __shfl_sync(kFullMask, waited, 0);
+        __syncwarp();
+        if (!waited) {
+          ok = false;
+          break;
+        }
+      }
       landed = r;
     }
     const char* msg = slots + (size_t(r) * T + j) * l.dispatchMsgBytes;
@@ -607,23 +669,24 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     }
   }
 
-  __syncthreads();
+  // A failed wait left messages uncopied: no acknowledgement (the group is closed after it).
+  const bool failed = __syncthreads_or(!ok);
   stamp(p, kTraceCopied);
   if (tid == 0) {
     __threadfence();
-    // A failed wait left messages uncopied: no acknowledgement (the group is closed after it).
-    flags.last = !device::hasError(err) && device::arriveLast(&state->blocksDone[1], gridDim.x);
+    flags.last = !failed && device::arriveLast(&state->blocksDone[1], gridDim.x);
   }
   __syncthreads();
   if (!flags.last) return;
   if (tid == 0) {
     state->blocksDone[1] = 0;
     state->dispatchRecvSeq = seq + 1;
+    if (endsSend) state->dispatchSendSeq = flags.sendSeq + 1;
   }
   // Every block has read its messages: the sources may reuse this parity.
-  for (int r = tid; r < R; r += blockDim.x) {
-    *ll::receivedMark(c, 0, parity, r) += uint64_t(s.count[r]);
-    peers.signal(r, kSigDispatchAck, 1);
+  if (tid < R) {
+    *ll::receivedMark(c, 0, parity, tid) = s.want[tid];
+    peers.signal(tid, kSigDispatchAck, 1);
   }
 }
 
@@ -631,11 +694,12 @@ template <class Net>
 __global__ void __launch_bounds__(kLLThreads, 1) llDispatchKernel(const __grid_constant__ LLDispatchParams p) {
   extern __shared__ __align__(16) char smem[];
   __shared__ SendFlags flags;
+  const bool fused = (p.phases & kLLSend) && (p.phases & kLLRecv);
   if (p.phases & kLLSend) {
-    dispatchSend<Net>(p, smem, flags);
+    dispatchSend<Net>(p, smem, flags, !fused);
     __syncthreads();
   }
-  if (p.phases & kLLRecv) dispatchRecv<Net>(p, smem, flags);
+  if (p.phases & kLLRecv) dispatchRecv<Net>(p, smem, flags, fused);
 }
 
 template <class Net>
@@ -662,7 +726,7 @@ int launch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
 size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
   const size_t send = alignUp16(size_t(numExperts) * 4) + size_t(l.nRanks) * 4;
   const size_t recv =
-      size_t(l.nRanks) * 8 + (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
+      size_t(l.nRanks) * 3 * 8 + (size_t(l.nRanks) * 2 + 1 + size_t(l.numLocalExperts) * l.nRanks) * 4;
   return send > recv ? send : recv;
 }
 
