@@ -50,7 +50,7 @@ struct LLState {
   uint32_t dispatchRecvSeq;
   uint32_t combineSendSeq;
   uint32_t combineRecvSeq;
-  uint32_t blocksDone[4];  // one arrival counter per phase
+  uint32_t blocksDone[4];  // one arrival counter per phase (a fused launch counts in its receive's)
   uint32_t aborted;        // set with the error word: waiters poll this (device memory), not the
                            // host-mapped word, whose PCIe reads would slow every spin
 };

@@ -21,11 +21,11 @@ enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 // steps a block does not reach stay as they were). First token = the block's first token.
 enum LLTraceStep : int {
   kTraceSendStart = 0,
-  kTraceAcked,      // after waiting for the destinations to free this parity
+  kTraceAcked,      // after waiting for the destinations to free this parity (after the ranking)
   kTraceRouted,     // the block's first token ranked (its slots and rows known)
   kTraceSent,       // all the block's tokens stored
   kTraceArrived,    // after this block's data signals (each after a system fence)
-  kTraceSignaled,   // after the arrival count
+  kTraceSignaled,   // after the send half's arrival count (a send-only launch)
   kTraceRecvStart,
   kTraceFlagsSeen,  // every source's counts acquired (its data is awaited per warp)
   kTraceCopied,     // the block's messages copied into the outputs
