@@ -9,8 +9,11 @@
 //                to a counter in the peer's window. Lets the network code path run without NICs.
 //
 // Ordering contract (both): a signal to a peer is issued after every put to that peer it must
-// cover, by the same thread or after a grid-wide arrival that followed them (GIN orders a
-// signal after earlier puts on the same context; the emulation issues a system fence first).
+// cover, by the same thread or after an arrival that followed them: the threads that issued the
+// puts fence and add to a counter, and the signalling thread observed the last addition (a
+// grid-wide arrival, or the per-chunk arrival of the HT hierarchical path, ht_internode.cuh). GIN
+// orders a signal after earlier puts on the same context; the emulation issues a system fence
+// first.
 #pragma once
 
 #include <cstddef>

@@ -1,12 +1,12 @@
 // HT cached dispatch across (virtual) nodes: routes rows [B, rowBytes] along an earlier dispatch
 // (its handle), by the dispatch's route. Roles (see ht_internode.cuh):
 //
-// Send: after waitPeersFree, block 0 puts our header to each forwarder; a warp per token stores
-//   its row into slot send_pos[b, d] of our row of d's slots for ranks d of our node (then the
-//   flag), and, if ranks of other nodes hold it, stages one network message (row, send_pos row,
-//   token word) and puts it to our forwarder on each such node; the last send block signals
-//   kHTSigForward to each forwarder.
-// Forward: as for dispatch, rows only (ht_internode_forward.cuh).
+// Send: after waitPeersFree, block 0 puts our header to each forwarder (kHTSigHeader) and signals
+//   the chunks past our tokens; a warp per token stores its row into slot send_pos[b, d] of our
+//   row of d's slots for ranks d of our node (then the flag), and, if ranks of other nodes hold
+//   it, stages one network message (row, send_pos row, token word) and puts it to our forwarder on
+//   each such node; the warp that completes a chunk signals it to each forwarder.
+// Forward: as for dispatch, rows only, chunk by chunk (ht_internode_forward.cuh).
 // Receive: exactly the intranode receive: a warp per output row waits for the flag of its slot
 //   (source, j) and copies the row; zeros where recv_slot is -1.
 //
@@ -38,14 +38,17 @@ struct Shared {
 
 template <class Net>
 __device__ void sendRole(const transport::Peers<Net>& peers, const HTCachedParams& p, const ht::Topo& t,
-                         uint32_t seq, Shared& s) {
+                         uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
   const int R = c.nRanks;
   const int lane = threadIdx.x & 31;
   const uint32_t epoch = seq + 1;
   const bool ok = ht::waitPeersFree(peers, c, seq, kPhaseHTCachedSend);
-  if (ok && blockIdx.x == 0) ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
+  if (ok && blockIdx.x == 0) {
+    ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
+    ht::signalChunksAhead(peers, c, t, p.numTokens);
+  }
 
   const int warps = c.sendBlocks * kHTWarps;
   if (ok && p.rejectCode != 0) {
@@ -70,8 +73,8 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTCachedParam
       ht::warpCopyBytes<false>(c.local + ht::netStageAt(l, b), row, p.rowBytes, lane);
       ht::putToForwarders(peers, c, t, epoch, b, slot);
     }
+    ht::tokenSent(peers, c, t, b, p.numTokens, lane);
   }
-  if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
 }
 
 template <class Net>
@@ -83,7 +86,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeCachedKernel(const _
   const uint32_t seq = ht::callSeq(c);
   const int block = blockIdx.x;
   if (block < c.sendBlocks) {
-    sendRole(peers, p, t, seq, s);
+    sendRole(peers, p, t, seq);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
     // a rejecting rank does not know the call's row size: it moves the largest row
     const int bytes = p.rejectCode != 0 ? int(c.layout.flagOffset) : p.rowBytes;

@@ -5,24 +5,28 @@
 //   1. block 0, for each other node m: stages infoStage[m][b][k] = send_pos[b, m * S + k] (the
 //      slot token b has at each rank of m, -1 if none), puts it to our forwarder on m
 //      (combineFwd infoIn[our node] there) with our header, then (same thread as the puts)
-//      signals kHTSigForward +1 to it.
+//      signals kHTSigHeader +1 to it.
 //   2. warps spread over the sources: for each received slot (source, j), the fp32 sum of its rows
 //      (ascending row order), one bf16 row (and the per-choice sums of the rows' weights) with
 //      the flag (epoch << 32 | j): for a source on our node into slot (us, j) of its window, as the
 //      intranode combine; for a source on node n != ours, into slot (n * S + our local index, j)
 //      of our node's forwarder for that source (that slot row is never used by the forwarder as a
 //      token owner: rows of other nodes' ranks hold nothing in a hierarchical combine).
-// Forward, for the source on each other node n: waits for its info (kHTSigForward); a warp per
-//   token b with a slot at one of our ranks k waits for the flags of slots (n * S + k, j_k) in our
-//   window, sums them in k order (fp32), stages one bf16 row (+ weights) at backStage[n][b] and
-//   puts it into the source's backIn[our node][b]; the last forward block signals kHTSigBack +1
-//   to each such source.
-// Receive (token owner): waits for kHTSigBack from our forwarder on each other node; a warp per
-//   token sums, in node order, the partial rows of our node's ranks (their slots (d, j) in our
-//   window, rank order, each waited by its flag) and each other node's reduced row (backIn),
-//   in fp32, and writes bf16. The reference sums per rank in rank order; here the ranks of
-//   another node are summed first at their forwarder and rounded to bf16 once: the result
-//   matches within bf16 rounding, not bit for bit. Weight sums are exact (one rank per choice).
+// Forward, for the source on each other node n: waits for its header and info (kHTSigHeader);
+//   the first forward block signals the chunks past the source's tokens (empty) to it. Warps take
+//   the tokens chunk by chunk (forEachForwardedToken): a warp per token b with a slot at one of
+//   our ranks k waits for the flags of slots (n * S + k, j_k) in our window, sums them in k order
+//   (fp32), stages one bf16 row (+ weights) at backStage[n][b] and puts it into the source's
+//   backIn[our node][b]; then (every token, with a slot here or not) it arrives on b's chunk, and
+//   the warp that completes the chunk signals it (kHTSigChunk + c) to the source. So the owner
+//   takes up a chunk while the forwarder still reduces later ones.
+// Receive (token owner): a warp per token sums, in node order, the partial rows of our node's
+//   ranks (their slots (d, j) in our window, rank order, each waited by its flag) and each other
+//   node's reduced row (backIn, waited by the chunk signal of that node's forwarder: lane m * S
+//   acquires chunk c of node m once per warp), in fp32, and writes bf16. The reference sums per
+//   rank in rank order; here the ranks of another node are summed first at their forwarder and
+//   rounded to bf16 once: the result matches within bf16 rounding, not bit for bit. Weight sums
+//   are exact (one rank per choice).
 //
 // A rank that rejected the call sends its header with zero tokens, no info and no partial: it
 // stores its reject flag in every slot of the rows its partials would use at each rank of its node
@@ -30,8 +34,8 @@
 // each other node). A forwarder drops a rejected partial from its sum and puts the rejecting rank
 // and reason (reject word) in the back row's status word, which the owner reads with the row: the
 // row, a sum of the other ranks' partials, still counts; the rejection is recorded. An owner drops
-// a rejected partial of its own node. The rejecting rank's receive role only waits for its
-// kHTSigBack signals.
+// a rejected partial of its own node. The rejecting rank's receive role does nothing: its header
+// announced no token, so its forwarders put it no row and signal every chunk empty.
 #include <cstddef>
 
 #include "common/device_error.cuh"
@@ -79,12 +83,7 @@ __device__ void sendInfo(const transport::Peers<Net>& peers, const HTCombinePara
     peers.put(t.forwarder(c.rank, m), l.combineFwd + size_t(t.node) * l.infoStride, l.netStage + size_t(m) * l.infoStride,
                bytes, threadIdx.x, blockDim.x);
   }
-  ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
-  __syncthreads();
-  // The thread that issued the puts (thread 0 for GIN) signals: the signal is ordered after them.
-  if (threadIdx.x == 0)
-    for (int m = 0; m < t.N; ++m)
-      if (m != t.node) peers.signal(t.forwarder(c.rank, m), kHTSigForward, 1);
+  ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);  // its signal covers the info too
 }
 
 template <class Net>
@@ -138,47 +137,47 @@ __device__ void forwardRole(const transport::Peers<Net>& peers, const HTCombineP
   const int vectors = p.rejectCode != 0 ? int(l.payloadBytes / 16) : p.hidden / 8;
   const int topk = p.rejectCode != 0 ? l.maxTopk : p.topk;
 
-  if (ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) {
-    ht::waitSources(peers, c, t, seq, s.tokens);
-    for (int n = 0; n < t.N; ++n) {
-      if (n == t.node) continue;
-      const int src = t.sourceOn(n);
-      const int* info = reinterpret_cast<const int*>(c.local + l.combineFwd + size_t(n) * l.infoStride);
-      for (int b = w; b < s.tokens[n]; b += warps) {
-        const int j = lane < S ? __ldcg(info + int64_t(b) * S + lane) : -1;
-        const uint32_t from = __ballot_sync(kFull, j >= 0);
-        if (from == 0) continue;  // the token has no expert on our node
-        const char* msg = j >= 0 ? ht::slotPtr(c.local, l, n * S + lane, j) : nullptr;
-        bool ok = true, rejected = false;
-        uint64_t flag = 0;
-        if (j >= 0) {
-          ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTForward,
-                             t.node * S + lane);
-          rejected = ok && isRejectWord(uint32_t(flag));  // the owner records it, from the status word
-        }
-        if (!__all_sync(kFull, ok)) break;
-        __syncwarp();  // each partial's flag was acquired by its lane
-        const uint32_t kept = __ballot_sync(kFull, j >= 0 && !rejected);
-        const uint32_t dropped = __ballot_sync(kFull, rejected);
-        const int first = dropped != 0 ? __ffs(dropped) - 1 : 0;
-        const uint32_t firstFlag = __shfl_sync(kFull, uint32_t(flag), first);
-        const size_t stage = l.combineFwd + l.backOffset + (size_t(n) * T + size_t(b)) * l.msgBytes;
-        char* out = c.local + stage;
-        ht::warpSumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), kept, vectors, lane);
-        const float weight = ht::warpSumWeights(msg, kept, int(l.payloadBytes), topk, lane);
-        if (lane < topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
-        if (lane == 0)
-          *reinterpret_cast<uint32_t*>(out + backStatusAt(l)) =
-              dropped != 0 ? rejectWord(rejectReason(firstFlag), t.node * S + first) : 0u;
-        __syncwarp();
-        peers.put(src, l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes(l),
-                   lane, 32);
+  if (!ht::waitPeersFree(peers, c, seq, kPhaseHTForward)) return;
+  ht::waitSources(peers, c, t, seq, s.tokens);
+  if (blockIdx.x == c.sendBlocks && !device::hasError(ht::sink(c)))
+    for (int n = 0; n < t.N; ++n)
+      if (n != t.node) ht::signalEmptyChunks(peers, l, t.sourceOn(n), s.tokens[n]);
+  ht::forEachForwardedToken(t, l, s.tokens, w, warps, [&](int n, int b) {
+    const int* info = reinterpret_cast<const int*>(c.local + l.combineFwd + size_t(n) * l.infoStride);
+    const int j = lane < S ? __ldcg(info + int64_t(b) * S + lane) : -1;
+    const uint32_t from = __ballot_sync(kFull, j >= 0);
+    if (from != 0) {  // else the token has no expert on our node: nothing to put, it only arrives
+      const char* msg = j >= 0 ? ht::slotPtr(c.local, l, n * S + lane, j) : nullptr;
+      bool ok = true, rejected = false;
+      uint64_t flag = 0;
+      if (j >= 0) {
+        ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTForward,
+                           t.node * S + lane);
+        rejected = ok && isRejectWord(uint32_t(flag));  // the owner records it, from the status word
       }
+      if (!__all_sync(kFull, ok)) return false;
+      __syncwarp();  // each partial's flag was acquired by its lane
+      const uint32_t kept = __ballot_sync(kFull, j >= 0 && !rejected);
+      const uint32_t dropped = __ballot_sync(kFull, rejected);
+      const int first = dropped != 0 ? __ffs(dropped) - 1 : 0;
+      const uint32_t firstFlag = __shfl_sync(kFull, uint32_t(flag), first);
+      const size_t stage = l.combineFwd + l.backOffset + (size_t(n) * T + size_t(b)) * l.msgBytes;
+      char* out = c.local + stage;
+      ht::warpSumRows<true>(reinterpret_cast<int4*>(out), reinterpret_cast<const int4*>(msg), kept, vectors, lane);
+      const float weight = ht::warpSumWeights(msg, kept, int(l.payloadBytes), topk, lane);
+      if (lane < topk) reinterpret_cast<float*>(out + l.payloadBytes)[lane] = weight;
+      if (lane == 0)
+        *reinterpret_cast<uint32_t*>(out + backStatusAt(l)) =
+            dropped != 0 ? rejectWord(rejectReason(firstFlag), t.node * S + first) : 0u;
+      __syncwarp();
+      peers.put(t.sourceOn(n), l.netStage + l.backOffset + (size_t(t.node) * T + size_t(b)) * l.msgBytes, stage, backBytes(l),
+                lane, 32);
     }
-  }
-  if (ht::arriveRole(c, 3, c.forwardBlocks, &s.last))
-    for (int n = threadIdx.x; n < t.N; n += blockDim.x)
-      if (n != t.node) peers.signal(t.sourceOn(n), kHTSigBack, 1);
+    // lane 0: over GIN, the lane that issued the warp's puts
+    if (ht::arriveChunk(c, n, b, s.tokens[n], lane) && lane == 0)
+      peers.signal(t.sourceOn(n), kHTSigChunk + ht::chunkOf(l, b), 1);
+    return true;
+  });
 }
 
 template <class Net>
@@ -192,15 +191,12 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
   const int warps = (gridDim.x - first) * kHTWarps;
   const int w = (int(blockIdx.x) - first) * kHTWarps + (threadIdx.x >> 5);
   const uint32_t epoch = seq + 1;
-  const uint64_t backMark = uint64_t(ht::state(c)->combines) + 1;
   const uint32_t nodeLanes = S >= 32 ? kFull : (1u << S) - 1;
-
-  for (int m = threadIdx.x; m < t.N; m += blockDim.x)
-    if (m != t.node) peers.wait(t.forwarder(c.rank, m), kHTSigBack, backMark, c.timeoutNs, ht::sink(c), kPhaseHTCombineRecv);
-  if (__syncthreads_or(device::hasError(ht::sink(c)) ? 1 : 0) || p.rejectCode != 0) return;
+  if (p.rejectCode != 0) return;
 
   int4* out = static_cast<int4*>(p.out);
   bool reported = false;  // this lane recorded a rejection (once per warp and lane)
+  int acquired = -1;      // lane m * S of another node m: the chunk of m's stream it acquired last
   for (int b = w; b < p.numTokens; b += warps) {
     const int slot = lane < R ? p.sendPos[int64_t(b) * R + lane] : -1;
     const uint32_t dests = __ballot_sync(kFull, slot >= 0);
@@ -212,6 +208,10 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
       msg = c.local + l.netStage + l.backOffset + (size_t(t.nodeOf(lane)) * T + size_t(b)) * l.msgBytes;
     }
     bool ok = true, dropped = false;
+    if (msg != nullptr && t.nodeOf(lane) != t.node && ht::chunkOf(l, b) != acquired) {
+      acquired = ht::chunkOf(l, b);
+      ok = ht::waitChunk(peers, c, t.forwarder(c.rank, t.nodeOf(lane)), acquired, seq, kPhaseHTCombineRecv);
+    }
     if (msg != nullptr && t.nodeOf(lane) == t.node) {
       uint64_t flag = 0;
       ok = ht::waitEpoch(reinterpret_cast<const uint64_t*>(msg + l.flagOffset), epoch, &flag, c, kPhaseHTCombineRecv,
@@ -219,14 +219,14 @@ __device__ void recvRole(const transport::Peers<Net>& peers, const HTCombinePara
       // a rank of our node that rejected the call: its partial counts as none
       dropped = ok && ht::peerRejected(c, uint32_t(flag), kPhaseHTCombineRecv, lane, !reported);
       reported = reported || dropped;
-    } else if (msg != nullptr) {
+    } else if (msg != nullptr && ok) {
       // another node's row: its forwarder left out a rank that rejected the call and says which
       const uint32_t status = __ldcg(reinterpret_cast<const uint32_t*>(msg + backStatusAt(l)));
       const bool rejected = ht::peerRejected(c, status, kPhaseHTCombineRecv, rejectPeer(status), !reported);
       reported = reported || rejected;
     }
     if (!__all_sync(kFull, ok)) return;
-    __syncwarp();  // each partial's flag (or its node's signal) was acquired
+    __syncwarp();  // each partial's flag (or its node's chunk signal) was acquired
     const uint32_t from = __ballot_sync(kFull, msg != nullptr && !dropped);  // ascending lanes: node order
     ht::warpSumRows<true>(out + int64_t(b) * (p.hidden / 8), reinterpret_cast<const int4*>(msg), from, p.hidden / 8, lane);
     if (p.outWeights != nullptr) {

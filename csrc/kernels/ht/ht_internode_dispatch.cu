@@ -5,14 +5,16 @@
 //   1. block 0 sends every rank d our counts for it (int32 per local expert of d, then tokens
 //      for d) into netCounts[us] of d's window: stored directly on our node, staged and put
 //      across the network; then kHTSigCounts +1 to each d (the signal covers the counts). It
-//      also puts our header (tokens, epoch) to each of our forwarders.
+//      also puts our header (tokens, epoch) to each of our forwarders (kHTSigHeader).
 //   2. a warp per token: for ranks of our node, exactly the intranode store (payload, metadata
 //      relative to d, flag) into slot send_pos[b, d] of our row of d's slots; if ranks of other
 //      nodes hold the token, one network message (payload, global metadata, send_pos row, token
-//      word) staged at netStage[b] and put once per such node, to our forwarder there.
-//   3. the last send block to arrive signals kHTSigForward +1 to each forwarder.
-// Forward (the next forwardBlocks blocks): waits for each other node's source (kHTSigForward),
-//   then fans its messages out over LSA into our node's slots (ht_internode_forward.cuh).
+//      word) staged at netStage[b] and put once per such node, to our forwarder there; then the
+//      warp arrives on the token's chunk, and the warp that completes a chunk signals it
+//      (kHTSigChunk + c) to each forwarder. Block 0 signals the chunks past our tokens at once.
+// Forward (the next forwardBlocks blocks): waits for each other node's source's header
+//   (kHTSigHeader), then fans its messages out over LSA into our node's slots chunk by chunk, as
+//   each chunk's signal lands (ht_internode_forward.cuh).
 // Receive (the rest): waits for every source's counts (kHTSigCounts), then places every message
 //   exactly as the intranode receive does; messages from other nodes were written by our node's
 //   forwarder for their source, with the same format and flag.
@@ -68,7 +70,7 @@ __device__ void sendCounts(const transport::Peers<Net>& peers, const HTDispatchP
 
 template <class Net>
 __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchParams& p, const ht::Topo& t,
-                         uint32_t seq, Shared& s) {
+                         uint32_t seq) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
   const int R = c.nRanks, K = p.topk;
@@ -78,6 +80,7 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
   if (ok && blockIdx.x == 0) {
     sendCounts(peers, p);
     ht::sendHeader(peers, c, t, p.numTokens, epoch, p.rejectCode);
+    ht::signalChunksAhead(peers, c, t, p.numTokens);
   }
 
   const int vectors = p.rowBytes / 16;
@@ -104,8 +107,8 @@ __device__ void sendRole(const transport::Peers<Net>& peers, const HTDispatchPar
       if (lane < K) ht::Choice{choice.expert, choice.pos, weight}.store(msg, l, lane);
       ht::putToForwarders(peers, c, t, epoch, b, slot);
     }
+    ht::tokenSent(peers, c, t, b, p.numTokens, lane);
   }
-  if (ht::arriveRole(c, 2, c.sendBlocks, &s.last)) ht::signalForwarders(peers, c, t);
 }
 
 template <class Net>
@@ -138,7 +141,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htInternodeDispatchKernel(const
   const uint32_t seq = ht::callSeq(c);
   const int block = blockIdx.x;
   if (block < c.sendBlocks) {
-    sendRole(peers, p, t, seq, s);
+    sendRole(peers, p, t, seq);
   } else if (block < c.sendBlocks + c.forwardBlocks) {
     // Payload bytes: the row, then fp8 scales, rounded up to 16 (within payloadBytes).
     const bool known = p.rejectCode == 0;

@@ -36,6 +36,10 @@
 //               each message's token word, so nothing but older token words may lie there
 //   combineFwd  combine (forwarder side): infoIn [N][infoStride], then at backOffset backStage
 //               [N][T][msgBytes]
+//   chunkArrivals uint32 [N][kHTMaxChunks] local: tokens of each chunk of a stream we send that
+//               are done (row n: the combine stream back to the source on node n; row of our
+//               node: our dispatch / cached stream); the warp that completes a chunk resets its
+//               entry to 0 and signals the chunk
 //
 // A network message (netMsgBytes): [0, flagOffset) as a slot message, except that the metadata
 // holds global expert ids; then int32 send_pos[R] of the token, then uint64 (epoch << 32) | token
@@ -62,23 +66,33 @@ namespace ncclep {
 constexpr int kHTTile = 32;  // tokens per layout tile (one warp, one token per lane)
 constexpr int kHTTileGroup = 16;  // consecutive tiles one count block counts and scans together
 
+// Streams across the network move in chunks of consecutive token indexes (chunk c = tokens
+// [c * chunkTokens, (c + 1) * chunkTokens)), each covered by its own signal, so that the receiving
+// side starts on a chunk while later ones are still in flight. The chunk size is planned from the
+// token bound (HTLayout.chunkTokens): at least kHTMinChunkTokens, and at most kHTMaxChunks chunks,
+// which bounds the signals (GIN signals requested: kHTSignalKinds * R).
+constexpr int kHTMaxChunks = 32;
+constexpr int kHTMinChunkTokens = 64;
+
 // Signal kinds of the hierarchical path: signal (kind, peer) is a counter in our window that
-// `peer` adds to (GIN signal index kind * R + peer).
+// `peer` adds to (GIN signal index kind * R + peer). Each is +1 per call of the kinds that use it,
+// so a call's mark is known to every rank without a message.
 enum HTSignalKind : int {
   kHTSigCounts = 0,  // +1 per dispatch: the peer's counts for us are in place
-  kHTSigForward = 1, // +1 per call: a source's header and messages for us (its forwarder) landed
-  kHTSigBack = 2,    // +1 per combine: a forwarder's reduced rows for our tokens landed
-  kHTSigDone = 3,    // +1 per call: the peer finished the call (our regions there are free)
-  kHTSignalKinds = 4,
+  kHTSigHeader = 1,  // +1 per call: a source's header (and, in combine, its info) for us (its forwarder) landed
+  kHTSigDone = 2,    // +1 per call: the peer finished the call (our regions there are free)
+  kHTSigChunk = 3,   // kHTSigChunk + c, +1 per call: chunk c of the peer's stream to us landed (dispatch and
+                     // cached: a source's messages at its forwarder; combine: a forwarder's reduced rows
+                     // at the token owner); chunks past the stream's tokens are signalled empty
+  kHTSignalKinds = kHTSigChunk + kHTMaxChunks,
 };
 
 struct HTState {
   uint32_t seq;            // HT calls this rank completed (all HT ops share one sequence)
-  uint32_t blocksDone[4];  // arrival counters: [0] layout, [1] transfer kernels, [2] [3] roles
+  uint32_t blocksDone[4];  // arrival counters: [0] layout, [1] transfer kernels, [2] [3] spare
   uint32_t aborted;        // set with the error word; spinning waiters poll this device word
   uint32_t dispatches;     // hierarchical path: dispatch calls completed (kHTSigCounts marks)
   uint64_t done;           // = seq once our receivers have read every message of that call
-  uint32_t combines;       // hierarchical path: combine calls completed (kHTSigBack marks)
   uint32_t claimed;        // dispatch senders: tokens claimed in the running call (0 between calls)
 };
 
@@ -102,6 +116,7 @@ struct HTLayout {
   size_t netStage;
   size_t netRecv;
   size_t combineFwd;
+  size_t chunkArrivals;
   size_t backOffset;  // offset of backIn / backStage inside netStage / netRecv
   size_t end;
   uint32_t netMsgBytes;
@@ -109,6 +124,8 @@ struct HTLayout {
   uint32_t countBytes;
   uint32_t infoStride;  // bytes of one node's info block: T * S int32, 16-byte aligned
   int nodes;            // nodes the hierarchical regions were planned for (1: none)
+  int chunkTokens;      // tokens per chunk of a network stream (see kHTMaxChunks)
+  int chunks;           // chunks of maxTokens tokens (<= kHTMaxChunks)
   uint32_t msgBytes;
   uint32_t payloadBytes;  // = metaOffset
   uint32_t flagOffset;
@@ -178,6 +195,10 @@ inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts,
     take(&l.netStage, 1, stageBytes);
     take(&l.netRecv, N * T, l.netMsgBytes);
     take(&l.combineFwd, 1, combineBytes);
+    take(&l.chunkArrivals, N * size_t(kHTMaxChunks), 4);
+    const int perChunk = (maxTokens + kHTMaxChunks - 1) / kHTMaxChunks;
+    l.chunkTokens = perChunk > kHTMinChunkTokens ? perChunk : kHTMinChunkTokens;
+    l.chunks = (maxTokens + l.chunkTokens - 1) / l.chunkTokens;
   }
   l.end = at;
   *out = l;
