@@ -27,8 +27,7 @@ from .counts import gather_exact_sizes
 from .groups import Groups
 from .handles import DispatchHandle
 from .layout import DispatchLayout, dispatch_layout
-from .streams import Launch, StreamState
-from .utils import EventOverlap
+from .streams import StreamState
 
 Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -67,12 +66,15 @@ class HighThroughput:
             raise InvalidArgument(
                 f"num_experts ({num_experts}) must be divisible by the {self.world_size} ranks"
             )
-        device = topk_idx.device
-        if device.type != "cuda" and not async_finish:
-            return dispatch_layout(topk_idx, num_experts, self.world_size, self.num_nodes), EventOverlap()
-        with Launch(self.streams, device, previous_event, async_finish) as launch:
+        device, streams = topk_idx.device, self.streams
+        cuda, index = device.type == "cuda", device.index
+        launch = streams.enter(cuda, index, previous_event, async_finish)
+        try:
             layout = dispatch_layout(topk_idx, num_experts, self.world_size, self.num_nodes)
-            event = launch.finish((topk_idx,), tuple(t for t in layout if t is not None))
+            event = streams.finish(launch, cuda, index, (topk_idx,), layout)
+        finally:
+            if launch is not None:
+                launch.__exit__()
         return layout, event
 
     # ------------------------------------------------------------------------------ dispatch
@@ -115,14 +117,9 @@ class HighThroughput:
             first = torch.arange(ranks, device=data.device) * (num_experts // ranks)
             routing_idx = torch.where(is_token_in_rank, first, -1)
         topk = routing_idx.shape[1]
-        device = data.device
-        cuda = device.type == "cuda"
-        streams = self.streams
-        launch = Launch(streams, device, previous_event, True) if async_finish else None
-        if launch is not None:
-            launch.__enter__()
-        elif cuda:
-            streams.before(device.index, previous_event)
+        device, streams = data.device, self.streams
+        cuda, index = device.type == "cuda", device.index
+        launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
             counts = None
             per_expert: list[int] = []
@@ -164,18 +161,16 @@ class HighThroughput:
             if topk_weights is None:
                 recv_weights = None
             handle = DispatchHandle(group, out[6], rows, is_token_in_rank, counts)
-            if launch is None:
-                if cuda and streams.record:
-                    streams.after(device.index)
-                event = EventOverlap()
-            else:
-                event = launch.finish(
-                    (data, given_scales, routing_idx, topk_weights),
-                    (*out[:4], recv_idx, *out[6].tensors()),
-                )
+            event = streams.finish(
+                launch,
+                cuda,
+                index,
+                (data, given_scales, routing_idx, topk_weights),
+                (out[:4], recv_idx, out[6]),
+            )
         finally:
             if launch is not None:
-                launch.__exit__(None, None, None)
+                launch.__exit__()
         return payload, recv_idx, recv_weights, per_expert, handle, event
 
     def cached_dispatch(
@@ -204,24 +199,18 @@ class HighThroughput:
                 moved = moved[:rows]
             return moved.view(t.dtype) if single else moved
 
-        device = data.device
-        if not async_finish:
-            cuda, streams = device.type == "cuda", self.streams
-            if cuda:
-                streams.before(device.index, previous_event)
+        device, streams = data.device, self.streams
+        cuda, index = device.type == "cuda", device.index
+        launch = streams.enter(cuda, index, previous_event, async_finish)
+        try:
             recv_x: Payload = route(data)
             if x_scales is not None:
                 recv_scales = route(x_scales)
                 recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
-            if cuda and streams.record:
-                streams.after(device.index)
-            return recv_x, EventOverlap()
-        with Launch(self.streams, device, previous_event, True) as launch:
-            recv_x = route(data)
-            if x_scales is not None:
-                recv_scales = route(x_scales)
-                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
-            event = launch.finish((data, given_scales), recv_x if isinstance(recv_x, tuple) else (recv_x,))
+            event = streams.finish(launch, cuda, index, (data, given_scales), (recv_x,))
+        finally:
+            if launch is not None:
+                launch.__exit__()
         return recv_x, event
 
     # ------------------------------------------------------------------------------ combine
@@ -244,14 +233,9 @@ class HighThroughput:
             raise InvalidArgument(
                 f"topk_weights must have the dispatch's {rows} rows, got {list(topk_weights.shape)}"
             )
-        device = x.device
-        cuda = device.type == "cuda"
-        streams = self.streams
-        launch = Launch(streams, device, previous_event, True) if async_finish else None
-        if launch is not None:
-            launch.__enter__()
-        elif cuda:
-            streams.before(device.index, previous_event)
+        device, streams = x.device, self.streams
+        cuda, index = device.type == "cuda", device.index
+        launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
             y, combined_weights = handle.group.ht_combine(
                 _full_rows(x, full),
@@ -260,15 +244,10 @@ class HighThroughput:
             )
             if bias:
                 y = (y.float() + sum(b.float() for b in bias)).to(torch.bfloat16)
-            if launch is None:
-                if cuda and streams.record:
-                    streams.after(device.index)
-                event = EventOverlap()
-            else:
-                event = launch.finish((x, topk_weights, *bias), (y, combined_weights))
+            event = streams.finish(launch, cuda, index, (x, topk_weights, bias), (y, combined_weights))
         finally:
             if launch is not None:
-                launch.__exit__(None, None, None)
+                launch.__exit__()
         return y, combined_weights, event
 
 

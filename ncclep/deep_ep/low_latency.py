@@ -32,7 +32,7 @@ from ..handles import LLDispatchOutput
 from . import budget, deferred, scales
 from .groups import Groups
 from .handles import LowLatencyHandle
-from .streams import Launch, StreamState
+from .streams import StreamState
 from .utils import EventOverlap
 from .weights import with_weights
 
@@ -234,18 +234,9 @@ class LowLatency:
         group = plan.group
         if return_recv_hook:
             return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
-        if async_finish:
-            with Launch(self.streams, plan.device, None, True) as launch:
-                out = group.ll_dispatch(
-                    x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
-                )
-                recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
-                parts = (*recv_x, recv_count) if plan.use_fp8 else (recv_x, recv_count)
-                event = launch.finish((x, topk_idx, weights, stats), (*parts, *out[3].tensors()))
-        else:
-            streams = self.streams
-            if plan.cuda:
-                streams.before(plan.index)
+        streams = self.streams
+        launch = streams.enter(plan.cuda, plan.index, None, async_finish)
+        try:
             out = group.ll_dispatch(
                 x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
             )
@@ -253,9 +244,12 @@ class LowLatency:
                 recv_x, recv_count = out[0], out[2]
             else:
                 recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
-            if streams.record and plan.cuda:
-                streams.after(plan.index)
-            event = EventOverlap()
+            event = streams.finish(
+                launch, plan.cuda, plan.index, (x, topk_idx, weights, stats), (recv_x, recv_count, out[3])
+            )
+        finally:
+            if launch is not None:
+                launch.__exit__()
         return recv_x, recv_count, LowLatencyHandle(plan, tokens, out[3], topk_weights), event, None
 
     @staticmethod
@@ -287,15 +281,8 @@ class LowLatency:
             streams.after(plan.index)
         handle = LowLatencyHandle(plan, x.shape[0], None, topk_weights)
         later_x, later_count = plan.placeholders()
-        done = False
 
-        def hook() -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            if plan.cuda:
-                streams.before(plan.index)
+        def receive() -> None:
             out: LLDispatchOutput = pending.wait()  # type: ignore[union-attr]
             if plan.use_fp8:
                 deferred.fulfil(later_x[0], out[0])
@@ -306,10 +293,8 @@ class LowLatency:
             handle.routing = out[3]
             if stats is not None:
                 stats.add_(out[2])
-            if streams.record and plan.cuda:
-                streams.after(plan.index)
 
-        return later_x, later_count, handle, EventOverlap(), hook
+        return later_x, later_count, handle, EventOverlap(), _hook(streams, plan, receive)
 
     # ------------------------------------------------------------------------------ combine
 
@@ -363,23 +348,18 @@ class LowLatency:
         group = plan.group
         if return_recv_hook:
             return self._combine_hooked(plan, group, expert_out, handle, routing, topk_weights, out, direct)
-        if async_finish:
-            with Launch(self.streams, plan.device, None, True) as launch:
-                if not handle.carries(topk_weights):
-                    routing = with_weights(group.process_group, routing, topk_weights)
-                combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
-                inputs = (x, topk_idx, topk_weights, expert_out, routing.recv_weights)
-                event = launch.finish(inputs, (combined,))
-            return combined, event, None
         streams = self.streams
-        if plan.cuda:
-            streams.before(plan.index)
-        if not handle.carries(topk_weights):
-            routing = with_weights(group.process_group, routing, topk_weights)
-        combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
-        if streams.record and plan.cuda:
-            streams.after(plan.index)
-        return combined, EventOverlap(), None
+        launch = streams.enter(plan.cuda, plan.index, None, async_finish)
+        try:
+            if not handle.carries(topk_weights):
+                routing = with_weights(group.process_group, routing, topk_weights)
+            combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
+            inputs = (x, topk_idx, topk_weights, expert_out, routing.recv_weights)
+            event = streams.finish(launch, plan.cuda, plan.index, inputs, (combined,))
+        finally:
+            if launch is not None:
+                launch.__exit__()
+        return combined, event, None
 
     def _combine_hooked(
         self,
@@ -405,24 +385,34 @@ class LowLatency:
             if out is not None
             else deferred.placeholder((handle.num_tokens, plan.hidden), torch.bfloat16, plan.device)
         )
-        done = False
 
-        def hook() -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            if plan.cuda:
-                streams.before(plan.index)
+        def receive() -> None:
             y: torch.Tensor = pending.wait()  # type: ignore[union-attr]
             if out is None:
                 deferred.fulfil(later, y)
             elif y is not out:
                 out.copy_(y)
-            if streams.record and plan.cuda:
-                streams.after(plan.index)
 
-        return later, EventOverlap(), hook
+        return later, EventOverlap(), _hook(streams, plan, receive)
+
+
+def _hook(streams: StreamState, plan: LLPlan, receive: Hook) -> Hook:
+    """The hook of a ``return_recv_hook`` call: ``receive()`` at its first call (later calls do
+    nothing), ordered on the current stream like a call without ``async_finish``."""
+    done = False
+
+    def hook() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        if plan.cuda:
+            streams.before(plan.index)
+        receive()
+        if streams.record and plan.cuda:
+            streams.after(plan.index)
+
+    return hook
 
 
 def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,38 @@ class StreamState:
         if self.record:
             self.note(torch.cuda.current_stream(index))
 
+    # ------------------------------------------------------------------ a call, on either stream
+
+    def enter(self, cuda: bool, index: int | None, previous_event: Any, async_finish: bool) -> Launch | None:
+        """Before a call's launches, its tensors on CUDA device ``index`` (``cuda``) or on the CPU.
+        With ``async_finish``: its :class:`Launch`, entered (the communication stream is current
+        and waits for ``previous_event``, else for the current stream); the caller must
+        :meth:`finish` it, then ``__exit__`` it (also on an error). Without: None, the current
+        stream ordered as :meth:`before` does (on CUDA)."""
+        if async_finish:
+            return Launch(self, cuda, index, previous_event).__enter__()
+        if cuda:
+            self.before(index, previous_event)  # type: ignore[arg-type]  # set on CUDA
+        return None
+
+    def finish(
+        self,
+        launch: Launch | None,
+        cuda: bool,
+        index: int | None,
+        inputs: Sequence[Any] = (),
+        outputs: Sequence[Any] = (),
+    ) -> EventOverlap:
+        """After the launches of a call that :meth:`enter` began: with a ``launch``, the event it
+        records on the communication stream, and ``inputs`` and ``outputs`` marked as used by both
+        streams and kept with the event (:meth:`Launch.finish`); without, an empty EventOverlap,
+        after :meth:`after` (when the Buffer records)."""
+        if launch is None:
+            if self.record and cuda:
+                self.after(index)  # type: ignore[arg-type]  # set on CUDA
+            return EventOverlap()
+        return launch.finish(inputs, outputs)
+
     def _switch(self, index: int, stream: torch.cuda.Stream) -> None:
         """``stream`` is not the last launch's: make it wait for that launch (outside capture)."""
         if torch.cuda.is_current_stream_capturing():
@@ -108,28 +140,22 @@ class StreamState:
 
 
 class Launch:
-    """One call's streams: ``with Launch(...) as launch: ...; event = launch.finish(inputs, outputs)``.
+    """One ``async_finish`` call's streams, made current by :meth:`StreamState.enter` and ended by
+    :meth:`StreamState.finish` (then ``__exit__``, which makes the caller's stream current again).
 
     Arguments:
         state: the Buffer's :class:`StreamState`.
-        device: the device of the call's tensors.
+        cuda, index: whether the call's tensors are on CUDA, and their device.
         previous_event: an :class:`EventOverlap` to wait for before the call, or None.
-        async_finish: run on the communication stream and return its event.
-
-    Calls without ``async_finish`` on CUDA need no Launch: ``state.before(index, previous_event)``
-    before the launch and, when ``state.record``, ``state.after(index)`` after it do the same.
     """
 
-    __slots__ = ("async_finish", "compute", "cuda", "index", "previous", "state", "stream")
+    __slots__ = ("compute", "cuda", "index", "previous", "state", "stream")
 
-    def __init__(
-        self, state: StreamState, device: torch.device, previous_event: Any, async_finish: bool
-    ) -> None:
+    def __init__(self, state: StreamState, cuda: bool, index: int | None, previous_event: Any) -> None:
         self.state = state
-        self.cuda = device.type == "cuda"
-        self.index = device.index
+        self.cuda = cuda
+        self.index = index
         self.previous = previous_event
-        self.async_finish = async_finish
         self.stream: torch.cuda.Stream | None = None
 
     def __enter__(self) -> Launch:
@@ -137,9 +163,6 @@ class Launch:
             return self
         if self.index is None:
             self.index = torch.cuda.current_device()
-        if not self.async_finish:
-            self.state.before(self.index, self.previous)
-            return self
         state = self.state
         compute = self.compute = torch.cuda.current_stream(self.index)
         stream = state.comm_stream(self.index)
@@ -163,13 +186,10 @@ class Launch:
             self.stream = None
 
     def finish(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
-        """The call's event (None without ``async_finish``); tensors among ``inputs`` and
-        ``outputs`` (None and non-tensors are skipped) stay alive with it."""
-        if not self.async_finish:
-            if self.cuda and self.state.record:
-                self.state.after(self.index)
-            return EventOverlap()
-        kept = tuple(t for t in (*inputs, *outputs) if t is not None)
+        """The call's event; the tensors of ``inputs`` and ``outputs`` (see :func:`_tensors`) stay
+        alive with it."""
+        ins, outs = _tensors(inputs), _tensors(outputs)
+        kept = (*ins, *outs)
         if not self.cuda:
             return EventOverlap(EventHandle.completed(), kept)
         stream = self.stream
@@ -179,10 +199,24 @@ class Launch:
         self.state.note(stream, event)
         if not torch.cuda.is_current_stream_capturing():  # in a graph, extra_tensors keep them
             compute = self.compute
-            for t in outputs:
-                if t is not None:
-                    t.record_stream(compute)
-            for t in inputs:
-                if t is not None:
-                    t.record_stream(stream)
+            for t in outs:
+                t.record_stream(compute)
+            for t in ins:
+                t.record_stream(stream)
         return EventOverlap(EventHandle.of(event), kept)
+
+
+def _tensors(items: Sequence[Any]) -> list[torch.Tensor]:
+    """The tensors of ``items``, in order: a tensor; None (skipped); a tuple of tensors and None;
+    or an ncclep handle (its ``tensors()``)."""
+    flat: list[torch.Tensor] = []
+    for t in items:
+        if t is None:
+            continue
+        if isinstance(t, torch.Tensor):
+            flat.append(t)
+        elif isinstance(t, tuple):
+            flat.extend(u for u in t if u is not None)
+        else:
+            flat.extend(t.tensors())
+    return flat
