@@ -42,7 +42,6 @@ struct CombineShared {
   int rejected[kLLMaxRanks];  // receive: the rank rejected this call (its rows count as none)
   uint64_t mark[kLLMaxRanks];  // receive: our received-data mark of each rank in this parity
   uint64_t seen[kLLMaxRanks];  // receive: each rank's data signal (acquired), last read
-  int slotOf[kLLMaxRanks];     // receive: the token being summed's slot at each rank (-1: none)
   uint32_t sendSeq;            // the send half's call, for the receive half's arrival in a fused launch
   bool last;
 };
@@ -238,13 +237,11 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   const int chunks = p.hidden / 8;
 
   // First step, in one round trip: thread r loads our marks of rank r (both parities, before the
-  // sequence number is known) and the block's first token's slot there, threads R + 2r + q read
-  // (acquire) its data signal of parity q.
+  // sequence number is known), threads R + 2r + q read (acquire) its data signal of parity q.
   if (tid < R) {
     const uint64_t marks[2] = {*ll::receivedMark(c, 1, 0, tid), *ll::receivedMark(c, 1, 1, tid)};
     s.mark[tid] = marks[parity];
     s.rejected[tid] = 0;
-    s.slotOf[tid] = int(blockIdx.x) < p.numTokens ? p.sendSlots[int64_t(blockIdx.x) * R + tid] : -1;
   } else if (tid < 3 * R) {
     const int r = (tid - R) >> 1, q = (tid - R) & 1;
     const uint64_t got = peers.read(r, kSigCombineData + q);
@@ -261,15 +258,11 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
 
   const char* slots = c.local + l.combineSlots + size_t(parity) * R * T * l.combineMsgBytes;
   for (int b = blockIdx.x; b < p.numTokens; b += gridDim.x) {
-    if (b != int(blockIdx.x)) {  // the block's first token's slots were loaded in the first step
-      __syncthreads();
-      if (tid < R) s.slotOf[tid] = p.sendSlots[int64_t(b) * R + tid];
-      __syncthreads();
-    }
+    const int* sendSlots = p.sendSlots + int64_t(b) * R;
     for (int i = tid; i < chunks; i += blockDim.x) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int d = 0; d < R; ++d) {
-        const int slot = s.slotOf[d];
+        const int slot = sendSlots[d];
         if (slot < 0 || s.rejected[d]) continue;
         const int4* src = reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes);
         device::fmaBf16x8(acc, device::loadCg(src + i), 1.0f);

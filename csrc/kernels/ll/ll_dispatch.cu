@@ -359,7 +359,6 @@ static_assert(4 * kLLMaxRanks <= kLLThreads, "a thread per rank (four per rank i
 
 struct SendFlags {
   bool last;
-  char* warm;        // written, never read: see dispatchSend
   uint32_t sendSeq;  // the send half's call number, for the receive half's arrival in a fused launch
   char* msgs[kLLMaxTopk];
   TokenRanks ranks;
@@ -385,9 +384,6 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   // acknowledgement is read now, beside the sequence number, and checked after the counting or
   // the first token's ranking (neither touches a peer), so the round trips overlap.
   const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
-  // Brings the window's LSA addressing (NCCL reads it through the read-only cache) into this SM's
-  // L1 now: the first stores to a peer, after the ranking, need it.
-  if (tid == kLLThreads - 1) flags.warm = peers.template target<char>(c.rank, 0, 0);
   // Waited for (when not yet seen) by a block before its first store to a peer; true when a
   // destination never acknowledged: the block then sends nothing. The barrier also orders each
   // acknowledgement before every thread's stores to that destination.
