@@ -59,31 +59,7 @@ struct TokenRanks {
   int expert[kLLMaxTopk];
   int pos[kLLMaxTopk];
   int slot[kLLMaxTopk];
-  float weight[kLLMaxTopk];
 };
-
-// The calling thread's share of a token's first pass over its payload (bf16: chunk `tid`; fp8: the
-// two 16-byte halves of its lane's part of the warp's 128-channel group), loaded before the token
-// is ranked so that the load's latency hides behind the ranking.
-struct PayloadHead {
-  int4 v[2];
-};
-
-__device__ __forceinline__ PayloadHead loadPayloadHead(const LLDispatchParams& p, int b) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int4* row = static_cast<const int4*>(p.x) + int64_t(b) * (p.hidden / 8);
-  PayloadHead head{{make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)}};
-  if (!p.useFp8) {
-    if (tid < p.hidden / 8) head.v[0] = row[tid];
-  } else {
-    const int g = warp * 4 + (lane >> 3);
-    if (g < p.hidden / 128) {
-      head.v[0] = row[g * 16 + (lane & 7) * 2];
-      head.v[1] = row[g * 16 + (lane & 7) * 2 + 1];
-    }
-  }
-  return head;
-}
 
 __host__ __device__ inline size_t alignUp16(size_t x) { return (x + 15) / 16 * 16; }
 
@@ -180,7 +156,6 @@ __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
     out.expert[tid] = e;
     out.slot[tid] = e >= 0 && firstOnRank(p, rankOf, b, tid, e) ? rankOf.of(e) : -1;  // its rank, for now
     out.pos[tid] = 0;
-    out.weight[tid] = p.topkWeights[int64_t(b) * K + tid];
   }
   __syncthreads();
   int counted[2] = {0, 0};  // lanes < K: pos and slot of choice `lane`, summed over the warp's tokens
@@ -265,7 +240,7 @@ __device__ __forceinline__ size_t messageBytes(const LLDispatchParams& p) {
 
 template <class Net>
 __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>& peers,
-                          uint32_t parity, int b, const TokenRanks& ranks, const PayloadHead& head, char** msgs) {
+                          uint32_t parity, int b, const TokenRanks& ranks, char** msgs) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
@@ -306,7 +281,7 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
       const bool here = e >= 0 && e / L == d;
       if (field == 0) word = here ? e - d * L : -1;
       else if (field == 1) word = here ? ranks.pos[j] : 0;
-      else word = __float_as_int(here ? ranks.weight[j] : 0.0f);
+      else word = __float_as_int(here ? p.topkWeights[int64_t(b) * K + j] : 0.0f);
     }
     reinterpret_cast<int32_t*>(msgs[k])[w] = word;
   }
@@ -315,7 +290,7 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
   if (!p.useFp8) {
     const int chunks = p.hidden / 8;
     for (int i = tid; i < chunks; i += blockDim.x) {
-      const int4 v = i == tid ? head.v[0] : reinterpret_cast<const int4*>(row)[i];
+      const int4 v = reinterpret_cast<const int4*>(row)[i];
       for (int k = 0; k < K; ++k)
         if (msgs[k] != nullptr) reinterpret_cast<int4*>(msgs[k] + l.headerBytes)[i] = v;
     }
@@ -325,8 +300,8 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
     for (int g0 = warp * 4; g0 < groups; g0 += numWarps * 4) {
       const int g = g0 + (lane >> 3);
       const bool active = g < groups;
-      int4 raw[2] = {head.v[0], head.v[1]};
-      if (active && g0 != warp * 4) {
+      int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
+      if (active) {
         const int4* src = reinterpret_cast<const int4*>(row) + g * 16 + sub * 2;
         raw[0] = src[0];
         raw[1] = src[1];
@@ -423,13 +398,12 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
 
   if (tid < R) flags.sentTo[tid] = 0;
   for (int b = blockIdx.x; !failed && b < p.numTokens; b += gridDim.x) {
-    const PayloadHead head = loadPayloadHead(p, b);
     rankToken(p, b, flags.ranks);
     if (b == int(blockIdx.x)) {
       stamp(p, kTraceRouted);
       if (!countsBlock && ackFailed()) break;
     }
-    sendToken(p, peers, parity, b, flags.ranks, head, flags.msgs);
+    sendToken(p, peers, parity, b, flags.ranks, flags.msgs);
     if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.expert[tid] / L] += 1;
   }
   __syncthreads();
