@@ -74,15 +74,16 @@ __device__ void sendRejection(const LLCombineParams& p, const transport::Peers<N
   }
 }
 
-// Waits for source r's rows of this call (`need` chunks past our mark `base`), starting from the
-// signal's value `seen` acquired before; sets rejected[r] when r rejected the call instead, and
+// Waits for source r's rows of this call (`need` chunks past our mark, mark[r]), starting from the
+// signal's value seen[r] acquired before; sets rejected[r] when r rejected the call instead, and
 // leaves in seen[r] the value that ended the wait. False after a failed wait.
 template <class Net>
 __device__ bool waitRows(const LLCombineParams& p, const transport::Peers<Net>& peers, const device::ErrorSink& err,
-                         uint32_t seq, int r, uint64_t need, uint64_t base, uint64_t seen, CombineShared& s) {
+                         uint32_t seq, int r, uint64_t need, CombineShared& s) {
   const LLCommon& c = p.c;
   const uint32_t parity = seq & 1u;
   const int kind = kSigCombineData + int(parity);
+  uint64_t base = s.mark[r], seen = s.seen[r];
   for (;;) {
     if (seen < base + need && !peers.wait(r, kind, base + need, c.timeoutNs, err, kPhaseLLCombineRecv, &seen))
       return false;
@@ -252,7 +253,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   bool ok = true;
   if (tid < R) {
     if (p.rejectCode != 0) ok = waitPeerDoneWithCall(p, peers, err, seq, tid);
-    else ok = waitRows(p, peers, err, seq, tid, uint64_t(s.expected[tid]) * uint64_t(chunks), s.mark[tid], s.seen[tid], s);
+    else ok = waitRows(p, peers, err, seq, tid, uint64_t(s.expected[tid]) * uint64_t(chunks), s);
   }
   if (__syncthreads_or(!ok)) return;
 
