@@ -25,8 +25,6 @@ __device__ __forceinline__ void addRelease(uint64_t* ptr, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
-__device__ __forceinline__ void fenceSystem() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-
 // Counts blocks that finished a phase; true in exactly one (the last) block's caller thread.
 // Acquire-release at GPU scope, so the last block sees everything the others did before arriving.
 __device__ __forceinline__ bool arriveLast(unsigned int* counter, unsigned int expected) {

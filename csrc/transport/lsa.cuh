@@ -26,8 +26,8 @@ struct Lsa {
     return reinterpret_cast<T*>(peerBase(peer) + offset);
   }
 
-  // Stores a word with release semantics (publishes this thread's earlier stores, and through a
-  // preceding barrier and system fence, its block's).
+  // Stores a word with release semantics: it publishes this thread's earlier stores and, release
+  // being cumulative, those of every thread it synchronised with first (its block, after a barrier).
   __device__ __forceinline__ void signal(int peer, size_t offset, uint64_t value) const {
     device::storeRelease(peerPtr<uint64_t>(peer, offset), value);
   }

@@ -12,8 +12,8 @@
 // cover, by the same thread or after an arrival that followed them: the threads that issued the
 // puts fence and add to a counter, and the signalling thread observed the last addition (a
 // grid-wide arrival, or the per-chunk arrival of the HT hierarchical path, ht_internode.cuh). GIN
-// orders a signal after earlier puts on the same context; the emulation issues a system fence
-// first.
+// orders a signal after earlier puts on the same context; the emulation's signal is a release add,
+// cumulative over what the signalling thread observed.
 #pragma once
 
 #include <cstddef>
@@ -47,7 +47,6 @@ struct NetEmulated {
 
   // `counterOffset`: the signal's word in the peer's window.
   __device__ __forceinline__ void signalAdd(int peer, int /*signal*/, size_t counterOffset, uint64_t value) const {
-    device::fenceSystem();
     lsa.signalAdd(peer, counterOffset, value);
   }
 

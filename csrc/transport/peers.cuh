@@ -58,15 +58,12 @@ struct Peers {
     if (viaNet(peer)) net.put(peer, dstOffset, stageOffset, bytes, thread, nThreads);
   }
 
-  // Issued after a system fence (LSA, emulation) or on the GIN context of the puts it covers, so
-  // it publishes what the caller's block stored and the puts the caller issued before.
+  // A release add (LSA, emulation) or a signal on the GIN context of the puts it covers: after a
+  // barrier it publishes what the caller's block stored and the puts the caller issued before.
+  // Release is cumulative, so no fence of its own: a fence before it would be a second one.
   __device__ __forceinline__ void signal(int peer, int kind, uint64_t value) const {
-    if (viaNet(peer)) {
-      net.signalAdd(peer, signals.index(kind, rank), signals.counterAt(kind, rank), value);
-    } else {
-      device::fenceSystem();
-      net.lsa.signalAdd(peer, signals.counterAt(kind, rank), value);
-    }
+    if (viaNet(peer)) net.signalAdd(peer, signals.index(kind, rank), signals.counterAt(kind, rank), value);
+    else net.lsa.signalAdd(peer, signals.counterAt(kind, rank), value);
   }
 
   // Acquires the signal: what the peer published before adding to it is visible after a true.

@@ -166,7 +166,6 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   __syncthreads();
   const uint64_t epoch = uint64_t(seq) + 1;
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    device::fenceSystem();
     const uint32_t tokens = p.rejectCode != 0 ? rejectWord(p.rejectCode) : uint32_t(s.colTotal[d]);
     lsa.signal(d, l.countFlags + (size_t(parity) * R + c.rank) * 8, (epoch << 32) | tokens);
   }

@@ -209,7 +209,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
     }
   }
 
-  // Each block tells each rank how many chunks of its rows landed (after the signal's fence).
+  // Each block tells each rank how many chunks of its rows landed (the signal's release publishes them).
   __syncthreads();
   if (tid < R && s.chunksTo[tid] > 0) peers.signal(tid, kSigCombineData + int(parity), s.chunksTo[tid]);
   if (tid == 0) s.sendSeq = seq;

@@ -408,7 +408,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   }
   __syncthreads();
   stamp(p, kTraceSent);
-  // Each block tells each destination how many of its messages landed (the signal's fence makes
+  // Each block tells each destination how many of its messages landed (the signal's release makes
   // them visible first); the receiver waits for the total its counts announced.
   if (tid < R && flags.sentTo[tid] > 0) peers.signal(tid, kSigDispatchData + int(parity), flags.sentTo[tid]);
   if (tid == 0) flags.sendSeq = seq;

@@ -24,7 +24,7 @@ enum LLTraceStep : int {
   kTraceAcked,      // after waiting for the destinations to free this parity (after the ranking)
   kTraceRouted,     // the block's first token ranked (its slots and rows known)
   kTraceSent,       // all the block's tokens stored
-  kTraceArrived,    // after this block's data signals (each after a system fence)
+  kTraceArrived,    // after this block's data signals (each a release at system scope)
   kTraceSignaled,   // after the send half's arrival count (a send-only launch)
   kTraceRecvStart,
   kTraceFlagsSeen,  // every source's counts acquired (its data is awaited per warp)
