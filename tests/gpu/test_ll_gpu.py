@@ -81,7 +81,7 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("world,nodes", [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)])
 def test_ll_matches_reference(world: int, nodes: int) -> None:
     for problems in gpu_pool(world).run(_matrix, world, nodes):
         assert problems == []

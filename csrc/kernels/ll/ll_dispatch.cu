@@ -533,8 +533,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // early sources are copied while late ones are still sending.
   bool ok = true;
   if (tid < R) {
-    uint64_t got = peers.read(tid, kSigDispatchCounts);
-    if (got < uint64_t(seq) + 1) ok = peers.wait(tid, kSigDispatchCounts, uint64_t(seq) + 1, c.timeoutNs, err, kPhaseLLDispatchRecv);
+    ok = peers.wait(tid, kSigDispatchCounts, uint64_t(seq) + 1, c.timeoutNs, err, kPhaseLLDispatchRecv);
   } else if (tid < 3 * R) {
     const int r = (tid - R) >> 1, q = (tid - R) & 1;
     const uint64_t got = peers.read(r, kSigDispatchData + q);
