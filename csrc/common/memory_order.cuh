@@ -26,7 +26,8 @@ __device__ __forceinline__ void addRelease(uint64_t* ptr, uint64_t value) {
 }
 
 // Counts blocks that finished a phase; true in exactly one (the last) block's caller thread.
-// Acquire-release at GPU scope, so the last block sees everything the others did before arriving.
+// Acquire-release at GPU scope, so the last block sees everything the others did before arriving:
+// release is cumulative, so one thread's arrival after a barrier covers its block (no fence first).
 __device__ __forceinline__ bool arriveLast(unsigned int* counter, unsigned int expected) {
   unsigned int old;
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");

@@ -65,7 +65,6 @@ __device__ __forceinline__ void finishCall(const HTCommon& c, uint32_t seq, bool
   __syncthreads();
   HTState* s = state(c);
   if (threadIdx.x == 0) {
-    __threadfence();
     *lastShared = device::arriveLast(&s->blocksDone[1], gridDim.x);
     if (*lastShared) {
       s->blocksDone[1] = 0;

@@ -135,13 +135,12 @@ __device__ __forceinline__ int chunksOf(const HTLayout& l, int tokens) {
 // arrival, which follows every put of the chunk (net.cuh's contract).
 __device__ __forceinline__ bool arriveChunk(const HTCommon& c, int row, int b, int tokens, int lane) {
   const HTLayout& l = c.layout;
-  __syncwarp();  // the warp's stores and puts for the token come before lane 0's fence
+  __syncwarp();  // the warp's stores and puts for the token come before lane 0's arrival (a release)
   bool last = false;
   if (lane == 0) {
     const int chunk = chunkOf(l, b);
     const int size = min(l.chunkTokens, tokens - chunk * l.chunkTokens);
     uint32_t* arrivals = reinterpret_cast<uint32_t*>(c.local + l.chunkArrivals) + row * kHTMaxChunks + chunk;
-    __threadfence();
     last = device::arriveLast(arrivals, uint32_t(size));
     if (last) *arrivals = 0;  // every token of the chunk arrived: nothing else touches it this call
   }
@@ -218,7 +217,6 @@ __device__ __forceinline__ void finishInternode(const transport::Peers<Net>& pee
   __syncthreads();
   HTState* s = state(c);
   if (threadIdx.x == 0) {
-    __threadfence();
     const bool last = device::arriveLast(&s->blocksDone[1], gridDim.x);
     if (last) {
       s->blocksDone[1] = 0;

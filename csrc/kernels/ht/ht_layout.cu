@@ -122,10 +122,7 @@ __global__ void __launch_bounds__(kHTThreads, 1) htCountKernel(const __grid_cons
   }
 
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    s.last = device::arriveLast(&ht::state(c)->blocksDone[0], gridDim.x);
-  }
+  if (threadIdx.x == 0) s.last = device::arriveLast(&ht::state(c)->blocksDone[0], gridDim.x);
   __syncthreads();
   if (!s.last) return;
 

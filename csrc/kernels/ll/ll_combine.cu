@@ -273,10 +273,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   }
 
   __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    s.last = device::arriveLast(&state->blocksDone[3], gridDim.x);
-  }
+  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[3], gridDim.x);
   __syncthreads();
   if (!s.last) return;
   if (tid == 0) {

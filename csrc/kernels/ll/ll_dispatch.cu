@@ -671,10 +671,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // A failed wait left messages uncopied: no acknowledgement (the group is closed after it).
   const bool failed = __syncthreads_or(!ok);
   stamp(p, kTraceCopied);
-  if (tid == 0) {
-    __threadfence();
-    flags.last = !failed && device::arriveLast(&state->blocksDone[1], gridDim.x);
-  }
+  if (tid == 0) flags.last = !failed && device::arriveLast(&state->blocksDone[1], gridDim.x);
   __syncthreads();
   if (!flags.last) return;
   if (tid == 0) {
