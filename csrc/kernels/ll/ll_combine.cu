@@ -135,20 +135,10 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
   // acknowledgement is read beside the sequence number (warp 0) and waited for below if needed.
   const uint64_t ackSeen = tid < R ? peers.read(tid, kSigCombineAck) : 0;
   if (warp == 1) {  // the prefix of the tokens each source sent us: where its items start
-    int base = 0;
-    for (int r0 = 0; r0 < R; r0 += 32) {
-      const int r = r0 + lane;
-      const int n = r < R && p.rejectCode == 0 ? p.recvSlotCounts[r] : 0;
-      int inclusive = n;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int below = __shfl_up_sync(kFullMask, inclusive, o);
-        if (lane >= o) inclusive += below;
-      }
-      if (r < R) s.start[r] = base + inclusive - n;
-      base += __shfl_sync(kFullMask, inclusive, 31);
-    }
-    if (lane == 0) s.start[R] = base;
+    const int total = ll::warpPrefix(
+        R, [&](int r) { return p.rejectCode == 0 ? p.recvSlotCounts[r] : 0; },
+        [&](int r, int, int start) { s.start[r] = start; });
+    if (lane == 0) s.start[R] = total;
   }
   if (!arrive) expectRows(p, s, 2);
   if (tid < R) s.chunksTo[tid] = 0;

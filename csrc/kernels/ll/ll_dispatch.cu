@@ -549,30 +549,20 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // expert each, the prefix of its counts over sources.
   const bool keep = p.rejectCode == 0;  // a rejecting rank writes no output
   if (warp == numWarps - 1) {
-    int base = 0;
-    for (int r0 = 0; r0 < R; r0 += 32) {
-      const int r = r0 + lane;
-      int n = r < R ? __ldcg(counts(r) + L) : 0;
-      if (n < 0) {
-        if (blockIdx.x == 0 && keep)
-          device::reportError(err, kDevicePeerRejected, kPhaseLLDispatchRecv, r, rejectReason(uint32_t(n)));
-        n = 0;
-      }
-      int inclusive = n;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int below = __shfl_up_sync(kFullMask, inclusive, o);
-        if (lane >= o) inclusive += below;
-      }
-      if (r < R) {
-        s.count[r] = n;
-        s.start[r] = base + inclusive - n;
-        s.want[r] = s.mark[r] + uint64_t(n);
-        if (blockIdx.x == 0 && keep) p.recvSlotCounts[r] = n;
-      }
-      base += __shfl_sync(kFullMask, inclusive, 31);
-    }
-    if (lane == 0) s.start[R] = base;
+    auto tokensFrom = [&](int r) {
+      const int n = __ldcg(counts(r) + L);
+      if (n >= 0) return n;
+      if (blockIdx.x == 0 && keep)
+        device::reportError(err, kDevicePeerRejected, kPhaseLLDispatchRecv, r, rejectReason(uint32_t(n)));
+      return 0;
+    };
+    const int total = ll::warpPrefix(R, tokensFrom, [&](int r, int n, int start) {
+      s.count[r] = n;
+      s.start[r] = start;
+      s.want[r] = s.mark[r] + uint64_t(n);
+      if (blockIdx.x == 0 && keep) p.recvSlotCounts[r] = n;
+    });
+    if (lane == 0) s.start[R] = total;
   }
   for (int e = tid; warp < numWarps - 1 && e < L; e += blockDim.x - 32) {
     int acc = 0;

@@ -24,5 +24,26 @@ __device__ __forceinline__ int sourceOf(const int* start, int R, int m) {
   return lo;
 }
 
+// One warp's exclusive prefix over ranks (32 a step) of count(r): place(r, n, start) for each
+// rank r < R, in the lane of r; returns the total in every lane.
+template <typename Count, typename Place>
+__device__ __forceinline__ int warpPrefix(int R, Count count, Place place) {
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+  for (int r0 = 0; r0 < R; r0 += 32) {
+    const int r = r0 + lane;
+    const int n = r < R ? count(r) : 0;
+    int inclusive = n;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int below = __shfl_up_sync(0xffffffffu, inclusive, o);
+      if (lane >= o) inclusive += below;
+    }
+    if (r < R) place(r, n, base + inclusive - n);
+    base += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  return base;
+}
+
 }  // namespace ll
 }  // namespace ncclep
