@@ -32,3 +32,13 @@ def has_kernels(mode: str) -> bool:
 def limits() -> dict[str, int]:
     """The kernels' limits and defaults as the C library states them (empty without the extension)."""
     return dict(_C.limits()) if _C is not None else {}
+
+
+def nccl_version() -> str | None:
+    """The NCCL the extension runs on, as loaded at run time ("2.30.7"), or None without the
+    extension. Not torch's ``torch.cuda.nccl.version()``: that is the NCCL torch was built with,
+    which an ``LD_PRELOAD``-ed library does not change."""
+    if _C is None:
+        return None
+    code = int(_C.nccl_version())
+    return f"{code // 10000}.{code // 100 % 100}.{code % 100}"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from ncclep import _native
 from ncclep.bench import cli, report, timing
 from ncclep.bench.runner import Inputs, row_bytes, traffic
 from ncclep.bench.workloads import Case, case_routing, mask_entries
@@ -318,6 +319,33 @@ def test_table_shows_only_columns_with_data() -> None:
     assert [line.split()[8] for line in lines[:3]] == ["8", "16", "24"]
     assert lines[0].split()[-2:] == ["2.4x", "256"]  # vs ref 3000 / 1250, buffer MB
     assert "graph" not in text
+
+
+def test_header_names_the_nccl_the_kernels_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An LD_PRELOAD-ed NCCL changes what ncclep loads, not torch.cuda.nccl.version() (the NCCL
+    torch was built with): the header names the loaded one, and torch's beside it when they differ."""
+
+    class Extension:
+        code = 23007
+
+        def nccl_version(self) -> int:
+            return self.code
+
+    ext = Extension()
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 28, 9))
+    monkeypatch.setattr(_native, "_C", ext)
+    meta = cli._nccl_versions()
+    assert meta == {"nccl": "2.30.7", "torch_nccl": "2.28.9"}
+    doc = {"meta": {"gpu": True, "settings": {}, "world_size": 4, **meta}, "rows": []}
+    assert "NCCL 2.30.7 (torch built with 2.28.9)," in report.header(doc)
+
+    ext.code = 22809
+    meta = cli._nccl_versions()
+    assert meta == {"nccl": "2.28.9", "torch_nccl": None}
+    assert "NCCL 2.28.9," in report.header({"meta": {"gpu": True, "settings": {}, **meta}, "rows": []})
+
+    monkeypatch.setattr(_native, "_C", None)  # a pure-Python install: torch's is all there is
+    assert cli._nccl_versions() == {"nccl": "2.28.9"}
 
 
 # ------------------------------------------------------------------------------ GPUs

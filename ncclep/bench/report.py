@@ -74,6 +74,8 @@ def header(doc: dict[str, Any]) -> str:
     meta, rows = doc["meta"], doc["rows"]
     s = meta.get("settings", {})
     nccl = f", NCCL {meta['nccl']}" if meta.get("nccl") else ""
+    if meta.get("torch_nccl"):
+        nccl += f" (torch built with {meta['torch_nccl']})"
     lines = [
         f"ncclep bench: {meta.get('world_size')}x {meta.get('device')}, torch {meta.get('torch')}{nccl}, "
         f"{meta.get('date')}"
