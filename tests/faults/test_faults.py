@@ -22,6 +22,7 @@ from typing import Any
 import fault_cases as fc
 import pytest
 from dist_pool import DistPool
+from fault_report import REPORT, record
 
 from ncclep.errors import REJECT_REASONS
 
@@ -74,6 +75,8 @@ def run(world: int, backend: str, fn: Any, *args: Any) -> list[tuple[str, Any]]:
 
 def results_of(outcomes: list[tuple[str, Any]], dead: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Each rank's result dict; ranks in ``dead`` must have died, the others returned."""
+    if REPORT:
+        record(REPORT, outcomes)
     out = []
     for rank, (kind, value) in enumerate(outcomes):
         if rank in dead:
