@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 import ncclep
-from ncclep import fp8
+from ncclep import _native, fp8
 from ncclep.bench.timing import capture_graph
 from ncclep.launch import launch
 from ncclep.testing import (
@@ -566,7 +566,7 @@ def soak(args: argparse.Namespace, pg: Any, device: torch.device) -> dict[str, A
             "backend": args.backend_resolved,
             "graphs": "CUDA graphs" if gpu else "eager stand-in: no CUDA",
             "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpu else None,
+            **(_native.nccl_versions() if gpu else {"nccl": None}),
             "virtual_nodes": os.environ.get("NCCLEP_VIRTUAL_NODES"),
             "seed": args.seed,
             "check_every": args.check_every,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
+
 _C: ModuleType | None
 try:
     from . import _C  # type: ignore[attr-defined, no-redef]
@@ -42,3 +44,14 @@ def nccl_version() -> str | None:
         return None
     code = int(_C.nccl_version())
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+
+
+def nccl_versions() -> dict[str, str | None]:
+    """For a run's record on GPUs: ``nccl``, the NCCL ncclep's kernels run on (the extension's,
+    loaded at run time; torch's where the extension is missing), and ``torch_nccl``, the one torch
+    was built with, when it differs."""
+    torch_nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    ours = nccl_version()
+    if ours is None:
+        return {"nccl": torch_nccl}
+    return {"nccl": ours, "torch_nccl": torch_nccl if torch_nccl != ours else None}

@@ -334,18 +334,18 @@ def test_header_names_the_nccl_the_kernels_run_on(monkeypatch: pytest.MonkeyPatc
     ext = Extension()
     monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 28, 9))
     monkeypatch.setattr(_native, "_C", ext)
-    meta = cli._nccl_versions()
+    meta = _native.nccl_versions()
     assert meta == {"nccl": "2.30.7", "torch_nccl": "2.28.9"}
     doc = {"meta": {"gpu": True, "settings": {}, "world_size": 4, **meta}, "rows": []}
     assert "NCCL 2.30.7 (torch built with 2.28.9)," in report.header(doc)
 
     ext.code = 22809
-    meta = cli._nccl_versions()
+    meta = _native.nccl_versions()
     assert meta == {"nccl": "2.28.9", "torch_nccl": None}
     assert "NCCL 2.28.9," in report.header({"meta": {"gpu": True, "settings": {}, **meta}, "rows": []})
 
     monkeypatch.setattr(_native, "_C", None)  # a pure-Python install: torch's is all there is
-    assert cli._nccl_versions() == {"nccl": "2.28.9"}
+    assert _native.nccl_versions() == {"nccl": "2.28.9"}
 
 
 # ------------------------------------------------------------------------------ GPUs

@@ -282,7 +282,7 @@ def run_rank(args: argparse.Namespace, pg: dist.ProcessGroup | None, device: tor
             "device": torch.cuda.get_device_name(device) if gpu else "CPU",
             "gpu": gpu,
             "torch": torch.__version__,
-            **(_nccl_versions() if gpu else {"nccl": None}),
+            **(_native.nccl_versions() if gpu else {"nccl": None}),
             "host": platform.node(),
             "settings": asdict(settings),
             "virtual_nodes": os.environ.get("NCCLEP_VIRTUAL_NODES"),
@@ -293,16 +293,6 @@ def run_rank(args: argparse.Namespace, pg: dist.ProcessGroup | None, device: tor
         if failed:
             print("validation FAILED (see the check column)", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _nccl_versions() -> dict[str, str | None]:
-    """``nccl``: the NCCL ncclep's kernels run on (its extension's, loaded at run time; torch's
-    where the extension is missing); ``torch_nccl``: the one torch was built with, when it differs."""
-    torch_nccl = ".".join(map(str, torch.cuda.nccl.version()))
-    ours = _native.nccl_version()
-    if ours is None:
-        return {"nccl": torch_nccl}
-    return {"nccl": ours, "torch_nccl": torch_nccl if torch_nccl != ours else None}
 
 
 def main(argv: list[str] | None = None) -> int:
