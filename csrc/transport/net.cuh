@@ -10,10 +10,10 @@
 //
 // Ordering contract (both): a signal to a peer is issued after every put to that peer it must
 // cover, by the same thread or after an arrival that followed them: the threads that issued the
-// puts fence and add to a counter, and the signalling thread observed the last addition (a
-// grid-wide arrival, or the per-chunk arrival of the HT hierarchical path, ht_internode.cuh). GIN
-// orders a signal after earlier puts on the same context; the emulation's signal is a release add,
-// cumulative over what the signalling thread observed.
+// puts add to a counter after a barrier (acq_rel), and the signalling thread observed the last
+// addition (a grid-wide arrival, or the per-chunk arrival of the HT hierarchical path,
+// ht_internode.cuh). GIN orders a signal after earlier puts on the same context; the emulation's
+// signal is a release add, cumulative over what the signalling thread observed.
 #pragma once
 
 #include <cstddef>
