@@ -61,33 +61,48 @@ class CudaLL:
 
     # ------------------------------------------------------------------------------ dispatch
 
-    def _dispatch_plan(self, hidden: int, use_fp8: bool, ue8m0: bool) -> Any:
-        key = (hidden, use_fp8, ue8m0)
+    def _dispatch_plan(self, hidden: int, use_fp8: bool, ue8m0: bool, column_major_scales: bool) -> Any:
+        key = (hidden, use_fp8, ue8m0, column_major_scales)
         plan = self._dispatch_plans.get(key)
         if plan is None:
-            specs = outputs.ll_dispatch_specs(self.cfg, outputs.TOKENS, hidden, use_fp8, ue8m0)
+            specs = outputs.ll_dispatch_specs(
+                self.cfg, outputs.TOKENS, hidden, use_fp8, ue8m0, column_major_scales
+            )
             plan = self._dispatch_plans[key] = outputs.plan(self._c, self._c.LL_DISPATCH_OUTPUTS, specs)
         return plan
 
     def _dispatch(
         self, phases: int, inputs: tuple[Any, ...], out: list[torch.Tensor] | None
     ) -> list[torch.Tensor]:
-        x, idx, w, use_fp8, ue8m0 = inputs
-        plan = self._dispatch_plan(x.shape[1], use_fp8, ue8m0)
+        x, idx, w, use_fp8, ue8m0, column_major_scales = inputs
+        plan = self._dispatch_plan(x.shape[1], use_fp8, ue8m0, column_major_scales)
         try:
             return self.comm.ll_dispatch(plan, x, idx, w, use_fp8, ue8m0, phases, out, self.trace)
         except self._pending as err:
             raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
 
     def dispatch(
-        self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, use_fp8: bool, ue8m0: bool
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        w: torch.Tensor,
+        use_fp8: bool,
+        ue8m0: bool,
+        column_major_scales: bool = False,
     ) -> LLDispatchOutput:
-        return outputs.ll_dispatch_output(self._dispatch(self.phase_all, (x, idx, w, use_fp8, ue8m0), None))
+        inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales)
+        return outputs.ll_dispatch_output(self._dispatch(self.phase_all, inputs, None))
 
     def dispatch_send(
-        self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, use_fp8: bool, ue8m0: bool
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        w: torch.Tensor,
+        use_fp8: bool,
+        ue8m0: bool,
+        column_major_scales: bool = False,
     ) -> CudaLLDispatch:
-        inputs = (x, idx, w, use_fp8, ue8m0)
+        inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales)
         return CudaLLDispatch(self._dispatch(self.phase_send, inputs, None), inputs)
 
     def dispatch_recv(self, state: CudaLLDispatch) -> LLDispatchOutput:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InvalidArgument
+
 FP8_DTYPE = torch.float8_e4m3fn
 UE8M0_DTYPE = torch.float8_e8m0fnu
 FP8_MAX = 448.0
@@ -64,3 +66,32 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 values of ``q [..., H]`` with ``scales [..., H/128]``."""
     blocks = q.float().reshape(*q.shape[:-1], q.shape[-1] // BLOCK, BLOCK)
     return (blocks * scales_to_float(scales).unsqueeze(-1)).reshape(q.shape)
+
+
+# ------------------------------------------------------------------ scale layouts for grouped GEMMs
+
+UE8M0_PER_WORD = 4
+"""UE8M0 exponents packed into one int32 word (lowest byte first), as DeepGEMM reads them."""
+
+
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """``float8_e8m0fnu [..., S]`` -> int32 ``[..., S/4]``, four exponents a word, lowest byte first."""
+    if scales.shape[-1] % UE8M0_PER_WORD:
+        raise InvalidArgument(
+            f"packed UE8M0 scales need hidden divisible by {BLOCK * UE8M0_PER_WORD}, "
+            f"got {scales.shape[-1] * BLOCK}",
+            reason="hidden",
+        )
+    return scales.contiguous().view(torch.uint8).view(torch.int32)
+
+
+def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[..., S/4]`` -> ``float8_e8m0fnu [..., S]`` (a view of a contiguous copy)."""
+    return packed.contiguous().view(torch.uint8).view(UE8M0_DTYPE)
+
+
+def column_major(scales: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions stored column-major (a device copy):
+    ``[..., T, S]`` with strides ``(..., 1, T)``, the token dimension innermost, which grouped
+    GEMMs read with TMA (DeepEP's LL scale layout)."""
+    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)

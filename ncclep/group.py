@@ -399,6 +399,7 @@ class Group:
         use_fp8: bool = False,
         ue8m0: bool = False,
         send_only: bool = False,
+        column_major_scales: bool = False,
     ) -> LLDispatchOutput | Pending[LLDispatchOutput]:
         """Send each token to the ranks of its top-k experts; returns expert-major rows (decode).
 
@@ -414,6 +415,11 @@ class Group:
             ue8m0: with ``use_fp8``, power-of-two scales as ``torch.float8_e8m0fnu``.
             send_only: launch the send half only; the result is a :class:`Pending` whose
                 ``wait()`` runs the receive half and returns the outputs.
+            column_major_scales: with ``use_fp8``, the scales stored with the row dimension
+                innermost (strides ``(R*T*S, 1, R*T)``), the layout grouped GEMMs read with TMA
+                (DeepEP's LL scales); with ``ue8m0`` too, the exponents packed four to an int32
+                word, lowest byte first: int32 ``[L, R*T, H/512]`` (``H`` a multiple of 512). The
+                kernel writes them so: no copy.
 
         Returns:
             :class:`LLDispatchOutput` ``(x, scales, expert_counts, handle)``: ``x [L, R*T, H]``
@@ -435,15 +441,18 @@ class Group:
         """
         self._require_open()
         try:
-            self._checks.ll_dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, send_only)
+            self._checks.ll_dispatch(
+                x, topk_idx, topk_weights, use_fp8, ue8m0, send_only, column_major_scales
+            )
         except InvalidArgument as problem:
             self._reject("ll_dispatch", problem)
+        layout = (use_fp8, ue8m0, column_major_scales)
         if send_only:
-            state = self._backend.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0)
+            state = self._backend.dispatch_send(x, topk_idx, topk_weights, *layout)
             return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
         if ops.eager(x):
-            return self._stamp(self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0))
-        outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, use_fp8, ue8m0)
+            return self._stamp(self._backend.dispatch(x, topk_idx, topk_weights, *layout))
+        outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, *layout)
         return self._stamp(ll_output(outs, use_fp8))
 
     def ll_combine(

@@ -43,7 +43,12 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _fake_allocator(like: Tensor) -> outputs.Allocator:
-    return lambda shape, dtype: like.new_empty(shape, dtype=dtype)
+    def new(shape: tuple[int, ...], dtype: torch.dtype, strides: tuple[int, ...] | None = None) -> Tensor:
+        if strides is None:
+            return like.new_empty(shape, dtype=dtype)
+        return like.new_empty_strided(shape, strides, dtype=dtype)
+
+    return new
 
 
 def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -75,24 +80,41 @@ def _ht_dispatch_tensors(out: HTDispatchOutput, like: Tensor) -> HTDispatchTenso
 
 @torch.library.custom_op("ncclep::ll_dispatch", mutates_args=())
 def ll_dispatch(
-    group: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bool, ue8m0: bool
+    group: int,
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    use_fp8: bool,
+    ue8m0: bool,
+    column_major_scales: bool = False,
 ) -> LLDispatchTensors:
     """``Group.ll_dispatch`` as an op: ``group`` is ``Group.id``; inputs as there (x ``[B, H]``
     bfloat16, topk_idx ``[B, K]`` int64/int32, topk_weights ``[B, K]`` float32).
 
     Returns ``(x [L, R*T, H] bfloat16 or float8_e4m3fn, scales [L, R*T, H/128] float32 or
-    float8_e8m0fnu (empty without fp8), expert_counts [L] int32, send_slots [B, R] int32,
+    float8_e8m0fnu (empty without fp8; with ``column_major_scales`` laid out as the method
+    says), expert_counts [L] int32, send_slots [B, R] int32,
     recv_rows [R, T, Kmax] int32, recv_weights [R, T, Kmax] float32, recv_slot_counts [R] int32)``;
     the last four are the :class:`ncclep.LLHandle`. Raises ``InvalidArgument`` / ``CommError``
     as the method does (the method validates; the op trusts its caller)."""
-    out = registry.lookup(group).backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0)
+    backend = registry.lookup(group).backend
+    out = backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
     return _ll_dispatch_tensors(out, x)
 
 
 @ll_dispatch.register_fake
-def _(group: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bool, ue8m0: bool):
+def _(
+    group: int,
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    use_fp8: bool,
+    ue8m0: bool,
+    column_major_scales: bool = False,
+):
     cfg = registry.lookup(group).config
-    out = outputs.ll_dispatch(cfg, x.shape[0], x.shape[1], use_fp8, ue8m0, _fake_allocator(x))
+    new = _fake_allocator(x)
+    out = outputs.ll_dispatch(cfg, x.shape[0], x.shape[1], use_fp8, ue8m0, new, column_major_scales)
     return _ll_dispatch_tensors(out, x)
 
 

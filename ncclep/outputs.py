@@ -2,8 +2,9 @@
 reference backend and the CUDA backend (which hands the shapes to ``ncclep._C`` once per shape key
 as an ``OutputPlan`` and allocates in C++). ``new(shape, dtype)`` allocates.
 
-Each ``*_specs`` function maps output names to ``(shape, dtype)`` (None where the call has no such
-output); the CUDA backend passes ``tokens=-1``, which the plan replaces with each call's count.
+Each ``*_specs`` function maps output names to ``(shape, dtype)`` or ``(shape, dtype, strides)``
+(None where the call has no such output); the CUDA backend passes ``tokens=-1``, which the plan
+replaces with each call's count.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from . import fp8
 from .config import GroupConfig
 from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
 
-Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-Spec = tuple[tuple[Any, ...], torch.dtype]
+Allocator = Callable[..., torch.Tensor]
+"""``new(shape, dtype)`` or ``new(shape, dtype, strides)``: an uninitialised tensor."""
+Spec = tuple[tuple[Any, ...], torch.dtype] | tuple[tuple[Any, ...], torch.dtype, tuple[int, ...]]
 Specs = dict[str, Spec | None]
 
 TOKENS = -1
@@ -26,7 +28,14 @@ TOKENS = -1
 
 
 def allocator(device: torch.device) -> Allocator:
-    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+    def new(
+        shape: tuple[int, ...], dtype: torch.dtype, strides: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        if strides is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+    return new
 
 
 def allocate(specs: Specs, new: Allocator) -> dict[str, torch.Tensor | None]:
@@ -43,12 +52,25 @@ def plan(c: Any, names: Sequence[str], specs: Specs) -> Any:
 # --------------------------------------------------------------------------------------- LL
 
 
-def ll_dispatch_specs(cfg: GroupConfig, tokens: Any, hidden: Any, use_fp8: bool, ue8m0: bool) -> Specs:
+def ll_scales_spec(experts: int, rows: int, hidden: Any, ue8m0: bool, column_major: bool) -> Spec:
+    """The LL dispatch's fp8 scales: ``[L, R*T, H/128]`` fp32 or UE8M0 bytes, row-major; or
+    ``column_major`` (token dimension innermost), the UE8M0 exponents then packed four to an int32
+    word: ``[L, R*T, H/512]`` int32."""
+    columns = hidden // fp8.BLOCK
+    if not column_major:
+        return ((experts, rows, columns), fp8.UE8M0_DTYPE if ue8m0 else torch.float32)
+    if ue8m0:
+        columns //= fp8.UE8M0_PER_WORD
+    strides = (rows * columns, 1, rows if columns > 1 else 1)  # a lone column: as fp8.column_major gives it
+    return ((experts, rows, columns), torch.int32 if ue8m0 else torch.float32, strides)
+
+
+def ll_dispatch_specs(
+    cfg: GroupConfig, tokens: Any, hidden: Any, use_fp8: bool, ue8m0: bool, column_major_scales: bool = False
+) -> Specs:
     experts, rows = cfg.num_local_experts, cfg.ll_rows_per_expert
     ranks, slots, kmax = cfg.world_size, cfg.max_tokens_per_rank, cfg.max_topk
-    scales: Spec | None = None
-    if use_fp8:
-        scales = ((experts, rows, hidden // fp8.BLOCK), fp8.UE8M0_DTYPE if ue8m0 else torch.float32)
+    scales = ll_scales_spec(experts, rows, hidden, ue8m0, column_major_scales) if use_fp8 else None
     return {
         "x": ((experts, rows, hidden), fp8.FP8_DTYPE if use_fp8 else torch.bfloat16),
         "scales": scales,
@@ -70,9 +92,16 @@ def ll_dispatch_output(t: dict[str, Any] | Sequence[Any]) -> LLDispatchOutput:
 
 
 def ll_dispatch(
-    cfg: GroupConfig, tokens: Any, hidden: Any, use_fp8: bool, ue8m0: bool, new: Allocator
+    cfg: GroupConfig,
+    tokens: Any,
+    hidden: Any,
+    use_fp8: bool,
+    ue8m0: bool,
+    new: Allocator,
+    column_major_scales: bool = False,
 ) -> LLDispatchOutput:
-    return ll_dispatch_output(allocate(ll_dispatch_specs(cfg, tokens, hidden, use_fp8, ue8m0), new))
+    specs = ll_dispatch_specs(cfg, tokens, hidden, use_fp8, ue8m0, column_major_scales)
+    return ll_dispatch_output(allocate(specs, new))
 
 
 def combine_specs(tokens: Any, hidden: Any) -> Specs:

@@ -219,6 +219,9 @@ def _payload_difference(a: Any, b: Any, used: torch.Tensor) -> str | None:
         return "dispatch payload differs on rows in use"
     if (a.scales is None) != (b.scales is None):
         return "scales presence differs"
-    if a.scales is not None and b.scales is not None and _rows_differ(a.scales, b.scales, used):
-        return "dispatch scales differ on rows in use"
+    if a.scales is not None and b.scales is not None:
+        if a.scales.stride() != b.scales.stride():
+            return f"scales strides {a.scales.stride()} != reference {b.scales.stride()}"
+        if _rows_differ(a.scales, b.scales, used):
+            return "dispatch scales differ on rows in use"
     return None

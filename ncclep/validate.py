@@ -13,7 +13,7 @@ import torch
 
 from .config import HT_HIDDEN_MULTIPLE, LAYOUTS, GroupConfig
 from .errors import InvalidArgument
-from .fp8 import BLOCK, FP8_DTYPE, UE8M0_DTYPE
+from .fp8 import BLOCK, FP8_DTYPE, UE8M0_DTYPE, UE8M0_PER_WORD
 from .handles import HTHandle, LLHandle
 
 Dtypes = tuple[torch.dtype, ...]
@@ -176,11 +176,13 @@ class Checks:
         use_fp8: object,
         ue8m0: object,
         send_only: object,
+        column_major_scales: object = False,
     ) -> None:
         self._mode("ll")
         check_flag("use_fp8", use_fp8)
         check_flag("ue8m0", ue8m0)
         check_flag("send_only", send_only)
+        check_flag("column_major_scales", column_major_scales)
         tokens, hidden = self._tokens(self.tensor("x", x, BF16, 2))
         if hidden % BLOCK:
             raise InvalidArgument(
@@ -193,6 +195,14 @@ class Checks:
         self._routing(tokens, topk_idx, topk_weights)
         if ue8m0 and not use_fp8:
             raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+        if column_major_scales and not use_fp8:
+            raise InvalidArgument("column_major_scales needs use_fp8=True", reason="option")
+        if column_major_scales and ue8m0 and hidden % (BLOCK * UE8M0_PER_WORD):
+            raise InvalidArgument(
+                f"column-major UE8M0 scales are packed four to an int32 word: hidden must be divisible by "
+                f"{BLOCK * UE8M0_PER_WORD}, got {hidden}",
+                reason="hidden",
+            )
 
     def ll_combine(
         self, expert_out: object, handle: LLHandle, out: object, send_only: object, group_id: int

@@ -106,6 +106,23 @@ def test_layout_counts_per_node() -> None:
     assert _num_nodes(["a"] * 4) == 1
 
 
+def test_layout_drops_out_of_range_ids_and_repeats() -> None:
+    """What the native op (csrc/kernels/layout) does too: ids outside [0, E) are no choice, and a
+    token that names an expert twice counts once for it."""
+    for dtype in (torch.int64, torch.int32):
+        topk_idx = torch.tensor([[8, 3, 3], [-2, 9, -1], [1, 1, 100]], dtype=dtype)
+        layout = dispatch_layout(topk_idx, num_experts=8, world_size=4, num_nodes=2)
+        assert layout.num_tokens_per_expert.tolist() == [0, 1, 0, 1, 0, 0, 0, 0]
+        assert layout.num_tokens_per_rank.tolist() == [1, 1, 0, 0]
+        assert layout.is_token_in_rank.tolist() == [
+            [False, True, False, False],
+            [False, False, False, False],
+            [True, False, False, False],
+        ]
+        assert layout.num_tokens_per_rdma_rank is not None
+        assert layout.num_tokens_per_rdma_rank.tolist() == [2, 0]
+
+
 def test_scale_layouts_and_placeholders() -> None:
     x = torch.randn(6, 1024).to(torch.bfloat16)
     q, s = fp8.quantize(x, ue8m0=True)

@@ -150,3 +150,19 @@ def test_ue8m0_scales_are_powers_of_two_covering_amax() -> None:
 def test_quantize_rejects_hidden_not_multiple_of_128() -> None:
     with pytest.raises(ValueError, match="divisible by 128"):
         fp8.quantize(torch.randn(2, 200))
+
+
+def test_ue8m0_packing_and_column_major_layout() -> None:
+    x = torch.randn(3, 5, 512).to(torch.bfloat16)
+    _, scales = fp8.quantize(x, ue8m0=True)  # [3, 5, 4] float8_e8m0fnu
+    packed = fp8.pack_ue8m0(scales)
+    assert packed.dtype == torch.int32 and packed.shape == (3, 5, 1)
+    exponents = scales.view(torch.uint8).to(torch.int64)
+    word = packed.to(torch.int64) & 0xFFFFFFFF
+    expected = sum(exponents[..., k : k + 1] << (8 * k) for k in range(4))  # lowest byte first
+    assert torch.equal(word, expected)
+    assert torch.equal(fp8.unpack_ue8m0(packed).view(torch.uint8), scales.view(torch.uint8))
+    laid = fp8.column_major(scales.float())
+    assert torch.equal(laid, scales.float()) and laid.stride() == (20, 1, 5)
+    with pytest.raises(ValueError, match="divisible by 512"):
+        fp8.pack_ue8m0(scales[..., :3])

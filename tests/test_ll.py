@@ -281,3 +281,42 @@ def test_ll_combine_matches_oracle(world_name: str, precision: str, request: pyt
     pool = request.getfixturevalue(world_name)
     counts = pool.run(_ll_combine_worker, pool.world_size, precision)
     assert counts == [len(ll_calls(pool.world_size))] * pool.world_size
+
+
+def _column_major_worker(world_size: int) -> int:
+    """Column-major scales (fp32, and packed UE8M0) hold the row-major dispatch's values, laid out as
+    ``outputs.ll_scales_spec`` says, on the eager path, through the op, and with send_only."""
+    num_experts = num_experts_for(world_size)
+    checked = 0
+    with make_group(num_experts) as group:
+        for i, hidden in enumerate((512, 1024)):
+            call = dict(routing="random", topk=8, hidden=hidden, tokens=[TOKENS] * world_size, masked=5)
+            x, idx, w = make_inputs(call, num_experts, salt=300 + i)
+            for ue8m0 in (False, True):
+                rows = group.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=ue8m0)
+                wanted = fp8.column_major(fp8.pack_ue8m0(rows.scales) if ue8m0 else rows.scales)
+                used = torch.arange(wanted.shape[1]) < rows.expert_counts.unsqueeze(1)  # padding: unspecified
+                column = dict(use_fp8=True, ue8m0=ue8m0, column_major_scales=True)
+                eager = group.ll_dispatch(x, idx, w, **column).scales
+                via_op = torch.ops.ncclep.ll_dispatch(group.id, x, idx, w, True, ue8m0, True)[1]
+                halves = group.ll_dispatch(x, idx, w, send_only=True, **column).wait().scales
+                for got in (eager, via_op, halves):
+                    assert got.dtype == (torch.int32 if ue8m0 else torch.float32)
+                    assert (
+                        got.shape == wanted.shape and got.stride() == wanted.stride() and got.stride()[1] == 1
+                    )
+                    same = got.contiguous().view(torch.uint8) == wanted.contiguous().view(torch.uint8)
+                    assert bool(same.all(dim=-1)[used].all()), "values differ on rows in use"
+                checked += 1
+        with pytest.raises(ncclep.InvalidArgument, match="needs use_fp8"):
+            group.ll_dispatch(x, idx, w, column_major_scales=True)
+        x384 = x[:, :384].contiguous()
+        with pytest.raises(ncclep.InvalidArgument, match="divisible by 512"):
+            group.ll_dispatch(x384, idx, w, use_fp8=True, ue8m0=True, column_major_scales=True)
+        # a refused call leaves the group usable
+        assert group.ll_dispatch(x384, idx, w, use_fp8=True, column_major_scales=True).scales.stride()[1] == 1
+    return checked
+
+
+def test_ll_dispatch_column_major_scales(world2: Any) -> None:
+    assert world2.run(_column_major_worker, 2) == [4, 4]

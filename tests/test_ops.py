@@ -14,7 +14,7 @@ import ncclep
 from ncclep import fp8
 
 SCHEMA_ARGS = {
-    "ll_dispatch": ["group", "x", "topk_idx", "topk_weights", "use_fp8", "ue8m0"],
+    "ll_dispatch": ["group", "x", "topk_idx", "topk_weights", "use_fp8", "ue8m0", "column_major_scales"],
     "ll_combine": ["group", "expert_out", "send_slots", "recv_rows", "recv_weights", "recv_slot_counts"],
     "ll_combine_out": [
         "group",
@@ -95,6 +95,8 @@ def _opcheck_worker() -> list[str]:
                 NO_AOT,
                 f"ll sparse {use_fp8} {ue8m0}",
             )
+        column_major = (ll.id, x, every, w_every, True, False, True)  # strided scales, fake and real alike
+        check(ops.ll_dispatch.default, column_major, FULL, "ll full column-major scales")
         full = ll.ll_dispatch(x, every, w_every)
         sparse = ll.ll_dispatch(xs, idx, w)
         for label, out in (("full", full), ("sparse", sparse)):
@@ -127,7 +129,7 @@ def _opcheck_worker() -> list[str]:
 
 def test_opcheck(world2: DistPool) -> None:
     done = world2.run(_opcheck_worker)
-    assert done[0] == done[1] and len(set(done[0])) == 17
+    assert done[0] == done[1] and len(set(done[0])) == 18
 
 
 # ------------------------------------------------------------------------------------- fake kernels
@@ -163,6 +165,8 @@ def _fake_worker() -> int:
                 ]
                 assert [(tuple(o.shape), o.dtype) for o in outs] == expect, (use_fp8, ue8m0)
                 checked += 1
+            scales = torch.ops.ncclep.ll_dispatch(ll.id, fx, fidx, fw, True, False, True)[1]
+            assert (tuple(scales.shape), scales.stride()) == ((L, R * T, 2), (R * T * 2, 1, R * T))
             recv_x, _, _, *handle = torch.ops.ncclep.ll_dispatch(ll.id, fx, fidx, fw, False, False)
             y = torch.ops.ncclep.ll_combine(ll.id, recv_x, *handle)
             assert (tuple(y.shape), y.dtype) == ((5, 256), torch.bfloat16)

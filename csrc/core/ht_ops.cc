@@ -54,6 +54,14 @@ HTCommon common(const ncclepGroup* g, int blocks, HTOp op) {
   return c;
 }
 
+// An HT op's args: version 1 ends where rejectCode begins; version 2 is the current struct.
+template <typename Args>
+ncclepResult_t readHTArgs(const Args* a, const char* call, Args* out) {
+  static_assert(NCCLEP_HT_ARGS_VERSION == 2u, "list each version's size");
+  const size_t sizes[] = {offsetof(Args, rejectCode), sizeof(Args)};
+  return readArgs(a, sizes, call, out);
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 ncclepResult_t checkCommon(const ncclepGroup* g, int phases, int numTokens, int rejectCode, const char* call) {
@@ -198,7 +206,7 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
   const char* call = "ncclepHTDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   ncclepHTDispatchArgs_t a;
-  NCCLEP_CHECK(readArgs(args, NCCLEP_HT_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(readHTArgs(args, call, &a));
   NCCLEP_CHECK(checkCommon(g, a.phases, a.numTokens, a.rejectCode, call));
   const int blocks = groupKernelSms(g);
   HTDispatchParams p{};
@@ -222,7 +230,7 @@ extern "C" ncclepResult_t ncclepHTCombine(ncclepGroup_t g, const ncclepHTCombine
   const char* call = "ncclepHTCombine";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   ncclepHTCombineArgs_t a;
-  NCCLEP_CHECK(readArgs(args, NCCLEP_HT_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(readHTArgs(args, call, &a));
   NCCLEP_CHECK(checkCommon(g, a.phases, a.numTokens, a.rejectCode, call));
   const int blocks = groupKernelSms(g);
   HTCombineParams p{};
@@ -246,7 +254,7 @@ extern "C" ncclepResult_t ncclepHTCachedDispatch(ncclepGroup_t g, const ncclepHT
   const char* call = "ncclepHTCachedDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_HT, call));
   ncclepHTCachedDispatchArgs_t a;
-  NCCLEP_CHECK(readArgs(args, NCCLEP_HT_ARGS_VERSION, call, &a));
+  NCCLEP_CHECK(readHTArgs(args, call, &a));
   NCCLEP_CHECK(checkCommon(g, a.phases, a.numTokens, a.rejectCode, call));
   const int blocks = groupKernelSms(g);
   HTCachedParams p{};

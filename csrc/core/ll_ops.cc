@@ -1,4 +1,6 @@
 // Host side of the LL calls: argument checks, the group's state, kernel launch.
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
 
 #include "core/errors.h"
@@ -49,7 +51,10 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   const char* call = "ncclepLLDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   ncclepLLDispatchArgs_t a;
-  NCCLEP_CHECK(readArgs(args, NCCLEP_LL_ARGS_VERSION, call, &a));
+  static_assert(NCCLEP_LL_ARGS_VERSION == 3u, "list each version's size");
+  const size_t sizes[] = {offsetof(ncclepLLDispatchArgs_t, rejectCode),
+                          offsetof(ncclepLLDispatchArgs_t, recvScalesStrides), sizeof(ncclepLLDispatchArgs_t)};
+  NCCLEP_CHECK(readArgs(args, sizes, call, &a));
   NCCLEP_CHECK(checkPhases(a.phases, call));
   NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
   LLDispatchParams p{};
@@ -78,6 +83,20 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
       NCCLEP_REQUIRE(a.recvX && a.expertCounts && a.recvRows && a.recvWeights && a.recvSlotCounts &&
                          (!a.useFp8 || a.recvScales),
                      "%s: an output pointer is NULL", call);
+    const long long* st = a.recvScalesStrides;
+    p.scalesStrided = st[0] != 0 || st[1] != 0 || st[2] != 0;
+    if (p.scalesStrided && (a.phases & NCCLEP_PHASE_RECV)) {
+      NCCLEP_REQUIRE(a.useFp8, "%s: recvScalesStrides are for fp8 scales (useFp8)", call);
+      NCCLEP_REQUIRE(st[0] >= 0 && st[1] >= 0 && st[2] >= 0, "%s: recvScalesStrides = {%lld, %lld, %lld}: must be >= 0",
+                     call, st[0], st[1], st[2]);
+      NCCLEP_REQUIRE(!a.ue8m0 || (a.hidden / 128) % 4 == 0,
+                     "%s: hidden = %d: strided UE8M0 scales move as words of four exponents, so hidden must be a "
+                     "multiple of 512",
+                     call, a.hidden);
+      NCCLEP_REQUIRE(reinterpret_cast<uintptr_t>(a.recvScales) % 4 == 0,
+                     "%s: recvScales must be 4-byte aligned when strided", call);
+    }
+    for (int i = 0; i < 3; ++i) p.scalesStrides[i] = st[i];
     p.x = a.x;
     p.topkIdx = a.topkIdx;
     p.topkIdx64 = a.topkIdxBits == 64;
@@ -108,7 +127,9 @@ extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombine
   const char* call = "ncclepLLCombine";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   ncclepLLCombineArgs_t a;
-  NCCLEP_CHECK(readArgs(args, NCCLEP_LL_ARGS_VERSION, call, &a));
+  const size_t sizes[] = {offsetof(ncclepLLCombineArgs_t, rejectCode), sizeof(ncclepLLCombineArgs_t),
+                          sizeof(ncclepLLCombineArgs_t)};  // version 3 changed only the dispatch
+  NCCLEP_CHECK(readArgs(args, sizes, call, &a));
   NCCLEP_CHECK(checkPhases(a.phases, call));
   NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
   LLCombineParams p{};

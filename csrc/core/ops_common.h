@@ -31,15 +31,16 @@ bool hierarchical(const ncclepGroup* g);
 // SMs the group's kernels use.
 int groupKernelSms(const ncclepGroup* g);
 
-// Copies an op's args (a versioned struct ending in rejectCode) into *out: the current version, or
-// version 1, which ends where rejectCode begins and is read as a normal call (rejectCode 0).
-template <typename Args>
-ncclepResult_t readArgs(const Args* a, unsigned version, const char* call, Args* out) {
+// Copies an op's args (a versioned struct: each version adds fields at the end) into *out, fields
+// a caller's version lacks as 0. sizes[v - 1] is version v's sizeof; the last is the current one.
+template <typename Args, size_t N>
+ncclepResult_t readArgs(const Args* a, const size_t (&sizes)[N], const char* call, Args* out) {
   NCCLEP_REQUIRE(a != nullptr, "%s: args is NULL", call);
-  const size_t v1 = offsetof(Args, rejectCode);
-  NCCLEP_REQUIRE((a->size == sizeof(Args) && a->version == version) || (a->size == v1 && a->version == 1u),
-                 "%s: args.size/version = %zu/%u, expected %zu/%u (or %zu/1)", call, a->size, a->version,
-                 sizeof(Args), version, v1);
+  static_assert(N >= 1, "at least the current version");
+  const unsigned v = a->version;
+  NCCLEP_REQUIRE(v >= 1 && v <= N && a->size == sizes[v - 1],
+                 "%s: args.size/version = %zu/%u, expected %zu/%zu (or an earlier version's size)", call, a->size,
+                 a->version, sizes[N - 1], N);
   *out = Args{};
   std::memcpy(out, a, a->size);
   return ncclepSuccess;

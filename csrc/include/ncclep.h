@@ -267,11 +267,12 @@ NCCLEP_API const char* ncclepRejectReasonName(int reason);
 #define NCCLEP_PHASE_SEND 1
 #define NCCLEP_PHASE_RECV 2
 #define NCCLEP_PHASE_ALL 3
-/* Version 2 added rejectCode. The launchers also take version 1 structs (sizeof up to rejectCode,
- * which they read as 0). */
-#define NCCLEP_LL_ARGS_VERSION 2u
+/* Version 2 added rejectCode, version 3 the dispatch's recvScalesStrides. The launchers also take
+ * earlier versions (sizeof up to the first field the version lacks, which they read as 0); the
+ * combine's struct is the same in versions 2 and 3. */
+#define NCCLEP_LL_ARGS_VERSION 3u
 
-typedef struct ncclepLLDispatchArgs_v2 {
+typedef struct ncclepLLDispatchArgs_v3 {
   size_t size;              /* sizeof(ncclepLLDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */
@@ -296,9 +297,15 @@ typedef struct ncclepLLDispatchArgs_v2 {
   int rejectCode;           /* 0, or an ncclepRejectReason_t: this rank rejected the call. phases must
                                be NCCLEP_PHASE_ALL; every other field is ignored: no token is sent,
                                nothing is received, no output is written */
+  long long recvScalesStrides[3]; /* (fp8) where the scales go, in 4-byte words: word w of row i of
+                               local expert e at (int32_t*)recvScales + e*s[0] + i*s[1] + w*s[2]. A
+                               word is one fp32 scale, or with ue8m0 four UE8M0 exponents (groups 4w
+                               to 4w+3, lowest byte first; hidden a multiple of 512). All zero: dense
+                               [L, R*T, H/128] as above. E.g. {R*T*S, 1, R*T} (S words a row) stores
+                               them column-major per expert, the layout grouped GEMMs read with TMA */
 } ncclepLLDispatchArgs_t;
 
-typedef struct ncclepLLCombineArgs_v2 {
+typedef struct ncclepLLCombineArgs_v3 {
   size_t size;              /* sizeof(ncclepLLCombineArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */

@@ -19,6 +19,7 @@
 
 #include "common/device_error.h"
 #include "ncclep.h"
+#include "python/dispatch_layout.h"
 #include "python/output_plan.h"
 
 #ifndef TORCH_EXTENSION_NAME
@@ -229,6 +230,7 @@ class Communicator {
     a.ue8m0 = ue8m0;
     a.recvX = ptr(o[LLD_X]);
     a.recvScales = ptr(o[LLD_SCALES]);
+    setScalesStrides(o[LLD_SCALES], a.recvScalesStrides);
     a.expertCounts = static_cast<int*>(ptr(o[LLD_EXPERT_COUNTS]));
     a.sendSlots = static_cast<int*>(ptr(o[LLD_SEND_SLOTS]));
     a.recvRows = static_cast<int*>(ptr(o[LLD_RECV_ROWS]));
@@ -447,6 +449,15 @@ class Communicator {
     return out;
   }
 
+  // The LL dispatch's scales output as the C call takes it: dense (all zero), or the strides in
+  // 4-byte words of a 4-byte-element tensor stored otherwise (e.g. column-major per expert).
+  static void setScalesStrides(const at::Tensor& scales, long long (&strides)[3]) {
+    if (!scales.defined() || scales.is_contiguous()) return;
+    if (scales.dim() != 3 || scales.element_size() != 4)
+      throw py::value_error("strided LL dispatch scales must be a 3-d tensor of 4-byte words");
+    for (int i = 0; i < 3; ++i) strides[i] = scales.stride(i);
+  }
+
   static cudaStream_t currentStream(const at::Tensor& t) {
     return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   }
@@ -499,6 +510,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "(shape, dtype) or None per output; -1 in a shape stands for the call's token count")
       .def("__len__", &OutputPlan::size);
 
+  ncclep::python::bindDispatchLayout(m);
   m.def("phase_name", &ncclepPhaseName, py::arg("phase"), "name of a device-error phase");
   m.def("reject_reason_name", &ncclepRejectReasonName, py::arg("reason"),
         "name of a reject reason (ncclepRejectReason_t), e.g. 'shape'");

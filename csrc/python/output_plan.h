@@ -12,8 +12,9 @@
 
 namespace ncclep::python {
 
-// A list of (shape, dtype) or None, in the order the op's outputs are returned. A dimension of
-// -1 stands for the call's token count (the one size that changes from call to call).
+// A list of (shape, dtype), (shape, dtype, strides) or None, in the order the op's outputs are
+// returned. A dimension of -1 stands for the call's token count (the one size that changes from
+// call to call); an output with strides has no such dimension.
 class __attribute__((visibility("hidden"))) OutputPlan {
  public:
   explicit OutputPlan(const pybind11::list& specs) {
@@ -23,8 +24,11 @@ class __attribute__((visibility("hidden"))) OutputPlan {
         continue;
       }
       auto spec = item.cast<pybind11::tuple>();
-      if (spec.size() != 2) throw pybind11::value_error("an output spec is (shape, dtype) or None");
-      specs_.emplace_back(Spec{spec[0].cast<std::vector<int64_t>>(), spec[1].cast<at::ScalarType>()});
+      if (spec.size() != 2 && spec.size() != 3)
+        throw pybind11::value_error("an output spec is (shape, dtype), (shape, dtype, strides) or None");
+      Spec s{spec[0].cast<std::vector<int64_t>>(), spec[1].cast<at::ScalarType>(), {}};
+      if (spec.size() == 3) s.strides = spec[2].cast<std::vector<int64_t>>();
+      specs_.emplace_back(std::move(s));
     }
   }
 
@@ -40,10 +44,15 @@ class __attribute__((visibility("hidden"))) OutputPlan {
         out.emplace_back();
         continue;
       }
+      const auto options = at::TensorOptions().dtype(spec->dtype).device(device);
+      if (!spec->strides.empty()) {
+        out.push_back(at::empty_strided(spec->shape, spec->strides, options));
+        continue;
+      }
       shape = spec->shape;
       for (auto& d : shape)
         if (d == -1) d = tokens;
-      out.push_back(at::empty(shape, at::TensorOptions().dtype(spec->dtype).device(device)));
+      out.push_back(at::empty(shape, options));
     }
     return out;
   }
@@ -52,6 +61,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
   struct Spec {
     std::vector<int64_t> shape;
     at::ScalarType dtype;
+    std::vector<int64_t> strides;  // empty: contiguous
   };
   std::vector<std::optional<Spec>> specs_;
 };

@@ -7,9 +7,10 @@ CUDA graphs where ncclep's CUDA backend runs them.
 What the shim adds to ncclep's own ops:
 
 * dispatch: weights of ones when the caller gives none (DeepEP's dispatch takes none; a cached
-  view), the fp8 scales in DeepEP's layout (one device copy into a column-major tensor, converting
-  UE8M0 exponents to fp32 powers of two with ``round_scale``, or reading them packed as int32 with
-  ``use_ue8m0``), and, with ``return_recv_hook``, placeholders that the hook fills.
+  view), the fp8 scales in DeepEP's layout (column-major, fp32 or with ``use_ue8m0`` packed as
+  int32: ncclep's kernels write them so; only ``round_scale`` without ``use_ue8m0``, fp32 powers of
+  two, takes a device copy from UE8M0 bytes), and, with ``return_recv_hook``, placeholders that the
+  hook fills.
 * combine: the caller's top-k weights sent to the expert ranks first (:mod:`.weights`) unless the
   dispatch carried the same tensor.
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .. import fp8
+from .. import fp8, outputs
 from ..errors import InvalidArgument
 from ..group import Group
 from ..handles import LLDispatchOutput
@@ -52,6 +53,7 @@ class LLPlan:
     __slots__ = (
         "_ones",
         "_ones_by_tokens",
+        "column_major",
         "combine_shape",
         "cuda",
         "device",
@@ -93,15 +95,15 @@ class LLPlan:
         self.use_fp8 = use_fp8
         self.round_scale = round_scale
         self.use_ue8m0 = use_ue8m0
+        self.column_major = use_fp8 and (use_ue8m0 or not round_scale)
+        """ncclep's dispatch returns the scales in DeepEP's layout (all but fp32 powers of two)."""
         self.local = group.num_local_experts
         rows = group.config.ll_rows_per_expert
         self.rows_shape = (self.local, rows, hidden)
         self.combine_shape = (self.local, group.world_size * num_max_dispatch_tokens_per_rank, hidden)
-        columns = hidden // fp8.BLOCK // (scales.PACK if use_ue8m0 else 1)
-        self.scales_shape = (self.local, rows, columns)
-        # column-major in the last two dimensions (a lone column keeps stride 1, as .contiguous() would)
-        self.scales_strides = (rows * columns, 1, rows if columns > 1 else 1)
-        self.scales_dtype = torch.int32 if use_ue8m0 else torch.float32
+        # DeepEP's layout: column-major, fp32 (powers of two with round_scale) or packed UE8M0
+        spec = outputs.ll_scales_spec(self.local, rows, hidden, use_ue8m0, column_major=True)
+        self.scales_shape, self.scales_dtype, self.scales_strides = spec  # type: ignore[misc]
         self._ones: torch.Tensor | None = None
         self._ones_by_tokens: dict[int, torch.Tensor] = {}
 
@@ -116,11 +118,9 @@ class LLPlan:
         return view
 
     def laid_scales(self, wire: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """ncclep's ``[L, R*T, H/128]`` scales (fp32, or UE8M0 with ``round_scale``) in DeepEP's
-        layout, in one device copy: column-major; fp32 (powers of two with ``round_scale``), or
-        with ``use_ue8m0`` the exponents packed four to an int32 word, lowest byte first."""
-        if self.use_ue8m0:
-            wire = wire.contiguous().view(torch.int32)  # packing is a view of the exponent bytes
+        """ncclep's row-major UE8M0 scales ``[L, R*T, H/128]`` as DeepEP returns them with
+        ``round_scale`` and without ``use_ue8m0``: fp32 powers of two, column-major, in one device
+        copy. (Every other format comes from ncclep's kernels in DeepEP's layout.)"""
         if into is None:
             into = torch.empty_strided(
                 self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
@@ -129,11 +129,13 @@ class LLPlan:
 
     def placeholders(self) -> tuple[Any, torch.Tensor]:
         """``(recv_x, recv_count)`` for a hook to fill: ``recv_x`` and the count as placeholders
-        (:mod:`.deferred`); the fp8 scales as the tensor the hook copies them into."""
+        (:mod:`.deferred`); fp32 powers of two as the tensor the hook copies them into."""
         count = deferred.placeholder((self.local,), torch.int32, self.device)
         if not self.use_fp8:
             return deferred.placeholder(self.rows_shape, torch.bfloat16, self.device), count
         x = deferred.placeholder(self.rows_shape, fp8.FP8_DTYPE, self.device)
+        if self.column_major:
+            return (x, deferred.placeholder(self.scales_shape, self.scales_dtype, self.device)), count
         laid = torch.empty_strided(
             self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
         )
@@ -238,7 +240,12 @@ class LowLatency:
         launch = streams.enter(plan.cuda, plan.index, None, async_finish)
         try:
             out = group.ll_dispatch(
-                x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale
+                x.contiguous(),
+                topk_idx.contiguous(),
+                weights,
+                plan.use_fp8,
+                plan.round_scale,
+                column_major_scales=plan.column_major,
             )
             if stats is None and not plan.use_fp8:
                 recv_x, recv_count = out[0], out[2]
@@ -260,7 +267,7 @@ class LowLatency:
             stats.add_(recv_count)
         if not plan.use_fp8:
             return out[0], recv_count
-        return (out[0], plan.laid_scales(out[1])), recv_count
+        return (out[0], out[1] if plan.column_major else plan.laid_scales(out[1])), recv_count
 
     def _dispatch_hooked(
         self,
@@ -275,7 +282,13 @@ class LowLatency:
         if plan.cuda:
             streams.before(plan.index)
         pending = plan.group.ll_dispatch(
-            x.contiguous(), topk_idx.contiguous(), weights, plan.use_fp8, plan.round_scale, True
+            x.contiguous(),
+            topk_idx.contiguous(),
+            weights,
+            plan.use_fp8,
+            plan.round_scale,
+            send_only=True,
+            column_major_scales=plan.column_major,
         )
         if streams.record and plan.cuda:
             streams.after(plan.index)
@@ -286,7 +299,10 @@ class LowLatency:
             out: LLDispatchOutput = pending.wait()  # type: ignore[union-attr]
             if plan.use_fp8:
                 deferred.fulfil(later_x[0], out[0])
-                plan.laid_scales(out[1], into=later_x[1])
+                if plan.column_major:
+                    deferred.fulfil(later_x[1], out[1])
+                else:
+                    plan.laid_scales(out[1], into=later_x[1])
             else:
                 deferred.fulfil(later_x, out[0])
             deferred.fulfil(later_count, out[2])

@@ -134,10 +134,13 @@ def replay(buffer: Buffer) -> None:
             use_fp8: Any = False,
             ue8m0: Any = False,
             send_only: bool = False,
+            column_major_scales: bool = False,
             _op: Any = ops["ll_dispatch"],
             _seen: Any = seen,
         ) -> Any:
-            return _once(_seen, ("d", use_fp8, ue8m0), partial(_op, x, idx, w, use_fp8, ue8m0), send_only)
+            key = ("d", use_fp8, ue8m0, column_major_scales)
+            make = partial(_op, x, idx, w, use_fp8, ue8m0, column_major_scales=column_major_scales)
+            return _once(_seen, key, make, send_only)
 
         def ll_combine(
             rows: Any,
@@ -278,7 +281,7 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
         ),
         "ll_dispatch fp8": (
             lambda: deep(x, idx, tokens, experts, use_fp8=True),
-            lambda: native.ll_dispatch(x, idx, w, use_fp8=True),
+            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, column_major_scales=True),
         ),
         "ll_dispatch fp8 round_scale": (
             lambda: deep(x, idx, tokens, experts, use_fp8=True, round_scale=True),
@@ -286,7 +289,7 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
         ),
         "ll_dispatch fp8 ue8m0": (
             lambda: deep(x, idx, tokens, experts, use_fp8=True, round_scale=True, use_ue8m0=True),
-            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=True),
+            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=True, column_major_scales=True),
         ),
         "ll_dispatch bf16 weights": (
             lambda: deep(x, idx, tokens, experts, use_fp8=False, topk_weights=w),
@@ -298,7 +301,9 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
         ),
         "ll_dispatch fp8, hook": (
             _hooked(lambda: deep(x, idx, tokens, experts, use_fp8=True, return_recv_hook=True)),
-            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, send_only=True).wait(),
+            lambda: native.ll_dispatch(
+                x, idx, w, use_fp8=True, send_only=True, column_major_scales=True
+            ).wait(),
         ),
         "ll_dispatch bf16, async_finish": (
             lambda: deep(x, idx, tokens, experts, use_fp8=False, async_finish=True),
@@ -363,7 +368,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
         return CACHED_OP(group_id, x, cached.send_pos, cached.recv_slot, cached.recv_counts)
 
     pairs: dict[str, tuple[Call, Call]] = {
-        "get_dispatch_layout (no native op)": (
+        "get_dispatch_layout (no Group op)": (
             lambda: buffer.get_dispatch_layout(idx, experts),
             lambda: None,
         ),

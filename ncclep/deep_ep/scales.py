@@ -12,30 +12,10 @@ import torch
 from .. import fp8
 from ..errors import InvalidArgument
 
-PACK = 4  # UE8M0 exponents per int32 word
-
-
-def column_major(scales: torch.Tensor) -> torch.Tensor:
-    """The same values with the last two dimensions stored column-major (a device copy).
-
-    ``[..., T, S]`` with strides ``(..., 1, T)``: DeepEP's LL scale layout.
-    """
-    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
-    """``float8_e8m0fnu [..., S]`` -> int32 ``[..., S/4]``, four exponents per word, lowest first."""
-    if scales.shape[-1] % PACK:
-        raise InvalidArgument(
-            f"packed UE8M0 scales need hidden divisible by {fp8.BLOCK * PACK}, "
-            f"got {scales.shape[-1] * fp8.BLOCK}"
-        )
-    return scales.contiguous().view(torch.uint8).view(torch.int32)
-
-
-def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
-    """int32 ``[..., S/4]`` -> ``float8_e8m0fnu [..., S]`` (a view of a contiguous copy)."""
-    return packed.contiguous().view(torch.uint8).view(fp8.UE8M0_DTYPE)
+PACK = fp8.UE8M0_PER_WORD
+column_major = fp8.column_major
+pack_ue8m0 = fp8.pack_ue8m0
+unpack_ue8m0 = fp8.unpack_ue8m0
 
 
 def to_ncclep(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -37,6 +37,7 @@ class LLDispatchInFlight:
     hidden: int
     use_fp8: bool
     ue8m0: bool
+    column_major_scales: bool
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ReferenceLL(ReferenceBackend):
         topk_weights: torch.Tensor,
         use_fp8: bool,
         ue8m0: bool,
+        column_major_scales: bool = False,
     ) -> LLDispatchInFlight:
         cfg = self.cfg
         problem = rejected(cfg, topk_idx)
@@ -93,6 +95,7 @@ class ReferenceLL(ReferenceBackend):
             hidden=x.shape[1],
             use_fp8=use_fp8,
             ue8m0=ue8m0,
+            column_major_scales=column_major_scales,
         )
 
     def dispatch_recv(self, state: LLDispatchInFlight) -> LLDispatchOutput:
@@ -131,17 +134,29 @@ class ReferenceLL(ReferenceBackend):
             recv_weights=recv_weights,
             recv_slot_counts=state.recv_counts.device.to(torch.int32),
         )
+        scales = None
+        if state.use_fp8:
+            scales = outputs[1]
+            if state.column_major_scales:  # as outputs.ll_scales_spec lays them out
+                scales = fp8.column_major(fp8.pack_ue8m0(scales) if state.ue8m0 else scales)
         return LLDispatchOutput(
             x=outputs[0],
-            scales=outputs[1] if state.use_fp8 else None,
+            scales=scales,
             expert_counts=counts.to(torch.int32),
             handle=handle,
         )
 
     def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, use_fp8: bool, ue8m0: bool
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        use_fp8: bool,
+        ue8m0: bool,
+        column_major_scales: bool = False,
     ) -> LLDispatchOutput:
-        return self.dispatch_recv(self.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0))
+        state = self.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
+        return self.dispatch_recv(state)
 
     def combine(
         self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None

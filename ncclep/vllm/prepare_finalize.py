@@ -44,25 +44,6 @@ QUANT_BLOCK_SIZE = fp8.BLOCK
 QUANT_BLOCK_SHAPE = [QUANT_BLOCK_SIZE, QUANT_BLOCK_SIZE]
 
 
-def mn_major(scales: torch.Tensor) -> torch.Tensor:
-    """The same values with the token dimension innermost (``[E, T, S]`` with strides ``(T*S, 1, T)``).
-
-    DeepEP's LL dispatch returns its scales in this (column-major, TMA-friendly) layout, which the
-    batched DeepGEMM kernels read; a device copy, no host synchronisation.
-    """
-    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
-    """``float8_e8m0fnu [..., S]`` -> int32 ``[..., S/4]``, four exponents per word, lowest byte first.
-
-    The packed UE8M0 format of DeepEP's ``use_ue8m0=True`` and DeepGEMM on Blackwell.
-    """
-    if scales.shape[-1] % 4:
-        raise ValueError(f"packed UE8M0 scales need hidden/128 divisible by 4, got {scales.shape[-1]}")
-    return scales.contiguous().view(torch.uint8).view(torch.int32)
-
-
 def weight_and_reduce(
     fused_expert_output: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -225,6 +206,7 @@ class NcclepLLPrepareAndFinalize(_NcclepPrepareAndFinalize):
             use_fp8=self.use_fp8_dispatch,
             ue8m0=self.use_ue8m0_dispatch,
             send_only=True,
+            column_major_scales=self._scales_as_experts_read(quant_config),
         )
         assert isinstance(pending, Pending)
         self.handles[dbo_current_ubatch_id()] = pending
@@ -242,18 +224,21 @@ class NcclepLLPrepareAndFinalize(_NcclepPrepareAndFinalize):
         meta = mk.ExpertTokensMetadata(expert_num_tokens=out.expert_counts, expert_num_tokens_cpu=None)
         return x, x_scales, meta, None, None
 
+    def _scales_as_experts_read(self, quant_config: FusedMoEQuantConfig) -> bool:
+        """The experts take the dispatch's fp8 rows and scales as they are (blocks of 128 channels):
+        the dispatch then writes the scales as DeepEP's LL does, column-major (the batched DeepGEMM
+        kernels read them with TMA), packed UE8M0 with ``use_ue8m0_dispatch``."""
+        block_k = quant_config.block_shape[1] if quant_config.block_shape is not None else None
+        return self.use_fp8_dispatch and block_k == QUANT_BLOCK_SIZE
+
     def _do_quant(
         self, out: LLDispatchOutput, a1_dtype: torch.dtype, quant_config: FusedMoEQuantConfig
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = out.x
         if self.use_fp8_dispatch:
             assert out.scales is not None
-            block_k = quant_config.block_shape[1] if quant_config.block_shape is not None else None
-            if block_k == QUANT_BLOCK_SIZE:
-                # Quantised by the dispatch, as the experts want it.
-                if self.use_ue8m0_dispatch:
-                    return x, mn_major(pack_ue8m0(out.scales))
-                return x, mn_major(out.scales)
+            if self._scales_as_experts_read(quant_config):
+                return x, out.scales  # quantised by the dispatch, as the experts want it
             x = fp8.dequantize(x, out.scales).to(a1_dtype)
 
         q_dtype = quant_config.quant_dtype

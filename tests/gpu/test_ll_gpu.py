@@ -63,11 +63,13 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
         tokens = [T, 0, 17, 1][(i + rank) % 4]
         x, idx, w = _inputs(g, tokens, hidden, topk, routing, dev)
         use_fp8, ue8m0 = payload != "bf16", payload == "ue8m0"
-        a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0)
-        b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0)
+        column_major = use_fp8 and i % 2 == 1  # the scales as grouped GEMMs read them, every other fp8 case
+        a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0, column_major_scales=column_major)
+        b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0, column_major_scales=column_major)
         problem = ll_dispatch_difference(a, b)
         if problem:
-            problems.append(f"{routing} k={topk} h={hidden} {payload} B={tokens}: {problem}")
+            layout = " column-major" if column_major else ""
+            problems.append(f"{routing} k={topk} h={hidden} {payload}{layout} B={tokens}: {problem}")
             continue
         y = (torch.randn(a.x.shape, generator=g) * 2).to(torch.bfloat16).to(dev)
         out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)

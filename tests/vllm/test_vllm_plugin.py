@@ -81,21 +81,3 @@ def test_plugin_does_nothing_without_flag(flag):
     for key in ("ll_pf", "ht_pf"):
         assert got[key] is None or got[key].startswith("vllm."), got[key]
     assert "ncclep" not in got["log"]
-
-
-def test_ue8m0_packing_and_scale_layout():
-    import torch
-
-    from ncclep import fp8
-    from ncclep.vllm.prepare_finalize import mn_major, pack_ue8m0
-
-    x = torch.randn(3, 5, 512).to(torch.bfloat16)
-    _, scales = fp8.quantize(x, ue8m0=True)  # [3, 5, 4] float8_e8m0fnu
-    packed = pack_ue8m0(scales)
-    assert packed.dtype == torch.int32 and packed.shape == (3, 5, 1)
-    exponents = scales.view(torch.uint8).to(torch.int64)
-    word = packed.to(torch.int64) & 0xFFFFFFFF
-    expected = sum(exponents[..., k : k + 1] << (8 * k) for k in range(4))  # lowest byte first
-    assert torch.equal(word, expected)
-    laid = mn_major(scales.float())
-    assert torch.equal(laid, scales.float()) and laid.stride() == (20, 1, 5)

@@ -474,13 +474,20 @@ __device__ __forceinline__ void loadChunks(const int4* src, int i0, int end, int
 
 // A message's scales into every row's scales: 4-byte words where sizes and the output allow,
 // else bytes. The first two words per lane are loaded by the caller with the rest of the
-// message (`first`), so that no load waits behind a store.
+// message (`first`), so that no load waits behind a store. Strided outputs (the host checked that
+// they take whole words) put word w of row i of local expert e at e*s[0] + i*s[1] + w*s[2].
 struct ScaleCopy {
   int words;  // 4-byte words per row, 0 when copied as bytes
   int bytes;
-  __device__ __forceinline__ ScaleCopy(int scaleBytes, const void* outScales)
-      : words(scaleBytes % 4 == 0 && reinterpret_cast<uintptr_t>(outScales) % 4 == 0 ? scaleBytes / 4 : 0),
-        bytes(scaleBytes) {}
+  bool strided;
+  long long s0, s1, s2;
+  __device__ __forceinline__ ScaleCopy(int scaleBytes, const LLDispatchParams& p)
+      : words(scaleBytes % 4 == 0 && reinterpret_cast<uintptr_t>(p.recvScales) % 4 == 0 ? scaleBytes / 4 : 0),
+        bytes(scaleBytes),
+        strided(p.scalesStrided != 0),
+        s0(p.scalesStrides[0]),
+        s1(p.scalesStrides[1]),
+        s2(p.scalesStrides[2]) {}
 
   __device__ __forceinline__ void load(const char* src, int lane, uint32_t (&first)[2]) const {
     const uint32_t* w = reinterpret_cast<const uint32_t*>(src);
@@ -488,17 +495,27 @@ struct ScaleCopy {
     first[1] = lane + 32 < words ? __ldcg(w + lane + 32) : 0u;
   }
 
-  __device__ __forceinline__ void store(const char* src, const uint32_t (&first)[2], char* out, int laneRow, int KM,
-                                        int lane) const {
+  // Lane k < KM holds choice k's output row (-1: none) in laneRow and its local expert in laneExpert.
+  __device__ __forceinline__ void store(const char* src, const uint32_t (&first)[2], char* out, int laneRow,
+                                        int laneExpert, int rowsPerExpert, int KM, int lane) const {
+    const uint32_t* srcWords = reinterpret_cast<const uint32_t*>(src);
     for (int k = 0; k < KM; ++k) {
       const int row = __shfl_sync(kFullMask, laneRow, k);
+      const int e = __shfl_sync(kFullMask, laneExpert, k);
       if (row < 0) continue;
+      if (strided) {
+        uint32_t* w = reinterpret_cast<uint32_t*>(out) + e * s0 + (row - e * rowsPerExpert) * s1;
+        if (lane < words) w[lane * s2] = first[0];
+        if (lane + 32 < words) w[(lane + 32) * s2] = first[1];
+        for (int i = lane + 64; i < words; i += 32) w[i * s2] = __ldcg(srcWords + i);
+        continue;
+      }
       char* dst = out + int64_t(row) * bytes;
       if (words) {
         uint32_t* w = reinterpret_cast<uint32_t*>(dst);
         if (lane < words) w[lane] = first[0];
         if (lane + 32 < words) w[lane + 32] = first[1];
-        for (int i = lane + 64; i < words; i += 32) w[i] = __ldcg(reinterpret_cast<const uint32_t*>(src) + i);
+        for (int i = lane + 64; i < words; i += 32) w[i] = __ldcg(srcWords + i);
       } else {
         for (int i = lane; i < bytes; i += 32)
           reinterpret_cast<uint8_t*>(dst)[i] = __ldcg(reinterpret_cast<const uint8_t*>(src) + i);
@@ -592,7 +609,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   int parts = total > 0 ? warps / total : 1;
   parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
   const int perPart = (chunks + parts - 1) / parts;
-  const ScaleCopy scaleCopy(scaleBytes, p.recvScales);
+  const ScaleCopy scaleCopy(scaleBytes, p);
   const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
   int landed = -1;  // the source whose messages this warp last saw land
   for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
@@ -645,7 +662,8 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
       loadChunks(payload, i0, end, v);
       storeChunks(v, i0, end, out, rowBytes, row, KM);
     }
-    if (scalesHere) scaleCopy.store(scaleSrc, scaleWords, static_cast<char*>(p.recvScales), row, KM, lane);
+    if (scalesHere)
+      scaleCopy.store(scaleSrc, scaleWords, static_cast<char*>(p.recvScales), row, e, rowsPerExpert, KM, lane);
   }
 
   // Handle entries of unused slots.

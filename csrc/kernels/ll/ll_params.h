@@ -65,7 +65,9 @@ struct LLDispatchParams {
   unsigned long long* trace;  // optional [numBlocks][kLLTraceSteps] timestamps, nullptr = off
   // outputs
   void* recvX;         // [L, R*T, hidden] bf16 or fp8
-  void* recvScales;    // [L, R*T, hidden/128] fp32 or ue8m0 bytes (fp8 only)
+  void* recvScales;    // [L, R*T, hidden/128] fp32 or ue8m0 bytes (fp8 only), dense unless scalesStrided
+  int scalesStrided;   // scale word w of row i of local expert e at recvScales (int32 words) +
+  long long scalesStrides[3];  // e*[0] + i*[1] + w*[2] (ncclepLLDispatchArgs_t.recvScalesStrides)
   int* expertCounts;   // [L]
   int* sendSlots;      // [numTokens, R]
   int* recvRows;       // [R, T, maxTopk]
