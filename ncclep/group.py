@@ -446,13 +446,17 @@ class Group:
             )
         except InvalidArgument as problem:
             self._reject("ll_dispatch", problem)
-        layout = (use_fp8, ue8m0, column_major_scales)
         if send_only:
-            state = self._backend.dispatch_send(x, topk_idx, topk_weights, *layout)
+            state = self._backend.dispatch_send(
+                x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales
+            )
             return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
         if ops.eager(x):
-            return self._stamp(self._backend.dispatch(x, topk_idx, topk_weights, *layout))
-        outs = torch.ops.ncclep.ll_dispatch(self.id, x, topk_idx, topk_weights, *layout)
+            out = self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
+            return self._stamp(out)
+        outs = torch.ops.ncclep.ll_dispatch(
+            self.id, x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales
+        )
         return self._stamp(ll_output(outs, use_fp8))
 
     def ll_combine(

@@ -182,7 +182,6 @@ class Checks:
         check_flag("use_fp8", use_fp8)
         check_flag("ue8m0", ue8m0)
         check_flag("send_only", send_only)
-        check_flag("column_major_scales", column_major_scales)
         tokens, hidden = self._tokens(self.tensor("x", x, BF16, 2))
         if hidden % BLOCK:
             raise InvalidArgument(
@@ -195,14 +194,16 @@ class Checks:
         self._routing(tokens, topk_idx, topk_weights)
         if ue8m0 and not use_fp8:
             raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
-        if column_major_scales and not use_fp8:
-            raise InvalidArgument("column_major_scales needs use_fp8=True", reason="option")
-        if column_major_scales and ue8m0 and hidden % (BLOCK * UE8M0_PER_WORD):
-            raise InvalidArgument(
-                f"column-major UE8M0 scales are packed four to an int32 word: hidden must be divisible by "
-                f"{BLOCK * UE8M0_PER_WORD}, got {hidden}",
-                reason="hidden",
-            )
+        if column_major_scales is not False:  # checked only when asked for: every call pays the check
+            check_flag("column_major_scales", column_major_scales)
+            if not use_fp8:
+                raise InvalidArgument("column_major_scales needs use_fp8=True", reason="option")
+            if ue8m0 and hidden % (BLOCK * UE8M0_PER_WORD):
+                raise InvalidArgument(
+                    f"column-major UE8M0 scales are packed four to an int32 word: hidden must be divisible "
+                    f"by {BLOCK * UE8M0_PER_WORD}, got {hidden}",
+                    reason="hidden",
+                )
 
     def ll_combine(
         self, expert_out: object, handle: LLHandle, out: object, send_only: object, group_id: int
