@@ -234,9 +234,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
     s.mark[tid] = marks[parity];
     s.rejected[tid] = 0;
   } else if (tid < 3 * R) {
-    const int r = (tid - R) >> 1, q = (tid - R) & 1;
-    const uint64_t got = peers.read(r, kSigCombineData + q);
-    if (uint32_t(q) == parity) s.seen[r] = got;
+    ll::readDataSignal(peers, kSigCombineData, R, parity, tid, s.seen);
   }
   if (!endsSend) expectRows(p, s, (3 * R + 31) / 32);
   __syncthreads();

@@ -552,9 +552,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   if (tid < R) {
     ok = peers.wait(tid, kSigDispatchCounts, uint64_t(seq) + 1, c.timeoutNs, err, kPhaseLLDispatchRecv);
   } else if (tid < 3 * R) {
-    const int r = (tid - R) >> 1, q = (tid - R) & 1;
-    const uint64_t got = peers.read(r, kSigDispatchData + q);
-    if (uint32_t(q) == parity) s.seen[r] = got;
+    ll::readDataSignal(peers, kSigDispatchData, R, parity, tid, s.seen);
   } else if (tid < 4 * R) {
     s.mark[tid - 3 * R] = *ll::receivedMark(c, 0, parity, tid - 3 * R);
   }

@@ -13,6 +13,16 @@ __device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uin
   return reinterpret_cast<uint64_t*>(c.local + c.layout.receivedAt(op, parity, peer));
 }
 
+// Thread R + 2r + q (tid, R <= tid < 3R) reads (acquire) rank r's data signal of parity q, so that
+// both are read before the call's parity is known; the one of `parity` goes to seen[r].
+template <class Peers>
+__device__ __forceinline__ void readDataSignal(const Peers& peers, int firstKind, int R, uint32_t parity, int tid,
+                                               uint64_t* seen) {
+  const int r = (tid - R) >> 1, q = (tid - R) & 1;
+  const uint64_t got = peers.read(r, firstKind + q);
+  if (uint32_t(q) == parity) seen[r] = got;
+}
+
 // The source of received message m: the largest r with start[r] <= m (start: prefix of counts).
 __device__ __forceinline__ int sourceOf(const int* start, int R, int m) {
   int lo = 0, hi = R - 1;
