@@ -43,12 +43,8 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _fake_allocator(like: Tensor) -> outputs.Allocator:
-    def new(shape: tuple[int, ...], dtype: torch.dtype, strides: tuple[int, ...] | None = None) -> Tensor:
-        if strides is None:
-            return like.new_empty(shape, dtype=dtype)
-        return like.new_empty_strided(shape, strides, dtype=dtype)
-
-    return new
+    """Outputs on ``like``'s device: fake tensors, since a fake kernel runs under the fake mode."""
+    return outputs.allocator(like.device)
 
 
 def _none_as_empty(t: Tensor | None, like: Tensor) -> Tensor:
