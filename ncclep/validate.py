@@ -194,7 +194,7 @@ class Checks:
         self._routing(tokens, topk_idx, topk_weights)
         if ue8m0 and not use_fp8:
             raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
-        if column_major_scales is not False:  # checked only when asked for: every call pays the check
+        if column_major_scales is not False:  # the checks below run only for a call that asks for it
             check_flag("column_major_scales", column_major_scales)
             if not use_fp8:
                 raise InvalidArgument("column_major_scales needs use_fp8=True", reason="option")

@@ -126,10 +126,10 @@ def test_layout_drops_out_of_range_ids_and_repeats() -> None:
 def test_scale_layouts_and_placeholders() -> None:
     x = torch.randn(6, 1024).to(torch.bfloat16)
     q, s = fp8.quantize(x, ue8m0=True)
-    packed = scales.pack_ue8m0(s)
+    packed = fp8.pack_ue8m0(s)
     assert packed.dtype == torch.int32 and tuple(packed.shape) == (6, 2)
-    assert torch.equal(scales.unpack_ue8m0(packed).view(torch.uint8), s.view(torch.uint8))
-    laid = scales.column_major(packed.float().expand(3, 6, 2))
+    assert torch.equal(fp8.unpack_ue8m0(packed).view(torch.uint8), s.view(torch.uint8))
+    laid = fp8.column_major(packed.float().expand(3, 6, 2))
     assert laid.stride() == (12, 1, 6) and torch.equal(laid, packed.float().expand(3, 6, 2))
     moved, was_packed = scales.to_ncclep(q, packed)
     assert was_packed and moved.dtype == fp8.UE8M0_DTYPE

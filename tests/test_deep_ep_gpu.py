@@ -20,7 +20,7 @@ from conftest import gpu_pool
 import ncclep
 from ncclep import _native, deep_ep, fp8
 from ncclep.bench.timing import capture_graph
-from ncclep.deep_ep import budget, scales
+from ncclep.deep_ep import budget
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -52,8 +52,8 @@ def _ll_buffer(**kwargs: Any) -> deep_ep.Buffer:
 def _deepep_scales(out: ncclep.LLDispatchOutput, round_scale: bool, use_ue8m0: bool) -> torch.Tensor:
     assert out.scales is not None
     if use_ue8m0:
-        return scales.column_major(scales.pack_ue8m0(out.scales))
-    return scales.column_major(fp8.scales_to_float(out.scales) if round_scale else out.scales)
+        return fp8.column_major(fp8.pack_ue8m0(out.scales))
+    return fp8.column_major(fp8.scales_to_float(out.scales) if round_scale else out.scales)
 
 
 def ll_matches_group() -> list[str]:
@@ -127,7 +127,7 @@ def ll_without_host_sync_and_in_graphs() -> list[str]:
         if receive is not None:
             receive()
         q, s = recv
-        values = fp8.dequantize(q, scales.unpack_ue8m0(s.contiguous()))
+        values = fp8.dequantize(q, fp8.unpack_ue8m0(s.contiguous()))
         out = torch.empty_like(x)
         y, _, finish = buffer.low_latency_combine(
             values.to(torch.bfloat16), idx, w, handle, out=out, return_recv_hook=hook

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .. import fp8
 from ..errors import InvalidArgument
 from . import scales
 from .counts import gather_exact_sizes
@@ -153,7 +154,7 @@ class HighThroughput:
                     recv_weights = recv_weights[:rows]
             payload: Payload = recv_x
             if recv_scales is not None:
-                payload = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+                payload = (recv_x, fp8.pack_ue8m0(recv_scales) if packed else recv_scales)
             if topk_idx is None:
                 recv_idx = None
             elif recv_idx.dtype != topk_idx.dtype:
@@ -206,7 +207,7 @@ class HighThroughput:
             recv_x: Payload = route(data)
             if x_scales is not None:
                 recv_scales = route(x_scales)
-                recv_x = (recv_x, scales.pack_ue8m0(recv_scales) if packed else recv_scales)
+                recv_x = (recv_x, fp8.pack_ue8m0(recv_scales) if packed else recv_scales)
             event = streams.finish(launch, cuda, index, (data, given_scales), (recv_x,))
         finally:
             if launch is not None:

@@ -13,9 +13,6 @@ from .. import fp8
 from ..errors import InvalidArgument
 
 PACK = fp8.UE8M0_PER_WORD
-column_major = fp8.column_major
-pack_ue8m0 = fp8.pack_ue8m0
-unpack_ue8m0 = fp8.unpack_ue8m0
 
 
 def to_ncclep(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -33,7 +30,7 @@ def to_ncclep(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, bool
                 f"x_scales: packed UE8M0 scales must be int32 [{tokens}, {blocks // PACK}] (hidden a "
                 f"multiple of {fp8.BLOCK * PACK}), got {scales.dtype} {tuple(scales.shape)}"
             )
-        return unpack_ue8m0(scales), True
+        return fp8.unpack_ue8m0(scales), True
     if scales.dtype not in (torch.float32, fp8.UE8M0_DTYPE) or tuple(scales.shape) != (tokens, blocks):
         raise InvalidArgument(
             f"x_scales must be float32 [{tokens}, {blocks}] (one scale per 128 channels) or packed "
