@@ -30,9 +30,9 @@
 //   - Covering. The warps that work on a stream's tokens arrive, after each token (its puts
 //     issued), on the chunk's entry of chunkArrivals (an acq_rel atomic after a warp barrier);
 //     the warp whose arrival completes the chunk (it knows the chunk's token count) resets the
-//     entry and its lane 0 signals the chunk. Every put of the chunk was issued before an arrival that the
-//     signalling thread observed: the ordering contract of net.cuh (GIN orders the signal after
-//     them; the emulation's signal is a release, cumulative over what that thread observed).
+//     entry and its lane 0 signals the chunk. Every put of the chunk was issued before an arrival
+//     that the signalling thread observed: the ordering contract of net.cuh (GIN orders the signal
+//     after them; the emulation's signal is a release, cumulative over what that thread observed).
 //   - Marks. A rank streams to each partner (the rank with its local index on each other node)
 //     exactly once per call: as the source in a dispatch or cached dispatch, as the forwarder of
 //     the partner's tokens in a combine (the relation is symmetric: fwd(fwd(s, m), node of s) = s).
