@@ -507,7 +507,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<OutputPlan>(m, "OutputPlan")
       .def(py::init<const py::list&>(), py::arg("specs"),
-           "(shape, dtype) or None per output; -1 in a shape stands for the call's token count")
+           "(shape, dtype), (shape, dtype, strides) or None per output; -1 in a shape stands for the call's "
+           "token count")
       .def("__len__", &OutputPlan::size);
 
   ncclep::python::bindDispatchLayout(m);
