@@ -111,7 +111,12 @@ class CudaLL:
     # ------------------------------------------------------------------------------ combine
 
     def _combine(
-        self, phases: int, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None
+        self,
+        phases: int,
+        expert_out: torch.Tensor,
+        handle: LLHandle,
+        out: torch.Tensor | None,
+        topk_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = expert_out.shape[2]
         plan = self._combine_plans.get(hidden)
@@ -121,20 +126,36 @@ class CudaLL:
         h = handle
         try:
             return self.comm.ll_combine(
-                plan, expert_out, h.send_slots, h.recv_rows, h.recv_weights, h.recv_slot_counts, phases, out
+                plan,
+                expert_out,
+                h.send_slots,
+                h.recv_rows,
+                h.recv_weights,
+                h.recv_slot_counts,
+                phases,
+                out,
+                topk_weights,
             )
         except self._pending as err:
             raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
 
     def combine(
-        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
+        self,
+        expert_out: torch.Tensor,
+        handle: LLHandle,
+        out: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self._combine(self.phase_all, expert_out, handle, out)
+        return self._combine(self.phase_all, expert_out, handle, out, topk_weights)
 
     def combine_send(
-        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
+        self,
+        expert_out: torch.Tensor,
+        handle: LLHandle,
+        out: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
     ) -> CudaLLCombine:
-        out = self._combine(self.phase_send, expert_out, handle, out)
+        out = self._combine(self.phase_send, expert_out, handle, out, topk_weights)
         return CudaLLCombine(out, (expert_out, handle))
 
     def combine_recv(self, state: CudaLLCombine, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -465,6 +465,7 @@ class Group:
         handle: LLHandle,
         out: torch.Tensor | None = None,
         send_only: bool = False,
+        topk_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | Pending[torch.Tensor]:
         """Bring the expert outputs back to each token's rank and reduce them (decode).
 
@@ -477,6 +478,11 @@ class Group:
             handle: the :class:`LLHandle` of the matching dispatch on this group.
             out: optional ``[B, H]`` bfloat16 to write into (``B`` the dispatch's token count).
             send_only: launch the send half only; returns a :class:`Pending` for the receive half.
+            topk_weights: optional ``[B, K]`` float32 (``K <= max_topk``) to weight choice ``k`` of
+                token ``b`` with instead of the dispatch's weights (``k >= K``: 0), for callers that
+                know the weights only after the dispatch (DeepEP's API). The kernel sends them to
+                the expert ranks first: one more step of latency, no host work. Collective: every
+                rank gives weights, or none does.
 
         Returns:
             ``[B, H]`` bfloat16 (``out`` when given).
@@ -486,18 +492,18 @@ class Group:
         """
         self._require_open()
         try:
-            self._checks.ll_combine(expert_out, handle, out, send_only, self.id)
+            self._checks.ll_combine(expert_out, handle, out, send_only, self.id, topk_weights)
         except InvalidArgument as problem:
             self._reject("ll_combine", problem)
         if send_only:
-            state = self._backend.combine_send(expert_out, handle, out)
+            state = self._backend.combine_send(expert_out, handle, out, topk_weights)
             return Pending(lambda: self._backend.combine_recv(state, out))
-        if ops.eager(expert_out):
-            return self._backend.combine(expert_out, handle, out)
+        if ops.eager(expert_out, topk_weights):
+            return self._backend.combine(expert_out, handle, out, topk_weights)
         if out is not None:
-            torch.ops.ncclep.ll_combine_out(self.id, expert_out, *handle.tensors(), out)
+            torch.ops.ncclep.ll_combine_out(self.id, expert_out, *handle.tensors(), out, topk_weights)
             return out
-        return torch.ops.ncclep.ll_combine(self.id, expert_out, *handle.tensors())
+        return torch.ops.ncclep.ll_combine(self.id, expert_out, *handle.tensors(), topk_weights)
 
     # ----------------------------------------------------------------------------- HT
 

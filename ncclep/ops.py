@@ -114,8 +114,10 @@ def _(
     return _ll_dispatch_tensors(out, x)
 
 
-def _ll_combine(group: int, expert_out: Tensor, handle: LLHandle, out: Tensor | None) -> Tensor:
-    return registry.lookup(group).backend.combine(expert_out, handle, out)
+def _ll_combine(
+    group: int, expert_out: Tensor, handle: LLHandle, out: Tensor | None, topk_weights: Tensor | None
+) -> Tensor:
+    return registry.lookup(group).backend.combine(expert_out, handle, out, topk_weights)
 
 
 @torch.library.custom_op("ncclep::ll_combine", mutates_args=())
@@ -126,15 +128,16 @@ def ll_combine(
     recv_rows: Tensor,
     recv_weights: Tensor,
     recv_slot_counts: Tensor,
+    topk_weights: Tensor | None = None,
 ) -> Tensor:
     """``Group.ll_combine`` as an op: expert_out ``[L, R*T, H]`` bfloat16 and the dispatch's handle
-    tensors; returns ``[B, H]`` bfloat16."""
+    tensors, optionally the combine's own ``topk_weights [B, K]``; returns ``[B, H]`` bfloat16."""
     handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts)
-    return _ll_combine(group, expert_out, handle, None)
+    return _ll_combine(group, expert_out, handle, None, topk_weights)
 
 
 @ll_combine.register_fake
-def _(group, expert_out, send_slots, recv_rows, recv_weights, recv_slot_counts):  # type: ignore[no-untyped-def]
+def _(group, expert_out, send_slots, recv_rows, recv_weights, recv_slot_counts, topk_weights=None):  # type: ignore[no-untyped-def]
     return outputs.combine(send_slots.shape[0], expert_out.shape[2], _fake_allocator(expert_out))
 
 
@@ -147,14 +150,15 @@ def ll_combine_out(
     recv_weights: Tensor,
     recv_slot_counts: Tensor,
     out: Tensor,
+    topk_weights: Tensor | None = None,
 ) -> None:
     """``ll_combine`` writing into ``out [B, H]`` bfloat16 (mutated in place)."""
     handle = LLHandle(send_slots, recv_rows, recv_weights, recv_slot_counts)
-    _ll_combine(group, expert_out, handle, out)
+    _ll_combine(group, expert_out, handle, out, topk_weights)
 
 
 @ll_combine_out.register_fake
-def _(group, expert_out, send_slots, recv_rows, recv_weights, recv_slot_counts, out):  # type: ignore[no-untyped-def]
+def _(group, expert_out, send_slots, recv_rows, recv_weights, recv_slot_counts, out, topk_weights=None):  # type: ignore[no-untyped-def]
     return None
 
 

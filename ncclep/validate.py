@@ -206,7 +206,13 @@ class Checks:
                 )
 
     def ll_combine(
-        self, expert_out: object, handle: LLHandle, out: object, send_only: object, group_id: int
+        self,
+        expert_out: object,
+        handle: LLHandle,
+        out: object,
+        send_only: object,
+        group_id: int,
+        topk_weights: object = None,
     ) -> None:
         self._mode("ll")
         check_flag("send_only", send_only)
@@ -228,6 +234,14 @@ class Checks:
         if out is not None:
             expected = (handle.send_slots.shape[0], hidden)
             _check_shape("out", self.tensor("out", out, BF16, 2), expected)
+        if topk_weights is not None:
+            tokens, topk = self.tensor("topk_weights", topk_weights, FP32, 2)
+            if tokens != handle.send_slots.shape[0] or not 1 <= topk <= cfg.max_topk:
+                raise InvalidArgument(
+                    f"topk_weights must be [{handle.send_slots.shape[0]}, K] with 1 <= K <= max_topk "
+                    f"({cfg.max_topk}) for this handle, got {[tokens, topk]}",
+                    reason="shape",
+                )
 
     def ht_dispatch(
         self,

@@ -320,3 +320,37 @@ def _column_major_worker(world_size: int) -> int:
 
 def test_ll_dispatch_column_major_scales(world2: Any) -> None:
     assert world2.run(_column_major_worker, 2) == [4, 4]
+
+
+def _combine_weights_worker(world_size: int) -> int:
+    """Weights given to the combine replace the dispatch's: the oracle of a dispatch that carried
+    them, on the eager path, through the op, with send_only, and with fewer columns than top-k."""
+    num_experts = num_experts_for(world_size)
+    checked = 0
+    with make_group(num_experts) as group:
+        for i, call in enumerate(ll_calls(world_size)[:4]):
+            x, idx, w = make_inputs(call, num_experts, salt=500 + i)
+            given = torch.rand(w.shape, generator=generator(600 + i))
+            if i % 2 == 1 and w.shape[1] > 1:  # the last column left out: its choice weighs 0
+                given = given[:, :-1].contiguous()
+            out = step(group.ll_dispatch, x, idx, w)
+            full = torch.cat([given, given.new_zeros(w.shape[0], w.shape[1] - given.shape[1])], dim=1)
+            inputs = testing.gather_inputs(group.process_group, x, idx, full)
+            expert_out = synthetic_expert_out(group, out)
+            what = f"call {i} {call}, weights at the combine"
+            result = step(group.ll_combine, expert_out, out.handle, topk_weights=given)
+            check_ll_combine(group, expert_out, out.handle, inputs, False, False, what, result)
+            via_op = torch.ops.ncclep.ll_combine(group.id, expert_out, *out.handle.tensors(), given)
+            halves = group.ll_combine(expert_out, out.handle, send_only=True, topk_weights=given).wait()
+            for got in (via_op, halves):
+                assert_bits_equal(got, result, f"{what}: op / send_only")
+            checked += 1
+        with pytest.raises(ncclep.InvalidArgument, match="topk_weights must be"):
+            group.ll_combine(expert_out, out.handle, topk_weights=given[:1])
+        with pytest.raises(ncclep.InvalidArgument, match="dtype"):
+            group.ll_combine(expert_out, out.handle, topk_weights=given.double())
+    return checked
+
+
+def test_ll_combine_weights_given_to_the_combine(world2: Any) -> None:
+    assert world2.run(_combine_weights_worker, 2) == [4, 4]

@@ -15,7 +15,15 @@ from ncclep import fp8
 
 SCHEMA_ARGS = {
     "ll_dispatch": ["group", "x", "topk_idx", "topk_weights", "use_fp8", "ue8m0", "column_major_scales"],
-    "ll_combine": ["group", "expert_out", "send_slots", "recv_rows", "recv_weights", "recv_slot_counts"],
+    "ll_combine": [
+        "group",
+        "expert_out",
+        "send_slots",
+        "recv_rows",
+        "recv_weights",
+        "recv_slot_counts",
+        "topk_weights",
+    ],
     "ll_combine_out": [
         "group",
         "expert_out",
@@ -24,6 +32,7 @@ SCHEMA_ARGS = {
         "recv_weights",
         "recv_slot_counts",
         "out",
+        "topk_weights",
     ],
     "ht_dispatch": ["group", "x", "x_scales", "topk_idx", "topk_weights", "layout", "alignment"],
     "ht_combine": ["group", "x", "send_pos", "recv_slot", "recv_counts", "recv_topk_idx", "topk_weights"],
@@ -110,6 +119,13 @@ def _opcheck_worker() -> list[str]:
                 FULL,
                 f"ll_combine_out {label}",
             )
+            given = torch.rand(out.handle.send_slots.shape[0], 3, generator=generator(7))  # K below max_topk
+            check(
+                ops.ll_combine.default,
+                (ll.id, eo, *out.handle.tensors(), given),
+                FULL,
+                f"ll_combine {label} weights",
+            )
 
         check(ops.ht_dispatch.default, (ht.id, x, None, every, w_every, "flat", 1), FULL, "ht flat full")
         check(ops.ht_dispatch.default, (ht.id, xs, None, idx, None, "flat", 1), NO_AOT, "ht flat sparse")
@@ -129,7 +145,7 @@ def _opcheck_worker() -> list[str]:
 
 def test_opcheck(world2: DistPool) -> None:
     done = world2.run(_opcheck_worker)
-    assert done[0] == done[1] and len(set(done[0])) == 18
+    assert done[0] == done[1] and len(set(done[0])) == 20
 
 
 # ------------------------------------------------------------------------------------- fake kernels

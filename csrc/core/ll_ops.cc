@@ -51,9 +51,10 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   const char* call = "ncclepLLDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   ncclepLLDispatchArgs_t a;
-  static_assert(NCCLEP_LL_ARGS_VERSION == 3u, "list each version's size");
+  static_assert(NCCLEP_LL_ARGS_VERSION == 4u, "list each version's size");
   const size_t sizes[] = {offsetof(ncclepLLDispatchArgs_t, rejectCode),
-                          offsetof(ncclepLLDispatchArgs_t, recvScalesStrides), sizeof(ncclepLLDispatchArgs_t)};
+                          offsetof(ncclepLLDispatchArgs_t, recvScalesStrides), sizeof(ncclepLLDispatchArgs_t),
+                          sizeof(ncclepLLDispatchArgs_t)};  // version 4 changed only the combine
   NCCLEP_CHECK(readArgs(args, sizes, call, &a));
   NCCLEP_CHECK(checkPhases(a.phases, call));
   NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
@@ -127,8 +128,9 @@ extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombine
   const char* call = "ncclepLLCombine";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   ncclepLLCombineArgs_t a;
-  const size_t sizes[] = {offsetof(ncclepLLCombineArgs_t, rejectCode), sizeof(ncclepLLCombineArgs_t),
-                          sizeof(ncclepLLCombineArgs_t)};  // version 3 changed only the dispatch
+  const size_t sizes[] = {offsetof(ncclepLLCombineArgs_t, rejectCode), offsetof(ncclepLLCombineArgs_t, topkWeights),
+                          offsetof(ncclepLLCombineArgs_t, topkWeights),  // version 3 changed only the dispatch
+                          sizeof(ncclepLLCombineArgs_t)};
   NCCLEP_CHECK(readArgs(args, sizes, call, &a));
   NCCLEP_CHECK(checkPhases(a.phases, call));
   NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
@@ -148,6 +150,15 @@ extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombine
                      "%s: expertOut and the handle are required", call);
     if (a.phases & NCCLEP_PHASE_RECV)
       NCCLEP_REQUIRE(a.numTokens == 0 || (a.sendSlots && a.out), "%s: sendSlots and out are required", call);
+    NCCLEP_REQUIRE(a.topk >= 0 && a.topk <= g->config.maxTopk, "%s: topk = %d: must be in [0, %d]", call, a.topk,
+                   g->config.maxTopk);
+    if (a.topk > 0) {
+      NCCLEP_REQUIRE(a.phases & NCCLEP_PHASE_SEND, "%s: topkWeights go with the send half", call);
+      NCCLEP_REQUIRE(a.numTokens == 0 || (a.topkWeights && a.sendSlots), "%s: topkWeights and sendSlots are required",
+                     call);
+    }
+    p.topkWeights = a.topkWeights;
+    p.topk = a.topk;
     p.expertOut = a.expertOut;
     p.hidden = a.hidden;
     p.numTokens = a.numTokens;

@@ -267,12 +267,13 @@ NCCLEP_API const char* ncclepRejectReasonName(int reason);
 #define NCCLEP_PHASE_SEND 1
 #define NCCLEP_PHASE_RECV 2
 #define NCCLEP_PHASE_ALL 3
-/* Version 2 added rejectCode, version 3 the dispatch's recvScalesStrides. The launchers also take
- * earlier versions (sizeof up to the first field the version lacks, which they read as 0); the
- * combine's struct is the same in versions 2 and 3. */
-#define NCCLEP_LL_ARGS_VERSION 3u
+/* Version 2 added rejectCode, version 3 the dispatch's recvScalesStrides, version 4 the combine's
+ * topkWeights. The launchers also take earlier versions (sizeof up to the first field the version
+ * lacks, which they read as 0); the combine's struct is the same in versions 2 and 3, the
+ * dispatch's in versions 3 and 4. */
+#define NCCLEP_LL_ARGS_VERSION 4u
 
-typedef struct ncclepLLDispatchArgs_v3 {
+typedef struct ncclepLLDispatchArgs_v4 {
   size_t size;              /* sizeof(ncclepLLDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */
@@ -305,7 +306,7 @@ typedef struct ncclepLLDispatchArgs_v3 {
                                them column-major per expert, the layout grouped GEMMs read with TMA */
 } ncclepLLDispatchArgs_t;
 
-typedef struct ncclepLLCombineArgs_v3 {
+typedef struct ncclepLLCombineArgs_v4 {
   size_t size;              /* sizeof(ncclepLLCombineArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */
@@ -323,6 +324,13 @@ typedef struct ncclepLLCombineArgs_v3 {
                                peers send it, so the kernel finishes once every peer has received its
                                part of this call: no peer may put this call's receive half after a
                                later call of another kind */
+  const float* topkWeights; /* with topk > 0: [B, topk] fp32 on this (the token's) rank; choice k of
+                               token b is weighted by topkWeights[b, k] instead of the dispatch's
+                               weight (k >= topk: 0). The kernel sends them to the expert ranks first
+                               (one more step of latency, no host work). May be NULL when B = 0 */
+  int topk;                 /* 0: each row is weighted as the dispatch's topkWeights said; else
+                               1..maxTopk, the columns of topkWeights. Collective: every rank gives
+                               weights in the call (topk > 0, B = 0 included), or none does */
 } ncclepLLCombineArgs_t;
 
 /* What a kernel reported instead of trapping: code 0 = nothing. Codes: 1 a wait timed out (phase,

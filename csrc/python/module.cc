@@ -241,10 +241,11 @@ class Communicator {
     return o;
   }
 
-  // handle: the dispatch's send_slots, recv_rows, recv_weights, recv_slot_counts.
+  // handle: the dispatch's send_slots, recv_rows, recv_weights, recv_slot_counts. topkWeights: [B, K]
+  // fp32 weights given to the combine in place of the dispatch's (send half only).
   at::Tensor llCombine(const OutputPlan& plan, const at::Tensor& expertOut, const at::Tensor& sendSlots,
                        const at::Tensor& recvRows, const at::Tensor& recvWeights, const at::Tensor& recvSlotCounts,
-                       int phases, std::optional<at::Tensor> out) {
+                       int phases, std::optional<at::Tensor> out, const std::optional<at::Tensor>& topkWeights) {
     RECORD_FUNCTION("ncclep::ll_combine", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
@@ -261,6 +262,10 @@ class Communicator {
     a.recvWeights = static_cast<const float*>(cptr(recvWeights));
     a.recvSlotCounts = static_cast<const int*>(cptr(recvSlotCounts));
     a.out = ptr(o);
+    if (topkWeights) {
+      a.topkWeights = static_cast<const float*>(cptr(topkWeights));
+      a.topk = static_cast<int>(topkWeights->size(1));
+    }
     check(ncclepLLCombine(g, &a, currentStream(expertOut)));
     return o;
   }
@@ -625,7 +630,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "LL dispatch: returns the outputs in LL_DISPATCH_OUTPUTS order")
       .def("ll_combine", &Communicator::llCombine, py::arg("plan"), py::arg("expert_out"), py::arg("send_slots"),
            py::arg("recv_rows"), py::arg("recv_weights"), py::arg("recv_slot_counts"), py::arg("phases"),
-           py::arg("out") = py::none(), "LL combine: returns out [B, H]")
+           py::arg("out") = py::none(), py::arg("topk_weights") = py::none(), "LL combine: returns out [B, H]")
       .def("ht_dispatch", &Communicator::htDispatch, py::arg("plan"), py::arg("x"), py::arg("x_scales"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("layout"), py::arg("alignment"),
            "HT dispatch: returns the outputs in HT_DISPATCH_OUTPUTS order")

@@ -17,7 +17,7 @@ CONTROL_BYTES = 64 << 10  # csrc/core/buffer_plan.h kControlBytes
 WINDOW_GRANULARITY = 2 << 20  # csrc/core/buffer_plan.h kWindowGranularity
 REGION_ALIGN = 256
 LL_STATE_BYTES = 36  # sizeof(LLState)
-LL_SIGNAL_KINDS = 7
+LL_SIGNAL_KINDS = 8
 
 
 def _align(value: int, to: int) -> int:
@@ -36,19 +36,17 @@ def _ll_plan_bytes(num_experts: int, max_tokens: int, hidden: int, max_topk: int
     payload = _align(2 * hidden, 16)
     dispatch_msg, combine_msg = header + payload, payload
     counts = _align((local_experts + 1) * 4, 16)
+    weights = _align(4 * max_topk, 16)
     per_parity = 2 * world_size
     slots = per_parity * max_tokens
-    regions = [
-        LL_STATE_BYTES,
-        LL_SIGNAL_KINDS * world_size * 8,
-        4 * world_size * 8,
+    messages = [
         per_parity * counts,
         slots * dispatch_msg,
         slots * combine_msg,
-        per_parity * counts,
-        slots * dispatch_msg,
-        slots * combine_msg,
+        per_parity * 16,
+        slots * weights,
     ]
+    regions = [LL_STATE_BYTES, LL_SIGNAL_KINDS * world_size * 8, 4 * world_size * 8, *messages, *messages]
     end = _align(CONTROL_BYTES, REGION_ALIGN)
     for size in regions:
         end = _align(end + size, REGION_ALIGN)

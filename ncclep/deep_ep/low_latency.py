@@ -11,8 +11,8 @@ What the shim adds to ncclep's own ops:
   int32: ncclep's kernels write them so; only ``round_scale`` without ``use_ue8m0``, fp32 powers of
   two, takes a device copy from UE8M0 bytes), and, with ``return_recv_hook``, placeholders that the
   hook fills.
-* combine: the caller's top-k weights sent to the expert ranks first (:mod:`.weights`) unless the
-  dispatch carried the same tensor.
+* combine: the caller's top-k weights handed to ncclep's combine (its kernel sends them to the
+  expert ranks first) unless the dispatch carried the same tensor.
 
 Everything that depends only on a call's configuration (the group, the budget check, the output
 shapes and layouts) is worked out once per configuration, in an :class:`LLPlan`; a call looks its
@@ -35,7 +35,6 @@ from .groups import Groups
 from .handles import LowLatencyHandle
 from .streams import StreamState
 from .utils import EventOverlap
-from .weights import with_weights
 
 Hook = Callable[[], None]
 
@@ -367,10 +366,9 @@ class LowLatency:
         streams = self.streams
         launch = streams.enter(plan.cuda, plan.index, None, async_finish)
         try:
-            if not handle.carries(topk_weights):
-                routing = with_weights(group.process_group, routing, topk_weights)
-            combined = _into(out, group.ll_combine(expert_out, routing, direct))  # type: ignore[arg-type]
-            inputs = (x, topk_idx, topk_weights, expert_out, routing.recv_weights)
+            given = None if handle.carries(topk_weights) else topk_weights.contiguous()
+            combined = _into(out, group.ll_combine(expert_out, routing, direct, topk_weights=given))  # type: ignore[arg-type]
+            inputs = (x, topk_idx, topk_weights, expert_out, given)
             event = streams.finish(launch, plan.cuda, plan.index, inputs, (combined,))
         finally:
             if launch is not None:
@@ -391,9 +389,8 @@ class LowLatency:
         streams = self.streams
         if plan.cuda:
             streams.before(plan.index)
-        if not handle.carries(topk_weights):
-            routing = with_weights(group.process_group, routing, topk_weights)
-        pending = group.ll_combine(expert_out, routing, direct, True)
+        given = None if handle.carries(topk_weights) else topk_weights.contiguous()
+        pending = group.ll_combine(expert_out, routing, direct, True, given)
         if streams.record and plan.cuda:
             streams.after(plan.index)
         later = (

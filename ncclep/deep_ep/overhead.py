@@ -16,8 +16,7 @@ and rank 0 prints, per call, the medians of:
 * ``shim-Group``: the difference of the two, call by call;
 * ``shim own``: the Buffer call less the time spent inside the ncclep Group ops it made (their
   methods, the receive halves of ``send_only`` calls, cached dispatches): the shim's host work,
-  plus the collectives it adds (the weight exchange of an LL combine without dispatch-time
-  weights, the count gather and host read of an exact-size HT dispatch).
+  plus the collectives it adds (the count gather and host read of an exact-size HT dispatch).
 
 On GPUs (``--gpu``) the calls only launch, so all four are host times, and ``shim-Group`` is the
 figure to hold to the 10 µs budget. On the reference backend (CPU, gloo) a Group op runs to
@@ -147,10 +146,12 @@ def replay(buffer: Buffer) -> None:
             handle: Any,
             out: Any = None,
             send_only: bool = False,
+            topk_weights: Any = None,
             _op: Any = ops["ll_combine"],
             _seen: Any = seen,
         ) -> Any:
-            y = _once(_seen, "c", partial(_op, rows, handle))
+            key = ("c", topk_weights is None)
+            y = _once(_seen, key, partial(_op, rows, handle, topk_weights=topk_weights))
             return _once({}, 0, partial(_same, y if out is None else out), send_only)
 
         def ht_dispatch(
@@ -325,9 +326,9 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
             lambda: combine(recv_w, idx, w, handle_w, async_finish=True),
             lambda: native.ll_combine(rows, routing),
         ),
-        "ll_combine (weights exchanged)": (
+        "ll_combine (weights at the combine)": (
             lambda: combine(recv, idx, w, handle),
-            lambda: native.ll_combine(rows, routing),
+            lambda: native.ll_combine(rows, routing, topk_weights=w),
         ),
     }
     if hidden % (fp8.BLOCK * 4):

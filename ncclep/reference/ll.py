@@ -56,6 +56,23 @@ def _pad_columns(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
+def _weights_by_destination(
+    send_slots: torch.Tensor, back_counts: torch.Tensor, topk_weights: torch.Tensor, max_topk: int, total: int
+) -> torch.Tensor:
+    """``[total, max_topk]`` fp32: each token's weights once per rank d it went to, grouped by d and
+    in slot order there (``back_counts[d]`` tokens went to d, ``total`` in all); no host sync."""
+    tokens, ranks = send_slots.shape
+    counts = back_counts.long()
+    starts = torch.cumsum(counts, 0) - counts
+    target = torch.where(
+        send_slots >= 0, starts.unsqueeze(0) + send_slots.long(), total
+    )  # total: a spare row
+    out = torch.zeros((total + 1, max_topk), dtype=torch.float32, device=send_slots.device)
+    weights = _pad_columns(topk_weights.float(), max_topk, 0.0)
+    out.index_put_((target,), weights.unsqueeze(1).expand(tokens, ranks, max_topk))
+    return out[:total]
+
+
 class ReferenceLL(ReferenceBackend):
     def dispatch_send(
         self,
@@ -159,12 +176,20 @@ class ReferenceLL(ReferenceBackend):
         return self.dispatch_recv(state)
 
     def combine(
-        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
+        self,
+        expert_out: torch.Tensor,
+        handle: LLHandle,
+        out: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.combine_recv(self.combine_send(expert_out, handle, out))
+        return self.combine_recv(self.combine_send(expert_out, handle, out, topk_weights))
 
     def combine_send(
-        self, expert_out: torch.Tensor, handle: LLHandle, out: torch.Tensor | None = None
+        self,
+        expert_out: torch.Tensor,
+        handle: LLHandle,
+        out: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
     ) -> LLCombineInFlight:
         hidden = expert_out.shape[2]
         back_counts = (handle.send_slots >= 0).sum(dim=0).to(torch.int32)
@@ -174,7 +199,13 @@ class ReferenceLL(ReferenceBackend):
         call, _ = self.exchange.start("ll_combine", slot_counts, back_host)
         src, slot = message_source(handle.recv_slot_counts, sum(slot_counts))
         rows = handle.recv_rows[src, slot].long()
-        weights = handle.recv_weights[src, slot]
+        if topk_weights is None:
+            weights = handle.recv_weights[src, slot]
+        else:  # the token's rank sends each token's weights to the slots it holds, as the kernel does
+            send = _weights_by_destination(
+                handle.send_slots, back_counts, topk_weights, self.cfg.max_topk, sum(back_host)
+            )
+            weights = self.exchange.rows("ll_combine", call, send, back_host, slot_counts).wait()
         flat = expert_out.reshape(-1, hidden)
         # where(), not a zero weight: the row read for an empty choice may be padding, and
         # 0 * NaN (uninitialised padding) would poison the token's sum

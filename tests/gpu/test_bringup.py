@@ -197,9 +197,10 @@ def test_extension_basics_and_config_errors() -> None:
     assert _C.version() == "0.1.0"
     assert _C.nccl_version() >= 22800
     assert len(_C.get_unique_id()) == 128
-    # 2 parities x 4 ranks x 128 tokens x (14336 + 112 bytes dispatch + 14336 combine), once for
-    # receiving and once for staging network puts, + counts, signals and 64 KiB, in 2 MiB units
-    messages = 2 * 4 * 128 * (14336 + 112 + 14336) * 2
+    # 2 parities x 4 ranks x 128 tokens x (14336 + 112 bytes dispatch + 14336 combine + 32 combine
+    # weights), once for receiving and once for staging network puts, + counts, signals and 64 KiB,
+    # in 2 MiB units
+    messages = 2 * 4 * 128 * (14336 + 112 + 14336 + 32) * 2
     assert _C.window_bytes(0, 256, 128, 7168, 8, 4) == ((64 << 10) + messages + (2 << 20) - 1) // (
         2 << 20
     ) * (2 << 20)

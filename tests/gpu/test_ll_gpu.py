@@ -72,10 +72,17 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
             problems.append(f"{routing} k={topk} h={hidden} {payload}{layout} B={tokens}: {problem}")
             continue
         y = (torch.randn(a.x.shape, generator=g) * 2).to(torch.bfloat16).to(dev)
-        out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)
+        # every third case weights its choices at the combine instead (fewer columns than top-k too)
+        given = None
+        if i % 3 == 2:
+            given = torch.rand(tokens, max(1, topk - i % 2), generator=g).to(dev)
+        out_a = cuda.ll_combine(y, a.handle, topk_weights=given)
+        out_b = ref.ll_combine(y, b.handle, topk_weights=given)
         if tokens and relative_error(out_a, out_b) > 1e-2:
+            weights = " combine weights" if given is not None else ""
             problems.append(
-                f"{routing} k={topk} h={hidden} B={tokens}: combine error {relative_error(out_a, out_b):.3g}"
+                f"{routing} k={topk} h={hidden} B={tokens}{weights}: combine error "
+                f"{relative_error(out_a, out_b):.3g}"
             )
     cuda.check()
     cuda.close()
@@ -105,7 +112,12 @@ def _many_iterations(count: int, nodes: int = 1) -> list[str]:
         b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8)
         problem = ll_dispatch_difference(a, b)
         y = torch.randn(a.x.shape, device=dev).to(torch.bfloat16)
-        out_a, out_b = cuda.ll_combine(y, a.handle), ref.ll_combine(y, b.handle)  # every rank calls
+        given = torch.rand(tokens, 8, generator=g).to(dev) if i % 3 == 1 else None  # weights at the combine
+        # every rank calls
+        out_a, out_b = (
+            cuda.ll_combine(y, a.handle, topk_weights=given),
+            ref.ll_combine(y, b.handle, topk_weights=given),
+        )
         err = relative_error(out_a, out_b) if tokens else 0.0
         # no break: every rank must make the same collective calls
         if (problem or err > 1e-2) and len(problems) < 5:
@@ -137,9 +149,16 @@ def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
         if problem:
             problems.append(f"send_only dispatch: {problem}")
     ys = [torch.randn(o.x.shape, device=dev).to(torch.bfloat16) for o in outs]
-    combined = [cuda.ll_combine(y, o.handle, send_only=True) for y, o in zip(ys, outs, strict=True)]
+    # the second micro-batch's weights come with its combine: both parities in flight, one with them
+    given = [None, torch.rand(batches[1][0].shape[0], 8, generator=g).to(dev)]
+    combined = [
+        cuda.ll_combine(y, o.handle, send_only=True, topk_weights=w)
+        for y, o, w in zip(ys, outs, given, strict=True)
+    ]
     for k, c in enumerate(combined):
-        expected = ref.ll_combine(ys[k], ref.ll_dispatch(*batches[k], use_fp8=True).handle)
+        expected = ref.ll_combine(
+            ys[k], ref.ll_dispatch(*batches[k], use_fp8=True).handle, topk_weights=given[k]
+        )
         if relative_error(c.wait(), expected) > 1e-2:
             problems.append(f"send_only combine {k}")
 
@@ -147,23 +166,30 @@ def _send_only_and_graph(replays: int, nodes: int = 1) -> list[str]:
     static_x, static_idx, static_w = _inputs(g, T, HIDDEN, 8, "random", dev)
     scale = torch.linspace(0.5, 1.5, EXPERTS // dist.get_world_size(), device=dev).view(-1, 1, 1)
 
-    def step() -> torch.Tensor:
-        d = cuda.ll_dispatch(static_x, static_idx, static_w)
-        return cuda.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
+    static_cw = torch.rand(T, 8, generator=g).to(dev)  # the second graph's weights, given to its combine
 
-    graph, static_out = capture_graph(step)
+    def step(given: torch.Tensor | None) -> torch.Tensor:
+        d = cuda.ll_dispatch(static_x, static_idx, static_w)
+        return cuda.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle, topk_weights=given)
+
+    graphs = [capture_graph(lambda: step(None)), capture_graph(lambda: step(static_cw))]
     for i in range(replays):
         x, idx, w = _inputs(g, T, HIDDEN, 8, ("random", "skewed", "hot")[i % 3], dev)
+        cw = torch.rand(T, 8, generator=g).to(dev)
         static_x.copy_(x)
         static_idx.copy_(idx)
         static_w.copy_(w)
+        static_cw.copy_(cw)
+        graph, static_out = graphs[i % 2]
         graph.replay()
-        if i % 50 == 0 or i == replays - 1:
+        if i % 50 < 2 or i == replays - 1:
             d = ref.ll_dispatch(x, idx, w)
-            expected = ref.ll_combine((d.x.float() * scale).to(torch.bfloat16), d.handle)
+            expected = ref.ll_combine(
+                (d.x.float() * scale).to(torch.bfloat16), d.handle, topk_weights=(None, cw)[i % 2]
+            )
             err = relative_error(static_out, expected)
             if err > 1e-2 and len(problems) < 5:
-                problems.append(f"graph replay {i}: error {err:.3g}")
+                problems.append(f"graph {i % 2} replay {i}: error {err:.3g}")
     cuda.check()
     cuda.close()
     ref.close()
@@ -269,6 +295,22 @@ def _rejected_calls(nodes: int) -> list[str]:
     if err > 1e-2:
         problems.append(f"the combine again after the rejected one: error {err:.3g}")
     round_trip(x, idx, w, "the round trip after the rejected combine")
+
+    # a combine with weights given to it, rejected by rank BAD (weights of the wrong shape): the
+    # others' send halves must not wait for its weights, and the next such combine matches
+    a, b = cuda.ll_dispatch(x, idx, w), ref.ll_dispatch(x, idx, w)
+    cw = torch.rand(x.shape[0], 8, generator=g).to(dev)
+    if rank == BAD:
+        problems.append(own_rejection(lambda: cuda.ll_combine(y, a.handle, topk_weights=cw[:1]), "shape"))
+    else:
+        cuda.ll_combine(y, a.handle, topk_weights=cw)
+        again = lambda: cuda.ll_combine(y, a.handle, topk_weights=cw)  # noqa: E731
+        problems.append(peer_rejection(again, BAD, "shape", "ll_combine receive"))
+    err = relative_error(
+        cuda.ll_combine(y, a.handle, topk_weights=cw), ref.ll_combine(y, b.handle, topk_weights=cw)
+    )
+    if err > 1e-2:
+        problems.append(f"the weighted combine after the rejected one: error {err:.3g}")
     cuda.check()
     cuda.close()
     ref.close()

@@ -5,6 +5,15 @@
 // for us (a warp per part of a row; staged and put when r is across the network). The last block
 // to finish signals every rank, tokens or not.
 //
+// Weights given to the combine (p.topk > 0, also on a rank without tokens: p.topkWeights, on the
+// token's rank) replace the dispatch's: first, block 0 of every rank stores its tokens' weights
+// into the slots its tokens hold at each rank (combineWeights) and adds 1 to that rank's weights
+// signal. It adds in every call, weights or not, so that after call seq every rank's signal stands
+// at seq + 1; a call with weights waits for that value from each source it holds tokens of. The
+// parity's entries at rank d are free again once d acknowledged call seq - 2, which the send half
+// waits for anyway (for its rows): d acknowledges at the end of its receive half of seq - 2, after
+// its send half of seq - 2 read them.
+//
 // Receive (on the token's rank): wait for every rank's signal, then out[b] = sum over ranks d of
 // the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; the last block
 // sets each rank's mark to its signal and acknowledges it so it may reuse the parity.
@@ -72,6 +81,40 @@ __device__ void sendRejection(const LLCombineParams& p, const transport::Peers<N
     peers.put(d, at, stage, 16, 0, 1);
     peers.signal(d, kSigCombineData + int(parity), kLLRejectAdd);
   }
+}
+
+// Block 0: our tokens' combine weights into their slots at each rank (if the call has them), then
+// +1 on every rank's weights signal (every call, so that the signals count calls).
+template <class Net>
+__device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net>& peers, uint32_t seq) {
+  const LLCommon& c = p.c;
+  const LLLayout& l = c.layout;
+  const uint32_t parity = seq & 1u;
+  const int R = c.nRanks, KM = l.maxTopk, K = p.topk;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
+  const bool weights = p.topk > 0 && p.rejectCode == 0;
+  if (weights) {
+    for (int i = tid; i < p.numTokens * R; i += blockDim.x) {
+      const int b = i / R, d = i % R;
+      const int slot = p.sendSlots[i];
+      if (slot < 0) continue;
+      float* entry = peers.template target<float>(d, l.weightsAt(l.combineWeights, parity, c.rank, slot),
+                                                   l.weightsAt(l.stageCombineWeights, parity, d, slot));
+      for (int k = 0; k < KM; ++k) entry[k] = k < K ? p.topkWeights[int64_t(b) * K + k] : 0.0f;
+    }
+    __syncthreads();
+    for (int d = warp; d < R; d += numWarps) {  // the network peers' entries, slots 0..highest
+      if (!peers.viaNet(d)) continue;
+      int highest = -1;
+      for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
+      highest = __reduce_max_sync(kFullMask, highest);
+      if (highest >= 0)
+        peers.put(d, l.weightsAt(l.combineWeights, parity, c.rank, 0), l.weightsAt(l.stageCombineWeights, parity, d, 0),
+                  size_t(highest + 1) * l.weightsBytes, lane, 32);
+    }
+    __syncthreads();
+  }
+  for (int d = tid; d < R; d += blockDim.x) peers.signal(d, kSigCombineWeights, 1);
 }
 
 // Waits for source r's rows of this call (`need` chunks past our mark, mark[r]), starting from the
@@ -146,8 +189,19 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
   if (tid < R && seq >= 2 && ackSeen < uint64_t(seq - 1))
     acked = peers.wait(tid, kSigCombineAck, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend);
   // The barrier also orders each acknowledgement before every thread's stores to that rank.
-  const bool failed = __syncthreads_or(!acked);
-  if (p.rejectCode != 0 && blockIdx.x == 0 && !failed) sendRejection(p, peers, seq);
+  bool failed = __syncthreads_or(!acked);
+  if (blockIdx.x == 0 && !failed) {
+    if (p.rejectCode != 0) sendRejection(p, peers, seq);
+    sendWeights(p, peers, seq);
+  }
+  const bool givenWeights = p.topk > 0 && p.rejectCode == 0;
+  if (givenWeights && !failed) {  // the sources' weights of this call, from those we hold tokens of
+    bool ok = true;
+    if (tid < R && p.recvSlotCounts[tid] > 0)
+      ok = peers.wait(tid, kSigCombineWeights, uint64_t(seq) + 1, c.timeoutNs, err, kPhaseLLCombineSend);
+    failed = __syncthreads_or(!ok);
+  }
+  const float* givenWeightsAt = reinterpret_cast<const float*>(c.local + l.weightsAt(l.combineWeights, parity, 0, 0));
 
   // Work items: (message, part), a warp each, spread over the SMs first.
   const int total = failed ? 0 : s.start[R];
@@ -163,7 +217,10 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
     const int j = m - s.start[r];
     const int64_t at = (int64_t(r) * T + j) * KM;
     const int myRow = lane < KM ? p.recvRows[at + lane] : -1;
-    const float myWeight = lane < KM ? p.recvWeights[at + lane] : 0.0f;
+    float myWeight = 0.0f;
+    if (lane < KM)  // given weights were written by the source (acquired above): read through L2
+      myWeight = givenWeights ? __ldcg(givenWeightsAt + (int64_t(r) * T + j) * (l.weightsBytes / 4) + lane)
+                              : p.recvWeights[at + lane];
     int rowK[kLLMaxTopk];
     float weightK[kLLMaxTopk];
 #pragma unroll

@@ -13,7 +13,9 @@
 //   combineSlots     [2][R sources][T slots][combineMsgBytes]
 //   rejects          [2][R sources][16 bytes]: uint64 (epoch << 32) | reject word (reject.h) of the
 //                    source's last rejected combine in that parity (see kLLRejectAdd)
-//   stage*           the same four regions indexed by destination instead of source: a message
+//   combineWeights   float [2][R sources][T slots][maxTopk, padded to 16 bytes]: a combine given
+//                    weights on the token's rank: the source's token's weight per top-k choice
+//   stage*           the same five regions indexed by destination instead of source: a message
 //                    for a peer reached over the network is written here first, then put
 //
 // A dispatched token (one message per destination rank):
@@ -42,7 +44,9 @@ enum LLSignalKind : int {
   kSigDispatchAck = 3,     // +1 per call: peer has read our messages, we may reuse the parity
   kSigCombineData = 4,     // 2 parities: +n per n 16-byte chunks of combined rows that landed
   kSigCombineAck = 6,
-  kLLSignalKinds = 7,
+  kSigCombineWeights = 7,  // +1 per combine: peer's weights for its tokens here (if the call has
+                           // them) are in place in parity (combine call & 1)
+  kLLSignalKinds = 8,
 };
 
 struct LLState {
@@ -63,15 +67,18 @@ struct LLLayout {
   size_t dispatchSlots;
   size_t combineSlots;
   size_t rejects;
+  size_t combineWeights;
   size_t stageCounts;
   size_t stageDispatch;
   size_t stageCombine;
   size_t stageRejects;
+  size_t stageCombineWeights;
   size_t end;
   uint32_t headerBytes;
   uint32_t dispatchMsgBytes;
   uint32_t combineMsgBytes;
   uint32_t countsBytes;  // one (parity, peer) entry of the counts regions
+  uint32_t weightsBytes;  // one slot's entry of the combine weights regions
   int nRanks;
   int maxTokens;
   int numLocalExperts;
@@ -90,6 +97,13 @@ struct LLLayout {
 #endif
   size_t rejectAt(size_t region, uint32_t parity, int peer) const {  // region: rejects or stageRejects
     return region + (size_t(parity) * size_t(nRanks) + size_t(peer)) * 16;
+  }
+
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  size_t weightsAt(size_t region, uint32_t parity, int peer, int slot) const {  // combineWeights or its stage
+    return region + ((size_t(parity) * size_t(nRanks) + size_t(peer)) * size_t(maxTokens) + size_t(slot)) * weightsBytes;
   }
 };
 
@@ -113,6 +127,7 @@ inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExp
   l.dispatchMsgBytes = l.headerBytes + llPayloadBytes(hidden);
   l.combineMsgBytes = llPayloadBytes(hidden);
   l.countsBytes = uint32_t(llAlignUp((size_t(numLocalExperts) + 1) * 4, 16));
+  l.weightsBytes = uint32_t(llAlignUp(size_t(maxTopk) * 4, 16));  // whole 16-byte words: a put moves those
   const size_t perParity = 2 * size_t(nRanks);
   const size_t slots = perParity * size_t(maxTokens);
   if (slots / perParity != size_t(maxTokens)) return false;
@@ -128,9 +143,10 @@ inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExp
                   take(&l.dispatchCounts, perParity, l.countsBytes) &&
                   take(&l.dispatchSlots, slots, l.dispatchMsgBytes) &&
                   take(&l.combineSlots, slots, l.combineMsgBytes) && take(&l.rejects, perParity, 16) &&
-                  take(&l.stageCounts, perParity, l.countsBytes) &&
+                  take(&l.combineWeights, slots, l.weightsBytes) && take(&l.stageCounts, perParity, l.countsBytes) &&
                   take(&l.stageDispatch, slots, l.dispatchMsgBytes) &&
-                  take(&l.stageCombine, slots, l.combineMsgBytes) && take(&l.stageRejects, perParity, 16);
+                  take(&l.stageCombine, slots, l.combineMsgBytes) && take(&l.stageRejects, perParity, 16) &&
+                  take(&l.stageCombineWeights, slots, l.weightsBytes);
   if (!ok) return false;
   l.end = at;
   *out = l;

@@ -87,6 +87,8 @@ struct LLCombineParams {
   const float* recvWeights;
   const int* recvSlotCounts;
   void* out;  // bf16 [numTokens, hidden]
+  const float* topkWeights;  // [numTokens, topk] on the token's rank, sent ahead
+  int topk;                  // 0: no weights given, rows weighted by recvWeights
 };
 
 // Dynamic shared memory of the dispatch kernel for a group's layout.
