@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -34,11 +35,14 @@ class __attribute__((visibility("hidden"))) OutputPlan {
 
   size_t size() const { return specs_.size(); }
 
-  // Undefined tensors where the spec is None (Python sees None).
+  // Undefined tensors where the spec is None (Python sees None). CUDA outputs come from the caching
+  // allocator directly, not through the dispatcher's at::empty: ~5 µs less for an LL dispatch's
+  // seven outputs on a slow host (bench/NOTES.md, session 12).
   std::vector<at::Tensor> allocate(int64_t tokens, const at::Device& device) const {
     std::vector<at::Tensor> out;
     out.reserve(specs_.size());
     std::vector<int64_t> shape;
+    const bool cuda = device.is_cuda();
     for (const auto& spec : specs_) {
       if (!spec) {
         out.emplace_back();
@@ -46,13 +50,15 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       }
       const auto options = at::TensorOptions().dtype(spec->dtype).device(device);
       if (!spec->strides.empty()) {
-        out.push_back(at::empty_strided(spec->shape, spec->strides, options));
+        out.push_back(cuda ? at::Tensor(at::detail::empty_strided_cuda(spec->shape, spec->strides, spec->dtype, device))
+                           : at::empty_strided(spec->shape, spec->strides, options));
         continue;
       }
       shape = spec->shape;
       for (auto& d : shape)
         if (d == -1) d = tokens;
-      out.push_back(at::empty(shape, options));
+      out.push_back(cuda ? at::Tensor(at::detail::empty_cuda(shape, spec->dtype, device, std::nullopt))
+                         : at::empty(shape, options));
     }
     return out;
   }
