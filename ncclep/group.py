@@ -482,7 +482,7 @@ class Group:
                 token ``b`` with instead of the dispatch's weights (``k >= K``: 0), for callers that
                 know the weights only after the dispatch (DeepEP's API). The kernel sends them to
                 the expert ranks first: one more step of latency, no host work. Collective: every
-                rank gives weights, or none does.
+                rank gives weights (a rank without tokens a ``[0, K]`` tensor), or none does.
 
         Returns:
             ``[B, H]`` bfloat16 (``out`` when given).
