@@ -16,7 +16,7 @@ from . import _native, backends, collectives, env, ops, outputs, registry, valid
 from .bootstrap import init_from_mpi, is_mpi_comm
 from .config import MODE_IDS, GroupConfig
 from .errors import PEER_LOST, PEER_REJECTED, TIMEOUT, CommError, InvalidArgument, NcclepError
-from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle
+from .handles import HTDispatchOutput, HTHandle, LLDispatchOutput, LLHandle, claim
 
 T = TypeVar("T")
 BACKENDS = backends.BACKENDS
@@ -385,9 +385,10 @@ class Group:
         self._backend.reject(op, problem)
 
     def _stamp(self, out: T) -> T:
-        """The output with its handle marked as this group's (a combine elsewhere refuses it)."""
-        *fields, handle = out  # type: ignore[misc]  # the handle is the last field of every output
-        return type(out)(*fields, handle.of_group(self.id))
+        """The output, fresh from the backend or the op, with its handle marked as this group's (a
+        combine elsewhere refuses it)."""
+        claim(out[-1], self.id)  # type: ignore[index]  # the handle is the last field of every output
+        return out
 
     # ----------------------------------------------------------------------------- LL
 

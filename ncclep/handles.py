@@ -7,7 +7,7 @@ handles can cross ``torch.compile`` graphs and CUDA graphs. Both backends fill t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import torch
 
@@ -35,16 +35,6 @@ class LLHandle:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.send_slots, self.recv_rows, self.recv_weights, self.recv_slot_counts)
 
-    def of_group(self, group: int) -> LLHandle:
-        return _new(
-            LLHandle,
-            send_slots=self.send_slots,
-            recv_rows=self.recv_rows,
-            recv_weights=self.recv_weights,
-            recv_slot_counts=self.recv_slot_counts,
-            group=group,
-        )
-
 
 @dataclass(frozen=True)
 class HTHandle:
@@ -69,27 +59,12 @@ class HTHandle:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.send_pos, self.recv_slot, self.recv_counts, self.recv_topk_idx)
 
-    def of_group(self, group: int) -> HTHandle:
-        return _new(
-            HTHandle,
-            send_pos=self.send_pos,
-            recv_slot=self.recv_slot,
-            recv_counts=self.recv_counts,
-            recv_topk_idx=self.recv_topk_idx,
-            group=group,
-        )
 
-
-_Handle = TypeVar("_Handle", LLHandle, HTHandle)
-
-
-def _new(cls: type[_Handle], **fields: object) -> _Handle:
-    """``cls(**fields)`` for a handle class, every field given. Every eager dispatch makes one
-    (``of_group``), and the frozen dataclass's ``__init__``, which sets each field through
-    ``object.__setattr__``, costs twice as long as filling the instance's dict."""
-    handle = object.__new__(cls)
-    vars(handle).update(fields)
-    return handle
+def claim(handle: LLHandle | HTHandle, group: int) -> None:
+    """Marks a handle that a dispatch of ``group`` has just made, and that nobody else holds yet, as
+    that group's. In place: a copy of the frozen dataclass would cost every eager dispatch about a
+    microsecond more."""
+    object.__setattr__(handle, "group", group)
 
 
 class LLDispatchOutput(NamedTuple):
