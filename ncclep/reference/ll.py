@@ -64,9 +64,8 @@ def _weights_by_destination(
     tokens, ranks = send_slots.shape
     counts = back_counts.long()
     starts = torch.cumsum(counts, 0) - counts
-    target = torch.where(
-        send_slots >= 0, starts.unsqueeze(0) + send_slots.long(), total
-    )  # total: a spare row
+    # the pairs not sent land in a spare row, row `total`, which is cut off
+    target = torch.where(send_slots >= 0, starts.unsqueeze(0) + send_slots.long(), total)
     out = torch.zeros((total + 1, max_topk), dtype=torch.float32, device=send_slots.device)
     weights = _pad_columns(topk_weights.float(), max_topk, 0.0)
     out.index_put_((target,), weights.unsqueeze(1).expand(tokens, ranks, max_topk))
