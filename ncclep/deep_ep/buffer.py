@@ -534,7 +534,9 @@ class Buffer:
                 tensors hold the data once the hook has been called (ncclep: until then they are
                 placeholders, see `docs/deep_ep.md`).
             topk_weights: (ncclep only) `[num_tokens, num_topk]` `torch.float`, the weights the combine
-                will use. A combine passed this same tensor (unmodified) skips exchanging the weights.
+                will use. A combine passed this same tensor (unmodified) uses the weights that
+                travelled with the dispatch; the combine's kernel sends any other tensor to the expert
+                ranks first.
 
         Returns:
             tuple: ``(recv_x, recv_count, handle, event, hook)``
