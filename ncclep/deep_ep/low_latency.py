@@ -360,13 +360,13 @@ class LowLatency:
         else:
             expert_out = x.contiguous()
         direct = out if out is not None and out.is_contiguous() else None
+        given = None if handle.carries(topk_weights) else topk_weights.contiguous()  # None: the dispatch's
         group = plan.group
         if return_recv_hook:
-            return self._combine_hooked(plan, group, expert_out, handle, routing, topk_weights, out, direct)
+            return self._combine_hooked(plan, group, expert_out, handle, routing, given, out, direct)
         streams = self.streams
         launch = streams.enter(plan.cuda, plan.index, None, async_finish)
         try:
-            given = None if handle.carries(topk_weights) else topk_weights.contiguous()
             combined = _into(out, group.ll_combine(expert_out, routing, direct, topk_weights=given))  # type: ignore[arg-type]
             inputs = (x, topk_idx, topk_weights, expert_out, given)
             event = streams.finish(launch, plan.cuda, plan.index, inputs, (combined,))
@@ -382,14 +382,13 @@ class LowLatency:
         expert_out: torch.Tensor,
         handle: LowLatencyHandle,
         routing: Any,
-        topk_weights: torch.Tensor,
+        given: torch.Tensor | None,
         out: torch.Tensor | None,
         direct: torch.Tensor | None,
     ) -> tuple[torch.Tensor, Any, Hook]:
         streams = self.streams
         if plan.cuda:
             streams.before(plan.index)
-        given = None if handle.carries(topk_weights) else topk_weights.contiguous()
         pending = group.ll_combine(expert_out, routing, direct, True, given)
         if streams.record and plan.cuda:
             streams.after(plan.index)
