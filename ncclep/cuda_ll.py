@@ -24,6 +24,11 @@ class CudaLLDispatch:
     out: list[torch.Tensor]
     inputs: tuple[Any, ...]
 
+    @property
+    def early(self) -> LLDispatchOutput:
+        """The outputs the receive half fills, allocated by the send half (``Pending.early``)."""
+        return outputs.ll_dispatch_output(self.out)
+
 
 @dataclass
 class CudaLLCombine:

@@ -30,11 +30,17 @@ def get_group(group_id: int) -> Group:
 
 
 class Pending(Generic[T]):
-    """The receive half of a ``send_only`` call: ``wait()`` (or calling it) finishes it once."""
+    """The receive half of a ``send_only`` call: ``wait()`` (or calling it) finishes it once.
 
-    def __init__(self, finish: Callable[[], T]) -> None:
+    ``early``: for an LL dispatch on the CUDA backend, the outputs ``wait()`` will return, already
+    allocated by the send half (their values arrive with ``wait()``); None where the backend makes
+    them in the receive half (the reference backend) and for other ops.
+    """
+
+    def __init__(self, finish: Callable[[], T], early: T | None = None) -> None:
         self._finish: Callable[[], T] | None = finish
         self._result: T | None = None
+        self.early = early
 
     def wait(self) -> T:
         if self._finish is not None:
@@ -451,7 +457,11 @@ class Group:
             state = self._backend.dispatch_send(
                 x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales
             )
-            return Pending(lambda: self._stamp(self._backend.dispatch_recv(state)))
+            early = state.early
+            return Pending(
+                lambda: self._stamp(self._backend.dispatch_recv(state)),
+                None if early is None else self._stamp(early),
+            )
         if ops.eager(x):
             out = self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
             return self._stamp(out)

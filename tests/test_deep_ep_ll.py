@@ -344,3 +344,48 @@ def test_ll_combine_is_the_weighted_sum(world_name: str, request: pytest.Fixture
 def test_ll_refusals(world2: Any) -> None:
     seen = world2.run(refusals_worker)
     assert len(seen[0]) == 16
+
+
+def early_outputs_worker() -> dict[str, int]:
+    """Hook mode where the send half allocates the outputs, as ncclep's CUDA backend does
+    (``Pending.early``): the call returns those tensors at once, the hook fills them, and they pass
+    the same checks as a hooked call on placeholders. Simulated on the reference backend, whose send
+    half here runs the whole dispatch and exposes its result early."""
+    from ncclep.reference.ll import ReferenceLL
+
+    real_send, real_recv = ReferenceLL.dispatch_send, ReferenceLL.dispatch_recv
+
+    class Sent:
+        def __init__(self, out: Any) -> None:
+            self.early = out
+
+    ReferenceLL.dispatch_send = lambda self, *args: Sent(real_recv(self, real_send(self, *args)))  # type: ignore[method-assign]
+    ReferenceLL.dispatch_recv = lambda self, state: state.early  # type: ignore[method-assign]
+    try:
+        _, world = rank_and_world()
+        buffer = make_buffer(world)
+        x, idx, _ = inputs(2)
+        all_x, all_idx = gather_objects(x), gather_objects(idx)
+        checked = {}
+        for precision in PRECISIONS:
+            use_fp8, round_scale, use_ue8m0 = precision
+            flags = dict(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0)
+            recv, count, handle, _, receive = buffer.low_latency_dispatch(
+                x, idx, T, EXPERTS[world], return_recv_hook=True, **flags
+            )
+            first = recv[0] if use_fp8 else recv
+            receive()
+            out = handle.routing
+            assert out is not None
+            key = f"fp8={use_fp8} round={round_scale} ue8m0={use_ue8m0}"
+            checked[key] = step(check_received, recv, count, handle, all_x, all_idx, precision)
+            assert (recv[0] if use_fp8 else recv) is first, "the early tensors are the results"
+        buffer.destroy()
+        return checked
+    finally:
+        ReferenceLL.dispatch_send, ReferenceLL.dispatch_recv = real_send, real_recv  # type: ignore[method-assign]
+
+
+def test_ll_hook_with_outputs_from_the_send_half(world2: Any) -> None:
+    results = world2.run(early_outputs_worker)
+    assert len(results[0]) == len(PRECISIONS) and sum(results[0].values()) > 0

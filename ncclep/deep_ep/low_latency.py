@@ -121,10 +121,14 @@ class LLPlan:
         ``round_scale`` and without ``use_ue8m0``: fp32 powers of two, column-major, in one device
         copy. (Every other format comes from ncclep's kernels in DeepEP's layout.)"""
         if into is None:
-            into = torch.empty_strided(
-                self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
-            )
+            into = self.laid_scales_tensor()
         return into.copy_(wire)  # the UE8M0 -> fp32 conversion of round_scale included
+
+    def laid_scales_tensor(self) -> torch.Tensor:
+        """An uninitialised tensor of the scales in DeepEP's layout."""
+        return torch.empty_strided(
+            self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
+        )
 
     def placeholders(self) -> tuple[Any, torch.Tensor]:
         """``(recv_x, recv_count)`` for a hook to fill: ``recv_x`` and the count as placeholders
@@ -135,10 +139,7 @@ class LLPlan:
         x = deferred.placeholder(self.rows_shape, fp8.FP8_DTYPE, self.device)
         if self.column_major:
             return (x, deferred.placeholder(self.scales_shape, self.scales_dtype, self.device)), count
-        laid = torch.empty_strided(
-            self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
-        )
-        return (x, laid), count
+        return (x, self.laid_scales_tensor()), count
 
 
 class LowLatency:
@@ -292,6 +293,9 @@ class LowLatency:
         if streams.record and plan.cuda:
             streams.after(plan.index)
         handle = LowLatencyHandle(plan, x.shape[0], None, topk_weights)
+        early: LLDispatchOutput | None = pending.early  # type: ignore[union-attr]
+        if early is not None:  # the receive half fills these: hand them out now, as DeepEP does
+            return self._dispatch_hooked_early(plan, pending, early, handle, stats)
         later_x, later_count = plan.placeholders()
 
         def receive() -> None:
@@ -310,6 +314,36 @@ class LowLatency:
                 stats.add_(out[2])
 
         return later_x, later_count, handle, EventOverlap(), _hook(streams, plan, receive)
+
+    def _dispatch_hooked_early(
+        self,
+        plan: LLPlan,
+        pending: Any,
+        early: LLDispatchOutput,
+        handle: LowLatencyHandle,
+        stats: torch.Tensor | None,
+    ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, Hook]:
+        """A hooked dispatch whose outputs exist before its receive half (CUDA backend): they are
+        returned at once and the hook only runs the receive half, no placeholders. fp32 powers of
+        two (``round_scale`` without ``use_ue8m0``) still come as a tensor the hook copies into."""
+        laid = None
+        if not plan.use_fp8:
+            recv_x: Any = early.x
+        elif plan.column_major:
+            recv_x = (early.x, early.scales)
+        else:
+            laid = plan.laid_scales_tensor()
+            recv_x = (early.x, laid)
+
+        def receive() -> None:
+            out: LLDispatchOutput = pending.wait()
+            if laid is not None:
+                plan.laid_scales(out[1], into=laid)
+            handle.routing = out[3]
+            if stats is not None:
+                stats.add_(out[2])
+
+        return recv_x, early.expert_counts, handle, EventOverlap(), _hook(self.streams, plan, receive)
 
     # ------------------------------------------------------------------------------ combine
 

@@ -38,6 +38,7 @@ class LLDispatchInFlight:
     use_fp8: bool
     ue8m0: bool
     column_major_scales: bool
+    early: None = None  # the outputs are made by the receive half (see ``Pending.early``)
 
 
 @dataclass
