@@ -48,17 +48,16 @@ class __attribute__((visibility("hidden"))) OutputPlan {
         out.emplace_back();
         continue;
       }
-      const auto options = at::TensorOptions().dtype(spec->dtype).device(device);
       if (!spec->strides.empty()) {
         out.push_back(cuda ? at::Tensor(at::detail::empty_strided_cuda(spec->shape, spec->strides, spec->dtype, device))
-                           : at::empty_strided(spec->shape, spec->strides, options));
+                           : at::empty_strided(spec->shape, spec->strides, cpuOptions(*spec, device)));
         continue;
       }
       shape = spec->shape;
       for (auto& d : shape)
         if (d == -1) d = tokens;
       out.push_back(cuda ? at::Tensor(at::detail::empty_cuda(shape, spec->dtype, device, std::nullopt))
-                         : at::empty(shape, options));
+                         : at::empty(shape, cpuOptions(*spec, device)));
     }
     return out;
   }
@@ -70,6 +69,10 @@ class __attribute__((visibility("hidden"))) OutputPlan {
     std::vector<int64_t> strides;  // empty: contiguous
   };
   std::vector<std::optional<Spec>> specs_;
+
+  static at::TensorOptions cpuOptions(const Spec& spec, const at::Device& device) {
+    return at::TensorOptions().dtype(spec.dtype).device(device);
+  }
 };
 
 inline const void* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

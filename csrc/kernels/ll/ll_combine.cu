@@ -55,15 +55,21 @@ struct CombineShared {
   bool last;
 };
 
-// Rank d returns one row per token we sent it: slots 0..n-1, so n = highest slot + 1. Warps
-// from `firstWarp` on, a rank each.
+// The slots our tokens hold at rank d are 0..n-1, so n = highest slot + 1 (one warp, every lane
+// gets n). Rank d returns one row per slot, and holds one weights entry per slot.
+__device__ __forceinline__ int slotsAt(const LLCombineParams& p, int d) {
+  const int R = p.c.nRanks, lane = threadIdx.x & 31;
+  int highest = -1;
+  for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
+  return __reduce_max_sync(kFullMask, highest) + 1;
+}
+
+// The rows each rank returns: warps from `firstWarp` on, a rank each.
 __device__ __forceinline__ void expectRows(const LLCombineParams& p, CombineShared& s, int firstWarp) {
   const int R = p.c.nRanks, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, numWarps = blockDim.x >> 5;
   for (int d = warp - firstWarp; warp >= firstWarp && d < R; d += numWarps - firstWarp) {
-    int highest = -1;
-    for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
-    highest = __reduce_max_sync(kFullMask, highest);
-    if (lane == 0) s.expected[d] = highest + 1;
+    const int n = slotsAt(p, d);
+    if (lane == 0) s.expected[d] = n;
   }
 }
 
@@ -103,14 +109,12 @@ __device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net
       for (int k = 0; k < KM; ++k) entry[k] = k < K ? p.topkWeights[int64_t(b) * K + k] : 0.0f;
     }
     __syncthreads();
-    for (int d = warp; d < R; d += numWarps) {  // the network peers' entries, slots 0..highest
+    for (int d = warp; d < R; d += numWarps) {  // the network peers' entries, every slot we hold
       if (!peers.viaNet(d)) continue;
-      int highest = -1;
-      for (int b = lane; b < p.numTokens; b += 32) highest = max(highest, p.sendSlots[int64_t(b) * R + d]);
-      highest = __reduce_max_sync(kFullMask, highest);
-      if (highest >= 0)
+      const int slots = slotsAt(p, d);
+      if (slots > 0)
         peers.put(d, l.weightsAt(l.combineWeights, parity, c.rank, 0), l.weightsAt(l.stageCombineWeights, parity, d, 0),
-                  size_t(highest + 1) * l.weightsBytes, lane, 32);
+                  size_t(slots) * l.weightsBytes, lane, 32);
     }
     __syncthreads();
   }
