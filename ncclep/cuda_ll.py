@@ -35,6 +35,11 @@ class CudaLLCombine:
     out: torch.Tensor
     inputs: tuple[Any, ...]
 
+    @property
+    def early(self) -> torch.Tensor:
+        """The output the receive half fills, allocated by the send half (``Pending.early``)."""
+        return self.out
+
 
 class CudaLL:
     def __init__(self, cfg: GroupConfig, rank: int, comm: Any, device: torch.device | None = None) -> None:

@@ -32,9 +32,9 @@ def get_group(group_id: int) -> Group:
 class Pending(Generic[T]):
     """The receive half of a ``send_only`` call: ``wait()`` (or calling it) finishes it once.
 
-    ``early``: for an LL dispatch on the CUDA backend, the outputs ``wait()`` will return, already
-    allocated by the send half (their values arrive with ``wait()``); None where the backend makes
-    them in the receive half (the reference backend) and for other ops.
+    ``early``: for an LL dispatch or combine on the CUDA backend, the outputs ``wait()`` will
+    return, already allocated by the send half (their values arrive with ``wait()``); None where the
+    backend makes them in the receive half (the reference backend) and for the HT ops.
     """
 
     def __init__(self, finish: Callable[[], T], early: T | None = None) -> None:
@@ -508,7 +508,7 @@ class Group:
             self._reject("ll_combine", problem)
         if send_only:
             state = self._backend.combine_send(expert_out, handle, out, topk_weights)
-            return Pending(lambda: self._backend.combine_recv(state, out))
+            return Pending(lambda: self._backend.combine_recv(state, out), state.early)
         if ops.eager(expert_out, topk_weights):
             return self._backend.combine(expert_out, handle, out, topk_weights)
         if out is not None:

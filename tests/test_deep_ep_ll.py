@@ -350,21 +350,31 @@ def early_outputs_worker() -> dict[str, int]:
     """Hook mode where the send half allocates the outputs, as ncclep's CUDA backend does
     (``Pending.early``): the call returns those tensors at once, the hook fills them, and they pass
     the same checks as a hooked call on placeholders. Simulated on the reference backend, whose send
-    half here runs the whole dispatch and exposes its result early."""
+    half here runs the whole op and exposes its result early."""
     from ncclep.reference.ll import ReferenceLL
 
-    real_send, real_recv = ReferenceLL.dispatch_send, ReferenceLL.dispatch_recv
+    real = (
+        ReferenceLL.dispatch_send,
+        ReferenceLL.dispatch_recv,
+        ReferenceLL.combine_send,
+        ReferenceLL.combine_recv,
+    )
+
+    sent: list[Any] = []
 
     class Sent:
         def __init__(self, out: Any) -> None:
             self.early = out
+            sent.append(out)
 
-    ReferenceLL.dispatch_send = lambda self, *args: Sent(real_recv(self, real_send(self, *args)))  # type: ignore[method-assign]
+    ReferenceLL.dispatch_send = lambda self, *args: Sent(real[1](self, real[0](self, *args)))  # type: ignore[method-assign]
     ReferenceLL.dispatch_recv = lambda self, state: state.early  # type: ignore[method-assign]
+    ReferenceLL.combine_send = lambda self, *args: Sent(real[3](self, real[2](self, *args)))  # type: ignore[method-assign]
+    ReferenceLL.combine_recv = lambda self, state, out=None: state.early  # type: ignore[method-assign]
     try:
         _, world = rank_and_world()
         buffer = make_buffer(world)
-        x, idx, _ = inputs(2)
+        x, idx, weights = inputs(2)
         all_x, all_idx = gather_objects(x), gather_objects(idx)
         checked = {}
         for precision in PRECISIONS:
@@ -374,16 +384,29 @@ def early_outputs_worker() -> dict[str, int]:
                 x, idx, T, EXPERTS[world], return_recv_hook=True, **flags
             )
             first = recv[0] if use_fp8 else recv
+            assert first is sent[-1].x, "the dispatch returns the send half's tensors"
             receive()
             out = handle.routing
             assert out is not None
             key = f"fp8={use_fp8} round={round_scale} ue8m0={use_ue8m0}"
             checked[key] = step(check_received, recv, count, handle, all_x, all_idx, precision)
             assert (recv[0] if use_fp8 else recv) is first, "the early tensors are the results"
+
+            rows = expert_rows(recv, count, precision)
+            y, _, finish = buffer.low_latency_combine(rows, idx, weights, handle, return_recv_hook=True)
+            assert y is sent[-1], "the combine returns the send half's tensor"
+            finish()
+            ref, ref_abs = expected_combine(x, idx, weights, precision)
+            step(check_close, y, ref, ref_abs, f"{precision} hooked combine, early output")
         buffer.destroy()
         return checked
     finally:
-        ReferenceLL.dispatch_send, ReferenceLL.dispatch_recv = real_send, real_recv  # type: ignore[method-assign]
+        (
+            ReferenceLL.dispatch_send,
+            ReferenceLL.dispatch_recv,
+            ReferenceLL.combine_send,
+            ReferenceLL.combine_recv,
+        ) = real  # type: ignore[method-assign]
 
 
 def test_ll_hook_with_outputs_from_the_send_half(world2: Any) -> None:

@@ -135,7 +135,9 @@ class Buffer:
         self.num_nodes = _num_nodes(_hosts(group))
         self._streams = StreamState()
         self._groups = Groups(group, backend, ht_max_tokens_per_rank)
-        self._ll = LowLatency(self._groups, self._streams, self.num_rdma_bytes, self.group_size)
+        self._ll = LowLatency(
+            self._groups, self._streams, self.num_rdma_bytes, self.group_size, low_latency_mode
+        )
         self._ht = HighThroughput(self._groups, self._streams, self.rank, self.group_size, self.num_nodes)
 
     def __repr__(self) -> str:
@@ -558,47 +560,20 @@ class Buffer:
             - ``event``: the event after executing the kernel (valid only if `async_finish` is set).
             - ``hook``: the receiving hook function (valid only if `return_recv_hook` is set).
         """
-        if dispatch_wait_recv_cost_stats is not None:
-            raise InvalidArgument("dispatch_wait_recv_cost_stats: ncclep does not time per-rank waits")
-        if async_finish and return_recv_hook:
-            raise InvalidArgument("async_finish and return_recv_hook cannot both be set")
-        if use_fp8:
-            if use_ue8m0 and not round_scale:
-                raise InvalidArgument("use_ue8m0=True needs round_scale=True")
-        else:
-            round_scale = use_ue8m0 = False
-        key = (
+        return self._ll.dispatch(
+            x,
+            topk_idx,
             num_max_dispatch_tokens_per_rank,
             num_experts,
-            x.shape[-1],
-            topk_idx.shape[-1],
-            x.is_cuda,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
             use_fp8,
             round_scale,
             use_ue8m0,
+            async_finish,
+            return_recv_hook,
+            topk_weights,
         )
-        plan = self._ll.plans.get(key)
-        if plan is None:
-            self._open()
-            if not self.low_latency_mode:
-                raise InvalidArgument("low_latency_dispatch needs Buffer(low_latency_mode=True)")
-            plan = self._ll.plan(
-                key,
-                x,
-                topk_idx,
-                num_max_dispatch_tokens_per_rank,
-                num_experts,
-                bool(use_fp8),
-                bool(round_scale),
-                bool(use_ue8m0),
-            )
-        stats = cumulative_local_expert_recv_stats
-        if stats is not None and (stats.dtype != torch.int32 or stats.shape != (plan.local,)):
-            raise InvalidArgument(
-                f"cumulative_local_expert_recv_stats must be torch.int [{plan.local}], "
-                f"got {stats.dtype} {list(stats.shape)}"
-            )
-        return self._ll.dispatch(plan, x, topk_idx, stats, async_finish, return_recv_hook, topk_weights)
 
     def low_latency_combine(
         self,

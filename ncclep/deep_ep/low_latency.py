@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from .. import fp8, outputs
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NcclepError
 from ..group import Group
 from ..handles import LLDispatchOutput
 from . import budget, deferred, scales
 from .groups import Groups
 from .handles import LowLatencyHandle
-from .streams import StreamState
-from .utils import EventOverlap
+from .streams import StreamState, current_raw_stream
+from .utils import NO_EVENT
 
 Hook = Callable[[], None]
 
@@ -150,10 +150,19 @@ class LowLatency:
         streams: the Buffer's streams.
         num_rdma_bytes: the byte budget every LL group must fit in.
         world_size: ranks of the Buffer.
+        low_latency_mode: the Buffer's flag (LL calls need it).
     """
 
-    def __init__(self, groups: Groups, streams: StreamState, num_rdma_bytes: int, world_size: int) -> None:
+    def __init__(
+        self,
+        groups: Groups,
+        streams: StreamState,
+        num_rdma_bytes: int,
+        world_size: int,
+        low_latency_mode: bool,
+    ) -> None:
         self.groups = groups
+        self.low_latency_mode = low_latency_mode
         self.streams = streams
         self.num_rdma_bytes = num_rdma_bytes
         self.world_size = world_size
@@ -192,6 +201,10 @@ class LowLatency:
         use_ue8m0: bool,
     ) -> LLPlan:
         """The plan of a dispatch's configuration, made (sizes checked, group made) at its first call."""
+        if self.groups.closed:
+            raise NcclepError("the Buffer was destroyed")
+        if not self.low_latency_mode:
+            raise InvalidArgument("low_latency_dispatch needs Buffer(low_latency_mode=True)")
         if not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidArgument(
                 f"num_max_dispatch_tokens_per_rank must be a positive int, got {max_tokens!r}"
@@ -210,7 +223,9 @@ class LowLatency:
             raise InvalidArgument(f"use_ue8m0=True needs hidden divisible by 512, got {hidden}")
         self.check_budget(num_experts, max_tokens, hidden, topk)
         group = self.groups.ll_group(x.device, num_experts, max_tokens, hidden, topk)
-        plan = LLPlan(group, max_tokens, hidden, num_experts, topk, use_fp8, round_scale, use_ue8m0)
+        plan = LLPlan(
+            group, max_tokens, hidden, num_experts, topk, bool(use_fp8), bool(round_scale), bool(use_ue8m0)
+        )
         self.plans[key] = plan
         return plan
 
@@ -218,46 +233,98 @@ class LowLatency:
 
     def dispatch(
         self,
-        plan: LLPlan,
         x: torch.Tensor,
         topk_idx: torch.Tensor,
+        max_tokens: int,
+        num_experts: int,
         stats: torch.Tensor | None,
+        wait_stats: torch.Tensor | None,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
         async_finish: bool,
         return_recv_hook: bool,
         topk_weights: torch.Tensor | None,
     ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, Hook | None]:
-        tokens = x.shape[0]
+        """``Buffer.low_latency_dispatch`` (its arguments, in its order)."""
+        if wait_stats is not None:
+            raise InvalidArgument("dispatch_wait_recv_cost_stats: ncclep does not time per-rank waits")
+        if async_finish and return_recv_hook:
+            raise InvalidArgument("async_finish and return_recv_hook cannot both be set")
+        if not use_fp8:
+            round_scale = use_ue8m0 = False
+        elif use_ue8m0 and not round_scale:
+            raise InvalidArgument("use_ue8m0=True needs round_scale=True")
+        shape = x.shape
+        key = (
+            max_tokens,
+            num_experts,
+            shape[-1],
+            topk_idx.shape[-1],
+            x.is_cuda,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+        )
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plan(key, x, topk_idx, max_tokens, num_experts, use_fp8, round_scale, use_ue8m0)
+        if stats is not None and (stats.dtype != torch.int32 or stats.shape != (plan.local,)):
+            raise InvalidArgument(
+                f"cumulative_local_expert_recv_stats must be torch.int [{plan.local}], "
+                f"got {stats.dtype} {list(stats.shape)}"
+            )
+        tokens = shape[0]
         if topk_weights is None:
             weights = plan._ones_by_tokens.get(tokens)
             if weights is None:
                 weights = plan.ones(tokens)
         else:
-            weights = topk_weights.contiguous()
-        group = plan.group
+            weights = topk_weights
         if return_recv_hook:
             return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
         streams = self.streams
-        launch = streams.enter(plan.cuda, plan.index, None, async_finish)
+        if async_finish:
+            return self._dispatch_async(plan, x, topk_idx, stats, weights, topk_weights)
+        # The common call, kept short: its host time is the shim's cost (docs/deep_ep.md, Cost).
+        cuda = plan.cuda
+        if cuda and current_raw_stream(plan.index) != streams.last_stream:
+            streams.before(plan.index)
+        out = plan.group.ll_dispatch(
+            x, topk_idx, weights, plan.use_fp8, plan.round_scale, False, plan.column_major
+        )
+        if stats is None and not plan.use_fp8:
+            recv_x, recv_count = out[0], out[2]
+        else:
+            recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
+        if cuda and streams.record:
+            streams.after(plan.index)
+        return recv_x, recv_count, LowLatencyHandle(plan, tokens, out[3], topk_weights), NO_EVENT, None
+
+    def _dispatch_async(
+        self,
+        plan: LLPlan,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        stats: torch.Tensor | None,
+        weights: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+    ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, None]:
+        """An ``async_finish`` dispatch: on the communication stream, with its event."""
+        streams = self.streams
+        launch = streams.enter(plan.cuda, plan.index, None, True)
         try:
-            out = group.ll_dispatch(
-                x.contiguous(),
-                topk_idx.contiguous(),
-                weights,
-                plan.use_fp8,
-                plan.round_scale,
-                column_major_scales=plan.column_major,
+            out = plan.group.ll_dispatch(
+                x, topk_idx, weights, plan.use_fp8, plan.round_scale, column_major_scales=plan.column_major
             )
-            if stats is None and not plan.use_fp8:
-                recv_x, recv_count = out[0], out[2]
-            else:
-                recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
+            recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
             event = streams.finish(
                 launch, plan.cuda, plan.index, (x, topk_idx, weights, stats), (recv_x, recv_count, out[3])
             )
         finally:
             if launch is not None:
                 launch.__exit__()
-        return recv_x, recv_count, LowLatencyHandle(plan, tokens, out[3], topk_weights), event, None
+        return recv_x, recv_count, LowLatencyHandle(plan, x.shape[0], out[3], topk_weights), event, None
 
     @staticmethod
     def _outputs(plan: LLPlan, out: LLDispatchOutput, stats: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
@@ -282,8 +349,8 @@ class LowLatency:
         if plan.cuda:
             streams.before(plan.index)
         pending = plan.group.ll_dispatch(
-            x.contiguous(),
-            topk_idx.contiguous(),
+            x,
+            topk_idx,
             weights,
             plan.use_fp8,
             plan.round_scale,
@@ -313,7 +380,7 @@ class LowLatency:
             if stats is not None:
                 stats.add_(out[2])
 
-        return later_x, later_count, handle, EventOverlap(), _hook(streams, plan, receive)
+        return later_x, later_count, handle, NO_EVENT, _hook(streams, plan, receive)
 
     def _dispatch_hooked_early(
         self,
@@ -343,7 +410,7 @@ class LowLatency:
             if stats is not None:
                 stats.add_(out[2])
 
-        return recv_x, early.expert_counts, handle, EventOverlap(), _hook(self.streams, plan, receive)
+        return recv_x, early.expert_counts, handle, NO_EVENT, _hook(self.streams, plan, receive)
 
     # ------------------------------------------------------------------------------ combine
 
@@ -382,32 +449,38 @@ class LowLatency:
         if topk_idx.shape != expected or topk_weights.shape != expected:
             name, t = ("topk_idx", topk_idx) if topk_idx.shape != expected else ("topk_weights", topk_weights)
             raise InvalidArgument(f"{name} must be {list(expected)} as at the dispatch, got {list(t.shape)}")
-        if topk_weights.dtype != torch.float32:
-            raise InvalidArgument(f"topk_weights must be float32, got {topk_weights.dtype}")
         if zero_copy:
             key = (plan.device, *plan.combine_shape)
             if key not in self._combine_buffers:
                 raise InvalidArgument(
                     "zero_copy=True needs the rows in get_next_low_latency_combine_buffer(handle)"
                 )
-            expert_out = self._combine_buffers[key]
-        else:
-            expert_out = x.contiguous()
+            x = self._combine_buffers[key]
         direct = out if out is not None and out.is_contiguous() else None
-        given = None if handle.carries(topk_weights) else topk_weights.contiguous()  # None: the dispatch's
+        given = None if handle.carries(topk_weights) else topk_weights  # None: the dispatch's weights
         group = plan.group
         if return_recv_hook:
-            return self._combine_hooked(plan, group, expert_out, handle, routing, given, out, direct)
+            return self._combine_hooked(plan, group, x, handle, routing, given, out, direct)
         streams = self.streams
-        launch = streams.enter(plan.cuda, plan.index, None, async_finish)
-        try:
-            combined = _into(out, group.ll_combine(expert_out, routing, direct, topk_weights=given))  # type: ignore[arg-type]
-            inputs = (x, topk_idx, topk_weights, expert_out, given)
-            event = streams.finish(launch, plan.cuda, plan.index, inputs, (combined,))
-        finally:
-            if launch is not None:
-                launch.__exit__()
-        return combined, event, None
+        if async_finish:
+            launch = streams.enter(plan.cuda, plan.index, None, True)
+            try:
+                combined = _into(out, group.ll_combine(x, routing, direct, topk_weights=given))  # type: ignore[arg-type]
+                event = streams.finish(
+                    launch, plan.cuda, plan.index, (x, topk_idx, topk_weights), (combined,)
+                )
+            finally:
+                if launch is not None:
+                    launch.__exit__()
+            return combined, event, None
+        # The common call, kept short (see dispatch).
+        cuda = plan.cuda
+        if cuda and current_raw_stream(plan.index) != streams.last_stream:
+            streams.before(plan.index)
+        combined = _into(out, group.ll_combine(x, routing, direct, False, given))  # type: ignore[arg-type]
+        if cuda and streams.record:
+            streams.after(plan.index)
+        return combined, NO_EVENT, None
 
     def _combine_hooked(
         self,
@@ -426,20 +499,24 @@ class LowLatency:
         pending = group.ll_combine(expert_out, routing, direct, True, given)
         if streams.record and plan.cuda:
             streams.after(plan.index)
-        later = (
-            out
-            if out is not None
-            else deferred.placeholder((handle.num_tokens, plan.hidden), torch.bfloat16, plan.device)
-        )
+        early: torch.Tensor | None = pending.early  # type: ignore[union-attr]
+        if out is not None:
+            later = out
+        elif early is not None:  # the receive half writes into it: hand it out now, as DeepEP does
+            later = early
+        else:
+            later = deferred.placeholder((handle.num_tokens, plan.hidden), torch.bfloat16, plan.device)
 
         def receive() -> None:
             y: torch.Tensor = pending.wait()  # type: ignore[union-attr]
+            if y is later:
+                return
             if out is None:
                 deferred.fulfil(later, y)
-            elif y is not out:
+            else:
                 out.copy_(y)
 
-        return later, EventOverlap(), _hook(streams, plan, receive)
+        return later, NO_EVENT, _hook(streams, plan, receive)
 
 
 def _hook(streams: StreamState, plan: LLPlan, receive: Hook) -> Hook:

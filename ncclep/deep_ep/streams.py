@@ -51,7 +51,7 @@ class StreamState:
 
     def __init__(self) -> None:
         self._comm: dict[int, torch.cuda.Stream] = {}
-        self._last: int | None = None
+        self.last_stream: int | None = None
         """Raw handle of the stream of the last launch (None before the first)."""
         self._last_device = 0
         self._last_event: torch.cuda.Event | None = None
@@ -73,7 +73,7 @@ class StreamState:
     def before(self, index: int, previous_event: Any = None) -> None:
         """Before a launch on the current stream of device ``index``: order it after the last
         launch (only when that was on another stream) and after ``previous_event``."""
-        if current_raw_stream(index) != self._last:
+        if current_raw_stream(index) != self.last_stream:
             self._switch(index, torch.cuda.current_stream(index))
         if previous_event is not None:
             event = _cuda_event(previous_event)
@@ -121,13 +121,13 @@ class StreamState:
         """``stream`` is not the last launch's: make it wait for that launch (outside capture)."""
         if torch.cuda.is_current_stream_capturing():
             return
-        if self._last is not None:
+        if self.last_stream is not None:
             if self._last_event is not None:
                 stream.wait_event(self._last_event)
             else:
-                stream.wait_stream(torch.cuda.ExternalStream(self._last, device=self._last_device))
+                stream.wait_stream(torch.cuda.ExternalStream(self.last_stream, device=self._last_device))
             self.record = True
-        self._last, self._last_device, self._last_event = stream.cuda_stream, index, None
+        self.last_stream, self._last_device, self._last_event = stream.cuda_stream, index, None
 
     def note(self, stream: torch.cuda.Stream, event: torch.cuda.Event | None = None) -> None:
         """The last launch ran on ``stream``; ``event`` (recorded here if None) marks its end."""
@@ -136,7 +136,7 @@ class StreamState:
         if event is None:
             event = torch.cuda.Event()
             event.record(stream)
-        self._last, self._last_device, self._last_event = stream.cuda_stream, stream.device.index, event
+        self.last_stream, self._last_device, self._last_event = stream.cuda_stream, stream.device.index, event
 
 
 class Launch:
@@ -171,8 +171,8 @@ class Launch:
             stream.wait_event(previous)
         else:
             stream.wait_stream(compute)
-        if state._last != stream.cuda_stream:
-            if previous is not None or state._last != compute.cuda_stream:
+        if state.last_stream != stream.cuda_stream:
+            if previous is not None or state.last_stream != compute.cuda_stream:
                 state._switch(self.index, stream)
             elif not torch.cuda.is_current_stream_capturing():
                 state.record = True  # the compute stream's launches are covered by wait_stream above

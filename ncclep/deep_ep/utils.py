@@ -88,4 +88,7 @@ class EventOverlap:
             self.event.current_stream_wait()
 
 
+NO_EVENT = EventOverlap()
+"""What a call without ``async_finish`` returns: one EventOverlap without an event, shared."""
+
 __all__ = ["EventHandle", "EventOverlap"]

@@ -48,6 +48,7 @@ class LLCombineInFlight:
     send_slots: torch.Tensor
     hidden: int
     out: torch.Tensor | None
+    early: None = None  # the output is made by the receive half (see ``Pending.early``)
 
 
 def _pad_columns(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
