@@ -15,7 +15,8 @@ Buffers that use several streams: while every launch is on one stream, stream or
 a launch records nothing (it compares the current stream with the last one's, one cheap query).
 The first launch on another stream waits for the whole of the previous stream (it has no event of
 the previous launch, so it takes that stream's current end, which is later); from then on every
-launch records an event and the next stream waits for exactly that. ``async_finish`` launches
+launch records its stream's mark event (one per stream, recorded again at each launch) and the
+next stream waits for exactly that. ``async_finish`` launches
 record their event anyway (it is the one they return). Inside CUDA graph capture none of this
 happens: the graph orders what it captured, and an event recorded outside the capture cannot be
 waited for inside it. On the CPU none of this exists; an ``async_finish`` call returns an event
@@ -58,6 +59,8 @@ class StreamState:
         """An event recorded right after the last launch, when one was."""
         self.record = False
         """Record an event after every launch: set once launches have used two streams."""
+        self._marks: dict[int, tuple[torch.cuda.Event, torch.cuda.Stream]] = {}
+        """Per stream (raw handle), the event that marks the end of the last launch on it."""
 
     def comm_stream(self, device: torch.device | int) -> torch.cuda.Stream:
         index = device if isinstance(device, int) else device.index
@@ -81,9 +84,17 @@ class StreamState:
                 torch.cuda.current_stream(index).wait_event(event)
 
     def after(self, index: int) -> None:
-        """After a launch on the current stream (that :meth:`before` ordered)."""
-        if self.record:
-            self.note(torch.cuda.current_stream(index))
+        """After a launch on the current stream (that :meth:`before` ordered), when the Buffer
+        records: the stream's own mark event, recorded again (a later ``wait_event`` takes the
+        record current when it is called, so one event per stream serves every launch on it)."""
+        if not self.record or torch.cuda.is_current_stream_capturing():
+            return
+        raw = current_raw_stream(index)
+        mark = self._marks.get(raw)
+        if mark is None:
+            mark = self._marks[raw] = (torch.cuda.Event(), torch.cuda.current_stream(index))
+        mark[0].record(mark[1])
+        self.last_stream, self._last_device, self._last_event = raw, index, mark[0]
 
     # ------------------------------------------------------------------ a call, on either stream
 
