@@ -57,6 +57,8 @@ from ..workloads import make_routing
 from .buffer import Buffer
 
 Call = Callable[[], Any]
+Pairs = dict[str, tuple[Call, Call]]
+"""Per call name: (the shim's call, the Group call it stands for)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -206,7 +208,7 @@ def _median_us(values: list[float]) -> float:
 
 
 def _time(
-    pairs: dict[str, tuple[Call, Call]],
+    pairs: Pairs,
     iters: int,
     warmup: int,
     batch: int,
@@ -270,7 +272,7 @@ def _hooked(call: Call) -> Call:
     return run
 
 
-def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, tuple[Call, Call]], Buffer]:
+def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, list[Buffer]]:
     world = dist.get_world_size()
     experts, tokens, hidden, topk = args.experts, args.ll_tokens, args.hidden, args.topk
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -278,18 +280,25 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     idx, w = make_routing("random", tokens, experts, topk, world_size=world, generator=g)
     idx, w = idx.to(device), w.to(device)
     hint = Buffer.get_low_latency_rdma_size_hint(tokens, hidden, world, experts)
-    buffer = Buffer(
-        dist.group.WORLD, 0, hint, low_latency_mode=True, explicitly_destroy=True, backend=args.backend
+    buffer, streamed = (
+        Buffer(
+            dist.group.WORLD, 0, hint, low_latency_mode=True, explicitly_destroy=True, backend=args.backend
+        )
+        for _ in range(2)
     )
     native = Group(experts, tokens, hidden, mode="ll", max_topk=topk, backend=args.backend)
     deep = buffer.low_latency_dispatch
     combine = buffer.low_latency_combine
     recv, _, handle, _, _ = deep(x, idx, tokens, experts, use_fp8=False)
     recv_w, _, handle_w, _, _ = deep(x, idx, tokens, experts, use_fp8=False, topk_weights=w)
+    # async_finish calls run on a Buffer of their own: once a Buffer has used two streams it marks
+    # every launch with an event (streams.py), and the other rows are of a Buffer on one stream
+    deep_s = streamed.low_latency_dispatch
+    recv_s, _, handle_s, _, _ = deep_s(x, idx, tokens, experts, use_fp8=False, topk_weights=w)
     out = native.ll_dispatch(x, idx, w)
     rows, routing = out[0].clone(), out[3]
     y = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
-    pairs: dict[str, tuple[Call, Call]] = {
+    pairs: Pairs = {
         "ll_dispatch bf16": (
             lambda: deep(x, idx, tokens, experts, use_fp8=False),
             lambda: native.ll_dispatch(x, idx, w),
@@ -321,7 +330,11 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
             ).wait(),
         ),
         "ll_dispatch bf16, async_finish": (
-            lambda: deep(x, idx, tokens, experts, use_fp8=False, async_finish=True),
+            lambda: deep_s(x, idx, tokens, experts, use_fp8=False, async_finish=True),
+            lambda: native.ll_dispatch(x, idx, w),
+        ),
+        "ll_dispatch bf16, on the Buffer of async_finish calls": (
+            lambda: deep_s(x, idx, tokens, experts, use_fp8=False),
             lambda: native.ll_dispatch(x, idx, w),
         ),
         "ll_combine (dispatch's weights)": (
@@ -337,7 +350,7 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
             lambda: native.ll_combine(rows, routing, send_only=True).wait(),
         ),
         "ll_combine (dispatch's weights), async_finish": (
-            lambda: combine(recv_w, idx, w, handle_w, async_finish=True),
+            lambda: streamed.low_latency_combine(recv_s, idx, w, handle_s, async_finish=True),
             lambda: native.ll_combine(rows, routing),
         ),
         "ll_combine (weights at the combine)": (
@@ -347,10 +360,10 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     }
     if hidden % (fp8.BLOCK * 4):
         del pairs["ll_dispatch fp8 ue8m0"]  # packed UE8M0 needs hidden divisible by 512
-    return pairs, buffer
+    return pairs, [buffer, streamed]
 
 
-def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, tuple[Call, Call]], Buffer]:
+def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, list[Buffer]]:
     world = dist.get_world_size()
     experts, tokens, hidden, topk = args.experts, args.ht_tokens, args.hidden, args.topk
     g = torch.Generator().manual_seed(100 + dist.get_rank())
@@ -358,13 +371,16 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     x_fp8, x_scales = fp8.quantize(x)
     idx, w = make_routing("random", tokens, experts, topk, world_size=world, generator=g)
     idx, w = idx.to(device), w.to(device)
-    buffer = Buffer(
-        dist.group.WORLD,
-        1 << 30,
-        0,
-        explicitly_destroy=True,
-        backend=args.backend,
-        ht_max_tokens_per_rank=tokens,
+    buffer, streamed = (
+        Buffer(
+            dist.group.WORLD,
+            1 << 30,
+            0,
+            explicitly_destroy=True,
+            backend=args.backend,
+            ht_max_tokens_per_rank=tokens,
+        )
+        for _ in range(2)
     )
     native = Group(experts, tokens, hidden, mode="ht", max_topk=max(topk, 8), backend=args.backend)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
@@ -374,6 +390,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     recv = dispatch(x, **layout, topk_idx=idx, topk_weights=w)
     recv_worst = dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
     dispatch((x_fp8, x_scales), **layout, topk_idx=idx, topk_weights=w)
+    recv_s = streamed.dispatch(x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst)
     out = native.ht_dispatch(x, idx, w)
     rows, routing = out.x.clone(), out.handle
     cached = recv_worst[4].routing
@@ -382,7 +399,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
     def native_cached() -> torch.Tensor:
         return CACHED_OP(group_id, x, cached.send_pos, cached.recv_slot, cached.recv_counts)
 
-    pairs: dict[str, tuple[Call, Call]] = {
+    pairs: Pairs = {
         "get_dispatch_layout (no Group op)": (
             lambda: buffer.get_dispatch_layout(idx, experts),
             lambda: None,
@@ -406,7 +423,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
             lambda: native.ht_dispatch(x_fp8, idx, w, x_scales),
         ),
         "dispatch bf16, num_worst_tokens, async_finish": (
-            lambda: dispatch(
+            lambda: streamed.dispatch(
                 x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst, async_finish=True
             ),
             lambda: native.ht_dispatch(x, idx, w),
@@ -424,11 +441,11 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str,
             lambda: native.ht_combine(rows, routing),
         ),
         "combine (N rows), async_finish": (
-            lambda: buffer.combine(recv_worst[0], recv_worst[4], async_finish=True),
+            lambda: streamed.combine(recv_s[0], recv_s[4], async_finish=True),
             lambda: native.ht_combine(rows, routing),
         ),
     }
-    return pairs, buffer
+    return pairs, [buffer, streamed]
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -445,14 +462,16 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     backends: dict[str, str] = {}
     clock = InnerClock()
     for make in (_ll_pairs, _ht_pairs):
-        pairs, buffer = make(args, device)
+        pairs, buffers = make(args, device)
         pairs = {name: pair for name, pair in pairs.items() if not args.only or args.only in name}
-        backends.update({str(group.mode): str(group.backend) for group in buffer.groups})
-        if args.isolate:
-            replay(buffer)
-        watch(clock, buffer)
+        for buffer in buffers:
+            backends.update({str(group.mode): str(group.backend) for group in buffer.groups})
+            if args.isolate:
+                replay(buffer)
+            watch(clock, buffer)
         results.update(_time(pairs, args.iters, args.warmup, args.batch, device, clock))
-        buffer.destroy()
+        for buffer in buffers:
+            buffer.destroy()
     if rank == 0:
         where = f"{world} x {torch.cuda.get_device_name(device) if gpu else 'CPU'}"
         per = f"samples of {args.batch} calls back to back" if args.batch > 1 else "calls"
