@@ -246,6 +246,14 @@ def combine_worker() -> list[str]:
         step(check_close, y, ref, ref_abs, f"{precision} hooked combine")
         done.append(str(precision))
 
+    # views (vLLM passes the expert ids so): copied first, same result
+    recv_view, count_view, _, _, _ = buffer.low_latency_dispatch(
+        x.t().contiguous().t(), idx.t().contiguous().t(), T, EXPERTS[world], use_fp8=False
+    )
+    recv_same, count_same, _, _, _ = buffer.low_latency_dispatch(x, idx, T, EXPERTS[world], use_fp8=False)
+    assert torch.equal(count_view, count_same)
+    assert all(torch.equal(recv_view[e, :n], recv_same[e, :n]) for e, n in enumerate(count_same.tolist()))
+
     # weights given to the dispatch too (ncclep's extension): the combine skips the exchange
     recv, count, handle, _, _ = buffer.low_latency_dispatch(
         x, idx, T, EXPERTS[world], use_fp8=False, topk_weights=weights

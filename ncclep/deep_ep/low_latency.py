@@ -280,7 +280,8 @@ class LowLatency:
             if weights is None:
                 weights = plan.ones(tokens)
         else:
-            weights = topk_weights
+            weights = topk_weights.contiguous()
+        x, topk_idx = x.contiguous(), topk_idx.contiguous()  # DeepEP's callers may pass views
         if return_recv_hook:
             return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
         streams = self.streams
@@ -456,8 +457,10 @@ class LowLatency:
                     "zero_copy=True needs the rows in get_next_low_latency_combine_buffer(handle)"
                 )
             x = self._combine_buffers[key]
+        else:
+            x = x.contiguous()
         direct = out if out is not None and out.is_contiguous() else None
-        given = None if handle.carries(topk_weights) else topk_weights  # None: the dispatch's weights
+        given = None if handle.carries(topk_weights) else topk_weights.contiguous()  # None: the dispatch's
         group = plan.group
         if return_recv_hook:
             return self._combine_hooked(plan, group, x, handle, routing, given, out, direct)
