@@ -469,9 +469,8 @@ class LowLatency:
             launch = streams.enter(plan.cuda, plan.index, None, True)
             try:
                 combined = _into(out, group.ll_combine(x, routing, direct, topk_weights=given))  # type: ignore[arg-type]
-                event = streams.finish(
-                    launch, plan.cuda, plan.index, (x, topk_idx, topk_weights), (combined,)
-                )
+                inputs = (x, topk_idx, topk_weights, given)  # x and given: the tensors the kernel reads
+                event = streams.finish(launch, plan.cuda, plan.index, inputs, (combined,))
             finally:
                 if launch is not None:
                     launch.__exit__()
