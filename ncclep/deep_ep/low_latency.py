@@ -281,7 +281,7 @@ class LowLatency:
                 weights = plan.ones(tokens)
         else:
             weights = topk_weights.contiguous()
-        x, topk_idx = x.contiguous(), topk_idx.contiguous()  # DeepEP's callers may pass views
+        x, topk_idx = x.contiguous(), topk_idx.contiguous()  # callers may pass views
         if return_recv_hook:
             return self._dispatch_hooked(plan, x, topk_idx, stats, weights, topk_weights)
         streams = self.streams
