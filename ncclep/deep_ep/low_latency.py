@@ -33,7 +33,7 @@ from ..handles import LLDispatchOutput
 from . import budget, deferred, scales
 from .groups import Groups
 from .handles import LowLatencyHandle
-from .streams import StreamState, current_raw_stream
+from .streams import StreamState
 from .utils import NO_EVENT
 
 Hook = Callable[[], None]
@@ -289,7 +289,7 @@ class LowLatency:
             return self._dispatch_async(plan, x, topk_idx, stats, weights, topk_weights)
         # The common call, kept short: its host time is the shim's cost (docs/deep_ep.md, Cost).
         cuda = plan.cuda
-        if cuda and current_raw_stream(plan.index) != streams.last_stream:
+        if cuda:
             streams.before(plan.index)
         out = plan.group.ll_dispatch(
             x, topk_idx, weights, plan.use_fp8, plan.round_scale, False, plan.column_major
@@ -477,7 +477,7 @@ class LowLatency:
             return combined, event, None
         # The common call, kept short (see dispatch).
         cuda = plan.cuda
-        if cuda and current_raw_stream(plan.index) != streams.last_stream:
+        if cuda:
             streams.before(plan.index)
         combined = _into(out, group.ll_combine(x, routing, direct, False, given))  # type: ignore[arg-type]
         if cuda and streams.record:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .utils import EventHandle, EventOverlap
+from .utils import NO_EVENT, EventHandle, EventOverlap
 
 
 def _current_stream_handle(index: int) -> int:
@@ -52,7 +52,7 @@ class StreamState:
 
     def __init__(self) -> None:
         self._comm: dict[int, torch.cuda.Stream] = {}
-        self.last_stream: int | None = None
+        self._last: int | None = None
         """Raw handle of the stream of the last launch (None before the first)."""
         self._last_device = 0
         self._last_event: torch.cuda.Event | None = None
@@ -76,7 +76,7 @@ class StreamState:
     def before(self, index: int, previous_event: Any = None) -> None:
         """Before a launch on the current stream of device ``index``: order it after the last
         launch (only when that was on another stream) and after ``previous_event``."""
-        if current_raw_stream(index) != self.last_stream:
+        if current_raw_stream(index) != self._last:
             self._switch(index, torch.cuda.current_stream(index))
         if previous_event is not None:
             event = _cuda_event(previous_event)
@@ -94,7 +94,7 @@ class StreamState:
         if mark is None:
             mark = self._marks[raw] = (torch.cuda.Event(), torch.cuda.current_stream(index))
         mark[0].record(mark[1])
-        self.last_stream, self._last_device, self._last_event = raw, index, mark[0]
+        self._last, self._last_device, self._last_event = raw, index, mark[0]
 
     # ------------------------------------------------------------------ a call, on either stream
 
@@ -125,29 +125,26 @@ class StreamState:
         if launch is None:
             if self.record and cuda:
                 self.after(index)  # type: ignore[arg-type]  # set on CUDA
-            return EventOverlap()
+            return NO_EVENT
         return launch.finish(inputs, outputs)
 
     def _switch(self, index: int, stream: torch.cuda.Stream) -> None:
         """``stream`` is not the last launch's: make it wait for that launch (outside capture)."""
         if torch.cuda.is_current_stream_capturing():
             return
-        if self.last_stream is not None:
+        if self._last is not None:
             if self._last_event is not None:
                 stream.wait_event(self._last_event)
             else:
-                stream.wait_stream(torch.cuda.ExternalStream(self.last_stream, device=self._last_device))
+                stream.wait_stream(torch.cuda.ExternalStream(self._last, device=self._last_device))
             self.record = True
-        self.last_stream, self._last_device, self._last_event = stream.cuda_stream, index, None
+        self._last, self._last_device, self._last_event = stream.cuda_stream, index, None
 
-    def note(self, stream: torch.cuda.Stream, event: torch.cuda.Event | None = None) -> None:
-        """The last launch ran on ``stream``; ``event`` (recorded here if None) marks its end."""
+    def note(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        """The last launch ran on ``stream``; ``event``, recorded there, marks its end."""
         if torch.cuda.is_current_stream_capturing():
             return
-        if event is None:
-            event = torch.cuda.Event()
-            event.record(stream)
-        self.last_stream, self._last_device, self._last_event = stream.cuda_stream, stream.device.index, event
+        self._last, self._last_device, self._last_event = stream.cuda_stream, stream.device.index, event
 
 
 class Launch:
@@ -182,8 +179,8 @@ class Launch:
             stream.wait_event(previous)
         else:
             stream.wait_stream(compute)
-        if state.last_stream != stream.cuda_stream:
-            if previous is not None or state.last_stream != compute.cuda_stream:
+        if state._last != stream.cuda_stream:
+            if previous is not None or state._last != compute.cuda_stream:
                 state._switch(self.index, stream)
             elif not torch.cuda.is_current_stream_capturing():
                 state.record = True  # the compute stream's launches are covered by wait_stream above
