@@ -608,6 +608,35 @@ class Group:
         out, weights = torch.ops.ncclep.ht_combine(self.id, x, *handle.tensors(), topk_weights)
         return out, (weights if topk_weights is not None else None)
 
+    def ht_dispatch_cached(self, x: torch.Tensor, handle: HTHandle) -> torch.Tensor:
+        """Send ``x`` where an earlier :meth:`ht_dispatch` sent its tokens, along its handle: no
+        counts are exchanged (the backward of :meth:`ht_combine`; DeepEP's cached dispatch).
+
+        Collective, in the same order on every rank as its other HT calls.
+
+        Args:
+            x: ``[B, ...]``, any dtype, one row per token of that dispatch.
+            handle: the :class:`HTHandle` of that dispatch.
+
+        Returns:
+            ``[N, ...]`` in ``x``'s dtype: row ``i`` holds the row of the token that the
+            dispatch's row ``i`` holds, zeros on rows that hold no token.
+
+        Raises:
+            InvalidArgument: a shape outside the above, or rows over the kernels' limit; CommError:
+                as for dispatch.
+        """
+        self._require_open()
+        if not ops.eager(x):
+            return torch.ops.ncclep.ht_dispatch_cached(
+                self.id, x, handle.send_pos, handle.recv_slot, handle.recv_counts
+            )
+        try:
+            self._checks.ht_dispatch_cached(x, handle)
+        except InvalidArgument as problem:
+            self._reject("ht_dispatch_cached", problem)
+        return self._backend.dispatch_cached(x, handle)
+
 
 def ll_output(outs: tuple[torch.Tensor, ...], use_fp8: bool) -> LLDispatchOutput:
     """The op's flat outputs as the method returns them (the op gives an empty tensor for None)."""

@@ -214,6 +214,8 @@ def ht_cases(group: ncclep.Group, ll_group: ncclep.Group) -> list[tuple[str, typ
          lambda: d(x, idx, w, layout="expert_major", alignment=True)),
         ("cached dispatch rows", IA, r"x has 5 rows but the handle's dispatch had 6 tokens",
          lambda: torch.ops.ncclep.ht_dispatch_cached(group.id, x[:5].contiguous(), *routing_of_out)),
+        ("cached dispatch rows, Group", IA, r"x has 5 rows but the handle's dispatch had 6 tokens",
+         lambda: group.ht_dispatch_cached(x[:5], out.handle)),
         ("HT dispatch on an LL group", IA, r"HT ops need a group made with mode='ht'",
          lambda: ll_group.ht_dispatch(x, idx, w)),
         ("HT combine on an LL group", IA, r"HT ops need a group made with mode='ht'",

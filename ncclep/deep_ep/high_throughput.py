@@ -184,17 +184,13 @@ class HighThroughput:
         if data.shape[0] != tokens:
             raise InvalidArgument(f"x has {data.shape[0]} tokens but the handle's dispatch had {tokens}")
         x_scales, packed = (None, False) if given_scales is None else scales.to_ncclep(data, given_scales)
-        group_id = handle.group.id
+        group = handle.group
         rows = handle.num_rows
 
         def route(t: torch.Tensor) -> torch.Tensor:
             single = t.element_size() == 1
-            moved = torch.ops.ncclep.ht_dispatch_cached(
-                group_id,
-                t.contiguous().view(torch.uint8) if single else t.contiguous(),
-                routing.send_pos,
-                routing.recv_slot,
-                routing.recv_counts,
+            moved = group.ht_dispatch_cached(
+                t.contiguous().view(torch.uint8) if single else t.contiguous(), routing
             )
             if rows != moved.shape[0]:
                 moved = moved[:rows]

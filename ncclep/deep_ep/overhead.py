@@ -12,10 +12,12 @@ calls each shim op and the Group op it stands for (same inputs) in turn, ``--ite
 and rank 0 prints, per call, the medians of:
 
 * ``shim``: the Buffer call (with ``return_recv_hook``: the call and its hook);
-* ``Group``: the ncclep Group op it wraps (with a hook: ``send_only`` and ``wait()``);
+* ``Group``: the ncclep Group op it wraps (with a hook: ``send_only`` and ``wait()``; for an
+  ``async_finish`` call, the op overlapped as a caller of ncclep would do it: on a side stream,
+  with an event; for ``get_dispatch_layout``, the call of the layout kernel);
 * ``shim-Group``: the difference of the two, call by call;
 * ``shim own``: the Buffer call less the time spent inside the ncclep Group ops it made (their
-  methods, the receive halves of ``send_only`` calls, cached dispatches): the shim's host work,
+  methods, the receive halves of ``send_only`` calls): the shim's host work,
   plus the collectives it adds (the count gather and host read of an exact-size HT dispatch).
   It comes from a third run of the Buffer call with a clock read around each Group op, net of
   the reads' own cost: on some hosts a clock read costs microseconds (no vDSO clock source), so
@@ -55,6 +57,7 @@ from ..bootstrap import free_port
 from ..group import Group, Pending
 from ..workloads import make_routing
 from .buffer import Buffer
+from .layout import dispatch_layout
 
 Call = Callable[[], Any]
 Pairs = dict[str, tuple[Call, Call]]
@@ -96,13 +99,11 @@ class InnerClock:
         return timed
 
 
-GROUP_OPS = ("ll_dispatch", "ll_combine", "ht_dispatch", "ht_combine")
-CACHED_OP = torch.ops.ncclep.ht_dispatch_cached  # the real op (watch and replay replace the attribute)
+GROUP_OPS = ("ll_dispatch", "ll_combine", "ht_dispatch", "ht_combine", "ht_dispatch_cached")
 
 
 def watch(clock: InnerClock, buffer: Buffer) -> None:
-    """Time the Group ops of ``buffer``'s groups (made by the warm-up calls), every receive half and
-    the cached-dispatch op."""
+    """Time the Group ops of ``buffer``'s groups (made by the warm-up calls) and every receive half."""
     for group in buffer.groups:
         for name in GROUP_OPS:
             op = getattr(group, name)
@@ -112,10 +113,6 @@ def watch(clock: InnerClock, buffer: Buffer) -> None:
         timed_wait = clock.wrap(Pending.wait)
         Pending.wait = timed_wait  # type: ignore[method-assign]
         Pending.__call__ = timed_wait  # type: ignore[method-assign]
-    cached = torch.ops.ncclep.ht_dispatch_cached
-    if not getattr(cached, "_timed", False):
-        torch.ops.ncclep.ht_dispatch_cached = clock.wrap(cached)
-        torch.ops.ncclep.ht_dispatch_cached._replayed = getattr(cached, "_replayed", False)
 
 
 def _once(seen: dict[Any, Any], key: Any, make: Call, send_only: bool = False) -> Any:
@@ -131,9 +128,9 @@ def _same(value: Any) -> Any:
 
 
 def replay(buffer: Buffer) -> None:
-    """``--isolate``: the Group ops of ``buffer``'s groups (and the cached-dispatch op) replaced by
-    ones that run the real op once per kind of call and then return its result again at once, so
-    that a shim call's time is the shim's own host work (its own collectives included)."""
+    """``--isolate``: the Group ops of ``buffer``'s groups replaced by ones that run the real op
+    once per kind of call and then return its result again at once, so that a shim call's time is
+    the shim's own host work (its own collectives included)."""
     for group in buffer.groups:
         seen: dict[Any, Any] = {}
         ops = {name: getattr(group, name) for name in GROUP_OPS}
@@ -190,17 +187,14 @@ def replay(buffer: Buffer) -> None:
         ) -> Any:
             return _once(_seen, ("hc", w is None), partial(_op, rows, handle, w), send_only)
 
+        def ht_dispatch_cached(
+            t: Any, handle: Any, _op: Any = ops["ht_dispatch_cached"], _seen: Any = seen
+        ) -> Any:
+            return _once(_seen, ("hx", t.dtype), partial(_op, t, handle))
+
         group.ll_dispatch, group.ll_combine = ll_dispatch, ll_combine  # type: ignore[method-assign]
         group.ht_dispatch, group.ht_combine = ht_dispatch, ht_combine  # type: ignore[method-assign]
-    if getattr(torch.ops.ncclep.ht_dispatch_cached, "_replayed", False):
-        return
-    cached: dict[Any, Any] = {}
-
-    def replayed_cached(group_id: int, t: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
-        return _once(cached, (group_id, t.dtype), partial(CACHED_OP, group_id, t, *routing))
-
-    replayed_cached._replayed = True  # type: ignore[attr-defined]
-    torch.ops.ncclep.ht_dispatch_cached = replayed_cached
+        group.ht_dispatch_cached = ht_dispatch_cached  # type: ignore[method-assign]
 
 
 def _median_us(values: list[float]) -> float:
@@ -272,6 +266,39 @@ def _hooked(call: Call) -> Call:
     return run
 
 
+def _tensors_of(value: Any) -> list[torch.Tensor]:
+    """The tensors in a Group op's result: tensors, tuples of them, handles (``tensors()``)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [t for item in value for t in _tensors_of(item)]
+    return list(value.tensors()) if hasattr(value, "tensors") else []
+
+
+def _overlapped(device: torch.device, call: Call) -> Call:
+    """The Group call as a caller of ncclep overlaps it with compute itself, the native
+    counterpart of an ``async_finish`` call: on a side stream that first waits for the current
+    one, an event recorded after it, and its outputs (allocated on the side stream) marked as used
+    by the current stream, so that their memory is not handed out again while it reads them. On
+    the CPU (no streams): the call itself."""
+    if device.type != "cuda":
+        return call
+    side = torch.cuda.Stream(device)
+
+    def run() -> Any:
+        compute = torch.cuda.current_stream(device)
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            out = call()
+        event = torch.cuda.Event()
+        event.record(side)
+        for t in _tensors_of(out):
+            t.record_stream(compute)
+        return out, event
+
+    return run
+
+
 def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, list[Buffer]]:
     world = dist.get_world_size()
     experts, tokens, hidden, topk = args.experts, args.ll_tokens, args.hidden, args.topk
@@ -331,7 +358,7 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
         ),
         "ll_dispatch bf16, async_finish": (
             lambda: deep_s(x, idx, tokens, experts, use_fp8=False, async_finish=True),
-            lambda: native.ll_dispatch(x, idx, w),
+            _overlapped(device, lambda: native.ll_dispatch(x, idx, w)),
         ),
         "ll_dispatch bf16, on the Buffer of async_finish calls": (
             lambda: deep_s(x, idx, tokens, experts, use_fp8=False),
@@ -351,7 +378,7 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
         ),
         "ll_combine (dispatch's weights), async_finish": (
             lambda: streamed.low_latency_combine(recv_s, idx, w, handle_s, async_finish=True),
-            lambda: native.ll_combine(rows, routing),
+            _overlapped(device, lambda: native.ll_combine(rows, routing)),
         ),
         "ll_combine (weights at the combine)": (
             lambda: combine(recv, idx, w, handle),
@@ -394,15 +421,12 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
     out = native.ht_dispatch(x, idx, w)
     rows, routing = out.x.clone(), out.handle
     cached = recv_worst[4].routing
-    group_id = recv_worst[4].group.id
-
-    def native_cached() -> torch.Tensor:
-        return CACHED_OP(group_id, x, cached.send_pos, cached.recv_slot, cached.recv_counts)
+    native_cached = partial(recv_worst[4].group.ht_dispatch_cached, x, cached)  # bound before watch()
 
     pairs: Pairs = {
-        "get_dispatch_layout (no Group op)": (
+        "get_dispatch_layout (against its kernel's call)": (
             lambda: buffer.get_dispatch_layout(idx, experts),
-            lambda: None,
+            partial(dispatch_layout, idx, experts, world, 1),
         ),
         "dispatch bf16, exact size": (
             lambda: dispatch(x, **layout, topk_idx=idx, topk_weights=w),
@@ -426,7 +450,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
             lambda: streamed.dispatch(
                 x, **layout, topk_idx=idx, topk_weights=w, num_worst_tokens=worst, async_finish=True
             ),
-            lambda: native.ht_dispatch(x, idx, w),
+            _overlapped(device, lambda: native.ht_dispatch(x, idx, w)),
         ),
         "dispatch bf16, cached": (
             lambda: dispatch(x, handle=recv_worst[4]),
@@ -442,7 +466,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
         ),
         "combine (N rows), async_finish": (
             lambda: streamed.combine(recv_s[0], recv_s[4], async_finish=True),
-            lambda: native.ht_combine(rows, routing),
+            _overlapped(device, lambda: native.ht_combine(rows, routing)),
         ),
     }
     return pairs, [buffer, streamed]

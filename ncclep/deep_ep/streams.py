@@ -42,6 +42,18 @@ def _current_stream_handle(index: int) -> int:
 current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _current_stream_handle
 
 
+_raw_set_stream = getattr(torch._C, "_cuda_setStream", None)
+
+
+def _set_stream(stream: torch.cuda.Stream) -> None:
+    """``torch.cuda.set_stream`` less its Python wrapper (half its host time), where the build
+    has the raw call."""
+    if _raw_set_stream is None:
+        torch.cuda.set_stream(stream)
+    else:
+        _raw_set_stream(stream.stream_id, stream.device_index, stream.device_type)
+
+
 def _cuda_event(previous_event: Any) -> torch.cuda.Event | None:
     handle = getattr(previous_event, "event", None)
     return getattr(handle, "event", None)
@@ -90,11 +102,18 @@ class StreamState:
         if not self.record or torch.cuda.is_current_stream_capturing():
             return
         raw = current_raw_stream(index)
+        event, stream = self.mark(raw, index)
+        event.record(stream)
+        self._last, self._last_device, self._last_event = raw, index, event
+
+    def mark(self, raw: int, index: int) -> tuple[torch.cuda.Event, torch.cuda.Stream]:
+        """The mark event of the current stream of device ``index`` (raw handle ``raw``), and that
+        stream as a Stream object: both made at the stream's first use, so that a call neither
+        makes an event nor asks torch for the current Stream (microseconds each on slow hosts)."""
         mark = self._marks.get(raw)
         if mark is None:
             mark = self._marks[raw] = (torch.cuda.Event(), torch.cuda.current_stream(index))
-        mark[0].record(mark[1])
-        self._last, self._last_device, self._last_event = raw, index, mark[0]
+        return mark
 
     # ------------------------------------------------------------------ a call, on either stream
 
@@ -140,11 +159,12 @@ class StreamState:
             self.record = True
         self._last, self._last_device, self._last_event = stream.cuda_stream, index, None
 
-    def note(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
-        """The last launch ran on ``stream``; ``event``, recorded there, marks its end."""
+    def note(self, stream: torch.cuda.Stream, index: int, event: torch.cuda.Event) -> None:
+        """The last launch ran on ``stream`` of device ``index``; ``event``, recorded there, marks
+        its end."""
         if torch.cuda.is_current_stream_capturing():
             return
-        self._last, self._last_device, self._last_event = stream.cuda_stream, stream.device.index, event
+        self._last, self._last_device, self._last_event = stream.cuda_stream, index, event
 
 
 class Launch:
@@ -172,25 +192,28 @@ class Launch:
         if self.index is None:
             self.index = torch.cuda.current_device()
         state = self.state
-        compute = self.compute = torch.cuda.current_stream(self.index)
+        raw = current_raw_stream(self.index)
+        mark, compute = state.mark(raw, self.index)
+        self.compute = compute
         stream = state.comm_stream(self.index)
         previous = _cuda_event(self.previous)
         if previous is not None:
             stream.wait_event(previous)
-        else:
-            stream.wait_stream(compute)
+        else:  # the compute stream's end so far (its mark, recorded again: see StreamState.after)
+            mark.record(compute)
+            stream.wait_event(mark)
         if state._last != stream.cuda_stream:
-            if previous is not None or state._last != compute.cuda_stream:
+            if previous is not None or state._last != raw:
                 state._switch(self.index, stream)
             elif not torch.cuda.is_current_stream_capturing():
-                state.record = True  # the compute stream's launches are covered by wait_stream above
-        torch.cuda.set_stream(stream)
+                state.record = True  # the compute stream's launches are covered by the wait above
+        _set_stream(stream)
         self.stream = stream
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.stream is not None:
-            torch.cuda.set_stream(self.compute)
+            _set_stream(self.compute)
             self.stream = None
 
     def finish(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
@@ -204,7 +227,7 @@ class Launch:
         assert stream is not None
         event = torch.cuda.Event()
         event.record(stream)
-        self.state.note(stream, event)
+        self.state.note(stream, self.index, event)
         if not torch.cuda.is_current_stream_capturing():  # in a graph, extra_tensors keep them
             compute = self.compute
             for t in outs:

@@ -145,8 +145,8 @@ def _check_pair(
     if cached:
         for z in (_random_x(g, tokens, hidden), torch.rand(tokens, a.topk_idx.shape[1], generator=g)):
             z = z.to(dev)
-            za = torch.ops.ncclep.ht_dispatch_cached(cuda.id, z, *a.handle.tensors()[:3])
-            zb = torch.ops.ncclep.ht_dispatch_cached(ref.id, z, *b.handle.tensors()[:3])
+            za = cuda.ht_dispatch_cached(z, a.handle)  # the eager path
+            zb = torch.ops.ncclep.ht_dispatch_cached(ref.id, z, *b.handle.tensors()[:3])  # the op
             if problem is None and not torch.equal(za.view(torch.uint8), zb.view(torch.uint8)):
                 problem = f"dispatch_cached ({z.dtype}) differs"
     return problem
