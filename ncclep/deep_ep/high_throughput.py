@@ -23,6 +23,8 @@ import torch
 
 from .. import fp8
 from ..errors import InvalidArgument
+from ..group import Group
+from ..handles import HTHandle
 from . import scales
 from .counts import gather_exact_sizes
 from .groups import Groups
@@ -67,8 +69,8 @@ class HighThroughput:
             raise InvalidArgument(
                 f"num_experts ({num_experts}) must be divisible by the {self.world_size} ranks"
             )
-        device, streams = topk_idx.device, self.streams
-        cuda, index = device.type == "cuda", device.index
+        streams, index = self.streams, topk_idx.get_device()
+        cuda = index >= 0
         launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
             layout = dispatch_layout(topk_idx, num_experts, self.world_size, self.num_nodes)
@@ -184,25 +186,14 @@ class HighThroughput:
         if data.shape[0] != tokens:
             raise InvalidArgument(f"x has {data.shape[0]} tokens but the handle's dispatch had {tokens}")
         x_scales, packed = (None, False) if given_scales is None else scales.to_ncclep(data, given_scales)
-        group = handle.group
-        rows = handle.num_rows
-
-        def route(t: torch.Tensor) -> torch.Tensor:
-            single = t.element_size() == 1
-            moved = group.ht_dispatch_cached(
-                t.contiguous().view(torch.uint8) if single else t.contiguous(), routing
-            )
-            if rows != moved.shape[0]:
-                moved = moved[:rows]
-            return moved.view(t.dtype) if single else moved
-
-        device, streams = data.device, self.streams
-        cuda, index = device.type == "cuda", device.index
+        group, rows, streams = handle.group, handle.num_rows, self.streams
+        index = data.get_device()
+        cuda = index >= 0
         launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
-            recv_x: Payload = route(data)
+            recv_x: Payload = _route(group, routing, rows, data)
             if x_scales is not None:
-                recv_scales = route(x_scales)
+                recv_scales = _route(group, routing, rows, x_scales)
                 recv_x = (recv_x, fp8.pack_ue8m0(recv_scales) if packed else recv_scales)
             event = streams.finish(launch, cuda, index, (data, given_scales), (recv_x,))
         finally:
@@ -230,8 +221,8 @@ class HighThroughput:
             raise InvalidArgument(
                 f"topk_weights must have the dispatch's {rows} rows, got {list(topk_weights.shape)}"
             )
-        device, streams = x.device, self.streams
-        cuda, index = device.type == "cuda", device.index
+        streams, index = self.streams, x.get_device()
+        cuda = index >= 0
         launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
             y, combined_weights = handle.group.ht_combine(
@@ -246,6 +237,16 @@ class HighThroughput:
             if launch is not None:
                 launch.__exit__()
         return y, combined_weights, event
+
+
+def _route(group: Group, routing: HTHandle, rows: int, t: torch.Tensor) -> torch.Tensor:
+    """``t [B, ...]`` sent along ``routing`` (a cached dispatch on ``group``), as its first ``rows``
+    rows. One-byte dtypes travel as uint8 (the reference backend indexes them on the CPU)."""
+    single = t.element_size() == 1
+    moved = group.ht_dispatch_cached(t.contiguous().view(torch.uint8) if single else t.contiguous(), routing)
+    if rows != moved.shape[0]:
+        moved = moved[:rows]
+    return moved.view(t.dtype) if single else moved
 
 
 def _full_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
