@@ -51,9 +51,10 @@ def _dispatch_backward(ctx: Any, grad_x: torch.Tensor | None, *grads: torch.Tens
 
 
 def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    group, _x, send_pos, recv_slot, recv_counts, recv_idx, weights = inputs
+    group, x, send_pos, recv_slot, recv_counts, recv_idx, weights = inputs
     ctx.group = group
     ctx.has_weights = weights is not None
+    ctx.rows = x.shape[0]  # the dispatch's N, or fewer (the rows past them hold no token)
     ctx.save_for_backward(send_pos, recv_slot, recv_counts, recv_idx)
 
 
@@ -65,12 +66,12 @@ def _combine_backward(
     if ctx.needs_input_grad[1] and grad_out is not None:
         grad_x = torch.ops.ncclep.ht_dispatch_cached(
             ctx.group, grad_out.contiguous(), send_pos, recv_slot, recv_counts
-        )
+        )[: ctx.rows]
     if ctx.has_weights and ctx.needs_input_grad[6] and grad_w is not None and grad_w.numel():
         routed = torch.ops.ncclep.ht_dispatch_cached(
             ctx.group, grad_w.contiguous(), send_pos, recv_slot, recv_counts
         )
-        grad_rows_w = torch.where(recv_idx >= 0, routed, 0.0)
+        grad_rows_w = torch.where(recv_idx[: ctx.rows] >= 0, routed[: ctx.rows], 0.0)
     return (None, grad_x, None, None, None, None, grad_rows_w)
 
 

@@ -8,6 +8,7 @@ allocated in C++ from an ``OutputPlan`` made once per shape key from :mod:`nccle
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NoReturn
 
 import torch
@@ -24,9 +25,10 @@ class CudaLLDispatch:
     out: list[torch.Tensor]
     inputs: tuple[Any, ...]
 
-    @property
+    @cached_property
     def early(self) -> LLDispatchOutput:
-        """The outputs the receive half fills, allocated by the send half (``Pending.early``)."""
+        """The outputs the receive half fills, allocated by the send half (``Pending.early``;
+        the receive half returns the same tuple)."""
         return outputs.ll_dispatch_output(self.out)
 
 
@@ -116,7 +118,8 @@ class CudaLL:
         return CudaLLDispatch(self._dispatch(self.phase_send, inputs, None), inputs)
 
     def dispatch_recv(self, state: CudaLLDispatch) -> LLDispatchOutput:
-        return outputs.ll_dispatch_output(self._dispatch(self.phase_recv, state.inputs, state.out))
+        self._dispatch(self.phase_recv, state.inputs, state.out)  # fills state.out in place
+        return state.early
 
     # ------------------------------------------------------------------------------ combine
 

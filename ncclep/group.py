@@ -582,10 +582,13 @@ class Group:
 
         Args:
             x: ``[N, H]`` bfloat16, one row per dispatch output row (``N`` of the dispatch,
-                ``H <= hidden``); rows no token uses are ignored.
+                ``H <= hidden``); rows no token uses are ignored. Or only its first ``n < N``
+                rows when the rows past them hold no token: with the flat layout, the first
+                ``num_recv`` rows (the rest are not read).
             handle: the :class:`HTHandle` of the matching dispatch on this group.
             topk_weights: optional ``[N, K]`` float32 (e.g. gradients in a backward pass), summed
-                the same way (entries whose ``topk_idx`` is -1 skipped).
+                the same way (entries whose ``topk_idx`` is -1 skipped); ``[n, K]`` with ``n``
+                rows of ``x``.
             send_only: returns a :class:`Pending` whose ``wait()`` gives the outputs.
 
         Returns:

@@ -215,8 +215,9 @@ def ht_combine(
     recv_topk_idx: Tensor,
     topk_weights: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """``Group.ht_combine`` as an op: x ``[N, H]`` bfloat16, the handle's four tensors, optional
-    topk_weights ``[N, K]`` float32. Returns ``(out [B, H] bfloat16, weights [B, K] float32 or
+    """``Group.ht_combine`` as an op: x ``[N, H]`` bfloat16 (or its first rows, when the rest
+    hold no token), the handle's four tensors, optional topk_weights ``[N, K]`` float32 (as many
+    rows as x). Returns ``(out [B, H] bfloat16, weights [B, K] float32 or
     empty)``."""
     handle = HTHandle(send_pos, recv_slot, recv_counts, recv_topk_idx)
     out, weights = registry.lookup(group).backend.combine(x, handle, topk_weights)

@@ -290,14 +290,17 @@ class Checks:
             raise InvalidArgument(
                 f"HT combine needs hidden divisible by {HT_HIDDEN_MULTIPLE}, got {hidden}", reason="hidden"
             )
-        if got_rows != rows:
-            raise InvalidArgument(f"x must have the dispatch's {rows} rows, got {got_rows}", reason="shape")
+        if got_rows > rows:
+            raise InvalidArgument(
+                f"x must have at most the dispatch's {rows} rows, got {got_rows}", reason="shape"
+            )
         if hidden > cfg.hidden:
             raise InvalidArgument(
                 f"x has hidden size {hidden}, more than the group's hidden ({cfg.hidden})", reason="hidden"
             )
         if topk_weights is not None:
-            _check_shape("topk_weights", self.tensor("topk_weights", topk_weights, FP32, 2), (rows, topk))
+            shape = self.tensor("topk_weights", topk_weights, FP32, 2)
+            _check_shape("topk_weights", shape, (got_rows, topk))
 
     def ht_dispatch_cached(self, x: object, handle: HTHandle) -> None:
         """The cached (backward) dispatch: ``handle`` an HTHandle of this group's sizes (any group's:

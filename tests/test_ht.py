@@ -291,6 +291,12 @@ def _ht_combine_worker(world_size: int, layout: str) -> int:
                     mask = inp["topk_idx"] >= 0
                     step(assert_bits_equal, back, torch.where(mask, orig, 0.0), f"{what}: round trip")
 
+            if layout == "flat":  # only the used rows (the rest hold no token): the same sums
+                n = int(out.num_recv[0])
+                w_head = None if out.topk_weights is None else out.topk_weights[:n]
+                head, _ = step(group.ht_combine, y[:n], out.handle, topk_weights=w_head)
+                step(assert_bits_equal, head, result, f"{what}: combine of the first {n} rows")
+
             # combined weights, 2: fresh random [N, K] weights, garbage where no local expert
             g = generator(300 + i)
             w_rows = torch.rand(out.topk_idx.shape, generator=g) - 0.25

@@ -133,10 +133,11 @@ ncclepResult_t combineParams(const ncclepGroup* g, const ncclepHTCombineArgs_t& 
                  g->config.hidden);
   NCCLEP_REQUIRE(a.topk >= 1 && a.topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a.topk,
                  g->config.maxTopk);
-  const long long flat = htNumRows(g->config, g->nRanks, a.topk, NCCLEP_HT_LAYOUT_FLAT, 1);
-  NCCLEP_REQUIRE(a.numRows >= flat && a.numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be at least %lld", call,
-                 a.numRows, flat);
-  NCCLEP_REQUIRE(a.x && a.recvSlot && a.recvCounts && (!a.topkWeights || a.recvTopkIdx),
+  // Fewer rows than the dispatch's N are allowed: the rows past them hold no token (the exact
+  // rows of a flat dispatch), so neither the row inversion nor the sums read them.
+  NCCLEP_REQUIRE(a.numRows >= 0 && a.numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be in [0, 2^31)", call,
+                 a.numRows);
+  NCCLEP_REQUIRE((a.x || a.numRows == 0) && a.recvSlot && a.recvCounts && (!a.topkWeights || a.recvTopkIdx),
                  "%s: x and the handle are required", call);
   NCCLEP_REQUIRE(a.numTokens == 0 || (a.sendPos && a.out && (!a.topkWeights || a.outWeights)),
                  "%s: sendPos and out (and outWeights with topkWeights) are required", call);

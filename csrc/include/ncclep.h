@@ -422,9 +422,11 @@ typedef struct ncclepHTCombineArgs_v2 {
   int numTokens;            /* B of the matching dispatch */
   int hidden;               /* a multiple of 8, <= the group's hidden */
   int topk;                 /* K of the matching dispatch */
-  long long numRows;        /* N of the matching dispatch */
-  const void* x;            /* bf16 [N, hidden] */
-  const float* topkWeights; /* [N, K] or NULL: summed like the rows (entries with recvTopkIdx -1 skipped) */
+  long long numRows;        /* rows of x: N of the matching dispatch, or fewer when the rows past
+                               them hold no token (e.g. its first numRecv rows, flat layout) */
+  const void* x;            /* bf16 [numRows, hidden] */
+  const float* topkWeights; /* [numRows, K] or NULL: summed like the rows (entries with recvTopkIdx -1
+                               skipped) */
   const int* sendPos;       /* the dispatch's handle */
   const int* recvSlot;
   const int* recvCounts;

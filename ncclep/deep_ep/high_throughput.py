@@ -10,9 +10,8 @@ The shim returns the first rows, as many as DeepEP would:
 * ``num_worst_tokens > 0``: that many rows, no host synchronisation; the group then takes
   ``ceil(num_worst_tokens / R)`` tokens per rank (or more, if it already had more).
 
-The returned rows are views of ncclep's ``[N, ...]`` outputs. ``combine`` takes the caller's rows
-and hands ncclep ``[N, H]`` again: a copy into a fresh ``[N, H]`` tensor unless the caller passed
-``N`` rows (``num_worst_tokens = N``).
+The returned rows are views of ncclep's ``[N, ...]`` outputs. ``combine`` hands the caller's rows
+to ncclep as they are: the rows past them hold no token, and ncclep's combine reads no further.
 """
 
 from __future__ import annotations
@@ -214,7 +213,6 @@ class HighThroughput:
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         rows = handle.num_rows
         routing = handle.routing
-        full = routing.recv_slot.shape[0]
         if x.dim() != 2 or x.shape[0] != rows:
             raise InvalidArgument(f"x must have the dispatch's {rows} rows, got shape {list(x.shape)}")
         if topk_weights is not None and topk_weights.shape[0] != rows:
@@ -225,10 +223,9 @@ class HighThroughput:
         cuda = index >= 0
         launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
+            # the rows past the dispatch's (its exact size) hold no token: ncclep reads no further
             y, combined_weights = handle.group.ht_combine(
-                _full_rows(x, full),
-                routing,
-                None if topk_weights is None else _full_rows(topk_weights, full),
+                x.contiguous(), routing, None if topk_weights is None else topk_weights.contiguous()
             )
             if bias:
                 y = (y.float() + sum(b.float() for b in bias)).to(torch.bfloat16)
@@ -247,16 +244,6 @@ def _route(group: Group, routing: HTHandle, rows: int, t: torch.Tensor) -> torch
     if rows != moved.shape[0]:
         moved = moved[:rows]
     return moved.view(t.dtype) if single else moved
-
-
-def _full_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t [n, ...]`` as the first rows of a contiguous ``[rows, ...]`` tensor (no copy when n == rows)."""
-    n = t.shape[0]
-    if n == rows:
-        return t.contiguous()
-    full = t.new_empty((rows, *t.shape[1:]))
-    full.narrow(0, 0, n).copy_(t)
-    return full
 
 
 __all__ = ["HighThroughput"]

@@ -456,7 +456,7 @@ def _ht_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
             lambda: dispatch(x, handle=recv_worst[4]),
             native_cached,
         ),
-        "combine (exact rows, copied to N)": (
+        "combine (exact rows)": (
             lambda: buffer.combine(recv[0], recv[4]),
             lambda: native.ht_combine(rows, routing),
         ),

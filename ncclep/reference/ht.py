@@ -195,14 +195,16 @@ class ReferenceHT(ReferenceBackend):
         slot_counts, back_host = counts[:ranks], counts[ranks:]
         call, _ = self.exchange.start("ht_combine", slot_counts, back_host)
         messages = sum(slot_counts)
-        message = self._message_of_rows(handle, messages)  # rows holding none add into a spare
+        # rows holding none add into a spare; x may stop before the rows past the used ones
+        n = x.shape[0]
+        message = self._message_of_rows(handle, messages)[:n]
         partial = torch.zeros((messages + 1, hidden), dtype=torch.float32, device=x.device)
         partial.index_add_(0, message, x.float())
         parts = [partial[:messages].to(torch.bfloat16)]
         topk = None
         if topk_weights is not None:
             topk = topk_weights.shape[1]
-            masked = torch.where(handle.recv_topk_idx >= 0, topk_weights, 0.0)
+            masked = torch.where(handle.recv_topk_idx[:n] >= 0, topk_weights, 0.0)
             partial_w = torch.zeros((messages + 1, topk), dtype=torch.float32, device=x.device)
             partial_w.index_add_(0, message, masked)
             parts.append(partial_w[:messages])

@@ -368,7 +368,7 @@ def bad_input_case(kind: str, bad_rank: int, backend: str) -> dict[str, Any]:
             groups = {"group": group, "ll": ll}
         h = out.handle
         bad_calls = {
-            "ht_combine/rows": lambda: group.ht_combine(rows[:-1].contiguous(), h),
+            "ht_combine/rows": lambda: group.ht_combine(torch.cat([rows, rows[:1]]), h),  # one row too many
             "ht_combine/handle_of_ll": lambda: group.ht_combine(rows, ll_out.handle),  # type: ignore[arg-type]
             # the cached dispatch (the backward of a combine) with one row too few
             "ht_dispatch_cached/rows": lambda: torch.ops.ncclep.ht_dispatch_cached(

@@ -142,6 +142,11 @@ def _check_pair(
             problem = f"combine error {err:.3g}"
         elif w_a is None or w_b is None or relative_error(w_a, w_b) > 1e-5:
             problem = "combined weights differ"
+    if problem is None and layout == "flat":  # the used rows only (the rest hold no token): the same sums
+        n = int(a.num_recv[0])
+        head, head_w = cuda.ht_combine(y[:n], a.handle, topk_weights=w[:n])
+        if not (torch.equal(head, out_a) and head_w is not None and torch.equal(head_w, w_a)):
+            problem = f"combine of the first {n} rows differs from the combine of all {rows}"
     if cached:
         for z in (_random_x(g, tokens, hidden), torch.rand(tokens, a.topk_idx.shape[1], generator=g)):
             z = z.to(dev)
