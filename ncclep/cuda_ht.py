@@ -61,13 +61,13 @@ class CudaHT:
         self,
         x: torch.Tensor,
         x_scales: torch.Tensor | None,
-        topk: int,
+        topk_idx: torch.Tensor,
         has_weights: bool,
         layout: str,
         alignment: int,
     ) -> Any:
         scales = (x_scales.shape[1], x_scales.dtype) if x_scales is not None else None
-        key = (x.shape[1], x.dtype, scales, topk, has_weights, layout, alignment)
+        key = (x.shape[1], x.dtype, scales, topk_idx.shape[1], topk_idx.dtype, has_weights, layout, alignment)
         plan = self._dispatch_plans.get(key)
         if plan is None:
             specs = outputs.ht_dispatch_specs(self.cfg, outputs.TOKENS, *key)
@@ -94,9 +94,7 @@ class CudaHT:
         layout: str,
         alignment: int,
     ) -> HTDispatchOutput:
-        plan = self._dispatch_plan(
-            x, x_scales, topk_idx.shape[1], topk_weights is not None, layout, alignment
-        )
+        plan = self._dispatch_plan(x, x_scales, topk_idx, topk_weights is not None, layout, alignment)
         try:
             out = self.comm.ht_dispatch(
                 plan, x, x_scales, topk_idx, topk_weights, LAYOUT_IDS[layout], alignment

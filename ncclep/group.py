@@ -546,11 +546,12 @@ class Group:
             send_only: returns a :class:`Pending` whose ``wait()`` gives the outputs.
 
         Returns:
-            :class:`HTDispatchOutput` ``(x [N, H], scales [N, H/128] | None, topk_idx [N, K] int32
+            :class:`HTDispatchOutput` ``(x [N, H], scales [N, H/128] | None, topk_idx [N, K]
             local expert ids (-1 where the expert is elsewhere), topk_weights [N, K] | None,
-            num_recv [1] int32, expert_counts [L] int32, handle)``. ``N`` is the worst case for the
-            layout (``group.config.ht_num_rows``), so no host sync is needed; ``num_recv`` says
-            how many rows are used. Unused rows have ``topk_idx`` -1 and weight 0.
+            num_recv [1] int32, expert_counts [L] int32, handle)``; ``topk_idx`` has the dtype of
+            the given one. ``N`` is the worst case for the layout (``group.config.ht_num_rows``),
+            so no host sync is needed; ``num_recv`` says how many rows are used. Unused rows have
+            ``topk_idx`` -1 and weight 0.
 
         Raises:
             InvalidArgument: bad dtype, shape, device, size, layout or alignment (nothing moved;

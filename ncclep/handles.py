@@ -45,7 +45,8 @@ class HTHandle:
     * ``recv_slot [N]`` int32: ``src_rank * T + slot`` of the token each output row holds, -1 on
       padding rows.
     * ``recv_counts [R]`` int32: tokens received from each rank.
-    * ``recv_topk_idx [N, K]``: local expert ids of each row (-1 where the expert is elsewhere).
+    * ``recv_topk_idx [N, K]`` int64 or int32 (the dtype of the dispatch's ``topk_idx``): local
+      expert ids of each row (-1 where the expert is elsewhere).
     * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
       tensors); a combine on another group refuses it.
     """
@@ -82,7 +83,8 @@ class HTDispatchOutput(NamedTuple):
     """[N, H] bf16 or fp8; N is the worst case unless exact shapes were asked for."""
     scales: torch.Tensor | None
     topk_idx: torch.Tensor
-    """[N, K] local expert ids, -1 where the choice is on another rank."""
+    """[N, K] local expert ids in the dtype of the dispatch's topk_idx, -1 where the choice is on
+    another rank."""
     topk_weights: torch.Tensor | None
     num_recv: torch.Tensor
     """[1] int32: rows in use (flat: tokens received; expert_major: padded segments)."""

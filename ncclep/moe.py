@@ -284,7 +284,7 @@ class EPMoE(nn.Module):
         assert out.topk_weights is not None
         # each row carries the token's K choices: keep the weight of the row's own expert
         own = segment_experts(counts, self.alignment, rows.shape[0], rows.device)
-        weight = torch.where(out.topk_idx.long() == own.unsqueeze(1), out.topk_weights, 0.0).sum(dim=1)
+        weight = torch.where(out.topk_idx == own.unsqueeze(1), out.topk_weights, 0.0).sum(dim=1)
         weighted = (rows.float() * weight.unsqueeze(1)).to(x.dtype)
         y, _ = cast(tuple[torch.Tensor, None], self.group.ht_combine(weighted, out.handle))
         return y

@@ -178,8 +178,9 @@ def ht_dispatch(
     """``Group.ht_dispatch`` as an op: ``group`` is ``Group.id``; inputs as there.
 
     Returns ``(x [N, H] (x's dtype), scales [N, H/128] (empty without x_scales), topk_idx [N, K]
-    int32 local ids, topk_weights [N, K] float32 (empty when not given), num_recv [1] int32,
-    expert_counts [L] int32, send_pos [B, R] int32, recv_slot [N] int32, recv_counts [R] int32)``
+    local ids (topk_idx's dtype), topk_weights [N, K] float32 (empty when not given), num_recv [1]
+    int32, expert_counts [L] int32, send_pos [B, R] int32, recv_slot [N] int32, recv_counts [R]
+    int32)``
     with ``N = group.config.ht_num_rows(K, layout, alignment)``; ``send_pos, recv_slot,
     recv_counts`` and ``topk_idx`` form the :class:`ncclep.HTHandle`."""
     out = registry.lookup(group).backend.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment)
@@ -197,6 +198,7 @@ def _(group, x, x_scales, topk_idx, topk_weights, layout, alignment):  # type: i
         x.dtype,
         scales,
         topk_idx.shape[1],
+        topk_idx.dtype,
         topk_weights is not None,
         layout,
         alignment,

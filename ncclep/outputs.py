@@ -125,18 +125,20 @@ def ht_dispatch_specs(
     x_dtype: torch.dtype,
     scales: tuple[Any, torch.dtype] | None,
     topk: Any,
+    idx_dtype: torch.dtype,
     has_weights: bool,
     layout: str,
     alignment: Any,
 ) -> Specs:
-    """``scales`` is (columns, dtype) of fp8 inputs' scales, None for bf16. The handle's
-    ``recv_topk_idx`` is the ``topk_idx`` output itself."""
+    """``scales`` is (columns, dtype) of fp8 inputs' scales, None for bf16; ``idx_dtype`` that of
+    the given ``topk_idx``, which the received ids keep. The handle's ``recv_topk_idx`` is the
+    ``topk_idx`` output itself."""
     rows = cfg.ht_num_rows(topk, layout, alignment)
     ranks = cfg.world_size
     return {
         "x": ((rows, hidden), x_dtype),
         "scales": ((rows, scales[0]), scales[1]) if scales is not None else None,
-        "topk_idx": ((rows, topk), torch.int32),
+        "topk_idx": ((rows, topk), idx_dtype),
         "topk_weights": ((rows, topk), torch.float32) if has_weights else None,
         "num_recv": ((1,), torch.int32),
         "expert_counts": ((cfg.num_local_experts,), torch.int32),
@@ -165,12 +167,15 @@ def ht_dispatch(
     x_dtype: torch.dtype,
     scales: tuple[Any, torch.dtype] | None,
     topk: Any,
+    idx_dtype: torch.dtype,
     has_weights: bool,
     layout: str,
     alignment: Any,
     new: Allocator,
 ) -> HTDispatchOutput:
-    specs = ht_dispatch_specs(cfg, tokens, hidden, x_dtype, scales, topk, has_weights, layout, alignment)
+    specs = ht_dispatch_specs(
+        cfg, tokens, hidden, x_dtype, scales, topk, idx_dtype, has_weights, layout, alignment
+    )
     return ht_dispatch_output(allocate(specs, new))
 
 

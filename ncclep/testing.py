@@ -196,6 +196,8 @@ def ll_dispatch_difference(a: LLDispatchOutput, b: LLDispatchOutput) -> str | No
 def ht_dispatch_difference(a: HTDispatchOutput, b: HTDispatchOutput) -> str | None:
     """What differs between an HT dispatch and the reference's ``b`` (None: nothing): counts, local
     expert ids, weights, handle, and payload and scales bit for bit on the rows holding a token."""
+    if a.topk_idx.dtype != b.topk_idx.dtype:  # torch.equal does not compare dtypes
+        return f"topk_idx dtype differs ({a.topk_idx.dtype}, {b.topk_idx.dtype})"
     for name in ("num_recv", "expert_counts", "topk_idx"):
         if not torch.equal(getattr(a, name), getattr(b, name)):
             return f"{name} differs"

@@ -348,7 +348,7 @@ class Checks:
         """The handle of an HT combine: an HTHandle of this group's sizes. Returns (rows, top-k) of
         its dispatch's output."""
         rows = self._ht_handle_routing(handle, group_id)
-        idx = self.tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INT32, 2, of_handle=True)
+        idx = self.tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INDEX_DTYPES, 2, of_handle=True)
         if idx[0] != rows:
             raise _wrong_handle_shape(RECV_TOPK_IDX, idx, (rows, None))
         if not 1 <= idx[1] <= self.cfg.max_topk:

@@ -208,6 +208,8 @@ def ht_cases(group: ncclep.Group, ll_group: ncclep.Group) -> list[tuple[str, typ
          lambda: c(out.x, ll_out.handle)),
         ("combine handle recv_counts", IA, r"HT handle's recv_counts has shape \(3,\)",
          lambda: c(out.x, dataclasses.replace(out.handle, recv_counts=torch.zeros(3, dtype=torch.int32)))),
+        ("combine handle id dtype", IA, r"HT handle's recv_topk_idx must have dtype int64 or int32",
+         lambda: c(out.x, dataclasses.replace(out.handle, recv_topk_idx=out.topk_idx.float()))),
         ("combine hidden not /8", IA, r"HT combine needs hidden divisible by 8, got 100",
          lambda: c(torch.zeros(n, 100, dtype=torch.bfloat16), out.handle)),
         ("alignment a bool", IA, r"alignment must be a positive int, got True",

@@ -46,13 +46,16 @@ def _gradients(layout: str, seed: int) -> list[float]:
     g = torch.Generator().manual_seed(seed * 17 + rank)
     errors = []
     with ncclep.Group(EXPERTS, T, HIDDEN, mode="ht") as group:
-        for tokens in (T, 0 if rank == 1 else 5, 9):
+        for call, tokens in enumerate((T, 0 if rank == 1 else 5, 9)):
             x = torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16).requires_grad_()
             idx, w0 = make_routing("uniform", tokens, EXPERTS, 3, world_size=world_size, generator=g)
+            if call % 2:
+                idx = idx.to(torch.int32)
             w = w0.clone().requires_grad_()
             gout = torch.randn(tokens, HIDDEN, generator=g)
             align = 4 if layout == "expert_major" else 1
             out = group.ht_dispatch(x, idx, w, layout=layout, alignment=align)
+            assert out.topk_idx.dtype == idx.dtype
             rows = _expert_rows(out.x, out.topk_weights, out.topk_idx, rank)
             y, _ = group.ht_combine(rows, out.handle)
             (y.float() * gout).sum().backward()
@@ -82,7 +85,7 @@ def _combine_weights_backward() -> bool:
     with ncclep.Group(8, 6, 32, mode="ht") as group:
         x = torch.randn(6, 32, generator=g).to(torch.bfloat16)
         idx, w = make_routing("uniform", 6, 8, 2, world_size=world_size, generator=g)
-        out = group.ht_dispatch(x, idx, w)
+        out = group.ht_dispatch(x, idx.to(torch.int32), w)  # int32 received ids in the combine
         rows_w = out.topk_weights.clone().requires_grad_()
         _, combined = group.ht_combine(out.x, out.handle, topk_weights=rows_w)
         assert torch.equal(combined, w)

@@ -128,12 +128,14 @@ def _opcheck_worker() -> list[str]:
             )
 
         check(ops.ht_dispatch.default, (ht.id, x, None, every, w_every, "flat", 1), FULL, "ht flat full")
-        check(ops.ht_dispatch.default, (ht.id, xs, None, idx, None, "flat", 1), NO_AOT, "ht flat sparse")
+        idx32 = idx.to(torch.int32)
+        check(ops.ht_dispatch.default, (ht.id, xs, None, idx32, None, "flat", 1), NO_AOT, "ht flat sparse")
         # test_schema compares inputs before/after with allclose, which has no fp8 CPU kernel
         fp8_in = ("test_autograd_registration", "test_faketensor")
         check(ops.ht_dispatch.default, (ht.id, q, s, idx, w, "expert_major", 4), fp8_in, "ht em fp8")
         for layout, alignment in (("flat", 1), ("expert_major", 4)):
-            out = ht.ht_dispatch(xs, idx, w, layout=layout, alignment=alignment)
+            ids = idx if layout == "flat" else idx.to(torch.int32)  # handles of both id dtypes
+            out = ht.ht_dispatch(xs, ids, w, layout=layout, alignment=alignment)
             y = out.x.clone()
             y[out.handle.recv_slot < 0] = 0  # defined input everywhere
             tw = torch.rand(out.topk_idx.shape, generator=g)
@@ -165,7 +167,7 @@ def _fake_worker() -> int:
         idx, w = routing("random", 5, experts, 3, g, masked=2)
         q, s = fp8.quantize(x)
         mode = FakeTensorMode()
-        fx, fidx, fw, fq, fs = (mode.from_tensor(t) for t in (x, idx, w, q, s))
+        fx, fidx, fidx32, fw, fq, fs = (mode.from_tensor(t) for t in (x, idx, idx.to(torch.int32), w, q, s))
         with mode:
             for use_fp8, ue8m0 in ((False, False), (True, False), (True, True)):
                 outs = torch.ops.ncclep.ll_dispatch(ll.id, fx, fidx, fw, use_fp8, ue8m0)
@@ -193,12 +195,16 @@ def _fake_worker() -> int:
             for layout, alignment in (("flat", 1), ("expert_major", 1), ("expert_major", 16)):
                 n = ht.config.ht_num_rows(3, layout, alignment)
                 assert n == (R * T if layout == "flat" else R * T * 3 + L * (alignment - 1))
-                for xin, scales, weights in ((fx, None, fw), (fx, None, None), (fq, fs, fw)):
-                    outs = torch.ops.ncclep.ht_dispatch(ht.id, xin, scales, fidx, weights, layout, alignment)
+                for xin, scales, ids, weights in (
+                    (fx, None, fidx, fw),
+                    (fx, None, fidx32, None),
+                    (fq, fs, fidx32, fw),
+                ):
+                    outs = torch.ops.ncclep.ht_dispatch(ht.id, xin, scales, ids, weights, layout, alignment)
                     expect = [
                         ((n, 256), xin.dtype),
                         ((n, 2), torch.float32) if scales is not None else ((0,), torch.float32),
-                        ((n, 3), torch.int32),
+                        ((n, 3), ids.dtype),
                         ((n, 3), torch.float32) if weights is not None else ((0,), torch.float32),
                         ((1,), torch.int32),
                         ((L,), torch.int32),
@@ -224,8 +230,10 @@ def _fake_worker() -> int:
         assert (
             real.x.shape == (L, R * T, 256) and real.scales is not None and real.scales.shape == (L, R * T, 2)
         )
-        real_ht = ht.ht_dispatch(q, idx, w, x_scales=s, layout="expert_major", alignment=16)
-        assert real_ht.x.shape == (ht.config.ht_num_rows(3, "expert_major", 16), 256)
+        for ids in (idx, idx.to(torch.int32)):
+            real_ht = ht.ht_dispatch(q, ids, w, x_scales=s, layout="expert_major", alignment=16)
+            assert real_ht.x.shape == (ht.config.ht_num_rows(3, "expert_major", 16), 256)
+            assert real_ht.topk_idx.dtype == ids.dtype
     return checked
 
 

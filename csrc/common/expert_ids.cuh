@@ -17,6 +17,12 @@ __device__ __forceinline__ int64_t loadExpertId(const void* idx, int idx64, int6
   return idx64 ? static_cast<const int64_t*>(idx)[i] : int64_t(static_cast<const int32_t*>(idx)[i]);
 }
 
+// Stores entry i of a top-k tensor of int32 or int64 ids.
+__device__ __forceinline__ void storeExpertId(void* idx, int idx64, int64_t i, int id) {
+  if (idx64) static_cast<int64_t*>(idx)[i] = id;
+  else static_cast<int32_t*>(idx)[i] = id;
+}
+
 __device__ __forceinline__ bool isExpertId(int64_t raw, int numExperts) { return raw >= -1 && raw < numExperts; }
 
 // `raw` if it is in [-1, numExperts), else -1 (reported when `report`).

@@ -54,12 +54,27 @@ HTCommon common(const ncclepGroup* g, int blocks, HTOp op) {
   return c;
 }
 
-// An HT op's args: version 1 ends where rejectCode begins; version 2 is the current struct.
+// An HT op's args: version 1 ends where rejectCode begins. Version 3 put recvTopkIdxBits in version
+// 2's tail padding, so both have the same size; a version 2 caller may have left anything there,
+// so whatever follows rejectCode reads as 0.
 template <typename Args>
 ncclepResult_t readHTArgs(const Args* a, const char* call, Args* out) {
-  static_assert(NCCLEP_HT_ARGS_VERSION == 2u, "list each version's size");
-  const size_t sizes[] = {offsetof(Args, rejectCode), sizeof(Args)};
-  return readArgs(a, sizes, call, out);
+  static_assert(NCCLEP_HT_ARGS_VERSION == 3u, "list each version's size");
+  const size_t sizes[] = {offsetof(Args, rejectCode), sizeof(Args), sizeof(Args)};
+  NCCLEP_CHECK(readArgs(a, sizes, call, out));
+  if (a->version == 2) {
+    const size_t end = offsetof(Args, rejectCode) + sizeof(out->rejectCode);
+    std::memset(reinterpret_cast<char*>(out) + end, 0, sizeof(Args) - end);
+  }
+  return ncclepSuccess;
+}
+
+// recvTopkIdxBits of the dispatch and the combine: 0 (earlier versions) is 32.
+ncclepResult_t recvTopkIdx64(int bits, const char* call, int* idx64) {
+  NCCLEP_REQUIRE(bits == 0 || bits == 32 || bits == 64,
+                 "%s: recvTopkIdxBits = %d: must be 32 or 64 (0 reads as 32)", call, bits);
+  *idx64 = bits == 64;
+  return ncclepSuccess;
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -87,6 +102,7 @@ ncclepResult_t dispatchParams(const ncclepGroup* g, const ncclepHTDispatchArgs_t
                  g->config.maxTopk);
   NCCLEP_REQUIRE(a.topkIdxBits == 32 || a.topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
                  a.topkIdxBits);
+  NCCLEP_CHECK(recvTopkIdx64(a.recvTopkIdxBits, call, &p->recvTopkIdx64));
   NCCLEP_REQUIRE(a.layout == NCCLEP_HT_LAYOUT_FLAT || a.layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR,
                  "%s: layout = %d: must be NCCLEP_HT_LAYOUT_FLAT or _EXPERT_MAJOR", call, a.layout);
   NCCLEP_REQUIRE(a.alignment >= 1 && (a.layout == NCCLEP_HT_LAYOUT_EXPERT_MAJOR || a.alignment == 1),
@@ -133,6 +149,7 @@ ncclepResult_t combineParams(const ncclepGroup* g, const ncclepHTCombineArgs_t& 
                  g->config.hidden);
   NCCLEP_REQUIRE(a.topk >= 1 && a.topk <= g->config.maxTopk, "%s: topk = %d: must be in [1, %d]", call, a.topk,
                  g->config.maxTopk);
+  NCCLEP_CHECK(recvTopkIdx64(a.recvTopkIdxBits, call, &p->recvTopkIdx64));
   // Fewer rows than the dispatch's N are allowed: the rows past them hold no token (the exact
   // rows of a flat dispatch), so neither the row inversion nor the sums read them.
   NCCLEP_REQUIRE(a.numRows >= 0 && a.numRows <= 0x7fffffffLL, "%s: numRows = %lld: must be in [0, 2^31)", call,

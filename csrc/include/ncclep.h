@@ -380,12 +380,15 @@ NCCLEP_API ncclepResult_t ncclepGroupGetDeviceError(ncclepGroup_t group, ncclepD
  * order inside a segment), segments padded to `alignment` rows. Rows no token uses have
  * recvTopkIdx -1, recvTopkWeights 0, recvSlot -1, and unspecified recvX / recvScales.
  * ------------------------------------------------------------------------------------------ */
-/* Version 2 added rejectCode; version 1 structs are taken as in LL mode. */
-#define NCCLEP_HT_ARGS_VERSION 2u
+/* Version 2 added rejectCode, version 3 the dispatch's and the combine's recvTopkIdxBits (the
+ * cached dispatch's struct is the same in versions 2 and 3). The launchers also take earlier
+ * versions, fields a version lacks reading as 0: a version 1 struct ends where rejectCode begins;
+ * version 2's has version 3's size (recvTopkIdxBits took its tail padding). */
+#define NCCLEP_HT_ARGS_VERSION 3u
 #define NCCLEP_HT_LAYOUT_FLAT 0
 #define NCCLEP_HT_LAYOUT_EXPERT_MAJOR 1
 
-typedef struct ncclepHTDispatchArgs_v2 {
+typedef struct ncclepHTDispatchArgs_v3 {
   size_t size;              /* sizeof(ncclepHTDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_ALL (the halves cannot be launched apart yet) */
@@ -404,7 +407,8 @@ typedef struct ncclepHTDispatchArgs_v2 {
   long long numRows;        /* N (must be ncclepHTNumRows of this layout) */
   void* recvX;              /* out: [N, H] */
   void* recvScales;         /* out (fp8): [N, H/128] */
-  int* recvTopkIdx;         /* out: [N, K] local expert ids, -1 where the expert is elsewhere */
+  void* recvTopkIdx;        /* out: [N, K] local expert ids (recvTopkIdxBits wide), -1 where the
+                               expert is elsewhere */
   float* recvTopkWeights;   /* out (with topkWeights): [N, K], 0 where recvTopkIdx is -1 */
   int* numRecv;             /* out: [1] rows used */
   int* expertCounts;        /* out: [L] rows of each local expert (before padding) */
@@ -413,9 +417,10 @@ typedef struct ncclepHTDispatchArgs_v2 {
   int* recvCounts;          /* out (handle): [R] tokens received from each rank */
   int rejectCode;           /* 0, or an ncclepRejectReason_t: this rank rejected the call; every other
                                field but phases is ignored (no token sent, no output written) */
+  int recvTopkIdxBits;      /* 32 or 64: recvTopkIdx holds int32 or int64 ids; 0 (earlier versions) = 32 */
 } ncclepHTDispatchArgs_t;
 
-typedef struct ncclepHTCombineArgs_v2 {
+typedef struct ncclepHTCombineArgs_v3 {
   size_t size;              /* sizeof(ncclepHTCombineArgs_t) */
   unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_ALL */
@@ -430,13 +435,14 @@ typedef struct ncclepHTCombineArgs_v2 {
   const int* sendPos;       /* the dispatch's handle */
   const int* recvSlot;
   const int* recvCounts;
-  const int* recvTopkIdx;   /* [N, K] */
+  const void* recvTopkIdx;  /* [N, K] the dispatch's, recvTopkIdxBits wide */
   void* out;                /* out: bf16 [B, hidden]: per token, the fp32 sum of its rows */
   float* outWeights;        /* out (with topkWeights): [B, K] */
   int rejectCode;           /* as in ncclepHTDispatchArgs_t (no handle needed) */
+  int recvTopkIdxBits;      /* 32 or 64, as the dispatch wrote recvTopkIdx; 0 (earlier versions) = 32 */
 } ncclepHTCombineArgs_t;
 
-typedef struct ncclepHTCachedDispatchArgs_v2 {
+typedef struct ncclepHTCachedDispatchArgs_v3 {
   size_t size;              /* sizeof(ncclepHTCachedDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_HT_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_ALL */

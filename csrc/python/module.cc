@@ -64,6 +64,9 @@ void check(ncclepResult_t res) {
   if (res != ncclepSuccess) raise(res);
 }
 
+// The *IdxBits of an int64 or int32 tensor of expert ids (Python checked the dtype).
+int idxBits(const at::Tensor& idx) { return idx.scalar_type() == at::kLong ? 64 : 32; }
+
 ncclepGroupConfig_t makeConfig(int mode, int numExperts, int maxTokensPerRank, int hidden, int maxTopk,
                                int numSms, double timeoutSeconds, size_t windowBytes, int virtualNodes) {
   ncclepGroupConfig_t config = NCCLEP_GROUP_CONFIG_INITIALIZER;
@@ -224,7 +227,7 @@ class Communicator {
     a.topk = static_cast<int>(topkIdx.size(1));
     a.x = cptr(x);
     a.topkIdx = cptr(topkIdx);
-    a.topkIdxBits = topkIdx.scalar_type() == at::kLong ? 64 : 32;
+    a.topkIdxBits = idxBits(topkIdx);
     a.topkWeights = static_cast<const float*>(cptr(topkWeights));
     a.useFp8 = useFp8;
     a.ue8m0 = ue8m0;
@@ -288,14 +291,15 @@ class Communicator {
     a.x = cptr(x);
     a.xScales = cptr(xScales);
     a.topkIdx = cptr(topkIdx);
-    a.topkIdxBits = topkIdx.scalar_type() == at::kLong ? 64 : 32;
+    a.topkIdxBits = idxBits(topkIdx);
     a.topkWeights = static_cast<const float*>(cptr(topkWeights));
     a.layout = layout;
     a.alignment = alignment;
     a.numRows = o[HTD_X].size(0);
     a.recvX = ptr(o[HTD_X]);
     a.recvScales = ptr(o[HTD_SCALES]);
-    a.recvTopkIdx = static_cast<int*>(ptr(o[HTD_TOPK_IDX]));
+    a.recvTopkIdx = ptr(o[HTD_TOPK_IDX]);
+    a.recvTopkIdxBits = idxBits(o[HTD_TOPK_IDX]);
     a.recvTopkWeights = static_cast<float*>(ptr(o[HTD_TOPK_WEIGHTS]));
     a.numRecv = static_cast<int*>(ptr(o[HTD_NUM_RECV]));
     a.expertCounts = static_cast<int*>(ptr(o[HTD_EXPERT_COUNTS]));
@@ -327,7 +331,8 @@ class Communicator {
     a.sendPos = static_cast<const int*>(cptr(sendPos));
     a.recvSlot = static_cast<const int*>(cptr(recvSlot));
     a.recvCounts = static_cast<const int*>(cptr(recvCounts));
-    a.recvTopkIdx = static_cast<const int*>(cptr(recvTopkIdx));
+    a.recvTopkIdx = cptr(recvTopkIdx);
+    a.recvTopkIdxBits = idxBits(recvTopkIdx);
     a.out = ptr(o[HTC_OUT]);
     a.outWeights = static_cast<float*>(ptr(o[HTC_WEIGHTS]));
     check(ncclepHTCombine(g, &a, currentStream(x)));

@@ -47,9 +47,9 @@ int main(int argc, char** argv) {
   ncclepGroup_t group = NULL;
   ncclepUniqueId id;
   uint16_t *hx = NULL, *hy = NULL, *hrecv = NULL;
-  int64_t* hidx = NULL;
+  int64_t *hidx = NULL, *hridx = NULL;
   float *hw = NULL, *hrw = NULL;
-  int *hridx = NULL, *hrecvCounts = NULL, hnum = 0, hcounts[kExpertsPerRank];
+  int *hrecvCounts = NULL, hnum = 0, hcounts[kExpertsPerRank];
   void *dx = NULL, *didx = NULL, *dw = NULL, *drecv = NULL, *dridx = NULL, *drw = NULL, *dnum = NULL,
        *dcounts = NULL, *dpos = NULL, *dslot = NULL, *drecvCounts = NULL, *dy = NULL;
   cudaStream_t stream = NULL;
@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
   hidx = malloc(sizeof(int64_t) * kTokens * kTopk);
   hw = malloc(sizeof(float) * kTokens * kTopk);
   hrw = malloc(sizeof(float) * (size_t)rows * kTopk);
-  hridx = malloc(sizeof(int) * (size_t)rows * kTopk);
+  hridx = malloc(sizeof(int64_t) * (size_t)rows * kTopk);
   hrecvCounts = malloc(sizeof(int) * size);
   if (!hx || !hy || !hrecv || !hidx || !hw || !hrw || !hridx || !hrecvCounts) goto done;
   CUDA(cudaMalloc(&dx, sizeof(uint16_t) * kTokens * kHidden));
@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
   CUDA(cudaMalloc(&didx, sizeof(int64_t) * kTokens * kTopk));
   CUDA(cudaMalloc(&dw, sizeof(float) * kTokens * kTopk));
   CUDA(cudaMalloc(&drecv, sizeof(uint16_t) * (size_t)rows * kHidden));
-  CUDA(cudaMalloc(&dridx, sizeof(int) * (size_t)rows * kTopk));
+  CUDA(cudaMalloc(&dridx, sizeof(int64_t) * (size_t)rows * kTopk));
   CUDA(cudaMalloc(&drw, sizeof(float) * (size_t)rows * kTopk));
   CUDA(cudaMalloc(&dnum, sizeof(int)));
   CUDA(cudaMalloc(&dcounts, sizeof(int) * kExpertsPerRank));
@@ -113,6 +113,7 @@ int main(int argc, char** argv) {
     d.numRows = rows;
     d.recvX = drecv;
     d.recvTopkIdx = dridx;
+    d.recvTopkIdxBits = 64; /* int64, like topkIdx */
     d.recvTopkWeights = drw;
     d.numRecv = dnum;
     d.expertCounts = dcounts;
@@ -132,6 +133,7 @@ int main(int argc, char** argv) {
     c.recvSlot = dslot;
     c.recvCounts = drecvCounts;
     c.recvTopkIdx = dridx;
+    c.recvTopkIdxBits = 64;
     c.out = dy;
     CHECK(ncclepHTCombine(group, &c, stream));
     CUDA(cudaStreamSynchronize(stream));
@@ -140,7 +142,7 @@ int main(int argc, char** argv) {
     CUDA(cudaMemcpy(hcounts, dcounts, sizeof(hcounts), cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hrecvCounts, drecvCounts, sizeof(int) * size, cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hrecv, drecv, sizeof(uint16_t) * (size_t)rows * kHidden, cudaMemcpyDeviceToHost));
-    CUDA(cudaMemcpy(hridx, dridx, sizeof(int) * (size_t)rows * kTopk, cudaMemcpyDeviceToHost));
+    CUDA(cudaMemcpy(hridx, dridx, sizeof(int64_t) * (size_t)rows * kTopk, cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hrw, drw, sizeof(float) * (size_t)rows * kTopk, cudaMemcpyDeviceToHost));
     CUDA(cudaMemcpy(hy, dy, sizeof(uint16_t) * kTokens * kHidden, cudaMemcpyDeviceToHost));
 

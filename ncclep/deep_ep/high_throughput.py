@@ -158,8 +158,6 @@ class HighThroughput:
                 payload = (recv_x, fp8.pack_ue8m0(recv_scales) if packed else recv_scales)
             if topk_idx is None:
                 recv_idx = None
-            elif recv_idx.dtype != topk_idx.dtype:
-                recv_idx = recv_idx.to(topk_idx.dtype)
             if topk_weights is None:
                 recv_weights = None
             handle = DispatchHandle(group, out[6], rows, is_token_in_rank, counts)
@@ -168,7 +166,7 @@ class HighThroughput:
                 cuda,
                 index,
                 (data, given_scales, routing_idx, topk_weights),
-                (out[:4], recv_idx, out[6]),
+                (out[:4], out[6]),
             )
         finally:
             if launch is not None:

@@ -38,6 +38,7 @@ class HTDispatchInFlight:
     scales_dtype: torch.dtype | None
     hidden: int
     topk: int
+    idx_dtype: torch.dtype
     has_weights: bool
     layout: str
     alignment: int
@@ -85,6 +86,7 @@ class ReferenceHT(ReferenceBackend):
             scales_dtype=None if x_scales is None else x_scales.dtype,
             hidden=x.shape[1],
             topk=idx.shape[1],
+            idx_dtype=topk_idx.dtype,
             has_weights=topk_weights is not None,
             layout=layout,
             alignment=alignment,
@@ -124,7 +126,7 @@ class ReferenceHT(ReferenceBackend):
 
         recv_x = scatter(parts[0], None)
         recv_scales = scatter(parts[1], None) if state.scales_dtype is not None else None
-        recv_idx = scatter(local, -1)
+        recv_idx = scatter(local.to(state.idx_dtype), -1)
         recv_weights = scatter(parts[-1], 0.0) if state.has_weights else None
         recv_slot = scatter(slot_id.unsqueeze(1), -1).squeeze(1)
         handle = HTHandle(

@@ -399,16 +399,14 @@ class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
         )
         assert isinstance(pending, Pending)
         a2a_idx = dbo_current_ubatch_id()
-        ids_dtype = topk_ids.dtype
         return lambda: self._receiver(
-            pending.wait(), a2a_idx, ids_dtype, num_experts, a1_post_scale, quant_config, defer_input_quant
+            pending.wait(), a2a_idx, num_experts, a1_post_scale, quant_config, defer_input_quant
         )
 
     def _receiver(
         self,
         out: HTDispatchOutput,
         a2a_idx: int,
-        ids_dtype: torch.dtype,
         num_experts: int,
         a1_scale: torch.Tensor | None,
         quant_config: FusedMoEQuantConfig,
@@ -420,7 +418,7 @@ class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
         self.handles[a2a_idx] = (out.handle, out.x)
         expert_x = out.x[:n]
         expert_x_scale = None if out.scales is None else out.scales[:n]
-        local_ids = out.topk_idx[:n].to(ids_dtype)
+        local_ids = out.topk_idx[:n]  # in topk_ids' dtype
         # ncclep gives local ids, -1 where the expert lives elsewhere; vLLM wants global ids and
         # drops other ranks' experts through its expert map (any id of another rank will do).
         elsewhere = num_experts - 1 if self.rank_expert_offset == 0 else 0

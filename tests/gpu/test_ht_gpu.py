@@ -1,8 +1,9 @@
 """GPU: the HT kernels against the reference backend, on the same inputs, in one NCCL group.
 
-Dispatch compares bit-exactly: counts, every handle tensor, topk_idx and topk_weights on every row
-(their fill values included), and x / scales on the rows that hold a token (``recv_slot >= 0``):
-the reference leaves the other rows uninitialised (``torch.empty``), and so do the kernels.
+Dispatch compares bit-exactly: counts, every handle tensor, topk_idx (and its dtype, that of the
+given ids: int64 or int32) and topk_weights on every row (their fill values included), and x /
+scales on the rows that hold a token (``recv_slot >= 0``): the reference leaves the other rows
+uninitialised (``torch.empty``), and so do the kernels.
 Combine compares within bf16 rounding (the expert-side sums may add a token's rows in another
 order). Every rank makes the same sequence of collective calls in every test.
 
@@ -174,13 +175,15 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
             for layout, alignment in layouts:
                 payload = payloads[i % 3]
                 tokens = sizes[(i + rank) % len(sizes)]
+                int32 = (i + i // len(layouts)) % 2 == 1  # every other call, each layout both ways
                 inp = _inputs(
-                    g, tokens, HIDDEN, topk, routing, payload=payload, int32=i % 2 == 1, weights=i % 4 != 3
+                    g, tokens, HIDDEN, topk, routing, payload=payload, int32=int32, weights=i % 4 != 3
                 )
                 problem = _check_pair(cuda, ref, inp, layout, alignment, g, cached=i % 3 == 0)
                 if problem:
+                    ids = "int32" if int32 else "int64"
                     problems.append(
-                        f"{routing} k={topk} {layout}/{alignment} {payload} B={tokens}: {problem}"
+                        f"{routing} k={topk} {layout}/{alignment} {payload} {ids} B={tokens}: {problem}"
                     )
                 i += 1
     cuda.check()
@@ -262,7 +265,7 @@ def _gradients(seed: int, nodes: int = 1) -> list[str]:
     problems = []
     for layout, alignment in (("flat", 1), ("expert_major", 16)):
         for tokens in (256, 0 if rank == 1 else 100):
-            inp = _inputs(g, tokens, 1024, 4, "uniform")
+            inp = _inputs(g, tokens, 1024, 4, "uniform", int32=layout == "flat")
             gout = torch.randn(tokens, 1024, generator=g).to(_device())
             grads = []
             for group in (cuda, ref):

@@ -97,7 +97,7 @@ struct RecvPlan {
 __device__ __forceinline__ void fillUnusedRows(const HTDispatchParams& p, const RecvPlan& s, int thread, int threads) {
   const int K = p.topk, L = p.c.layout.numLocalExperts;
   for (int64_t i = int64_t(s.used) * K + thread; i < int64_t(p.numRows) * K; i += threads) {
-    p.recvTopkIdx[i] = -1;
+    device::storeExpertId(p.recvTopkIdx, p.recvTopkIdx64, i, -1);
     if (p.recvTopkWeights != nullptr) p.recvTopkWeights[i] = 0.0f;
   }
   for (int r = s.used + thread; r < p.numRows; r += threads) p.recvSlot[r] = -1;
@@ -111,7 +111,7 @@ __device__ __forceinline__ void fillUnusedRows(const HTDispatchParams& p, const 
     const int r = s.expertStart[e] + count + i;
     p.recvSlot[r] = -1;
     for (int k = 0; k < K; ++k) {
-      p.recvTopkIdx[int64_t(r) * K + k] = -1;
+      device::storeExpertId(p.recvTopkIdx, p.recvTopkIdx64, int64_t(r) * K + k, -1);
       if (p.recvTopkWeights != nullptr) p.recvTopkWeights[int64_t(r) * K + k] = 0.0f;
     }
   }
@@ -215,7 +215,7 @@ __device__ __forceinline__ void receiveDispatchMessages(const HTDispatchParams& 
         heldScales.store<true>(static_cast<char*>(p.recvScales) + int64_t(r) * p.scaleRowBytes, msg + p.rowBytes,
                                p.scaleRowBytes, lane);
         if (lane < K) {
-          p.recvTopkIdx[int64_t(r) * K + lane] = local;
+          device::storeExpertId(p.recvTopkIdx, p.recvTopkIdx64, int64_t(r) * K + lane, local);
           if (p.recvTopkWeights != nullptr) p.recvTopkWeights[int64_t(r) * K + lane] = choice.weight;
         }
         if (lane == 0) p.recvSlot[r] = src * T + j;
@@ -280,7 +280,8 @@ __device__ __forceinline__ void writeCombineMessage(const HTCombineParams& p, ch
     float acc = 0.0f;
     for (int q = 0; q < n; ++q) {
       const int64_t row = __shfl_sync(kFull, sorted, q);
-      if (lane < K && p.recvTopkIdx[row * K + lane] >= 0) acc += p.topkWeights[row * K + lane];
+      if (lane < K && device::loadExpertId(p.recvTopkIdx, p.recvTopkIdx64, row * K + lane) >= 0)
+        acc += p.topkWeights[row * K + lane];
     }
     if (lane < K) reinterpret_cast<float*>(msg + l.payloadBytes)[lane] = acc;
   }

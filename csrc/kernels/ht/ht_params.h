@@ -58,7 +58,8 @@ struct HTDispatchParams {
   // outputs
   void* recvX;             // [numRows, rowBytes]
   void* recvScales;        // [numRows, scaleRowBytes]
-  int* recvTopkIdx;        // [numRows, topk]
+  void* recvTopkIdx;       // [numRows, topk] int32 or int64
+  int recvTopkIdx64;
   float* recvTopkWeights;  // [numRows, topk] or nullptr
   int* numRecv;            // [1]
   int* expertCounts;       // [L]
@@ -77,7 +78,8 @@ struct HTCombineParams {
   const int* sendPos;        // the dispatch's handle
   const int* recvSlot;
   const int* recvCounts;
-  const int* recvTopkIdx;    // [numRows, topk]
+  const void* recvTopkIdx;   // [numRows, topk] int32 or int64
+  int recvTopkIdx64;
   int numTokens;
   int numRows;
   void* out;                 // bf16 [numTokens, hidden]
