@@ -20,6 +20,18 @@ __device__ __forceinline__ uint64_t loadAcquire(const uint64_t* ptr) {
   return value;
 }
 
+// Words shared by the blocks of one kernel that carry their own data (nothing else is published
+// with them): relaxed at GPU scope, so a load sees the whole word and never a stale L1 copy.
+__device__ __forceinline__ void storeRelaxedGpu(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t loadRelaxedGpu(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
 // Adds to a counter another GPU reads; ordered after this thread's earlier stores (release).
 __device__ __forceinline__ void addRelease(uint64_t* ptr, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");

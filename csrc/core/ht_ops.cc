@@ -233,7 +233,7 @@ extern "C" ncclepResult_t ncclepHTDispatch(ncclepGroup_t g, const ncclepHTDispat
   if (a.rejectCode == 0) NCCLEP_CHECK(dispatchParams(g, a, call, &p));
   DeviceGuard guard;
   NCCLEP_CHECK(guard.set(g->cudaDevice));
-  NCCLEP_CUDA_CHECK(cudaError_t(launchHTLayout(p, blocks, stream)), "launching the HT layout kernels");
+  NCCLEP_CUDA_CHECK(cudaError_t(launchHTLayout(p, blocks, stream)), "launching the HT layout kernel");
   if (hierarchical(g))
     NCCLEP_CUDA_CHECK(cudaError_t(launchHTInternodeDispatch(p, blocks, stream)),
                       "launching the HT internode dispatch kernel");

@@ -57,11 +57,23 @@ WORLDS = [
 
 
 def _groups(
-    experts: int = EXPERTS, tokens: int = T, hidden: int = HIDDEN, max_topk: int = 16, nodes: int = 1
+    experts: int = EXPERTS,
+    tokens: int = T,
+    hidden: int = HIDDEN,
+    max_topk: int = 16,
+    nodes: int = 1,
+    num_sms: int | None = None,
 ) -> tuple[ncclep.Group, ncclep.Group]:
     with virtual_nodes(nodes):
         cuda = ncclep.Group(
-            experts, tokens, hidden, mode="ht", max_topk=max_topk, backend="cuda", timeout_s=30.0
+            experts,
+            tokens,
+            hidden,
+            mode="ht",
+            max_topk=max_topk,
+            backend="cuda",
+            timeout_s=30.0,
+            num_sms=num_sms,
         )
     assert cuda.native_info["node_size"] == dist.get_world_size() // nodes
     assert cuda.num_nodes == nodes
@@ -249,6 +261,34 @@ def _largest_batch(seed: int, nodes: int = 1) -> list[str]:
 @pytest.mark.parametrize("world,nodes", WORLDS)
 def test_ht_8192_tokens(world: int, nodes: int) -> None:
     for problems in gpu_pool(world).run(_largest_batch, 5, nodes):
+        assert problems == []
+
+
+def _layout_limits(seed: int, nodes: int = 1) -> list[str]:
+    """The count kernel away from the DeepSeek shape: 2048 experts (two passes of its lane masks,
+    over 48 KB of shared memory), 3 SMs (8 groups of 512 tokens on 3 blocks: a block counts several
+    groups, and the last group is not block 0's), top-8 and top-24."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(seed + rank)
+    experts = 2048
+    cuda, ref = _groups(experts=experts, tokens=4096, hidden=256, max_topk=24, nodes=nodes, num_sms=3)
+    problems = []
+    calls = ((8, "flat", 1), (24, "expert_major", 16), (8, "flat", 1))
+    for call, (topk, layout, alignment) in enumerate(calls):
+        tokens = 4096 if (rank + call) % 2 == 0 else (3000, 1)[call % 2]
+        inp = _inputs(g, tokens, 256, topk, "uniform", experts=experts, int32=call == 1)
+        problem = _check_pair(cuda, ref, inp, layout, alignment, g)
+        if problem:
+            problems.append(f"k={topk} {layout}/{alignment} B={tokens}: {problem}")
+    cuda.check()
+    cuda.close()
+    ref.close()
+    return problems
+
+
+@pytest.mark.parametrize("world,nodes", WORLDS)
+def test_ht_layout_limits(world: int, nodes: int) -> None:
+    for problems in gpu_pool(world).run(_layout_limits, 7, nodes):
         assert problems == []
 
 

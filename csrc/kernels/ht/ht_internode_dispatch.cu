@@ -1,4 +1,4 @@
-// HT dispatch across (virtual) nodes, after the layout kernels (which, with c.hier, leave their
+// HT dispatch across (virtual) nodes, after the layout kernel (which, with c.hier, leaves its
 // column totals in `totals`). Roles (see ht_internode.cuh for the route, signals and reuse):
 //
 // Send (blocks [0, sendBlocks)), after waitPeersFree:

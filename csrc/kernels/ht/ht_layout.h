@@ -6,10 +6,9 @@
 //               `done`, which peers read before they write into our slots again
 //   countFlags  uint64 [2 parities][R sources]: (epoch << 32) | tokens the source sends us
 //   counts      int32  [2][R sources][L local experts]: the source's tokens per local expert
-//   tileCounts  int32  [maxTiles][R + E]   local scratch: per 32-token tile, tokens per destination
-//               rank and per expert, turned into exclusive prefixes over its group's tiles
-//   groupCounts int32  [maxGroups][R + E]  local scratch: the same per group of kHTTileGroup tiles,
-//               turned into exclusive prefixes over groups (a tile's offset is the sum of both)
+//   groupScan   uint64 [maxGroups][R + E]  local: per group of kHTTileGroup tiles and column (tokens
+//               per destination rank, then per expert), (epoch << 32) | the group's count, or, with
+//               bit 31 set, the count of groups 0..g: the count kernel's look-back scan over groups
 //   expertPos   int32  [T][maxTopk]        local scratch: row of (token, choice) among our tokens
 //               for that expert
 //   rowCount    int32  [R * T]             local scratch (combine): rows holding each slot
@@ -89,7 +88,7 @@ enum HTSignalKind : int {
 
 struct HTState {
   uint32_t seq;            // HT calls this rank completed (all HT ops share one sequence)
-  uint32_t blocksDone[4];  // arrival counters: [0] layout, [1] transfer kernels, [2] [3] spare
+  uint32_t blocksDone[4];  // arrival counters: [1] transfer kernels, [0] [2] [3] spare
   uint32_t aborted;        // set with the error word; spinning waiters poll this device word
   uint32_t dispatches;     // hierarchical path: dispatch calls completed (kHTSigCounts marks)
   uint64_t done;           // = seq once our receivers have read every message of that call
@@ -100,8 +99,7 @@ struct HTLayout {
   size_t state;
   size_t countFlags;
   size_t counts;
-  size_t tileCounts;
-  size_t groupCounts;
+  size_t groupScan;
   size_t expertPos;
   size_t rowCount;
   size_t rowsOf;
@@ -169,8 +167,7 @@ inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts,
   take(&l.state, 1, sizeof(HTState));
   take(&l.countFlags, 2 * R, 8);
   take(&l.counts, 2 * R * size_t(l.numLocalExperts), 4);
-  take(&l.tileCounts, size_t(l.maxTiles) * (R + size_t(numExperts)), 4);
-  take(&l.groupCounts, size_t((l.maxTiles + kHTTileGroup - 1) / kHTTileGroup) * (R + size_t(numExperts)), 4);
+  take(&l.groupScan, size_t((l.maxTiles + kHTTileGroup - 1) / kHTTileGroup) * (R + size_t(numExperts)), 8);
   take(&l.expertPos, T * K, 4);
   take(&l.rowCount, R * T, 4);
   take(&l.rowsOf, R * T * K, 4);
