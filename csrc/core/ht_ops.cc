@@ -158,6 +158,7 @@ ncclepResult_t combineParams(const ncclepGroup* g, const ncclepHTCombineArgs_t& 
                  "%s: x and the handle are required", call);
   NCCLEP_REQUIRE(a.numTokens == 0 || (a.sendPos && a.out && (!a.topkWeights || a.outWeights)),
                  "%s: sendPos and out (and outWeights with topkWeights) are required", call);
+  NCCLEP_REQUIRE(!a.outWeights || a.topkWeights || a.numRows == 0, "%s: outWeights needs topkWeights", call);
   NCCLEP_REQUIRE(aligned16(a.x) && aligned16(a.out), "%s: x and out must be 16-byte aligned", call);
   p->x = a.x;
   p->hidden = a.hidden;
@@ -170,7 +171,9 @@ ncclepResult_t combineParams(const ncclepGroup* g, const ncclepHTCombineArgs_t& 
   p->numTokens = a.numTokens;
   p->numRows = int(a.numRows);
   p->out = a.out;
-  p->outWeights = a.topkWeights ? a.outWeights : nullptr;
+  // Each side by its own pointer: a rank with no rows has no topkWeights (an empty tensor has no
+  // address) but still sums the weights its tokens' rows carry from the peers.
+  p->outWeights = a.outWeights;
   return ncclepSuccess;
 }
 

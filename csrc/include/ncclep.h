@@ -431,13 +431,14 @@ typedef struct ncclepHTCombineArgs_v3 {
                                them hold no token (e.g. its first numRecv rows, flat layout) */
   const void* x;            /* bf16 [numRows, hidden] */
   const float* topkWeights; /* [numRows, K] or NULL: summed like the rows (entries with recvTopkIdx -1
-                               skipped) */
+                               skipped); given on every rank or on none (NULL is allowed with
+                               numRows 0, where there is no row to weigh) */
   const int* sendPos;       /* the dispatch's handle */
   const int* recvSlot;
   const int* recvCounts;
   const void* recvTopkIdx;  /* [N, K] the dispatch's, recvTopkIdxBits wide */
   void* out;                /* out: bf16 [B, hidden]: per token, the fp32 sum of its rows */
-  float* outWeights;        /* out (with topkWeights): [B, K] */
+  float* outWeights;        /* out (when the call carries topkWeights): [B, K]; NULL: no weights */
   int rejectCode;           /* as in ncclepHTDispatchArgs_t (no handle needed) */
   int recvTopkIdxBits;      /* 32 or 64, as the dispatch wrote recvTopkIdx; 0 (earlier versions) = 32 */
 } ncclepHTCombineArgs_t;
