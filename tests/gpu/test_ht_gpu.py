@@ -533,7 +533,7 @@ BAD = 1  # the rank that rejects its arguments in the rejection tests
 
 def _rejected_calls(nodes: int) -> list[str]:
     """Rank BAD rejects an HT dispatch (a token more than the group takes), then a combine (a row
-    too few), then a cached dispatch (a row too few): it raises InvalidArgument at once; every
+    too many), then a cached dispatch (a row too few): it raises InvalidArgument at once; every
     other rank's call returns and its next call raises CommError(peer_rejected) naming rank BAD.
     After each, a dispatch + combine + cached dispatch on every rank matches the reference."""
     rank = dist.get_rank()
@@ -561,7 +561,8 @@ def _rejected_calls(nodes: int) -> list[str]:
     h = out.handle
     y = (torch.randn(out.x.shape, generator=g) * 2).to(torch.bfloat16).to(_device())
     if rank == BAD:
-        problems.append(own_rejection(lambda: cuda.ht_combine(y[:-1].contiguous(), h), "shape"))
+        # one row too many (fewer rows are allowed: the rows past them hold no token)
+        problems.append(own_rejection(lambda: cuda.ht_combine(torch.cat([y, y[:1]]), h), "shape"))
     else:
         # a peer learns of a rejected combine when it sent tokens to the rejecting rank
         assert bool((h.send_pos[:, BAD] >= 0).any()), "the inputs route nothing to rank BAD"
