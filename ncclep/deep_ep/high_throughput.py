@@ -60,6 +60,8 @@ class HighThroughput:
         self.rank = rank
         self.world_size = world_size
         self.num_nodes = num_nodes
+        self._fits: dict[tuple[int, ...], Group] = {}
+        """The group each dispatch size found (by device index, experts, tokens, hidden, top-k)."""
 
     def layout(
         self, topk_idx: torch.Tensor, num_experts: int, previous_event: Any, async_finish: bool
@@ -119,15 +121,15 @@ class HighThroughput:
             first = torch.arange(ranks, device=data.device) * (num_experts // ranks)
             routing_idx = torch.where(is_token_in_rank, first, -1)
         topk = routing_idx.shape[1]
-        device, streams = data.device, self.streams
-        cuda, index = device.type == "cuda", device.index
+        streams, index = self.streams, data.get_device()
+        cuda = index >= 0
         launch = streams.enter(cuda, index, previous_event, async_finish)
         try:
             counts = None
             per_expert: list[int] = []
             if num_worst_tokens == 0:
                 sizes = gather_exact_sizes(
-                    self.groups.process_group_for(device),
+                    self.groups.process_group_for(data.device),
                     tokens,
                     num_tokens_per_rank,
                     num_tokens_per_expert,
@@ -138,7 +140,12 @@ class HighThroughput:
             else:
                 rows = num_worst_tokens
                 group_tokens = -(-num_worst_tokens // ranks)
-            group = self.groups.ht_group(device, num_experts, group_tokens, hidden, topk, num_sms)
+            fit = (index, num_experts, group_tokens, hidden, topk)
+            group = self._fits.get(fit)
+            if group is None or group.closed:  # closed: replaced by a larger group
+                group = self._fits[fit] = self.groups.ht_group(
+                    data.device, num_experts, group_tokens, hidden, topk, num_sms
+                )
             out = group.ht_dispatch(
                 data.contiguous(),
                 routing_idx,
