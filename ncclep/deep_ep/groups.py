@@ -58,7 +58,9 @@ class Groups:
         self.ht_max_tokens_per_rank = ht_max_tokens_per_rank
         self._per_device: dict[str, Any] = {}
         self._ll: dict[tuple[Any, ...], Group] = {}
-        self._ht: dict[tuple[str, int], Group] = {}
+        self._ht: dict[tuple[str, int], tuple[Group, int, int, int]] = {}
+        """Per (device type, experts): the HT group and what it takes (tokens per rank, hidden,
+        top-k), kept as ints so that a call checks its sizes without the group's properties."""
         self._retired: list[Group] = []
         self._lock = threading.Lock()
         self.closed = False
@@ -103,7 +105,15 @@ class Groups:
             return group
 
     def current_ht_group(self, device: torch.device, num_experts: int) -> Group | None:
-        return self._ht.get((device.type, num_experts))
+        held = self._ht.get((device.type, num_experts))
+        return None if held is None else held[0]
+
+    def _ht_taking(self, key: tuple[str, int], tokens: int, hidden: int, topk: int) -> Group | None:
+        """The HT group of ``key`` if it takes these sizes."""
+        held = self._ht.get(key)
+        if held is not None and tokens <= held[1] and hidden <= held[2] and topk <= held[3]:
+            return held[0]
+        return None
 
     def ht_group(
         self, device: torch.device, num_experts: int, tokens: int, hidden: int, topk: int, num_sms: int | None
@@ -114,22 +124,15 @@ class Groups:
         applies when a group is made.
         """
         key = (device.type, num_experts)
-        group = self._ht.get(key)
-        if (
-            group is not None
-            and tokens <= group.max_tokens_per_rank
-            and hidden <= group.hidden
-            and topk <= group.config.max_topk
-        ):
+        group = self._ht_taking(key, tokens, hidden, topk)
+        if group is not None:
             return group
         with self._lock:
-            group = self._ht.get(key)
-            if group is not None and (
-                tokens <= group.max_tokens_per_rank
-                and hidden <= group.hidden
-                and topk <= group.config.max_topk
-            ):
+            group = self._ht_taking(key, tokens, hidden, topk)
+            if group is not None:
                 return group
+            held = self._ht.get(key)
+            group = None if held is None else held[0]
             if group is None:
                 want = self.ht_max_tokens_per_rank or 0
                 max_tokens = want if want >= tokens else _next_power_of_two(max(tokens, MIN_HT_TOKENS))
@@ -149,11 +152,11 @@ class Groups:
             )
             if group is not None:
                 self._retired.append(group)
-            self._ht[key] = new
+            self._ht[key] = (new, new.max_tokens_per_rank, new.hidden, new.config.max_topk)
             return new
 
     def all_groups(self) -> list[Group]:
-        return [*self._ll.values(), *self._ht.values(), *self._retired]
+        return [*self._ll.values(), *(held[0] for held in self._ht.values()), *self._retired]
 
     def close(self) -> None:
         """Close every group (a collective, like making them)."""

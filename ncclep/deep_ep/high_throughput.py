@@ -60,8 +60,6 @@ class HighThroughput:
         self.rank = rank
         self.world_size = world_size
         self.num_nodes = num_nodes
-        self._fits: dict[tuple[int, ...], Group] = {}
-        """The group each dispatch size found (by device index, experts, tokens, hidden, top-k)."""
 
     def layout(
         self, topk_idx: torch.Tensor, num_experts: int, previous_event: Any, async_finish: bool
@@ -140,12 +138,7 @@ class HighThroughput:
             else:
                 rows = num_worst_tokens
                 group_tokens = -(-num_worst_tokens // ranks)
-            fit = (index, num_experts, group_tokens, hidden, topk)
-            group = self._fits.get(fit)
-            if group is None or group.closed:  # closed: replaced by a larger group
-                group = self._fits[fit] = self.groups.ht_group(
-                    data.device, num_experts, group_tokens, hidden, topk, num_sms
-                )
+            group = self.groups.ht_group(data.device, num_experts, group_tokens, hidden, topk, num_sms)
             out = group.ht_dispatch(
                 data.contiguous(),
                 routing_idx,
