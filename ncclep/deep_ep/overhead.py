@@ -58,6 +58,7 @@ from ..group import Group, Pending
 from ..workloads import make_routing
 from .buffer import Buffer
 from .layout import dispatch_layout
+from .streams import tensors_in
 
 Call = Callable[[], Any]
 Pairs = dict[str, tuple[Call, Call]]
@@ -266,15 +267,6 @@ def _hooked(call: Call) -> Call:
     return run
 
 
-def _tensors_of(value: Any) -> list[torch.Tensor]:
-    """The tensors in a Group op's result: tensors, tuples of them, handles (``tensors()``)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, tuple):
-        return [t for item in value for t in _tensors_of(item)]
-    return list(value.tensors()) if hasattr(value, "tensors") else []
-
-
 def _overlapped(device: torch.device, call: Call) -> Call:
     """The Group call as a caller of ncclep overlaps it with compute itself, the native
     counterpart of an ``async_finish`` call: on a side stream that first waits for the current
@@ -292,7 +284,7 @@ def _overlapped(device: torch.device, call: Call) -> Call:
             out = call()
         event = torch.cuda.Event()
         event.record(side)
-        for t in _tensors_of(out):
+        for t in tensors_in(out if isinstance(out, tuple) else (out,)):
             t.record_stream(compute)
         return out, event
 

@@ -217,9 +217,9 @@ class Launch:
             self.stream = None
 
     def finish(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> EventOverlap:
-        """The call's event; the tensors of ``inputs`` and ``outputs`` (see :func:`_tensors`) stay
+        """The call's event; the tensors of ``inputs`` and ``outputs`` (see :func:`tensors_in`) stay
         alive with it."""
-        ins, outs = _tensors(inputs), _tensors(outputs)
+        ins, outs = tensors_in(inputs), tensors_in(outputs)
         kept = (*ins, *outs)
         if not self.cuda:
             return EventOverlap(EventHandle.completed(), kept)
@@ -237,7 +237,7 @@ class Launch:
         return EventOverlap(EventHandle.of(event), kept)
 
 
-def _tensors(items: Sequence[Any]) -> list[torch.Tensor]:
+def tensors_in(items: Sequence[Any]) -> list[torch.Tensor]:
     """The tensors of ``items``, in order: a tensor; None (skipped); a tuple of tensors and None;
     or an ncclep handle (its ``tensors()``)."""
     flat: list[torch.Tensor] = []
