@@ -487,8 +487,9 @@ class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
             )
         hidden = output.shape[-1]
         n = fused_expert_output.shape[0] if fused_expert_output.numel() != 0 else 0
-        # ncclep's combine takes the dispatch's worst-case rows [N, H]; it ignores rows past n. The
-        # dispatch's bf16 rows are free by now (the experts are done with them): reuse them.
+        # ncclep's combine reads no row past n. The rows go in the dispatch's worst-case [N, H]
+        # (its bf16 rows are free by now: the experts are done with them), as measured on GPUs;
+        # the combine would also take the n rows alone.
         if dispatched.dtype == torch.bfloat16 and dispatched.shape[1] == hidden:
             full = dispatched
         else:
