@@ -86,10 +86,12 @@ class CudaLL:
     def _dispatch(
         self, phases: int, inputs: tuple[Any, ...], out: list[torch.Tensor] | None
     ) -> list[torch.Tensor]:
-        x, idx, w, use_fp8, ue8m0, column_major_scales = inputs
+        x, idx, w, use_fp8, ue8m0, column_major_scales, round_scale = inputs
         plan = self._dispatch_plan(x.shape[1], use_fp8, ue8m0, column_major_scales)
         try:
-            return self.comm.ll_dispatch(plan, x, idx, w, use_fp8, ue8m0, phases, out, self.trace)
+            return self.comm.ll_dispatch(
+                plan, x, idx, w, use_fp8, ue8m0, phases, out, self.trace, round_scale
+            )
         except self._pending as err:
             raise recorded_error(err.args, self.cfg, self.rank, self._broke) from None
 
@@ -101,8 +103,9 @@ class CudaLL:
         use_fp8: bool,
         ue8m0: bool,
         column_major_scales: bool = False,
+        round_scale: bool = False,
     ) -> LLDispatchOutput:
-        inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales)
+        inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales, round_scale)
         return outputs.ll_dispatch_output(self._dispatch(self.phase_all, inputs, None))
 
     def dispatch_send(
@@ -113,8 +116,9 @@ class CudaLL:
         use_fp8: bool,
         ue8m0: bool,
         column_major_scales: bool = False,
+        round_scale: bool = False,
     ) -> CudaLLDispatch:
-        inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales)
+        inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales, round_scale)
         return CudaLLDispatch(self._dispatch(self.phase_send, inputs, None), inputs)
 
     def dispatch_recv(self, state: CudaLLDispatch) -> LLDispatchOutput:

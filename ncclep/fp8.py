@@ -11,6 +11,8 @@ bit for bit (IEEE division, no fast-math):
   ``amax * fp32(1/448) <= 2**e``, found from the bits of that product (no ``log2``);
   ``q = sat(x * 2**-e)``. Scales are returned as ``torch.float8_e8m0fnu`` (one byte: the biased
   exponent).
+* fp32 powers of two (``round_scale``): the same ``q`` and ``2**e`` as UE8M0, the scales as fp32,
+  the values torch's ``float8_e8m0fnu -> float32`` conversion gives (DeepEP's ``round_scale``).
 """
 
 from __future__ import annotations
@@ -37,16 +39,21 @@ def _pow2_from_biased_exponent(biased: torch.Tensor) -> torch.Tensor:
     return (biased.to(torch.int32) << 23).view(torch.float32)
 
 
-def quantize(x: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``x [..., H]`` (H divisible by 128) to e4m3; returns ``(q [..., H], scales [..., H/128])``."""
+def quantize(
+    x: torch.Tensor, ue8m0: bool = False, round_scale: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x [..., H]`` (H divisible by 128) to e4m3; returns ``(q [..., H], scales [..., H/128])``:
+    fp32 scales, UE8M0 with ``ue8m0``, fp32 powers of two with ``round_scale`` alone."""
     blocks = _blocks(x)
     amax = blocks.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
     ratio = amax * INV_FP8_MAX
-    if ue8m0:
+    if ue8m0 or round_scale:
         bits = ratio.view(torch.int32)
         biased = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
         multiplier = _pow2_from_biased_exponent(254 - biased)
         scales = biased.to(torch.uint8).view(UE8M0_DTYPE)
+        if not ue8m0:
+            scales = scales.float()
     else:
         multiplier = torch.reciprocal(amax) * FP8_MAX
         scales = ratio

@@ -407,6 +407,7 @@ class Group:
         ue8m0: bool = False,
         send_only: bool = False,
         column_major_scales: bool = False,
+        round_scale: bool = False,
     ) -> LLDispatchOutput | Pending[LLDispatchOutput]:
         """Send each token to the ranks of its top-k experts; returns expert-major rows (decode).
 
@@ -427,6 +428,9 @@ class Group:
                 (DeepEP's LL scales); with ``ue8m0`` too, the exponents packed four to an int32
                 word, lowest byte first: int32 ``[L, R*T, H/512]`` (``H`` a multiple of 512). The
                 kernel writes them so: no copy.
+            round_scale: with ``use_fp8`` and without ``ue8m0``, float32 scales rounded up to
+                powers of two: the fp8 values and scales of ``ue8m0``, each scale as the float32
+                that ``torch.float8_e8m0fnu`` converts to (DeepEP's ``round_scale``).
 
         Returns:
             :class:`LLDispatchOutput` ``(x, scales, expert_counts, handle)``: ``x [L, R*T, H]``
@@ -449,13 +453,13 @@ class Group:
         self._require_open()
         try:
             self._checks.ll_dispatch(
-                x, topk_idx, topk_weights, use_fp8, ue8m0, send_only, column_major_scales
+                x, topk_idx, topk_weights, use_fp8, ue8m0, send_only, column_major_scales, round_scale
             )
         except InvalidArgument as problem:
             self._reject("ll_dispatch", problem)
         if send_only:
             state = self._backend.dispatch_send(
-                x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales
+                x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale
             )
             early = state.early
             return Pending(
@@ -463,10 +467,12 @@ class Group:
                 None if early is None else self._stamp(early),
             )
         if ops.eager(x):
-            out = self._backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
+            out = self._backend.dispatch(
+                x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale
+            )
             return self._stamp(out)
         outs = torch.ops.ncclep.ll_dispatch(
-            self.id, x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales
+            self.id, x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale
         )
         return self._stamp(ll_output(outs, use_fp8))
 

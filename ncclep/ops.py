@@ -83,6 +83,7 @@ def ll_dispatch(
     use_fp8: bool,
     ue8m0: bool,
     column_major_scales: bool = False,
+    round_scale: bool = False,
 ) -> LLDispatchTensors:
     """``Group.ll_dispatch`` as an op: ``group`` is ``Group.id``; inputs as there (x ``[B, H]``
     bfloat16, topk_idx ``[B, K]`` int64/int32, topk_weights ``[B, K]`` float32).
@@ -94,7 +95,7 @@ def ll_dispatch(
     the last four are the :class:`ncclep.LLHandle`. Raises ``InvalidArgument`` / ``CommError``
     as the method does (the method validates; the op trusts its caller)."""
     backend = registry.lookup(group).backend
-    out = backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
+    out = backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale)
     return _ll_dispatch_tensors(out, x)
 
 
@@ -107,6 +108,7 @@ def _(
     use_fp8: bool,
     ue8m0: bool,
     column_major_scales: bool = False,
+    round_scale: bool = False,
 ):
     cfg = registry.lookup(group).config
     new = _fake_allocator(x)

@@ -177,6 +177,7 @@ class Checks:
         ue8m0: object,
         send_only: object,
         column_major_scales: object = False,
+        round_scale: object = False,
     ) -> None:
         self._mode("ll")
         check_flag("use_fp8", use_fp8)
@@ -194,6 +195,14 @@ class Checks:
         self._routing(tokens, topk_idx, topk_weights)
         if ue8m0 and not use_fp8:
             raise InvalidArgument("ue8m0 scales need use_fp8=True", reason="option")
+        if round_scale is not False:
+            check_flag("round_scale", round_scale)
+            if not use_fp8 or ue8m0:
+                raise InvalidArgument(
+                    "round_scale (fp32 scales rounded to powers of two) needs use_fp8=True and not ue8m0 "
+                    "(whose scales are powers of two already)",
+                    reason="option",
+                )
         if column_major_scales is not False:  # the checks below run only for a call that asks for it
             check_flag("column_major_scales", column_major_scales)
             if not use_fp8:

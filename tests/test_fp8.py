@@ -147,6 +147,26 @@ def test_ue8m0_scales_are_powers_of_two_covering_amax() -> None:
     assert float(q.float().abs().max()) <= fp8.FP8_MAX
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_round_scale_is_ue8m0_in_fp32(dtype: torch.dtype) -> None:
+    """round_scale: UE8M0's e4m3 values, and its scales as the fp32 ``2**e`` torch converts the
+    bytes to (a block with an inf: the byte 255, which torch converts to NaN)."""
+    x = make_blocks(17, dtype)
+    x[0, 5] = float("inf")
+    q, scales = fp8.quantize(x, round_scale=True)
+    q_ue8m0, ue8m0 = fp8.quantize(x, ue8m0=True)
+    assert scales.dtype == torch.float32 and scales.shape == ue8m0.shape
+    assert torch.equal(q.view(torch.uint8), q_ue8m0.view(torch.uint8))
+    assert torch.equal(scales.view(torch.int32), ue8m0.float().view(torch.int32))
+    bits = scales.view(torch.int32)
+    assert int(bits[0, 0]) == 0x7F800001  # torch's float of the UE8M0 byte 255
+    finite = scales.isfinite()
+    assert int(finite.sum()) == scales.numel() - 1
+    assert bool((bits[finite] & 0x7FFFFF == 0).all()), "fp32 powers of two"
+    _, scale_bits = scalar_quantize(x[1:], ue8m0=True)
+    assert (bits[1:] >> 23).reshape(-1).tolist() == scale_bits
+
+
 def test_quantize_rejects_hidden_not_multiple_of_128() -> None:
     with pytest.raises(ValueError, match="divisible by 128"):
         fp8.quantize(torch.randn(2, 200))

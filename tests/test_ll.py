@@ -22,7 +22,7 @@ from helpers import (
 )
 
 import ncclep
-from ncclep import fp8, testing
+from ncclep import fp8, outputs, testing
 
 HIDDEN = 1152
 MAX_TOPK = 16
@@ -320,6 +320,49 @@ def _column_major_worker(world_size: int) -> int:
 
 def test_ll_dispatch_column_major_scales(world2: Any) -> None:
     assert world2.run(_column_major_worker, 2) == [4, 4]
+
+
+def _round_scale_worker(world_size: int) -> int:
+    """round_scale: the fp8 rows of the ue8m0 dispatch and its scales as fp32 powers of two (the
+    bytes as torch converts them), row-major and column-major, eager, through the op and with
+    send_only; asked for without fp8 or with ue8m0, refused."""
+    num_experts = num_experts_for(world_size)
+    checked = 0
+    with make_group(num_experts) as group:
+        for i, hidden in enumerate((384, 1024)):
+            call = dict(routing="random", topk=8, hidden=hidden, tokens=[TOKENS] * world_size, masked=5)
+            x, idx, w = make_inputs(call, num_experts, salt=700 + i)
+            ue8m0 = group.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=True)
+            used = torch.arange(ue8m0.x.shape[1]) < ue8m0.expert_counts.unsqueeze(1)  # padding: unspecified
+            for column_major in (False, True):
+                wanted = ue8m0.scales.float()
+                if column_major:
+                    wanted = fp8.column_major(wanted)
+                asked = dict(use_fp8=True, column_major_scales=column_major, round_scale=True)
+                eager = group.ll_dispatch(x, idx, w, **asked)
+                via_op = outputs.ll_dispatch_output(
+                    torch.ops.ncclep.ll_dispatch(group.id, x, idx, w, True, False, column_major, True)
+                )
+                halves = group.ll_dispatch(x, idx, w, send_only=True, **asked).wait()
+                for got in (eager, via_op, halves):
+                    same_x = got.x.view(torch.uint8) == ue8m0.x.view(torch.uint8)
+                    assert bool(same_x.all(dim=-1)[used].all()), "fp8 rows differ from ue8m0's"
+                    s = got.scales
+                    assert s.dtype == torch.float32
+                    assert s.shape == wanted.shape and s.stride() == wanted.stride()
+                    bits = s.contiguous().view(torch.int32)
+                    assert bool((bits == wanted.contiguous().view(torch.int32)).all(dim=-1)[used].all())
+                    assert bool(((bits & 0x7FFFFF) == 0)[used].all()), "fp32 powers of two"
+                checked += 1
+        for bad in (dict(round_scale=True), dict(use_fp8=True, ue8m0=True, round_scale=True)):
+            with pytest.raises(ncclep.InvalidArgument, match="round_scale"):
+                group.ll_dispatch(x, idx, w, **bad)
+        assert group.ll_dispatch(x, idx, w, use_fp8=True, round_scale=True).scales.dtype == torch.float32
+    return checked
+
+
+def test_ll_dispatch_round_scale(world2: Any) -> None:
+    assert world2.run(_round_scale_worker, 2) == [4, 4]
 
 
 def _combine_weights_worker(world_size: int) -> int:

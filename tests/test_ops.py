@@ -14,7 +14,16 @@ import ncclep
 from ncclep import fp8
 
 SCHEMA_ARGS = {
-    "ll_dispatch": ["group", "x", "topk_idx", "topk_weights", "use_fp8", "ue8m0", "column_major_scales"],
+    "ll_dispatch": [
+        "group",
+        "x",
+        "topk_idx",
+        "topk_weights",
+        "use_fp8",
+        "ue8m0",
+        "column_major_scales",
+        "round_scale",
+    ],
     "ll_combine": [
         "group",
         "expert_out",
@@ -106,6 +115,7 @@ def _opcheck_worker() -> list[str]:
             )
         column_major = (ll.id, x, every, w_every, True, False, True)  # strided scales, fake and real alike
         check(ops.ll_dispatch.default, column_major, FULL, "ll full column-major scales")
+        check(ops.ll_dispatch.default, (*column_major, True), FULL, "ll full column-major round_scale")
         full = ll.ll_dispatch(x, every, w_every)
         sparse = ll.ll_dispatch(xs, idx, w)
         for label, out in (("full", full), ("sparse", sparse)):
@@ -147,7 +157,7 @@ def _opcheck_worker() -> list[str]:
 
 def test_opcheck(world2: DistPool) -> None:
     done = world2.run(_opcheck_worker)
-    assert done[0] == done[1] and len(set(done[0])) == 20
+    assert done[0] == done[1] and len(set(done[0])) == 21
 
 
 # ------------------------------------------------------------------------------------- fake kernels
@@ -183,8 +193,10 @@ def _fake_worker() -> int:
                 ]
                 assert [(tuple(o.shape), o.dtype) for o in outs] == expect, (use_fp8, ue8m0)
                 checked += 1
-            scales = torch.ops.ncclep.ll_dispatch(ll.id, fx, fidx, fw, True, False, True)[1]
-            assert (tuple(scales.shape), scales.stride()) == ((L, R * T, 2), (R * T * 2, 1, R * T))
+            for round_scale in (False, True):
+                scales = torch.ops.ncclep.ll_dispatch(ll.id, fx, fidx, fw, True, False, True, round_scale)[1]
+                assert (tuple(scales.shape), scales.stride()) == ((L, R * T, 2), (R * T * 2, 1, R * T))
+                assert scales.dtype == torch.float32
             recv_x, _, _, *handle = torch.ops.ncclep.ll_dispatch(ll.id, fx, fidx, fw, False, False)
             y = torch.ops.ncclep.ll_combine(ll.id, recv_x, *handle)
             assert (tuple(y.shape), y.dtype) == ((5, 256), torch.bfloat16)

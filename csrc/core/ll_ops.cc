@@ -51,10 +51,15 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
   const char* call = "ncclepLLDispatch";
   NCCLEP_CHECK(checkGroupUsable(g, NCCLEP_MODE_LL, call));
   ncclepLLDispatchArgs_t a;
-  static_assert(NCCLEP_LL_ARGS_VERSION == 4u, "list each version's size");
+  static_assert(NCCLEP_LL_ARGS_VERSION == 5u, "list each version's size");
+  static_assert(offsetof(ncclepLLDispatchArgs_t, pow2Scales) ==
+                    offsetof(ncclepLLDispatchArgs_t, recvScalesStrides) + sizeof(long long[3]),
+                "a version 4 struct ends where pow2Scales begins (no tail padding of it to clear)");
   const size_t sizes[] = {offsetof(ncclepLLDispatchArgs_t, rejectCode),
-                          offsetof(ncclepLLDispatchArgs_t, recvScalesStrides), sizeof(ncclepLLDispatchArgs_t),
-                          sizeof(ncclepLLDispatchArgs_t)};  // version 4 changed only the combine
+                          offsetof(ncclepLLDispatchArgs_t, recvScalesStrides),
+                          offsetof(ncclepLLDispatchArgs_t, pow2Scales),
+                          offsetof(ncclepLLDispatchArgs_t, pow2Scales),  // version 4 changed only the combine
+                          sizeof(ncclepLLDispatchArgs_t)};
   NCCLEP_CHECK(readArgs(args, sizes, call, &a));
   NCCLEP_CHECK(checkPhases(a.phases, call));
   NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));
@@ -75,6 +80,8 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
     NCCLEP_REQUIRE(a.topkIdxBits == 32 || a.topkIdxBits == 64, "%s: topkIdxBits = %d: must be 32 or 64", call,
                    a.topkIdxBits);
     NCCLEP_REQUIRE(!a.ue8m0 || a.useFp8, "%s: ue8m0 needs useFp8", call);
+    NCCLEP_REQUIRE(!a.pow2Scales || (a.useFp8 && !a.ue8m0),
+                   "%s: pow2Scales needs useFp8 and not ue8m0 (whose scales are powers of two already)", call);
     if (a.phases & NCCLEP_PHASE_SEND) {
       NCCLEP_REQUIRE(a.numTokens == 0 || (a.x && a.topkIdx && a.topkWeights),
                      "%s: x, topkIdx and topkWeights are required", call);
@@ -107,6 +114,7 @@ extern "C" ncclepResult_t ncclepLLDispatch(ncclepGroup_t g, const ncclepLLDispat
     p.topk = a.topk;
     p.useFp8 = a.useFp8;
     p.ue8m0 = a.ue8m0;
+    p.pow2Scales = a.pow2Scales;
     p.recvX = a.recvX;
     p.recvScales = a.recvScales;
     p.expertCounts = a.expertCounts;
@@ -130,7 +138,8 @@ extern "C" ncclepResult_t ncclepLLCombine(ncclepGroup_t g, const ncclepLLCombine
   ncclepLLCombineArgs_t a;
   const size_t sizes[] = {offsetof(ncclepLLCombineArgs_t, rejectCode), offsetof(ncclepLLCombineArgs_t, topkWeights),
                           offsetof(ncclepLLCombineArgs_t, topkWeights),  // version 3 changed only the dispatch
-                          sizeof(ncclepLLCombineArgs_t)};
+                          sizeof(ncclepLLCombineArgs_t),
+                          sizeof(ncclepLLCombineArgs_t)};  // version 5 changed only the dispatch
   NCCLEP_CHECK(readArgs(args, sizes, call, &a));
   NCCLEP_CHECK(checkPhases(a.phases, call));
   NCCLEP_CHECK(checkRejectCode(a.rejectCode, a.phases, call));

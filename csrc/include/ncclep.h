@@ -268,12 +268,12 @@ NCCLEP_API const char* ncclepRejectReasonName(int reason);
 #define NCCLEP_PHASE_RECV 2
 #define NCCLEP_PHASE_ALL 3
 /* Version 2 added rejectCode, version 3 the dispatch's recvScalesStrides, version 4 the combine's
- * topkWeights. The launchers also take earlier versions (sizeof up to the first field the version
- * lacks, which they read as 0); the combine's struct is the same in versions 2 and 3, the
- * dispatch's in versions 3 and 4. */
-#define NCCLEP_LL_ARGS_VERSION 4u
+ * topkWeights, version 5 the dispatch's pow2Scales. The launchers also take earlier versions
+ * (sizeof up to the first field the version lacks, which they read as 0); the combine's struct is
+ * the same in versions 2 and 3 and in versions 4 and 5, the dispatch's in versions 3 and 4. */
+#define NCCLEP_LL_ARGS_VERSION 5u
 
-typedef struct ncclepLLDispatchArgs_v4 {
+typedef struct ncclepLLDispatchArgs_v5 {
   size_t size;              /* sizeof(ncclepLLDispatchArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */
@@ -304,9 +304,12 @@ typedef struct ncclepLLDispatchArgs_v4 {
                                to 4w+3, lowest byte first; hidden a multiple of 512). All zero: dense
                                [L, R*T, H/128] as above. E.g. {R*T*S, 1, R*T} (S words a row) stores
                                them column-major per expert, the layout grouped GEMMs read with TMA */
+  int pow2Scales;           /* with useFp8 and not ue8m0: the scales rounded up to powers of two as
+                               with ue8m0 (same fp8 values) but stored as fp32, the values torch's
+                               float8_e8m0fnu -> float32 conversion gives the UE8M0 bytes */
 } ncclepLLDispatchArgs_t;
 
-typedef struct ncclepLLCombineArgs_v4 {
+typedef struct ncclepLLCombineArgs_v5 {
   size_t size;              /* sizeof(ncclepLLCombineArgs_t) */
   unsigned int version;     /* NCCLEP_LL_ARGS_VERSION */
   int phases;               /* NCCLEP_PHASE_* */

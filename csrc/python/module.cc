@@ -214,7 +214,8 @@ class Communicator {
   // receive half of a send_only call is launched regardless, as its peers expect it.
   std::vector<at::Tensor> llDispatch(const OutputPlan& plan, const at::Tensor& x, const at::Tensor& topkIdx,
                                      const at::Tensor& topkWeights, bool useFp8, bool ue8m0, int phases,
-                                     const py::object& outputs, const std::optional<at::Tensor>& trace) {
+                                     const py::object& outputs, const std::optional<at::Tensor>& trace,
+                                     bool pow2Scales) {
     RECORD_FUNCTION("ncclep::ll_dispatch", std::vector<c10::IValue>());
     std::lock_guard<std::mutex> lock(mu_);
     ncclepGroup_t g = openGroup();
@@ -231,6 +232,7 @@ class Communicator {
     a.topkWeights = static_cast<const float*>(cptr(topkWeights));
     a.useFp8 = useFp8;
     a.ue8m0 = ue8m0;
+    a.pow2Scales = pow2Scales;
     a.recvX = ptr(o[LLD_X]);
     a.recvScales = ptr(o[LLD_SCALES]);
     setScalesStrides(o[LLD_SCALES], a.recvScalesStrides);
@@ -631,7 +633,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &Communicator::close)
       .def("ll_dispatch", &Communicator::llDispatch, py::arg("plan"), py::arg("x"), py::arg("topk_idx"),
            py::arg("topk_weights"), py::arg("use_fp8"), py::arg("ue8m0"), py::arg("phases"),
-           py::arg("outputs") = py::none(), py::arg("trace") = py::none(),
+           py::arg("outputs") = py::none(), py::arg("trace") = py::none(), py::arg("pow2_scales") = false,
            "LL dispatch: returns the outputs in LL_DISPATCH_OUTPUTS order")
       .def("ll_combine", &Communicator::llCombine, py::arg("plan"), py::arg("expert_out"), py::arg("send_slots"),
            py::arg("recv_rows"), py::arg("recv_weights"), py::arg("recv_slot_counts"), py::arg("phases"),

@@ -7,10 +7,9 @@ CUDA graphs where ncclep's CUDA backend runs them.
 What the shim adds to ncclep's own ops:
 
 * dispatch: weights of ones when the caller gives none (DeepEP's dispatch takes none; a cached
-  view), the fp8 scales in DeepEP's layout (column-major, fp32 or with ``use_ue8m0`` packed as
-  int32: ncclep's kernels write them so; only ``round_scale`` without ``use_ue8m0``, fp32 powers of
-  two, takes a device copy from UE8M0 bytes), and, with ``return_recv_hook``, placeholders that the
-  hook fills.
+  view), the fp8 scales in DeepEP's layout (column-major, fp32, powers of two with
+  ``round_scale``, or with ``use_ue8m0`` packed as int32: ncclep's kernels write them so, no
+  copy), and, with ``return_recv_hook``, placeholders that the hook fills.
 * combine: the caller's top-k weights handed to ncclep's combine (its kernel sends them to the
   expert ranks first) unless the dispatch carried the same tensor.
 
@@ -66,7 +65,6 @@ class LLPlan:
         "rows_shape",
         "scales_dtype",
         "scales_shape",
-        "scales_strides",
         "topk",
         "use_fp8",
         "use_ue8m0",
@@ -92,17 +90,18 @@ class LLPlan:
         self.num_experts = num_experts
         self.topk = topk
         self.use_fp8 = use_fp8
-        self.round_scale = round_scale
+        self.round_scale = round_scale and not use_ue8m0
+        """Group.ll_dispatch's ``round_scale``: fp32 powers of two (``use_ue8m0`` is its ``ue8m0``)."""
         self.use_ue8m0 = use_ue8m0
-        self.column_major = use_fp8 and (use_ue8m0 or not round_scale)
-        """ncclep's dispatch returns the scales in DeepEP's layout (all but fp32 powers of two)."""
+        self.column_major = use_fp8
+        """Scales column-major, DeepEP's layout (every fp8 format: ncclep's kernels write it)."""
         self.local = group.num_local_experts
         rows = group.config.ll_rows_per_expert
         self.rows_shape = (self.local, rows, hidden)
         self.combine_shape = (self.local, group.world_size * num_max_dispatch_tokens_per_rank, hidden)
         # DeepEP's layout: column-major, fp32 (powers of two with round_scale) or packed UE8M0
         spec = outputs.ll_scales_spec(self.local, rows, hidden, use_ue8m0, column_major=True)
-        self.scales_shape, self.scales_dtype, self.scales_strides = spec  # type: ignore[misc]
+        self.scales_shape, self.scales_dtype, _ = spec  # type: ignore[misc]
         self._ones: torch.Tensor | None = None
         self._ones_by_tokens: dict[int, torch.Tensor] = {}
 
@@ -116,30 +115,13 @@ class LLPlan:
             view = self._ones_by_tokens[tokens] = self._ones[:tokens]
         return view
 
-    def laid_scales(self, wire: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """ncclep's row-major UE8M0 scales ``[L, R*T, H/128]`` as DeepEP returns them with
-        ``round_scale`` and without ``use_ue8m0``: fp32 powers of two, column-major, in one device
-        copy. (Every other format comes from ncclep's kernels in DeepEP's layout.)"""
-        if into is None:
-            into = self.laid_scales_tensor()
-        return into.copy_(wire)  # the UE8M0 -> fp32 conversion of round_scale included
-
-    def laid_scales_tensor(self) -> torch.Tensor:
-        """An uninitialised tensor of the scales in DeepEP's layout."""
-        return torch.empty_strided(
-            self.scales_shape, self.scales_strides, dtype=self.scales_dtype, device=self.device
-        )
-
     def placeholders(self) -> tuple[Any, torch.Tensor]:
-        """``(recv_x, recv_count)`` for a hook to fill: ``recv_x`` and the count as placeholders
-        (:mod:`.deferred`); fp32 powers of two as the tensor the hook copies them into."""
+        """``(recv_x, recv_count)`` for a hook to fill, as placeholders (:mod:`.deferred`)."""
         count = deferred.placeholder((self.local,), torch.int32, self.device)
         if not self.use_fp8:
             return deferred.placeholder(self.rows_shape, torch.bfloat16, self.device), count
         x = deferred.placeholder(self.rows_shape, fp8.FP8_DTYPE, self.device)
-        if self.column_major:
-            return (x, deferred.placeholder(self.scales_shape, self.scales_dtype, self.device)), count
-        return (x, self.laid_scales_tensor()), count
+        return (x, deferred.placeholder(self.scales_shape, self.scales_dtype, self.device)), count
 
 
 class LowLatency:
@@ -292,7 +274,7 @@ class LowLatency:
         if cuda:
             streams.before(plan.index)
         out = plan.group.ll_dispatch(
-            x, topk_idx, weights, plan.use_fp8, plan.round_scale, False, plan.column_major
+            x, topk_idx, weights, plan.use_fp8, plan.use_ue8m0, False, plan.column_major, plan.round_scale
         )
         if stats is None and not plan.use_fp8:
             recv_x, recv_count = out[0], out[2]
@@ -316,7 +298,7 @@ class LowLatency:
         launch = streams.enter(plan.cuda, plan.index, None, True)
         try:
             out = plan.group.ll_dispatch(
-                x, topk_idx, weights, plan.use_fp8, plan.round_scale, column_major_scales=plan.column_major
+                x, topk_idx, weights, plan.use_fp8, plan.use_ue8m0, False, plan.column_major, plan.round_scale
             )
             recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
             event = streams.finish(
@@ -335,7 +317,7 @@ class LowLatency:
             stats.add_(recv_count)
         if not plan.use_fp8:
             return out[0], recv_count
-        return (out[0], out[1] if plan.column_major else plan.laid_scales(out[1])), recv_count
+        return (out[0], out[1]), recv_count
 
     def _dispatch_hooked(
         self,
@@ -350,13 +332,7 @@ class LowLatency:
         if plan.cuda:
             streams.before(plan.index)
         pending = plan.group.ll_dispatch(
-            x,
-            topk_idx,
-            weights,
-            plan.use_fp8,
-            plan.round_scale,
-            send_only=True,
-            column_major_scales=plan.column_major,
+            x, topk_idx, weights, plan.use_fp8, plan.use_ue8m0, True, plan.column_major, plan.round_scale
         )
         if streams.record and plan.cuda:
             streams.after(plan.index)
@@ -370,10 +346,7 @@ class LowLatency:
             out: LLDispatchOutput = pending.wait()  # type: ignore[union-attr]
             if plan.use_fp8:
                 deferred.fulfil(later_x[0], out[0])
-                if plan.column_major:
-                    deferred.fulfil(later_x[1], out[1])
-                else:
-                    plan.laid_scales(out[1], into=later_x[1])
+                deferred.fulfil(later_x[1], out[1])
             else:
                 deferred.fulfil(later_x, out[0])
             deferred.fulfil(later_count, out[2])
@@ -392,21 +365,11 @@ class LowLatency:
         stats: torch.Tensor | None,
     ) -> tuple[Any, torch.Tensor, LowLatencyHandle, Any, Hook]:
         """A hooked dispatch whose outputs exist before its receive half (CUDA backend): they are
-        returned at once and the hook only runs the receive half, no placeholders. fp32 powers of
-        two (``round_scale`` without ``use_ue8m0``) still come as a tensor the hook copies into."""
-        laid = None
-        if not plan.use_fp8:
-            recv_x: Any = early.x
-        elif plan.column_major:
-            recv_x = (early.x, early.scales)
-        else:
-            laid = plan.laid_scales_tensor()
-            recv_x = (early.x, laid)
+        returned at once and the hook only runs the receive half, no placeholders."""
+        recv_x: Any = (early.x, early.scales) if plan.use_fp8 else early.x
 
         def receive() -> None:
             out: LLDispatchOutput = pending.wait()
-            if laid is not None:
-                plan.laid_scales(out[1], into=laid)
             handle.routing = out[3]
             if stats is not None:
                 stats.add_(out[2])

@@ -144,11 +144,21 @@ def replay(buffer: Buffer) -> None:
             ue8m0: Any = False,
             send_only: bool = False,
             column_major_scales: bool = False,
+            round_scale: bool = False,
             _op: Any = ops["ll_dispatch"],
             _seen: Any = seen,
         ) -> Any:
-            key = ("d", use_fp8, ue8m0, column_major_scales)
-            make = partial(_op, x, idx, w, use_fp8, ue8m0, column_major_scales=column_major_scales)
+            key = ("d", use_fp8, ue8m0, column_major_scales, round_scale)
+            make = partial(
+                _op,
+                x,
+                idx,
+                w,
+                use_fp8,
+                ue8m0,
+                column_major_scales=column_major_scales,
+                round_scale=round_scale,
+            )
             return _once(_seen, key, make, send_only)
 
         def ll_combine(
@@ -328,7 +338,7 @@ def _ll_pairs(args: argparse.Namespace, device: torch.device) -> tuple[Pairs, li
         ),
         "ll_dispatch fp8 round_scale": (
             lambda: deep(x, idx, tokens, experts, use_fp8=True, round_scale=True),
-            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, ue8m0=True),
+            lambda: native.ll_dispatch(x, idx, w, use_fp8=True, column_major_scales=True, round_scale=True),
         ),
         "ll_dispatch fp8 ue8m0": (
             lambda: deep(x, idx, tokens, experts, use_fp8=True, round_scale=True, use_ue8m0=True),

@@ -83,6 +83,7 @@ class ReferenceLL(ReferenceBackend):
         use_fp8: bool,
         ue8m0: bool,
         column_major_scales: bool = False,
+        round_scale: bool = False,
     ) -> LLDispatchInFlight:
         cfg = self.cfg
         problem = rejected(cfg, topk_idx)
@@ -94,7 +95,7 @@ class ReferenceLL(ReferenceBackend):
         local = local_choices(idx[token], dest, cfg.num_local_experts)
         weights = torch.where(local >= 0, topk_weights[token], 0.0)
         if use_fp8:
-            q, scales = fp8.quantize(x, ue8m0)
+            q, scales = fp8.quantize(x, ue8m0, round_scale)
             payload = [q[token], scales[token]]
         else:
             payload = [x[token]]
@@ -172,8 +173,11 @@ class ReferenceLL(ReferenceBackend):
         use_fp8: bool,
         ue8m0: bool,
         column_major_scales: bool = False,
+        round_scale: bool = False,
     ) -> LLDispatchOutput:
-        state = self.dispatch_send(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales)
+        state = self.dispatch_send(
+            x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale
+        )
         return self.dispatch_recv(state)
 
     def combine(

@@ -23,6 +23,13 @@ from ncclep.workloads import make_routing
 pytestmark = pytest.mark.gpu
 
 EXPERTS, T, HIDDEN = 64, 64, 7168
+# (use_fp8, ue8m0, round_scale) of each payload; fp8 scales: fp32, UE8M0 bytes, fp32 powers of two
+PAYLOADS = {
+    "bf16": (False, False, False),
+    "fp8": (True, False, False),
+    "ue8m0": (True, True, False),
+    "pow2": (True, False, True),
+}
 
 
 def _groups(max_topk: int = 16, nodes: int = 1) -> tuple[ncclep.Group, ncclep.Group]:
@@ -55,17 +62,19 @@ def _matrix(seed: int, nodes: int = 1) -> list[str]:
     for routing in ("random", "skewed", "hot"):
         for topk in (1, 8, 16):
             for hidden in (2048, 4096, 7168):
-                for payload in ("bf16", "fp8", "ue8m0"):
+                for payload in PAYLOADS:
                     cases.append((routing, topk, hidden, payload))
     for i, (routing, topk, hidden, payload) in enumerate(cases):
         if routing == "hot" and topk > EXPERTS // dist.get_world_size():
             continue
-        tokens = [T, 0, 17, 1][(i + rank) % 4]
+        shape_case = i // len(PAYLOADS)  # each payload meets every token count and both scale layouts
+        tokens = [T, 0, 17, 1][(i + shape_case + rank) % 4]
         x, idx, w = _inputs(g, tokens, hidden, topk, routing, dev)
-        use_fp8, ue8m0 = payload != "bf16", payload == "ue8m0"
-        column_major = use_fp8 and i % 2 == 1  # the scales as grouped GEMMs read them, every other fp8 case
-        a = cuda.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0, column_major_scales=column_major)
-        b = ref.ll_dispatch(x, idx, w, use_fp8=use_fp8, ue8m0=ue8m0, column_major_scales=column_major)
+        use_fp8, ue8m0, round_scale = PAYLOADS[payload]
+        column_major = use_fp8 and shape_case % 2 == 1  # the scales as grouped GEMMs read them
+        fmt = dict(use_fp8=use_fp8, ue8m0=ue8m0, column_major_scales=column_major, round_scale=round_scale)
+        a = cuda.ll_dispatch(x, idx, w, **fmt)
+        b = ref.ll_dispatch(x, idx, w, **fmt)
         problem = ll_dispatch_difference(a, b)
         if problem:
             layout = " column-major" if column_major else ""

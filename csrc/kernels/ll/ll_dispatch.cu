@@ -192,7 +192,8 @@ __device__ __forceinline__ float bf16ToFloat(uint16_t bits) { return __uint_as_f
 
 // fp8 per 128 channels, the arithmetic of ncclep/fp8.py: 8 lanes per group, 16 channels per lane
 // (one 16-byte store of fp8 per lane). Every lane of the warp calls it; `active` lanes hold data.
-__device__ __forceinline__ int4 quantize16(const int4 (&raw)[2], bool ue8m0, float* scale, uint8_t* scaleByte) {
+// pow2: the scale rounded up to a power of two (UE8M0's), as the byte *scaleByte and as fp32 *scale.
+__device__ __forceinline__ int4 quantize16(const int4 (&raw)[2], bool pow2, float* scale, uint8_t* scaleByte) {
   float v[16];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -212,11 +213,13 @@ __device__ __forceinline__ int4 quantize16(const int4 (&raw)[2], bool ue8m0, flo
   // The arithmetic of ncclep/fp8.py, operation for operation (no division: see there).
   const float ratio = __fmul_rn(amax, 1.0f / 448.0f);
   float mult;
-  if (ue8m0) {
+  if (pow2) {
     const uint32_t bits = __float_as_uint(ratio);
     const uint32_t biased = ((bits >> 23) & 0xffu) + ((bits & 0x7fffffu) != 0u);
     mult = __uint_as_float((254u - biased) << 23);
     *scaleByte = uint8_t(biased);
+    // torch's float8_e8m0fnu -> float32: 255 (only an inf in the block gives it) is this NaN
+    *scale = __uint_as_float(biased == 255u ? 0x7f800001u : biased << 23);
   } else {
     mult = __fmul_rn(__frcp_rn(amax), 448.0f);
     *scale = ratio;
@@ -308,7 +311,7 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
       }
       float scale = 0.f;
       uint8_t scaleByte = 0;
-      const int4 packed = quantize16(raw, p.ue8m0, &scale, &scaleByte);
+      const int4 packed = quantize16(raw, p.ue8m0 || p.pow2Scales, &scale, &scaleByte);
       if (!active) continue;
       for (int k = 0; k < K; ++k) {
         if (msgs[k] == nullptr) continue;

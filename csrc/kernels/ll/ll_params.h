@@ -62,6 +62,7 @@ struct LLDispatchParams {
   int topk;
   int useFp8;
   int ue8m0;
+  int pow2Scales;  // without ue8m0: fp32 scales rounded up to powers of two (ncclepLLDispatchArgs_t)
   unsigned long long* trace;  // optional [numBlocks][kLLTraceSteps] timestamps, nullptr = off
   // outputs
   void* recvX;         // [L, R*T, hidden] bf16 or fp8
