@@ -58,9 +58,9 @@ class Groups:
         self.ht_max_tokens_per_rank = ht_max_tokens_per_rank
         self._per_device: dict[str, Any] = {}
         self._ll: dict[tuple[Any, ...], Group] = {}
-        self._ht: dict[tuple[str, int], tuple[Group, int, int, int]] = {}
-        """Per (device type, experts): the HT group and what it takes (tokens per rank, hidden,
-        top-k), kept as ints so that a call checks its sizes without the group's properties."""
+        self._ht: dict[tuple[bool, int], tuple[Group, int, int, int]] = {}
+        """Per (on CUDA, experts): the HT group and what it takes (tokens per rank, hidden, top-k),
+        kept as ints so that a call checks its sizes without the group's properties."""
         self._retired: list[Group] = []
         self._lock = threading.Lock()
         self.closed = False
@@ -104,34 +104,30 @@ class Groups:
                 self._ll[key] = group
             return group
 
-    def current_ht_group(self, device: torch.device, num_experts: int) -> Group | None:
-        held = self._ht.get((device.type, num_experts))
-        return None if held is None else held[0]
-
-    def _ht_taking(self, key: tuple[str, int], tokens: int, hidden: int, topk: int) -> Group | None:
-        """The HT group of ``key`` if it takes these sizes."""
-        held = self._ht.get(key)
-        if held is not None and tokens <= held[1] and hidden <= held[2] and topk <= held[3]:
-            return held[0]
-        return None
-
     def ht_group(
-        self, device: torch.device, num_experts: int, tokens: int, hidden: int, topk: int, num_sms: int | None
+        self, like: torch.Tensor, num_experts: int, tokens: int, hidden: int, topk: int, num_sms: int | None
     ) -> Group:
-        """An HT group that takes ``tokens`` per rank of ``hidden`` with ``topk`` choices.
+        """An HT group for tensors on ``like``'s device that takes ``tokens`` per rank of ``hidden``
+        with ``topk`` choices.
 
         Every rank must pass the same sizes (the Buffer agrees on ``tokens`` first). ``num_sms``
         applies when a group is made.
         """
-        key = (device.type, num_experts)
-        group = self._ht_taking(key, tokens, hidden, topk)
-        if group is not None:
-            return group
+        held = self._ht.get((like.is_cuda, num_experts))
+        if held is not None and tokens <= held[1] and hidden <= held[2] and topk <= held[3]:
+            return held[0]
+        return self._grow_ht(like.device, num_experts, tokens, hidden, topk, num_sms)
+
+    def _grow_ht(
+        self, device: torch.device, num_experts: int, tokens: int, hidden: int, topk: int, num_sms: int | None
+    ) -> Group:
+        """:meth:`ht_group` when the group of ``device`` and ``num_experts`` is missing or too small
+        (made, or replaced by a larger one, on every rank at this call)."""
+        key = (device.type == "cuda", num_experts)
         with self._lock:
-            group = self._ht_taking(key, tokens, hidden, topk)
-            if group is not None:
-                return group
             held = self._ht.get(key)
+            if held is not None and tokens <= held[1] and hidden <= held[2] and topk <= held[3]:
+                return held[0]
             group = None if held is None else held[0]
             if group is None:
                 want = self.ht_max_tokens_per_rank or 0

@@ -30,6 +30,7 @@ from .groups import Groups
 from .handles import DispatchHandle
 from .layout import DispatchLayout, dispatch_layout
 from .streams import StreamState
+from .utils import NO_EVENT
 
 Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -114,7 +115,7 @@ class HighThroughput:
             )
         x_scales, packed = (None, False) if given_scales is None else scales.to_ncclep(data, given_scales)
         if topk_idx is not None:
-            routing_idx = topk_idx.contiguous()
+            routing_idx = topk_idx.contiguous()  # callers may pass views
         else:  # DeepEP routes by is_token_in_rank alone: one choice per rank, its first expert
             first = torch.arange(ranks, device=data.device) * (num_experts // ranks)
             routing_idx = torch.where(is_token_in_rank, first, -1)
@@ -138,13 +139,9 @@ class HighThroughput:
             else:
                 rows = num_worst_tokens
                 group_tokens = -(-num_worst_tokens // ranks)
-            group = self.groups.ht_group(data.device, num_experts, group_tokens, hidden, topk, num_sms)
-            out = group.ht_dispatch(
-                data.contiguous(),
-                routing_idx,
-                None if topk_weights is None else topk_weights.contiguous(),
-                x_scales,
-            )
+            group = self.groups.ht_group(data, num_experts, group_tokens, hidden, topk, num_sms)
+            weights = None if topk_weights is None else topk_weights.contiguous()
+            out = group.ht_dispatch(data.contiguous(), routing_idx, weights, x_scales)
             recv_x, recv_scales, recv_idx, recv_weights = out[0], out[1], out[2], out[3]
             if rows != recv_x.shape[0]:  # the first rows of ncclep's worst-case [N, ...]
                 recv_x = recv_x[:rows]
@@ -161,12 +158,12 @@ class HighThroughput:
             if topk_weights is None:
                 recv_weights = None
             handle = DispatchHandle(group, out[6], rows, is_token_in_rank, counts)
-            event = streams.finish(
-                launch,
-                cuda,
-                index,
-                (data, given_scales, routing_idx, topk_weights),
-                (out[:4], out[6]),
+            event = (
+                NO_EVENT
+                if launch is None and not streams.record
+                else streams.finish(
+                    launch, cuda, index, (data, given_scales, routing_idx, topk_weights), (out[:4], out[6])
+                )
             )
         finally:
             if launch is not None:

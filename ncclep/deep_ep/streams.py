@@ -43,6 +43,9 @@ current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _cu
 
 
 _raw_set_stream = getattr(torch._C, "_cuda_setStream", None)
+_capturing = (
+    getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+)
 
 
 def _set_stream(stream: torch.cuda.Stream) -> None:
@@ -96,15 +99,15 @@ class StreamState:
                 torch.cuda.current_stream(index).wait_event(event)
 
     def after(self, index: int) -> None:
-        """After a launch on the current stream (that :meth:`before` ordered), when the Buffer
-        records: the stream's own mark event, recorded again (a later ``wait_event`` takes the
+        """After a launch on the current stream (that :meth:`before` ordered just before), when the
+        Buffer records: the stream's own mark event, recorded again (a later ``wait_event`` takes the
         record current when it is called, so one event per stream serves every launch on it)."""
-        if not self.record or torch.cuda.is_current_stream_capturing():
+        if not self.record or _capturing():
             return
-        raw = current_raw_stream(index)
-        event, stream = self.mark(raw, index)
+        # before() made the current stream the last launch's (outside capture)
+        event, stream = self.mark(self._last, index)  # type: ignore[arg-type]  # set by before()
         event.record(stream)
-        self._last, self._last_device, self._last_event = raw, index, event
+        self._last_event = event
 
     def mark(self, raw: int, index: int) -> tuple[torch.cuda.Event, torch.cuda.Stream]:
         """The mark event of the current stream of device ``index`` (raw handle ``raw``), and that
@@ -149,7 +152,7 @@ class StreamState:
 
     def _switch(self, index: int, stream: torch.cuda.Stream) -> None:
         """``stream`` is not the last launch's: make it wait for that launch (outside capture)."""
-        if torch.cuda.is_current_stream_capturing():
+        if _capturing():
             return
         if self._last is not None:
             if self._last_event is not None:
@@ -162,7 +165,7 @@ class StreamState:
     def note(self, stream: torch.cuda.Stream, index: int, event: torch.cuda.Event) -> None:
         """The last launch ran on ``stream`` of device ``index``; ``event``, recorded there, marks
         its end."""
-        if torch.cuda.is_current_stream_capturing():
+        if _capturing():
             return
         self._last, self._last_device, self._last_event = stream.cuda_stream, index, event
 
@@ -205,7 +208,7 @@ class Launch:
         if state._last != stream.cuda_stream:
             if previous is not None or state._last != raw:
                 state._switch(self.index, stream)
-            elif not torch.cuda.is_current_stream_capturing():
+            elif not _capturing():
                 state.record = True  # the compute stream's launches are covered by the wait above
         _set_stream(stream)
         self.stream = stream
@@ -228,7 +231,7 @@ class Launch:
         event = torch.cuda.Event()
         event.record(stream)
         self.state.note(stream, self.index, event)
-        if not torch.cuda.is_current_stream_capturing():  # in a graph, extra_tensors keep them
+        if not _capturing():  # in a graph, extra_tensors keep them
             compute = self.compute
             for t in outs:
                 t.record_stream(compute)
