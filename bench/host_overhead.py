@@ -91,7 +91,7 @@ def ht_calls(device: torch.device) -> dict[str, Callable[[], object]]:
     group = ncclep.Group(EXPERTS, HT_TOKENS, HIDDEN, mode="ht", max_topk=TOPK, backend="reference")
     new = outputs.allocator(device)
     dispatched = outputs.ht_dispatch(
-        group.config, HT_TOKENS, HIDDEN, torch.bfloat16, None, TOPK, True, "flat", 1, new
+        group.config, HT_TOKENS, HIDDEN, torch.bfloat16, None, TOPK, torch.int64, True, "flat", 1, new
     )
     combined = outputs.ht_combine(HT_TOKENS, HIDDEN, TOPK, True, new)
     group._backend = StubBackend(dispatched, combined)

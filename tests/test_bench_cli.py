@@ -107,6 +107,18 @@ def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
+def test_host_overhead_script_times_every_method(tmp_path: Path) -> None:
+    """bench/host_overhead.py (the eager methods' Python, stub backend) runs and reports each method."""
+    out = tmp_path / "host.json"
+    script = str(ROOT / "bench" / "host_overhead.py")
+    args = ["--iters", "5", "--rounds", "1", "--warmup", "1", "--json", str(out)]
+    run = _run([sys.executable, script, *args], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"ll_dispatch", "ll_combine", "ll_pair", "ht_dispatch", "ht_combine", "ht_pair"}
+    assert all(r["calls"] == 5 and r["median_us"] > 0 for r in results.values())
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
