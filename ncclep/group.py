@@ -642,7 +642,7 @@ class Group:
                 self.id, x, handle.send_pos, handle.recv_slot, handle.recv_counts
             )
         try:
-            self._checks.ht_dispatch_cached(x, handle)
+            self._checks.ht_dispatch_cached(x, handle, self.id)
         except InvalidArgument as problem:
             self._reject("ht_dispatch_cached", problem)
         return self._backend.dispatch_cached(x, handle)

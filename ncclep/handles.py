@@ -66,6 +66,18 @@ def claim(handle: LLHandle | HTHandle, group: int) -> None:
     that group's. In place: a copy of the frozen dataclass would cost every eager dispatch about a
     microsecond more."""
     object.__setattr__(handle, "group", group)
+    object.__setattr__(handle, _MADE_BY, group)
+
+
+_MADE_BY = "_made_by"  # not a dataclass field: dataclasses.replace() does not carry it
+
+
+def made_by(handle: object, group: int) -> bool:
+    """Whether ``handle`` is the object a dispatch of ``group`` returned (or a copy of that object):
+    its tensors are then that dispatch's outputs, of the group's sizes, and a combine need not check
+    them again. A handle made with ``dataclasses.replace`` or from tensors is not."""
+    attrs = getattr(handle, "__dict__", None)
+    return attrs is not None and attrs.get(_MADE_BY) == group
 
 
 class LLDispatchOutput(NamedTuple):

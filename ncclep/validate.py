@@ -14,7 +14,7 @@ import torch
 from .config import HT_HIDDEN_MULTIPLE, LAYOUTS, GroupConfig
 from .errors import InvalidArgument
 from .fp8 import BLOCK, FP8_DTYPE, UE8M0_DTYPE, UE8M0_PER_WORD
-from .handles import HTHandle, LLHandle
+from .handles import HTHandle, LLHandle, made_by
 
 Dtypes = tuple[torch.dtype, ...]
 Pattern = tuple[int | None, ...]  # a shape; None stands for any size
@@ -311,10 +311,12 @@ class Checks:
             shape = self.tensor("topk_weights", topk_weights, FP32, 2)
             _check_shape("topk_weights", shape, (got_rows, topk))
 
-    def ht_dispatch_cached(self, x: object, handle: HTHandle) -> None:
+    def ht_dispatch_cached(self, x: object, handle: HTHandle, group_id: int | None = None) -> None:
         """The cached (backward) dispatch: ``handle`` an HTHandle of this group's sizes (any group's:
-        the op has no group to compare), ``x`` one row per token of the handle's dispatch."""
-        self._ht_handle_routing(handle, None)
+        the op has no group to compare; ``group_id``, when given, only spares the checks of a handle
+        that group's dispatch made), ``x`` one row per token of the handle's dispatch."""
+        if group_id is None or not made_by(handle, group_id):
+            self._ht_handle_routing(handle, None)
         if not isinstance(x, torch.Tensor):
             raise InvalidArgument(f"x must be a torch.Tensor, got {type(x).__name__}", reason="type")
         shape = self.tensor("x", x, (x.dtype,), max(x.dim(), 1))
@@ -338,6 +340,8 @@ class Checks:
                 f"handle must be the LLHandle of this group's ll_dispatch, got {type(handle).__name__}",
                 reason="handle",
             )
+        if made_by(handle, group_id):
+            return
         _check_handle_group("LL", handle, group_id)
         ranks, slots = self.cfg.world_size, self.cfg.max_tokens_per_rank
         send = self.tensor(SEND_SLOTS, handle.send_slots, INT32, 2, of_handle=True)
@@ -356,6 +360,8 @@ class Checks:
     def _ht_handle(self, handle: HTHandle, group_id: int) -> tuple[int, int]:
         """The handle of an HT combine: an HTHandle of this group's sizes. Returns (rows, top-k) of
         its dispatch's output."""
+        if made_by(handle, group_id):
+            return handle.recv_slot.shape[0], handle.recv_topk_idx.shape[1]
         rows = self._ht_handle_routing(handle, group_id)
         idx = self.tensor(RECV_TOPK_IDX, handle.recv_topk_idx, INDEX_DTYPES, 2, of_handle=True)
         if idx[0] != rows:
@@ -376,6 +382,8 @@ class Checks:
                 f"handle must be the HTHandle of this group's ht_dispatch, got {type(handle).__name__}",
                 reason="handle",
             )
+        if group_id is not None and made_by(handle, group_id):
+            return handle.recv_slot.shape[0]
         _check_handle_group("HT", handle, group_id)
         cfg = self.cfg
         send = self.tensor(SEND_POS, handle.send_pos, INT32, 2, of_handle=True)
