@@ -24,16 +24,18 @@ def to_ncclep(x: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, bool
     """
     tokens, hidden = x.shape
     blocks = hidden // fp8.BLOCK
-    if scales.dtype == torch.int32:
+    dtype = scales.dtype
+    if dtype is torch.float32 or dtype is fp8.UE8M0_DTYPE:  # the common case first
+        if scales.shape == (tokens, blocks):
+            return scales.contiguous(), False
+    elif dtype is torch.int32:
         if scales.shape != (tokens, blocks // PACK) or blocks % PACK:
             raise InvalidArgument(
                 f"x_scales: packed UE8M0 scales must be int32 [{tokens}, {blocks // PACK}] (hidden a "
                 f"multiple of {fp8.BLOCK * PACK}), got {scales.dtype} {tuple(scales.shape)}"
             )
         return fp8.unpack_ue8m0(scales), True
-    if scales.dtype not in (torch.float32, fp8.UE8M0_DTYPE) or scales.shape != (tokens, blocks):
-        raise InvalidArgument(
-            f"x_scales must be float32 [{tokens}, {blocks}] (one scale per 128 channels) or packed "
-            f"UE8M0 int32 [{tokens}, {blocks // PACK}]; got {scales.dtype} {tuple(scales.shape)}"
-        )
-    return scales.contiguous(), False
+    raise InvalidArgument(
+        f"x_scales must be float32 [{tokens}, {blocks}] (one scale per 128 channels) or packed "
+        f"UE8M0 int32 [{tokens}, {blocks // PACK}]; got {scales.dtype} {tuple(scales.shape)}"
+    )
