@@ -24,6 +24,10 @@ class LLHandle:
     * ``recv_slot_counts [R]`` int32: how many slots each rank filled.
     * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
       tensors); a combine on another group refuses it.
+
+    The combine checks the tensors of a handle (dtype, shape, device, layout) unless it is the
+    object this group's dispatch returned; one made with ``dataclasses.replace`` or rebuilt from
+    its tensors is checked.
     """
 
     send_slots: torch.Tensor
@@ -49,6 +53,8 @@ class HTHandle:
       expert ids of each row (-1 where the expert is elsewhere).
     * ``group``: id of the group whose dispatch made it (None for handles rebuilt from
       tensors); a combine on another group refuses it.
+
+    The combine and the cached dispatch check its tensors as :class:`LLHandle` says.
     """
 
     send_pos: torch.Tensor
