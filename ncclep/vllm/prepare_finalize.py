@@ -415,7 +415,7 @@ class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
         # Like DeepEP HT, hand the experts exactly the received rows: one host read of the row
         # count and the per-expert counts together.
         n, *expert_counts = torch.cat([out.num_recv, out.expert_counts]).tolist()
-        self.handles[a2a_idx] = (out.handle, out.x)
+        self.handles[a2a_idx] = out.handle
         expert_x = out.x[:n]
         expert_x_scale = None if out.scales is None else out.scales[:n]
         local_ids = out.topk_idx[:n]  # in topk_ids' dtype
@@ -473,9 +473,8 @@ class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
         weight_and_reduce_impl: mk.TopKWeightAndReduce,
         do_async: bool,
     ) -> Callable | None:
-        state = self.handles[dbo_current_ubatch_id()]
-        assert state is not None, "finalize without a prepare"
-        handle, dispatched = state
+        handle = self.handles[dbo_current_ubatch_id()]
+        assert handle is not None, "finalize without a prepare"
         # Experts may leave [n, K, H] unreduced or [n, H]; with no rows here there is nothing to do.
         if fused_expert_output.numel() != 0:
             fused_expert_output = weight_and_reduce(
@@ -486,17 +485,13 @@ class NcclepHTPrepareAndFinalize(_NcclepPrepareAndFinalize):
                 weight_and_reduce_impl,
             )
         hidden = output.shape[-1]
-        n = fused_expert_output.shape[0] if fused_expert_output.numel() != 0 else 0
-        # ncclep's combine reads no row past n. The rows go in the dispatch's worst-case [N, H]
-        # (its bf16 rows are free by now: the experts are done with them), as measured on GPUs;
-        # the combine would also take the n rows alone.
-        if dispatched.dtype == torch.bfloat16 and dispatched.shape[1] == hidden:
-            full = dispatched
+        # ncclep's combine takes the dispatch's first n rows alone (the rows past them hold no
+        # token): no copy into its worst-case [N, H].
+        if fused_expert_output.numel() != 0:
+            rows = fused_expert_output.reshape(-1, hidden).to(torch.bfloat16).contiguous()
         else:
-            full = torch.empty((dispatched.shape[0], hidden), dtype=torch.bfloat16, device=output.device)
-        if n:
-            full[:n] = fused_expert_output.reshape(n, hidden)
-        combining = self.group.ht_combine(full, handle, send_only=do_async)
+            rows = torch.empty((0, hidden), dtype=torch.bfloat16, device=output.device)
+        combining = self.group.ht_combine(rows, handle, send_only=do_async)
         if do_async:
             assert isinstance(combining, Pending)
 
