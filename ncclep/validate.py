@@ -382,8 +382,6 @@ class Checks:
                 f"handle must be the HTHandle of this group's ht_dispatch, got {type(handle).__name__}",
                 reason="handle",
             )
-        if group_id is not None and made_by(handle, group_id):
-            return handle.recv_slot.shape[0]
         _check_handle_group("HT", handle, group_id)
         cfg = self.cfg
         send = self.tensor(SEND_POS, handle.send_pos, INT32, 2, of_handle=True)

@@ -30,7 +30,6 @@ from .groups import Groups
 from .handles import DispatchHandle
 from .layout import DispatchLayout, dispatch_layout
 from .streams import StreamState
-from .utils import NO_EVENT
 
 Payload = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -158,12 +157,8 @@ class HighThroughput:
             if topk_weights is None:
                 recv_weights = None
             handle = DispatchHandle(group, out[6], rows, is_token_in_rank, counts)
-            event = (
-                NO_EVENT
-                if launch is None and not streams.record
-                else streams.finish(
-                    launch, cuda, index, (data, given_scales, routing_idx, topk_weights), (out[:4], out[6])
-                )
+            event = streams.finish(
+                launch, cuda, index, (data, given_scales, routing_idx, topk_weights), (out[:4], out[6])
             )
         finally:
             if launch is not None:
