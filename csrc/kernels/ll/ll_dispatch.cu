@@ -53,10 +53,11 @@ struct Totals {
 };
 
 // Where one token's messages go: per choice k, its checked expert (-1 for none, out of range or a
-// repeat), its row among our tokens for that expert, and (first choice on a rank only, else -1)
-// its slot among our tokens going to that rank.
+// repeat) and that expert's rank, its row among our tokens for that expert, and (first choice on a
+// rank only, else -1) its slot among our tokens going to that rank.
 struct TokenRanks {
   int expert[kLLMaxTopk];
+  int rank[kLLMaxTopk];
   int pos[kLLMaxTopk];
   int slot[kLLMaxTopk];
 };
@@ -154,7 +155,8 @@ __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
   if (tid < K) {
     const int e = checkedChoice(p, b, tid, false, {});
     out.expert[tid] = e;
-    out.slot[tid] = e >= 0 && firstOnRank(p, rankOf, b, tid, e) ? rankOf.of(e) : -1;  // its rank, for now
+    out.rank[tid] = e >= 0 ? rankOf.of(e) : -1;
+    out.slot[tid] = e >= 0 && firstOnRank(p, rankOf, b, tid, e) ? out.rank[tid] : -1;  // its rank, for now
     out.pos[tid] = 0;
   }
   __syncthreads();
@@ -250,6 +252,7 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const int* slot = ranks.slot;
   const int* expert = ranks.expert;
+  const int* rankOf = ranks.rank;
   auto dstOffset = [&](int s) {
     return l.dispatchSlots + ((size_t(parity) * R + c.rank) * T + size_t(s)) * l.dispatchMsgBytes;
   };
@@ -259,14 +262,14 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
 
   // msgs[k]: where choice k's message goes, if k is the token's first choice on its rank.
   if (tid < K) {
-    const int d = expert[tid] / L;
+    const int d = rankOf[tid];
     msgs[tid] = slot[tid] >= 0 ? peers.template target<char>(d, dstOffset(slot[tid]), stageOffset(d, slot[tid]))
                                : nullptr;
   }
   for (int d = tid; d < R; d += blockDim.x) {
     int s = -1;
     for (int k = 0; k < K; ++k)
-      if (slot[k] >= 0 && expert[k] / L == d) s = slot[k];
+      if (slot[k] >= 0 && rankOf[k] == d) s = slot[k];
     p.sendSlots[int64_t(b) * R + d] = s;
   }
   __syncthreads();
@@ -276,12 +279,12 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
   for (int i = tid; i < K * headerWords; i += blockDim.x) {
     const int k = i / headerWords, w = i % headerWords;
     if (msgs[k] == nullptr) continue;
-    const int d = expert[k] / L;
+    const int d = rankOf[k];
     int32_t word = b;
     if (w > 0) {
       const int j = (w - 1) / 3, field = (w - 1) % 3;
       const int e = j < K ? expert[j] : -1;
-      const bool here = e >= 0 && e / L == d;
+      const bool here = e >= 0 && rankOf[j] == d;
       if (field == 0) word = here ? e - d * L : -1;
       else if (field == 1) word = here ? ranks.pos[j] : 0;
       else word = __float_as_int(here ? p.topkWeights[int64_t(b) * K + j] : 0.0f);
@@ -328,7 +331,7 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
 
   for (int k = 0; k < K; ++k) {
     if (slot[k] < 0) continue;
-    const int d = expert[k] / L;
+    const int d = rankOf[k];
     peers.put(d, dstOffset(slot[k]), stageOffset(d, slot[k]), messageBytes(p), tid, blockDim.x);
   }
 }
@@ -407,7 +410,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
       if (!countsBlock && ackFailed()) break;
     }
     sendToken(p, peers, parity, b, flags.ranks, flags.msgs);
-    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.expert[tid] / L] += 1;
+    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.rank[tid]] += 1;
   }
   __syncthreads();
   stamp(p, kTraceSent);
@@ -667,10 +670,11 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
       scaleCopy.store(scaleSrc, scaleWords, static_cast<char*>(p.recvScales), row, e, rowsPerExpert, KM, lane);
   }
 
-  // Handle entries of unused slots.
-  const int64_t handleEntries = keep ? int64_t(R) * T * KM : 0;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + tid; i < handleEntries; i += int64_t(gridDim.x) * blockDim.x) {
-    const int r = int(i / (int64_t(T) * KM)), j = int((i / KM) % T);
+  // Handle entries of unused slots (R * T * KM <= kLLMaxRanks * kLLMaxEntries: 32-bit arithmetic).
+  const unsigned handleEntries = keep ? unsigned(R) * T * KM : 0u;
+  for (unsigned i = blockIdx.x * blockDim.x + tid; i < handleEntries; i += gridDim.x * blockDim.x) {
+    const unsigned slot = i / unsigned(KM);
+    const int r = int(slot / unsigned(T)), j = int(slot % unsigned(T));
     if (j >= s.count[r]) {
       p.recvRows[i] = -1;
       p.recvWeights[i] = 0.0f;
@@ -736,8 +740,9 @@ size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
 }
 
 int launchLLDispatch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
-  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
-                    : launch<transport::NetEmulated>(p, numBlocks, stream);
+  if (p.c.useGin) return launch<transport::NetGin>(p, numBlocks, stream);
+  if (p.c.nodeSize >= p.c.nRanks) return launch<transport::NetNone>(p, numBlocks, stream);
+  return launch<transport::NetEmulated>(p, numBlocks, stream);
 }
 
 }  // namespace ncclep
