@@ -55,6 +55,14 @@ struct Peers {
     return net.lsa.template peerPtr<T>(peer, dstOffset);
   }
 
+  // The same, with the window's base at each LSA peer loaded once beforehand (lsaBases[peer] =
+  // net.lsa.peerBase(peer)): no load of the window's description on the way.
+  template <typename T>
+  __device__ __forceinline__ T* target(int peer, size_t dstOffset, size_t stageOffset, char* const* lsaBases) const {
+    if (viaNet(peer)) return reinterpret_cast<T*>(net.local + stageOffset);
+    return reinterpret_cast<T*>(lsaBases[peer] + dstOffset);
+  }
+
   // The caller's group (threads [0, nThreads), each passing its index) wrote the message and
   // synchronised first.
   __device__ __forceinline__ void put(int peer, size_t dstOffset, size_t stageOffset, size_t bytes, int thread,
