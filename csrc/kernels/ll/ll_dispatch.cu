@@ -182,11 +182,17 @@ __device__ void rankToken(const LLDispatchParams& p, int b, const TokenInputs& i
     // counts block), its rank, and whether it is the token's first choice on that rank.
     int e = tid < K && device::isExpertId(in.id, p.c.numExperts) ? int(in.id) : -1;
     bool repeat = false;
-    for (int j = 0; j < K; ++j) repeat |= j < lane && e >= 0 && __shfl_sync(kFullMask, e, j) == e;
+    for (int j = 0; j < K; ++j) {
+      const int other = __shfl_sync(kFullMask, e, j);  // every lane: a shuffle is warp-wide
+      repeat |= j < lane && e >= 0 && other == e;
+    }
     e = repeat ? -1 : e;
     const int d = e >= 0 ? rankOf.of(e) : -1;
     bool first = d >= 0;
-    for (int j = 0; j < K; ++j) first &= !(j < lane && __shfl_sync(kFullMask, d, j) == d);
+    for (int j = 0; j < K; ++j) {
+      const int other = __shfl_sync(kFullMask, d, j);
+      first &= !(j < lane && other == d);
+    }
     if (tid < K) {
       out.expert[tid] = e;
       out.rank[tid] = d;
