@@ -203,27 +203,29 @@ __device__ void rankToken(const LLDispatchParams& p, int b, const TokenInputs& i
   }
   __syncthreads();
   int counted[2] = {0, 0};  // lanes < K: pos and slot of choice `lane`, summed over the warp's tokens
+  // Lane k < K: choice k's expert and (first on its rank only) rank, broadcast in turn below.
+  const int mineExpert = lane < K ? out.expert[lane] : -1, mineRank = lane < K ? out.slot[lane] : -1;
   for (int t0 = tid - lane; t0 < b; t0 += blockDim.x) {
     const int t = t0 + lane;
-    unsigned sameExpert = 0, sameRank = 0;
-    // All the token's ids in flight at once (a load per choice in turn waited K round trips).
-    int64_t raw[kLLMaxTopk];
-#pragma unroll
-    for (int j = 0; j < kLLMaxTopk; ++j)
-      raw[j] = t < b && j < K ? device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * K + j) : -1;
+    // The lane's earlier token: its experts and their ranks (-1: none), its ids loaded at once.
+    int theirExpert[kLLMaxTopk], theirRank[kLLMaxTopk];
 #pragma unroll
     for (int j = 0; j < kLLMaxTopk; ++j) {
-      if (raw[j] < 0 || raw[j] >= p.c.numExperts) continue;
-      const int e = int(raw[j]), d = rankOf.of(e);
-#pragma unroll 1
-      for (int k = 0; k < K; ++k) {
-        sameExpert |= unsigned(out.expert[k] == e) << k;
-        sameRank |= unsigned(out.slot[k] == d) << k;
-      }
+      const int64_t raw = t < b && j < K ? device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * K + j) : -1;
+      theirExpert[j] = raw >= 0 && raw < p.c.numExperts ? int(raw) : -1;
     }
+#pragma unroll
+    for (int j = 0; j < kLLMaxTopk; ++j) theirRank[j] = theirExpert[j] >= 0 ? rankOf.of(theirExpert[j]) : -1;
     for (int k = 0; k < K; ++k) {
-      const int nExpert = __popc(__ballot_sync(kFullMask, (sameExpert >> k) & 1u));
-      const int nRank = __popc(__ballot_sync(kFullMask, (sameRank >> k) & 1u));
+      const int e = __shfl_sync(kFullMask, mineExpert, k), d = __shfl_sync(kFullMask, mineRank, k);
+      bool sameExpert = false, sameRank = false;  // a repeat counts once
+#pragma unroll
+      for (int j = 0; j < kLLMaxTopk; ++j) {
+        sameExpert |= e >= 0 && theirExpert[j] == e;
+        sameRank |= d >= 0 && theirRank[j] == d;
+      }
+      const int nExpert = __popc(__ballot_sync(kFullMask, sameExpert));
+      const int nRank = __popc(__ballot_sync(kFullMask, sameRank));
       if (lane == k) {
         counted[0] += nExpert;
         counted[1] += nRank;
