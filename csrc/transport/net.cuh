@@ -1,6 +1,7 @@
 // Network transports: the hop to a peer on another node. A message is first written into our own
 // window (a staging area), then put into the peer's window; a signal added after the puts tells
-// the peer they have landed. Two implementations with one interface:
+// the peer they have landed. Two implementations with one interface (and NetNone, below, for a group
+// with no peer off our node):
 //
 //   NetGin       NCCL GIN: ncclGin::put / signal on context 0; signals are GIN signals
 //                (index = LL signal index), read with readSignal. Used when nLsaTeams > 1.
@@ -28,7 +29,26 @@
 namespace ncclep {
 namespace transport {
 
+// Every peer is on our node: no network hop. Kernels built for it carry no staging code (the
+// LSA-only common case; a launch picks it when the group's node spans all its ranks).
+struct NetNone {
+  static constexpr bool kCrossesNodes = false;
+  Lsa lsa;
+  char* local;
+
+  __device__ __forceinline__ static NetNone make(const Lsa& lsa, char* local, const ncclDevComm* /*comm*/) {
+    return {lsa, local};
+  }
+  __device__ __forceinline__ void put(int, size_t, size_t, size_t, int, int) const { __trap(); }
+  __device__ __forceinline__ void signalAdd(int, int, size_t, uint64_t) const { __trap(); }
+  __device__ __forceinline__ uint64_t readSignal(int, size_t) const {
+    __trap();
+    return 0;
+  }
+};
+
 struct NetEmulated {
+  static constexpr bool kCrossesNodes = true;
   Lsa lsa;
   char* local;  // our window's base
 
@@ -56,6 +76,7 @@ struct NetEmulated {
 };
 
 struct NetGin {
+  static constexpr bool kCrossesNodes = true;
   Lsa lsa;
   char* local;
   const ncclDevComm* comm;  // the group's ncclDevComm (kernel parameter space)

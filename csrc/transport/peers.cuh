@@ -40,15 +40,27 @@ template <class Net>
 struct Peers {
   Net net;
   int rank;
-  int nodeSize;  // ranks per (possibly virtual) node; nodes are contiguous rank ranges
+  int nodeSize;   // ranks per (possibly virtual) node; nodes are contiguous rank ranges
+  int nodeFirst;  // our node's first rank
   SignalTable signals;
 
-  __device__ __forceinline__ bool viaNet(int peer) const { return peer / nodeSize != rank / nodeSize; }
+  __device__ __forceinline__ bool viaNet(int peer) const {
+    if constexpr (!Net::kCrossesNodes) return false;
+    return unsigned(peer - nodeFirst) >= unsigned(nodeSize);
+  }
 
   template <typename T>
   __device__ __forceinline__ T* target(int peer, size_t dstOffset, size_t stageOffset) const {
     if (viaNet(peer)) return reinterpret_cast<T*>(net.local + stageOffset);
     return net.lsa.template peerPtr<T>(peer, dstOffset);
+  }
+
+  // The same, with the window's base at each LSA peer loaded once beforehand (lsaBases[peer] =
+  // net.lsa.peerBase(peer)): no load of the window's description on the way.
+  template <typename T>
+  __device__ __forceinline__ T* target(int peer, size_t dstOffset, size_t stageOffset, char* const* lsaBases) const {
+    if (viaNet(peer)) return reinterpret_cast<T*>(net.local + stageOffset);
+    return reinterpret_cast<T*>(lsaBases[peer] + dstOffset);
   }
 
   // The caller's group (threads [0, nThreads), each passing its index) wrote the message and
@@ -96,7 +108,8 @@ struct Peers {
 // The peers of a kernel's parameters (LLCommon, HTCommon).
 template <class Net, class Common>
 __device__ __forceinline__ Peers<Net> makePeers(const Common& c, const SignalTable& signals) {
-  return {Net::make(Lsa{c.window, c.lsaRankOffset}, c.local, &c.devComm), c.rank, c.nodeSize, signals};
+  return {Net::make(Lsa{c.window, c.lsaRankOffset}, c.local, &c.devComm), c.rank, c.nodeSize,
+          c.rank - c.rank % c.nodeSize, signals};
 }
 
 }  // namespace transport

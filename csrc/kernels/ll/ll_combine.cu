@@ -356,6 +356,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) llCombineKernel(const __grid_co
 
 int launchLLCombine(const LLCombineParams& p, int numBlocks, cudaStream_t stream) {
   if (p.c.useGin) llCombineKernel<transport::NetGin><<<numBlocks, kLLThreads, 0, stream>>>(p);
+  else if (p.c.nodeSize >= p.c.nRanks) llCombineKernel<transport::NetNone><<<numBlocks, kLLThreads, 0, stream>>>(p);
   else llCombineKernel<transport::NetEmulated><<<numBlocks, kLLThreads, 0, stream>>>(p);
   return int(cudaGetLastError());
 }

@@ -53,13 +53,38 @@ struct Totals {
 };
 
 // Where one token's messages go: per choice k, its checked expert (-1 for none, out of range or a
-// repeat), its row among our tokens for that expert, and (first choice on a rank only, else -1)
-// its slot among our tokens going to that rank.
+// repeat) and that expert's rank, its row among our tokens for that expert, and (first choice on a
+// rank only, else -1) its slot among our tokens going to that rank.
 struct TokenRanks {
   int expert[kLLMaxTopk];
+  int rank[kLLMaxTopk];
   int pos[kLLMaxTopk];
   int slot[kLLMaxTopk];
+  float weight[kLLMaxTopk];
 };
+
+// What a thread holds of the token its block sends next, loaded together so that the send waits
+// for one memory round trip, not one per kind of input: thread tid < K its choice's id and weight,
+// every thread the 32 bytes of the bf16 row at tid * 32 (the first pass over the row; a row longer
+// than the block's 16 KB is loaded pass by pass as it is sent).
+struct TokenInputs {
+  int64_t id;
+  float weight;
+  int4 row[2];
+};
+
+__device__ __forceinline__ void loadToken(const LLDispatchParams& p, int b, TokenInputs& in) {
+  const int tid = threadIdx.x;
+  if (tid < p.topk) {
+    in.id = device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(b) * p.topk + tid);
+    in.weight = p.topkWeights[int64_t(b) * p.topk + tid];
+  }
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(b) * p.hidden * 2);
+  if (2 * tid < p.hidden / 8) {
+    in.row[0] = row[2 * tid];
+    in.row[1] = row[2 * tid + 1];
+  }
+}
 
 __host__ __device__ inline size_t alignUp16(size_t x) { return (x + 15) / 16 * 16; }
 
@@ -137,9 +162,10 @@ __device__ void countTotals(const LLDispatchParams& p, const Totals& totals, con
   __syncthreads();
 }
 
-// Ranks token b against our earlier tokens: a thread per earlier token marks which of b's
-// experts and first ranks it shares (a repeat marks the same bit once), warps count the marks.
-__device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
+// Ranks token b (its ids and weights in `in`) against our earlier tokens: a thread per earlier token
+// marks which of b's experts and first ranks it shares (a repeat marks the same bit once), warps
+// count the marks.
+__device__ void rankToken(const LLDispatchParams& p, int b, const TokenInputs& in, TokenRanks& out) {
   const int tid = threadIdx.x, lane = tid & 31, K = p.topk;
   const ExpertRank rankOf(p.c.layout.numLocalExperts);
   if (tid < b) {
@@ -151,29 +177,55 @@ __device__ void rankToken(const LLDispatchParams& p, int b, TokenRanks& out) {
     asm volatile("prefetch.global.L1 [%0];" ::"l"(ids + bytes - 1));
   }
   __syncthreads();  // the previous token's ranks are no longer read
-  if (tid < K) {
-    const int e = checkedChoice(p, b, tid, false, {});
-    out.expert[tid] = e;
-    out.slot[tid] = e >= 0 && firstOnRank(p, rankOf, b, tid, e) ? rankOf.of(e) : -1;  // its rank, for now
-    out.pos[tid] = 0;
+  if (tid < 32) {
+    // Lane k < K: choice k checked (an id out of range or a repeat is none; reported by the
+    // counts block), its rank, and whether it is the token's first choice on that rank.
+    int e = tid < K && device::isExpertId(in.id, p.c.numExperts) ? int(in.id) : -1;
+    bool repeat = false;
+    for (int j = 0; j < K; ++j) {
+      const int other = __shfl_sync(kFullMask, e, j);  // every lane: a shuffle is warp-wide
+      repeat |= j < lane && e >= 0 && other == e;
+    }
+    e = repeat ? -1 : e;
+    const int d = e >= 0 ? rankOf.of(e) : -1;
+    bool first = d >= 0;
+    for (int j = 0; j < K; ++j) {
+      const int other = __shfl_sync(kFullMask, d, j);
+      first &= !(j < lane && other == d);
+    }
+    if (tid < K) {
+      out.expert[tid] = e;
+      out.rank[tid] = d;
+      out.slot[tid] = first ? d : -1;  // its rank, for now
+      out.pos[tid] = 0;
+      out.weight[tid] = in.weight;
+    }
   }
   __syncthreads();
   int counted[2] = {0, 0};  // lanes < K: pos and slot of choice `lane`, summed over the warp's tokens
+  // Lane k < K: choice k's expert and (first on its rank only) rank, broadcast in turn below.
+  const int mineExpert = lane < K ? out.expert[lane] : -1, mineRank = lane < K ? out.slot[lane] : -1;
   for (int t0 = tid - lane; t0 < b; t0 += blockDim.x) {
     const int t = t0 + lane;
-    unsigned sameExpert = 0, sameRank = 0;
-    for (int j = 0; t < b && j < K; ++j) {
-      const int e = choiceExpert(p, t, j);
-      if (e < 0) continue;
-      const int d = rankOf.of(e);
-      for (int k = 0; k < K; ++k) {
-        sameExpert |= unsigned(out.expert[k] == e) << k;
-        sameRank |= unsigned(out.slot[k] == d) << k;
-      }
+    // The lane's earlier token: its experts and their ranks (-1: none), its ids loaded at once.
+    int theirExpert[kLLMaxTopk], theirRank[kLLMaxTopk];
+#pragma unroll
+    for (int j = 0; j < kLLMaxTopk; ++j) {
+      const int64_t raw = t < b && j < K ? device::loadExpertId(p.topkIdx, p.topkIdx64, int64_t(t) * K + j) : -1;
+      theirExpert[j] = raw >= 0 && raw < p.c.numExperts ? int(raw) : -1;
     }
+#pragma unroll
+    for (int j = 0; j < kLLMaxTopk; ++j) theirRank[j] = theirExpert[j] >= 0 ? rankOf.of(theirExpert[j]) : -1;
     for (int k = 0; k < K; ++k) {
-      const int nExpert = __popc(__ballot_sync(kFullMask, (sameExpert >> k) & 1u));
-      const int nRank = __popc(__ballot_sync(kFullMask, (sameRank >> k) & 1u));
+      const int e = __shfl_sync(kFullMask, mineExpert, k), d = __shfl_sync(kFullMask, mineRank, k);
+      bool sameExpert = false, sameRank = false;  // a repeat counts once
+#pragma unroll
+      for (int j = 0; j < kLLMaxTopk; ++j) {
+        sameExpert |= e >= 0 && theirExpert[j] == e;
+        sameRank |= d >= 0 && theirRank[j] == d;
+      }
+      const int nExpert = __popc(__ballot_sync(kFullMask, sameExpert));
+      const int nRank = __popc(__ballot_sync(kFullMask, sameRank));
       if (lane == k) {
         counted[0] += nExpert;
         counted[1] += nRank;
@@ -241,15 +293,17 @@ __device__ __forceinline__ size_t messageBytes(const LLDispatchParams& p) {
   return p.c.layout.headerBytes + alignUp16(payload);
 }
 
+// `lsaBases`: the window's base at each rank on our node (loaded at the kernel's start).
 template <class Net>
-__device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>& peers,
-                          uint32_t parity, int b, const TokenRanks& ranks, char** msgs) {
+__device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>& peers, char* const* lsaBases,
+                          uint32_t parity, int b, const TokenRanks& ranks, const TokenInputs& in, char** msgs) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const int R = c.nRanks, L = l.numLocalExperts, T = l.maxTokens, KM = l.maxTopk, K = p.topk;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
+  const int tid = threadIdx.x;
   const int* slot = ranks.slot;
   const int* expert = ranks.expert;
+  const int* rankOf = ranks.rank;
   auto dstOffset = [&](int s) {
     return l.dispatchSlots + ((size_t(parity) * R + c.rank) * T + size_t(s)) * l.dispatchMsgBytes;
   };
@@ -259,14 +313,14 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
 
   // msgs[k]: where choice k's message goes, if k is the token's first choice on its rank.
   if (tid < K) {
-    const int d = expert[tid] / L;
-    msgs[tid] = slot[tid] >= 0 ? peers.template target<char>(d, dstOffset(slot[tid]), stageOffset(d, slot[tid]))
+    const int d = rankOf[tid];
+    msgs[tid] = slot[tid] >= 0 ? peers.template target<char>(d, dstOffset(slot[tid]), stageOffset(d, slot[tid]), lsaBases)
                                : nullptr;
   }
   for (int d = tid; d < R; d += blockDim.x) {
     int s = -1;
     for (int k = 0; k < K; ++k)
-      if (slot[k] >= 0 && expert[k] / L == d) s = slot[k];
+      if (slot[k] >= 0 && rankOf[k] == d) s = slot[k];
     p.sendSlots[int64_t(b) * R + d] = s;
   }
   __syncthreads();
@@ -276,51 +330,52 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
   for (int i = tid; i < K * headerWords; i += blockDim.x) {
     const int k = i / headerWords, w = i % headerWords;
     if (msgs[k] == nullptr) continue;
-    const int d = expert[k] / L;
+    const int d = rankOf[k];
     int32_t word = b;
     if (w > 0) {
       const int j = (w - 1) / 3, field = (w - 1) % 3;
       const int e = j < K ? expert[j] : -1;
-      const bool here = e >= 0 && e / L == d;
+      const bool here = e >= 0 && rankOf[j] == d;
       if (field == 0) word = here ? e - d * L : -1;
       else if (field == 1) word = here ? ranks.pos[j] : 0;
-      else word = __float_as_int(here ? p.topkWeights[int64_t(b) * K + j] : 0.0f);
+      else word = __float_as_int(here ? ranks.weight[j] : 0.0f);
     }
     reinterpret_cast<int32_t*>(msgs[k])[w] = word;
   }
 
-  const char* row = static_cast<const char*>(p.x) + int64_t(b) * p.hidden * 2;
-  if (!p.useFp8) {
-    const int chunks = p.hidden / 8;
-    for (int i = tid; i < chunks; i += blockDim.x) {
-      const int4 v = reinterpret_cast<const int4*>(row)[i];
-      for (int k = 0; k < K; ++k)
-        if (msgs[k] != nullptr) reinterpret_cast<int4*>(msgs[k] + l.headerBytes)[i] = v;
+  // The row in passes of 32 bytes per thread (pair q of 16-byte chunks): the first from `in`.
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(b) * p.hidden * 2);
+  const int pairs = p.hidden / 16;
+  for (int q0 = 0; q0 < pairs; q0 += blockDim.x) {  // warp-uniform: the quantisation shuffles
+    const int q = q0 + tid;
+    const bool active = q < pairs;
+    int4 raw[2] = {in.row[0], in.row[1]};
+    if (q0 > 0 && active) {
+      raw[0] = row[2 * q];
+      raw[1] = row[2 * q + 1];
     }
-  } else {
-    // Four 128-channel groups per warp pass: lanes 8q..8q+7 quantise group g0 + q.
-    const int groups = p.hidden / 128, sub = lane & 7;
-    for (int g0 = warp * 4; g0 < groups; g0 += numWarps * 4) {
-      const int g = g0 + (lane >> 3);
-      const bool active = g < groups;
-      int4 raw[2] = {make_int4(0, 0, 0, 0), make_int4(0, 0, 0, 0)};
-      if (active) {
-        const int4* src = reinterpret_cast<const int4*>(row) + g * 16 + sub * 2;
-        raw[0] = src[0];
-        raw[1] = src[1];
-      }
-      float scale = 0.f;
-      uint8_t scaleByte = 0;
-      const int4 packed = quantize16(raw, p.ue8m0 || p.pow2Scales, &scale, &scaleByte);
-      if (!active) continue;
-      for (int k = 0; k < K; ++k) {
+    if (!p.useFp8) {
+      for (int k = 0; active && k < K; ++k) {
         if (msgs[k] == nullptr) continue;
-        char* payload = msgs[k] + l.headerBytes;
-        reinterpret_cast<int4*>(payload + g * 128)[sub] = packed;
-        if (sub == 0) {
-          if (p.ue8m0) reinterpret_cast<uint8_t*>(payload + p.hidden)[g] = scaleByte;
-          else reinterpret_cast<float*>(payload + p.hidden)[g] = scale;
-        }
+        int4* payload = reinterpret_cast<int4*>(msgs[k] + l.headerBytes);
+        payload[2 * q] = raw[0];
+        payload[2 * q + 1] = raw[1];
+      }
+      continue;
+    }
+    // fp8: 8 lanes per 128-channel group g = q / 8; lane sub = q % 8 packs its 16 channels.
+    float scale = 0.f;
+    uint8_t scaleByte = 0;
+    const int4 packed = quantize16(raw, p.ue8m0 || p.pow2Scales, &scale, &scaleByte);
+    if (!active) continue;
+    const int g = q >> 3, sub = q & 7;
+    for (int k = 0; k < K; ++k) {
+      if (msgs[k] == nullptr) continue;
+      char* payload = msgs[k] + l.headerBytes;
+      reinterpret_cast<int4*>(payload)[q] = packed;
+      if (sub == 0) {
+        if (p.ue8m0) reinterpret_cast<uint8_t*>(payload + p.hidden)[g] = scaleByte;
+        else reinterpret_cast<float*>(payload + p.hidden)[g] = scale;
       }
     }
   }
@@ -328,7 +383,7 @@ __device__ void sendToken(const LLDispatchParams& p, const transport::Peers<Net>
 
   for (int k = 0; k < K; ++k) {
     if (slot[k] < 0) continue;
-    const int d = expert[k] / L;
+    const int d = rankOf[k];
     peers.put(d, dstOffset(slot[k]), stageOffset(d, slot[k]), messageBytes(p), tid, blockDim.x);
   }
 }
@@ -340,7 +395,8 @@ struct SendFlags {
   uint32_t sendSeq;  // the send half's call number, for the receive half's arrival in a fused launch
   char* msgs[kLLMaxTopk];
   TokenRanks ranks;
-  int sentTo[kLLMaxRanks];  // messages this block sent to each rank
+  int sentTo[kLLMaxRanks];       // messages this block sent to each rank
+  char* lsaBases[kLLMaxRanks];  // the window's base at each rank on our node
 };
 
 // `arrive`: the send half counts its own blocks' arrival (a send-only launch); in a launch with
@@ -362,6 +418,11 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   // acknowledgement is read now, beside the sequence number, and checked after the counting or
   // the first token's ranking (neither touches a peer), so the round trips overlap.
   const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
+  // Loaded with the acknowledgements (the same round trip): where our messages go on our node, and
+  // the block's first token (its ids, weights and row).
+  if (tid < R && !peers.viaNet(tid)) flags.lsaBases[tid] = peers.net.lsa.peerBase(tid);
+  TokenInputs in;
+  if (int(blockIdx.x) < p.numTokens) loadToken(p, blockIdx.x, in);
   // Waited for (when not yet seen) by a block before its first store to a peer; true when a
   // destination never acknowledged: the block then sends nothing. The barrier also orders each
   // acknowledgement before every thread's stores to that destination.
@@ -387,7 +448,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
       auto stageAt = [&](int d) { return l.stageCounts + (size_t(parity) * R + d) * l.countsBytes; };
       for (int i = tid; i < R * (L + 1); i += blockDim.x) {
         const int d = i / (L + 1), e = i % (L + 1);
-        int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d));
+        int32_t* entry = peers.template target<int32_t>(d, countsAt, stageAt(d), flags.lsaBases);
         entry[e] = e < L            ? totals.expert[d * L + e]
                    : p.rejectCode != 0 ? int32_t(rejectWord(p.rejectCode))
                                        : totals.dest[d];
@@ -401,13 +462,16 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
 
   if (tid < R) flags.sentTo[tid] = 0;
   for (int b = blockIdx.x; !failed && b < p.numTokens; b += gridDim.x) {
-    rankToken(p, b, flags.ranks);
+    rankToken(p, b, in, flags.ranks);
+    TokenInputs next;  // loads while this token is sent
+    if (b + int(gridDim.x) < p.numTokens) loadToken(p, b + gridDim.x, next);
     if (b == int(blockIdx.x)) {
       stamp(p, kTraceRouted);
       if (!countsBlock && ackFailed()) break;
     }
-    sendToken(p, peers, parity, b, flags.ranks, flags.msgs);
-    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.expert[tid] / L] += 1;
+    sendToken(p, peers, flags.lsaBases, parity, b, flags.ranks, in, flags.msgs);
+    in = next;
+    if (tid < p.topk && flags.ranks.slot[tid] >= 0) flags.sentTo[flags.ranks.rank[tid]] += 1;
   }
   __syncthreads();
   stamp(p, kTraceSent);
@@ -613,7 +677,11 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const ScaleCopy scaleCopy(scaleBytes, p);
   const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
   int landed = -1;  // the source whose messages this warp last saw land
-  for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
+  // Items go first to the blocks that sent fewest tokens (from block numTokens % grid on): in a
+  // fused launch a block's receive starts after its send.
+  const int G = int(gridDim.x);
+  const int order = (int(blockIdx.x) + G - p.numTokens % G) % G;
+  for (int item = warp * G + order; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;
     const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
@@ -667,10 +735,11 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
       scaleCopy.store(scaleSrc, scaleWords, static_cast<char*>(p.recvScales), row, e, rowsPerExpert, KM, lane);
   }
 
-  // Handle entries of unused slots.
-  const int64_t handleEntries = keep ? int64_t(R) * T * KM : 0;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + tid; i < handleEntries; i += int64_t(gridDim.x) * blockDim.x) {
-    const int r = int(i / (int64_t(T) * KM)), j = int((i / KM) % T);
+  // Handle entries of unused slots (R * T * KM <= kLLMaxRanks * kLLMaxEntries: 32-bit arithmetic).
+  const unsigned handleEntries = keep ? unsigned(R) * T * KM : 0u;
+  for (unsigned i = blockIdx.x * blockDim.x + tid; i < handleEntries; i += gridDim.x * blockDim.x) {
+    const unsigned slot = i / unsigned(KM);
+    const int r = int(slot / unsigned(T)), j = int(slot % unsigned(T));
     if (j >= s.count[r]) {
       p.recvRows[i] = -1;
       p.recvWeights[i] = 0.0f;
@@ -736,8 +805,9 @@ size_t llDispatchSharedBytes(const LLLayout& l, int numExperts) {
 }
 
 int launchLLDispatch(const LLDispatchParams& p, int numBlocks, cudaStream_t stream) {
-  return p.c.useGin ? launch<transport::NetGin>(p, numBlocks, stream)
-                    : launch<transport::NetEmulated>(p, numBlocks, stream);
+  if (p.c.useGin) return launch<transport::NetGin>(p, numBlocks, stream);
+  if (p.c.nodeSize >= p.c.nRanks) return launch<transport::NetNone>(p, numBlocks, stream);
+  return launch<transport::NetEmulated>(p, numBlocks, stream);
 }
 
 }  // namespace ncclep
