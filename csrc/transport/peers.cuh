@@ -1,7 +1,7 @@
 // The one device-side interface for moving bytes to a peer, used by the LL and the HT kernels:
 // LSA stores for peers on our node, the network transport (`Net`) for the others.
 //
-//   target(peer, dst, stage)                  where a message bound for the peer's window at `dst`
+//   target(peer, dst, stage[, lsaBases])      where a message bound for the peer's window at `dst`
 //                                             is written: there itself, or our staging copy
 //   put(peer, dst, stage, bytes, thread, n)   sends a staged message (nothing to do for LSA peers)
 //   signal(peer, kind, value)                 adds `value` to our signal of `kind` at the peer

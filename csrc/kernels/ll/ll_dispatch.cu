@@ -6,7 +6,10 @@
 // local expert ids, rows and weights, and the payload (bf16, or fp8 quantised here), to each
 // destination: straight into the peer's window over NVLink, or staged and put over the network.
 // The last block first counts our tokens per expert and per destination and sends each destination
-// its counts; every block signals each destination the messages it sent there.
+// its counts; every block signals each destination the messages it sent there. A block issues the
+// loads of its first step together (its token's ids, weights and row, the acknowledgements, the
+// peers' window bases): at decode sizes the kernel's time is its chain of dependent memory round
+// trips, not its bytes (bench/NOTES.md, session 16).
 //
 // Receive: wait for every source's counts; a local expert's rows start, for source r, after the
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
