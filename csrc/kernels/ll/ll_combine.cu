@@ -2,8 +2,8 @@
 //
 // Send (on each expert rank): for every token received from source r in slot j, sum its local
 // experts' rows times their weights in fp32 and put one bf16 row into slot j of r's combine area
-// for us (a warp per part of a row; staged and put when r is across the network). The last block
-// to finish signals every rank, tokens or not.
+// for us (a warp per part of a row; staged and put when r is across the network). Each block
+// signals each rank the chunks it stored there.
 //
 // Weights given to the combine (p.topk > 0, also on a rank without tokens: p.topkWeights, on the
 // token's rank) replace the dispatch's: first, block 0 of every rank stores its tokens' weights
@@ -15,8 +15,10 @@
 // its send half of seq - 2 read them.
 //
 // Receive (on the token's rank): wait for every rank's signal, then out[b] = sum over ranks d of
-// the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; the last block
-// sets each rank's mark to its signal and acknowledges it so it may reuse the parity.
+// the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; then each rank's
+// mark is set to its signal and the rank is acknowledged, so that it may reuse the parity: by each
+// block for itself in a group with no network peer, else by the last block (ll_layout.h,
+// kLLAckPerCall).
 //
 // A rank that rejected the call (p.rejectCode) sends no row: after the usual wait for the parity,
 // it stores its `rejects` word ((epoch << 32) | reject word) at each rank, then adds kLLRejectAdd to
@@ -51,7 +53,7 @@ struct CombineShared {
   int rejected[kLLMaxRanks];  // receive: the rank rejected this call (its rows count as none)
   uint64_t mark[kLLMaxRanks];  // receive: our received-data mark of each rank in this parity
   uint64_t seen[kLLMaxRanks];  // receive: each rank's data signal (acquired), last read
-  uint32_t sendSeq;            // the send half's call, for the receive half's arrival in a fused launch
+  uint32_t sendSeq;            // the send half's call, ended by the receive half in a fused launch
   bool last;
 };
 
@@ -157,23 +159,24 @@ __device__ bool waitPeerDoneWithCall(const LLCombineParams& p, const transport::
       reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, seq & 1u, r));
   return device::waitUntil<device::SignalBackoff>(
       [&] {
-        return peers.read(r, kSigCombineAck) >= uint64_t(seq) + 1 || uint32_t(device::loadAcquire(word) >> 32) == seq + 1;
+        return peers.read(r, kSigCombineAck) >= (uint64_t(seq) + 1) * ll::ackPerCall<Net>() ||
+               uint32_t(device::loadAcquire(word) >> 32) == seq + 1;
       },
       c.timeoutNs, err, kPhaseLLCombineRecv, r, int32_t(seq + 1));
 }
 
 
-// `arrive`: the send half counts its own blocks' arrival (a send-only launch); in a launch with
-// the receive half, that half's arrival also ends the send half's call, and the rows each rank
-// returns are worked out here, while the first loads are in flight.
+// `ends`: a send-only launch, where this half ends the block's call; in a launch with the receive
+// half, that half ends both, and the rows each rank returns are worked out here, while the first
+// loads are in flight.
 template <class Net>
-__device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arrive) {
+__device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool ends) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineSendSeq);
+  const uint32_t seq = ll::blockCalls(c, kHalfCombineSend);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
@@ -187,11 +190,12 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
         [&](int r, int, int start) { s.start[r] = start; });
     if (lane == 0) s.start[R] = total;
   }
-  if (!arrive) expectRows(p, s, 2);
+  if (!ends) expectRows(p, s, 2);
   if (tid < R) s.chunksTo[tid] = 0;
   bool acked = true;
-  if (tid < R && seq >= 2 && ackSeen < uint64_t(seq - 1))
-    acked = peers.wait(tid, kSigCombineAck, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend);
+  const uint64_t ackedCalls = uint64_t(seq - 1) * ll::ackPerCall<Net>();
+  if (tid < R && seq >= 2 && ackSeen < ackedCalls)
+    acked = peers.wait(tid, kSigCombineAck, ackedCalls, c.timeoutNs, err, kPhaseLLCombineSend);
   // The barrier also orders each acknowledgement before every thread's stores to that rank.
   bool failed = __syncthreads_or(!acked);
   if (blockIdx.x == 0 && !failed) {
@@ -264,13 +268,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
   __syncthreads();
   if (tid < R && s.chunksTo[tid] > 0) peers.signal(tid, kSigCombineData + int(parity), s.chunksTo[tid]);
   if (tid == 0) s.sendSeq = seq;
-  if (!arrive) return;
-  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
-  __syncthreads();
-  if (s.last && tid == 0) {
-    state->blocksDone[2] = 0;
-    state->combineSendSeq = seq + 1;
-  }
+  if (ends && tid == 0) ll::endBlockCall(c, kHalfCombineSend, seq);
 }
 
 // `endsSend`: a fused launch, whose send half's call (s.sendSeq) this half's arrival ends too, and
@@ -282,7 +280,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineRecvSeq);
+  const uint32_t seq = ll::blockCalls(c, kHalfCombineRecv);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens;
   const int tid = threadIdx.x;
@@ -322,21 +320,34 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   }
 
   __syncthreads();
-  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[3], gridDim.x);
-  __syncthreads();
-  if (!s.last) return;
   if (tid == 0) {
-    state->blocksDone[3] = 0;
-    state->combineRecvSeq = seq + 1;
-    if (endsSend) state->combineSendSeq = s.sendSeq + 1;
+    ll::endBlockCall(c, kHalfCombineRecv, seq);
+    if (endsSend) ll::endBlockCall(c, kHalfCombineSend, s.sendSeq);
   }
   // Everything r added to the signal in this parity is ours to count: its rows of this call (or
   // its rejection), and rejections of earlier calls; its next call here waits for our ack. The
-  // value that ended our wait has it all (r adds nothing more here before that ack); a rejecting
-  // rank, which waited for acknowledgements instead, reads the signal now.
-  if (tid < R) {
+  // value that ended a block's wait has it all (r adds nothing more here before that ack); a
+  // rejecting rank, which waited for acknowledgements instead, reads the signal now. One block
+  // stores the marks: block 0 where each block acknowledges for itself (this parity's next call,
+  // a later kernel, reads them), else the last to arrive.
+  auto storeMark = [&] {
     *ll::receivedMark(c, 1, parity, tid) =
         p.rejectCode != 0 ? peers.read(tid, kSigCombineData + int(parity)) : s.seen[tid];
+  };
+  if constexpr (!Net::kCrossesNodes) {
+    // This block has read its rows (the barrier above followed its last loads of them).
+    if (tid < R) {
+      if (blockIdx.x == 0) storeMark();
+      peers.signalRelaxed(tid, kSigCombineAck, ll::ackShare());
+    }
+    return;
+  }
+  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[kHalfCombineRecv], gridDim.x);
+  __syncthreads();
+  if (!s.last) return;
+  if (tid == 0) state->blocksDone[kHalfCombineRecv] = 0;
+  if (tid < R) {
+    storeMark();
     peers.signal(tid, kSigCombineAck, 1);
   }
 }
