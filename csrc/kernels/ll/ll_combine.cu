@@ -219,7 +219,9 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool end
   parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
   const int perPart = (chunks + parts - 1) / parts;
   const int4* rows = static_cast<const int4*>(p.expertOut);
-  for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
+  // Block 0 takes the last items: it first sent the weights' signal (a release each).
+  const int order = (int(blockIdx.x) + int(gridDim.x) - 1) % int(gridDim.x);
+  for (int item = warp * gridDim.x + order; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;
     const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
