@@ -416,17 +416,19 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   const int tid = threadIdx.x;
 
   stamp(p, kTraceSendStart);
+  // The block's first step issues every load it needs before any of them is waited for: the call
+  // number, the block's first token (ids, weights, row), the window base of each peer on our node
+  // (kept in a register: storing it to shared memory now would stall this thread's next loads
+  // behind it), and last the acknowledgements (an acquire: the thread's later loads would wait
+  // for it). Parity `parity` of a destination still holds our call seq-2 until it acknowledged it;
+  // the acknowledgements are checked after the counting or the first token's ranking (neither
+  // touches a peer), so the round trips overlap.
   const uint32_t seq = ll::blockCalls(c, kHalfDispatchSend);
   const uint32_t parity = seq & 1u;
-  // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it. The
-  // acknowledgement is read now, beside the sequence number, and checked after the counting or
-  // the first token's ranking (neither touches a peer), so the round trips overlap.
-  const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
-  // Loaded with the acknowledgements (the same round trip): where our messages go on our node, and
-  // the block's first token (its ids, weights and row).
-  if (tid < R && !peers.viaNet(tid)) flags.lsaBases[tid] = peers.net.lsa.peerBase(tid);
   TokenInputs in;
   if (int(blockIdx.x) < p.numTokens) loadToken(p, blockIdx.x, in);
+  char* const lsaBase = tid < R && !peers.viaNet(tid) ? peers.net.lsa.peerBase(tid) : nullptr;
+  const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
   // Waited for (when not yet seen) by a block before its first store to a peer; true when a
   // destination never acknowledged: the block then sends nothing. The barrier also orders each
   // acknowledgement before every thread's stores to that destination.
@@ -447,6 +449,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
     const Totals totals = carveTotals(smem, c.numExperts);
     countTotals(p, totals, err);
     stamp(p, kTraceLoaded);
+    if (tid < R) flags.lsaBases[tid] = lsaBase;  // read after ackFailed's barrier
     failed = ackFailed();
     if (!failed) {
       const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
@@ -465,7 +468,10 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
     }
   }
 
-  if (tid < R) flags.sentTo[tid] = 0;
+  if (tid < R) {
+    flags.sentTo[tid] = 0;
+    flags.lsaBases[tid] = lsaBase;  // read after rankToken's barriers
+  }
   for (int b = blockIdx.x; !failed && b < p.numTokens; b += gridDim.x) {
     rankToken(p, b, in, flags.ranks);
     TokenInputs next;  // loads while this token is sent
