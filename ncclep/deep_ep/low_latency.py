@@ -115,6 +115,12 @@ class LLPlan:
             view = self._ones_by_tokens[tokens] = self._ones[:tokens]
         return view
 
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, w: torch.Tensor, send_only: bool) -> Any:
+        """The group's ``ll_dispatch`` in this plan's format (``send_only``: a hook's send half)."""
+        return self.group.ll_dispatch(
+            x, topk_idx, w, self.use_fp8, self.use_ue8m0, send_only, self.column_major, self.round_scale
+        )
+
     def placeholders(self) -> tuple[Any, torch.Tensor]:
         """``(recv_x, recv_count)`` for a hook to fill, as placeholders (:mod:`.deferred`)."""
         count = deferred.placeholder((self.local,), torch.int32, self.device)
@@ -273,9 +279,7 @@ class LowLatency:
         cuda = plan.cuda
         if cuda:
             streams.before(plan.index)
-        out = plan.group.ll_dispatch(
-            x, topk_idx, weights, plan.use_fp8, plan.use_ue8m0, False, plan.column_major, plan.round_scale
-        )
+        out = plan.dispatch(x, topk_idx, weights, False)
         if stats is None and not plan.use_fp8:
             recv_x, recv_count = out[0], out[2]
         else:
@@ -297,9 +301,7 @@ class LowLatency:
         streams = self.streams
         launch = streams.enter(plan.cuda, plan.index, None, True)
         try:
-            out = plan.group.ll_dispatch(
-                x, topk_idx, weights, plan.use_fp8, plan.use_ue8m0, False, plan.column_major, plan.round_scale
-            )
+            out = plan.dispatch(x, topk_idx, weights, False)
             recv_x, recv_count = self._outputs(plan, out, stats)  # type: ignore[arg-type]
             event = streams.finish(
                 launch, plan.cuda, plan.index, (x, topk_idx, weights, stats), (recv_x, recv_count, out[3])
@@ -331,9 +333,7 @@ class LowLatency:
         streams = self.streams
         if plan.cuda:
             streams.before(plan.index)
-        pending = plan.group.ll_dispatch(
-            x, topk_idx, weights, plan.use_fp8, plan.use_ue8m0, True, plan.column_major, plan.round_scale
-        )
+        pending = plan.dispatch(x, topk_idx, weights, True)
         if streams.record and plan.cuda:
             streams.after(plan.index)
         handle = LowLatencyHandle(plan, x.shape[0], None, topk_weights)
