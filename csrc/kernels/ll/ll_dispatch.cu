@@ -184,13 +184,7 @@ __device__ void rankToken(const LLDispatchParams& p, int b, const TokenInputs& i
   if (tid < 32) {
     // Lane k < K: choice k checked (an id out of range or a repeat is none; reported by the
     // counts block), its rank, and whether it is the token's first choice on that rank.
-    int e = tid < K && device::isExpertId(in.id, p.c.numExperts) ? int(in.id) : -1;
-    bool repeat = false;
-    for (int j = 0; j < K; ++j) {
-      const int other = __shfl_sync(kFullMask, e, j);  // every lane: a shuffle is warp-wide
-      repeat |= j < lane && e >= 0 && other == e;
-    }
-    e = repeat ? -1 : e;
+    const int e = device::warpCheckedChoice(tid < K ? in.id : -1, K, p.c.numExperts, lane);
     const int d = e >= 0 ? rankOf.of(e) : -1;
     bool first = d >= 0;
     for (int j = 0; j < K; ++j) {
