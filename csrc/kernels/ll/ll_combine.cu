@@ -44,6 +44,11 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 static_assert(3 * kLLMaxRanks <= kLLThreads, "three threads per rank in the receive's first step");
 
+constexpr int kChoicesAtOnce = 8;  // send: experts' rows of one token loaded before they are summed
+constexpr int kSourcesAtOnce = 8;  // receive: ranks' rows of one token loaded before they are summed
+static_assert(kLLMaxTopk % kChoicesAtOnce == 0, "whole batches of choices");
+constexpr int kMaxParts = 32;      // send: warps sharing one message's row
+
 struct CombineShared {
   int start[kLLMaxRanks + 1];
   int chunksTo[kLLMaxRanks];  // send: 16-byte chunks this block stored for each rank
@@ -211,8 +216,12 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
   const int total = failed ? 0 : s.start[R];
   const int chunks = p.hidden / 8;
   const int warps = int(gridDim.x) * numWarps;
+  // Up to kMaxParts warps per message where warps are plentiful (few tokens): a lane's chunks are
+  // summed one at a time (below), so fewer chunks per lane is a shorter chain. A part is also a
+  // put across the network: there parts stay an eighth of a row or more.
+  const int maxParts = Net::kCrossesNodes ? 8 : kMaxParts;
   int parts = total > 0 ? warps / total : 1;
-  parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
+  parts = parts < 1 ? 1 : (parts > maxParts ? maxParts : parts);
   const int perPart = (chunks + parts - 1) / parts;
   const int4* rows = static_cast<const int4*>(p.expertOut);
   for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
@@ -236,21 +245,24 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
     const size_t stageOffset = l.stageCombine + ((size_t(parity) * R + r) * T + size_t(j)) * l.combineMsgBytes;
     int4* dst = peers.template target<int4>(r, dstOffset, stageOffset);
     const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
-    // kUnroll chunks per lane at once, so that many loads are in flight.
-    constexpr int kUnroll = 4;
-    for (int i = begin + lane; i < end; i += 32 * kUnroll) {
-      float acc[kUnroll][8] = {};
+    // A lane's chunk of kChoicesAtOnce choices' rows is loaded before any of them is summed: one
+    // memory round trip per batch of choices, not one per choice (summing each as it arrived made
+    // a chain of round trips as long as the token's choices on this rank). The sum stays in
+    // choice order, the reference's.
+    for (int i = begin + lane; i < end; i += 32) {
+      float acc[8] = {};
 #pragma unroll
-      for (int k = 0; k < kLLMaxTopk; ++k) {
-        if (k >= KM || rowK[k] < 0) continue;
-        const int4* src = rows + int64_t(rowK[k]) * chunks + i;
+      for (int k0 = 0; k0 < kLLMaxTopk; k0 += kChoicesAtOnce) {
+        if (k0 >= KM) break;
+        int4 v[kChoicesAtOnce];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (i + u * 32 < end) device::fmaBf16x8(acc[u], src[u * 32], weightK[k]);
+        for (int u = 0; u < kChoicesAtOnce; ++u)
+          if (k0 + u < KM && rowK[k0 + u] >= 0) v[u] = rows[int64_t(rowK[k0 + u]) * chunks + i];
+#pragma unroll
+        for (int u = 0; u < kChoicesAtOnce; ++u)
+          if (k0 + u < KM && rowK[k0 + u] >= 0) device::fmaBf16x8(acc, v[u], weightK[k0 + u]);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * 32 < end) dst[i + u * 32] = device::packBf16x8(acc[u]);
+      dst[i] = device::packBf16x8(acc);
     }
     if (lane == 0 && end > begin) atomicAdd(&s.chunksTo[r], end - begin);
     if (peers.viaNet(r) && begin < end) {
@@ -311,11 +323,22 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
     const int* sendSlots = p.sendSlots + int64_t(b) * R;
     for (int i = tid; i < chunks; i += blockDim.x) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int d = 0; d < R; ++d) {
-        const int slot = sendSlots[d];
-        if (slot < 0 || s.rejected[d]) continue;
-        const int4* src = reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes);
-        device::fmaBf16x8(acc, device::loadCg(src + i), 1.0f);
+      // The chunks of kSourcesAtOnce ranks loaded before any is summed (one round trip per batch,
+      // not per rank); summed in rank order.
+      for (int d0 = 0; d0 < R; d0 += kSourcesAtOnce) {
+        int4 v[kSourcesAtOnce];
+        bool have[kSourcesAtOnce];
+#pragma unroll
+        for (int u = 0; u < kSourcesAtOnce; ++u) {
+          const int d = d0 + u;
+          const int slot = d < R ? sendSlots[d] : -1;
+          have[u] = slot >= 0 && !s.rejected[d];
+          if (have[u])
+            v[u] = device::loadCg(reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes) + i);
+        }
+#pragma unroll
+        for (int u = 0; u < kSourcesAtOnce; ++u)
+          if (have[u]) device::fmaBf16x8(acc, v[u], 1.0f);
       }
       static_cast<int4*>(p.out)[int64_t(b) * chunks + i] = device::packBf16x8(acc);
     }
