@@ -111,7 +111,12 @@ __device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net
       if (slot < 0) continue;
       float* entry = peers.template target<float>(d, l.weightsAt(l.combineWeights, parity, c.rank, slot),
                                                    l.weightsAt(l.stageCombineWeights, parity, d, slot));
-      for (int k = 0; k < KM; ++k) entry[k] = k < K ? p.topkWeights[int64_t(b) * K + k] : 0.0f;
+      float weight[kLLMaxTopk];  // all loaded before any is stored: one round trip, not one per four
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k) weight[k] = k < K ? p.topkWeights[int64_t(b) * K + k] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k)
+        if (k < KM) entry[k] = weight[k];
     }
     __syncthreads();
     for (int d = warp; d < R; d += numWarps) {  // the network peers' entries, every slot we hold
