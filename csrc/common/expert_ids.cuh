@@ -39,21 +39,24 @@ __device__ __forceinline__ int dropRepeat(int token, bool report, const ErrorSin
   return -1;
 }
 
-// A warp per token: the checked expert of choice `lane` (< topk) of token b, -1 elsewhere.
-// Silent: for kernels that read ids a layout step already reported.
-__device__ __forceinline__ int warpTokenExpert(const void* idx, int idx64, int b, int topk, int numExperts,
-                                               int lane) {
-  int e = -1;
-  if (lane < topk) {
-    const int64_t raw = loadExpertId(idx, idx64, int64_t(b) * topk + lane);
-    if (isExpertId(raw, numExperts)) e = int(raw);
-  }
+// A warp per token, lane k < topk holding choice k's raw id (the other lanes' `raw` is ignored):
+// the checked expert of that choice, -1 elsewhere. Every lane must call it (warp shuffles).
+// Silent: for kernels whose ids another step reports.
+__device__ __forceinline__ int warpCheckedChoice(int64_t raw, int topk, int numExperts, int lane) {
+  const int e = lane < topk && isExpertId(raw, numExperts) ? int(raw) : -1;
   bool repeat = false;
   for (int j = 0; j < topk; ++j) {
     const int other = __shfl_sync(0xffffffffu, e, j);
     repeat |= j < lane && e >= 0 && other == e;
   }
   return repeat ? -1 : e;
+}
+
+// The same for token b, its ids loaded here.
+__device__ __forceinline__ int warpTokenExpert(const void* idx, int idx64, int b, int topk, int numExperts,
+                                               int lane) {
+  const int64_t raw = lane < topk ? loadExpertId(idx, idx64, int64_t(b) * topk + lane) : -1;
+  return warpCheckedChoice(raw, topk, numExperts, lane);
 }
 
 // A lane per token: experts[k] = the checked expert of choice k < topk of token b (KM >= topk),

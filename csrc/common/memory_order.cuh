@@ -37,6 +37,11 @@ __device__ __forceinline__ void addRelease(uint64_t* ptr, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
+// Adds to a counter another GPU reads, ordered after nothing: for a count that publishes no data.
+__device__ __forceinline__ void addRelaxed(uint64_t* ptr, uint64_t value) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
 // Counts blocks that finished a phase; true in exactly one (the last) block's caller thread.
 // Acquire-release at GPU scope, so the last block sees everything the others did before arriving:
 // release is cumulative, so one thread's arrival after a barrier covers its block (no fence first).

@@ -265,6 +265,9 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->deviceSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
+  if (g->config.mode != NCCLEP_MODE_HT && groupKernelSms(g) > kLLMaxBlocks)
+    return setError(ncclepInvalidArgument, "the LL kernels run on %d SMs, more than their limit %d (set numSms)",
+                    groupKernelSms(g), kLLMaxBlocks);
   // The config's virtualNodes wins; C programs may also set NCCLEP_VIRTUAL_NODES.
   if (g->config.virtualNodes > 1) {
     g->virtualNodes = g->config.virtualNodes;

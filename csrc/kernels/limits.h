@@ -14,6 +14,7 @@ constexpr int kLLMaxExperts = 4096;
 // token's ranks in 16-bit halves of one word, so the token count must stay below 2^16).
 constexpr int kLLMaxEntries = 16384;
 constexpr int kLLHiddenMultiple = 128;  // one fp8 scale block
+constexpr int kLLMaxBlocks = 1024;      // the LL kernels' grid (each block keeps its own call numbers)
 
 constexpr int kHTMaxTopk = 32;   // one warp lane per top-k choice
 constexpr int kHTMaxRanks = 32;  // one warp lane per rank

@@ -36,6 +36,11 @@ struct Lsa {
   __device__ __forceinline__ void signalAdd(int peer, size_t offset, uint64_t value) const {
     device::addRelease(peerPtr<uint64_t>(peer, offset), value);
   }
+
+  // The same add, relaxed: it publishes nothing.
+  __device__ __forceinline__ void signalAddRelaxed(int peer, size_t offset, uint64_t value) const {
+    device::addRelaxed(peerPtr<uint64_t>(peer, offset), value);
+  }
 };
 
 }  // namespace transport

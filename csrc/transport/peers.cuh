@@ -5,6 +5,7 @@
 //                                             is written: there itself, or our staging copy
 //   put(peer, dst, stage, bytes, thread, n)   sends a staged message (nothing to do for LSA peers)
 //   signal(peer, kind, value)                 adds `value` to our signal of `kind` at the peer
+//   signalRelaxed(peer, kind, value)          the same for a signal that publishes nothing
 //   wait(peer, kind, least, ...)              waits until the peer's signal of `kind` reaches `least`
 //   read(peer, kind)                          the peer's signal of `kind` now
 //
@@ -76,6 +77,14 @@ struct Peers {
   __device__ __forceinline__ void signal(int peer, int kind, uint64_t value) const {
     if (viaNet(peer)) net.signalAdd(peer, signals.index(kind, rank), signals.counterAt(kind, rank), value);
     else net.lsa.signalAdd(peer, signals.counterAt(kind, rank), value);
+  }
+
+  // For a signal that publishes no data (an acknowledgement: our reads of the peer's data returned,
+  // so its next stores cannot change what we read): relaxed for LSA peers. A network signal stays
+  // what signal() sends.
+  __device__ __forceinline__ void signalRelaxed(int peer, int kind, uint64_t value) const {
+    if (viaNet(peer)) net.signalAdd(peer, signals.index(kind, rank), signals.counterAt(kind, rank), value);
+    else net.lsa.signalAddRelaxed(peer, signals.counterAt(kind, rank), value);
   }
 
   // Acquires the signal: what the peer published before adding to it is visible after a true.

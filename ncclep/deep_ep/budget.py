@@ -16,7 +16,7 @@ DEFAULT_LL_MAX_TOPK = 16  # the LL kernels' largest top-k, when the extension ca
 CONTROL_BYTES = 64 << 10  # csrc/core/buffer_plan.h kControlBytes
 WINDOW_GRANULARITY = 2 << 20  # csrc/core/buffer_plan.h kWindowGranularity
 REGION_ALIGN = 256
-LL_STATE_BYTES = 36  # sizeof(LLState)
+LL_STATE_BYTES = 4 * 4 * 1024 + 4 * 4 + 4  # sizeof(LLState): calls[4][kLLMaxBlocks], blocksDone[4], aborted
 LL_SIGNAL_KINDS = 8
 
 

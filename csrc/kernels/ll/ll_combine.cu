@@ -2,8 +2,8 @@
 //
 // Send (on each expert rank): for every token received from source r in slot j, sum its local
 // experts' rows times their weights in fp32 and put one bf16 row into slot j of r's combine area
-// for us (a warp per part of a row; staged and put when r is across the network). The last block
-// to finish signals every rank, tokens or not.
+// for us (a warp per part of a row; staged and put when r is across the network). Each block
+// signals each rank the chunks it stored there.
 //
 // Weights given to the combine (p.topk > 0, also on a rank without tokens: p.topkWeights, on the
 // token's rank) replace the dispatch's: first, block 0 of every rank stores its tokens' weights
@@ -15,8 +15,10 @@
 // its send half of seq - 2 read them.
 //
 // Receive (on the token's rank): wait for every rank's signal, then out[b] = sum over ranks d of
-// the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; the last block
-// sets each rank's mark to its signal and acknowledges it so it may reuse the parity.
+// the row from d at slot send_slots[b, d], in rank order in fp32, written as bf16; then each rank's
+// mark is set to its signal and the rank is acknowledged, so that it may reuse the parity: by each
+// block for itself in a group with no network peer, else by the last block (ll_layout.h,
+// kLLAckPerCall).
 //
 // A rank that rejected the call (p.rejectCode) sends no row: after the usual wait for the parity,
 // it stores its `rejects` word ((epoch << 32) | reject word) at each rank, then adds kLLRejectAdd to
@@ -44,6 +46,11 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 static_assert(3 * kLLMaxRanks <= kLLThreads, "three threads per rank in the receive's first step");
 
+constexpr int kChoicesAtOnce = 8;  // send: experts' rows of one token loaded before they are summed
+constexpr int kSourcesAtOnce = 8;  // receive: ranks' rows of one token loaded before they are summed
+static_assert(kLLMaxTopk % kChoicesAtOnce == 0, "whole batches of choices");
+constexpr int kMaxParts = 32;      // send: warps sharing one message's row
+
 struct CombineShared {
   int start[kLLMaxRanks + 1];
   int chunksTo[kLLMaxRanks];  // send: 16-byte chunks this block stored for each rank
@@ -51,7 +58,7 @@ struct CombineShared {
   int rejected[kLLMaxRanks];  // receive: the rank rejected this call (its rows count as none)
   uint64_t mark[kLLMaxRanks];  // receive: our received-data mark of each rank in this parity
   uint64_t seen[kLLMaxRanks];  // receive: each rank's data signal (acquired), last read
-  uint32_t sendSeq;            // the send half's call, for the receive half's arrival in a fused launch
+  uint32_t sendSeq;            // the send half's call, ended by the receive half in a fused launch
   bool last;
 };
 
@@ -106,7 +113,12 @@ __device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net
       if (slot < 0) continue;
       float* entry = peers.template target<float>(d, l.weightsAt(l.combineWeights, parity, c.rank, slot),
                                                    l.weightsAt(l.stageCombineWeights, parity, d, slot));
-      for (int k = 0; k < KM; ++k) entry[k] = k < K ? p.topkWeights[int64_t(b) * K + k] : 0.0f;
+      float weight[kLLMaxTopk];  // all loaded before any is stored: one round trip, not one per four
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k) weight[k] = k < K ? p.topkWeights[int64_t(b) * K + k] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kLLMaxTopk; ++k)
+        if (k < KM) entry[k] = weight[k];
     }
     __syncthreads();
     for (int d = warp; d < R; d += numWarps) {  // the network peers' entries, every slot we hold
@@ -157,23 +169,24 @@ __device__ bool waitPeerDoneWithCall(const LLCombineParams& p, const transport::
       reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, seq & 1u, r));
   return device::waitUntil<device::SignalBackoff>(
       [&] {
-        return peers.read(r, kSigCombineAck) >= uint64_t(seq) + 1 || uint32_t(device::loadAcquire(word) >> 32) == seq + 1;
+        return peers.read(r, kSigCombineAck) >= (uint64_t(seq) + 1) * ll::ackPerCall<Net>() ||
+               uint32_t(device::loadAcquire(word) >> 32) == seq + 1;
       },
       c.timeoutNs, err, kPhaseLLCombineRecv, r, int32_t(seq + 1));
 }
 
 
-// `arrive`: the send half counts its own blocks' arrival (a send-only launch); in a launch with
-// the receive half, that half's arrival also ends the send half's call, and the rows each rank
-// returns are worked out here, while the first loads are in flight.
+// `ends`: a send-only launch, where this half ends the block's call; in a launch with the receive
+// half, that half ends both, and the rows each rank returns are worked out here, while the first
+// loads are in flight.
 template <class Net>
-__device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arrive) {
+__device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool ends) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineSendSeq);
+  const uint32_t seq = ll::blockCalls(c, kHalfCombineSend);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
@@ -187,11 +200,12 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
         [&](int r, int, int start) { s.start[r] = start; });
     if (lane == 0) s.start[R] = total;
   }
-  if (!arrive) expectRows(p, s, 2);
+  if (!ends) expectRows(p, s, 2);
   if (tid < R) s.chunksTo[tid] = 0;
   bool acked = true;
-  if (tid < R && seq >= 2 && ackSeen < uint64_t(seq - 1))
-    acked = peers.wait(tid, kSigCombineAck, seq - 1, c.timeoutNs, err, kPhaseLLCombineSend);
+  const uint64_t ackedCalls = uint64_t(seq - 1) * ll::ackPerCall<Net>();
+  if (tid < R && seq >= 2 && ackSeen < ackedCalls)
+    acked = peers.wait(tid, kSigCombineAck, ackedCalls, c.timeoutNs, err, kPhaseLLCombineSend);
   // The barrier also orders each acknowledgement before every thread's stores to that rank.
   bool failed = __syncthreads_or(!acked);
   if (blockIdx.x == 0 && !failed) {
@@ -211,11 +225,17 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
   const int total = failed ? 0 : s.start[R];
   const int chunks = p.hidden / 8;
   const int warps = int(gridDim.x) * numWarps;
+  // Up to kMaxParts warps per message where warps are plentiful (few tokens): a lane's chunks are
+  // summed one at a time (below), so fewer chunks per lane is a shorter chain. A part is also a
+  // put across the network: there parts stay an eighth of a row or more.
+  const int maxParts = Net::kCrossesNodes ? 8 : kMaxParts;
   int parts = total > 0 ? warps / total : 1;
-  parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
+  parts = parts < 1 ? 1 : (parts > maxParts ? maxParts : parts);
   const int perPart = (chunks + parts - 1) / parts;
   const int4* rows = static_cast<const int4*>(p.expertOut);
-  for (int item = warp * gridDim.x + blockIdx.x; item < total * parts; item += warps) {
+  // Block 0 takes the last items: it first sent the weights' signal (a release each).
+  const int order = (int(blockIdx.x) + int(gridDim.x) - 1) % int(gridDim.x);
+  for (int item = warp * gridDim.x + order; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;
     const int r = ll::sourceOf(s.start, R, m);
     const int j = m - s.start[r];
@@ -236,21 +256,24 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
     const size_t stageOffset = l.stageCombine + ((size_t(parity) * R + r) * T + size_t(j)) * l.combineMsgBytes;
     int4* dst = peers.template target<int4>(r, dstOffset, stageOffset);
     const int begin = part * perPart, end = begin + perPart < chunks ? begin + perPart : chunks;
-    // kUnroll chunks per lane at once, so that many loads are in flight.
-    constexpr int kUnroll = 4;
-    for (int i = begin + lane; i < end; i += 32 * kUnroll) {
-      float acc[kUnroll][8] = {};
+    // A lane's chunk of kChoicesAtOnce choices' rows is loaded before any of them is summed: one
+    // memory round trip per batch of choices, not one per choice (summing each as it arrived made
+    // a chain of round trips as long as the token's choices on this rank). The sum stays in
+    // choice order, the reference's.
+    for (int i = begin + lane; i < end; i += 32) {
+      float acc[8] = {};
 #pragma unroll
-      for (int k = 0; k < kLLMaxTopk; ++k) {
-        if (k >= KM || rowK[k] < 0) continue;
-        const int4* src = rows + int64_t(rowK[k]) * chunks + i;
+      for (int k0 = 0; k0 < kLLMaxTopk; k0 += kChoicesAtOnce) {
+        if (k0 >= KM) break;
+        int4 v[kChoicesAtOnce];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          if (i + u * 32 < end) device::fmaBf16x8(acc[u], src[u * 32], weightK[k]);
+        for (int u = 0; u < kChoicesAtOnce; ++u)
+          if (k0 + u < KM && rowK[k0 + u] >= 0) v[u] = rows[int64_t(rowK[k0 + u]) * chunks + i];
+#pragma unroll
+        for (int u = 0; u < kChoicesAtOnce; ++u)
+          if (k0 + u < KM && rowK[k0 + u] >= 0) device::fmaBf16x8(acc, v[u], weightK[k0 + u]);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * 32 < end) dst[i + u * 32] = device::packBf16x8(acc[u]);
+      dst[i] = device::packBf16x8(acc);
     }
     if (lane == 0 && end > begin) atomicAdd(&s.chunksTo[r], end - begin);
     if (peers.viaNet(r) && begin < end) {
@@ -264,13 +287,7 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool arr
   __syncthreads();
   if (tid < R && s.chunksTo[tid] > 0) peers.signal(tid, kSigCombineData + int(parity), s.chunksTo[tid]);
   if (tid == 0) s.sendSeq = seq;
-  if (!arrive) return;
-  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[2], gridDim.x);
-  __syncthreads();
-  if (s.last && tid == 0) {
-    state->blocksDone[2] = 0;
-    state->combineSendSeq = seq + 1;
-  }
+  if (ends && tid == 0) ll::endBlockCall(c, kHalfCombineSend, seq);
 }
 
 // `endsSend`: a fused launch, whose send half's call (s.sendSeq) this half's arrival ends too, and
@@ -282,7 +299,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->combineRecvSeq);
+  const uint32_t seq = ll::blockCalls(c, kHalfCombineRecv);
   const uint32_t parity = seq & 1u;
   const int R = c.nRanks, T = l.maxTokens;
   const int tid = threadIdx.x;
@@ -311,32 +328,56 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
     const int* sendSlots = p.sendSlots + int64_t(b) * R;
     for (int i = tid; i < chunks; i += blockDim.x) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int d = 0; d < R; ++d) {
-        const int slot = sendSlots[d];
-        if (slot < 0 || s.rejected[d]) continue;
-        const int4* src = reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes);
-        device::fmaBf16x8(acc, device::loadCg(src + i), 1.0f);
+      // The chunks of kSourcesAtOnce ranks loaded before any is summed (one round trip per batch,
+      // not per rank); summed in rank order.
+      for (int d0 = 0; d0 < R; d0 += kSourcesAtOnce) {
+        int4 v[kSourcesAtOnce];
+        bool have[kSourcesAtOnce];
+#pragma unroll
+        for (int u = 0; u < kSourcesAtOnce; ++u) {
+          const int d = d0 + u;
+          const int slot = d < R ? sendSlots[d] : -1;
+          have[u] = slot >= 0 && !s.rejected[d];
+          if (have[u])
+            v[u] = device::loadCg(reinterpret_cast<const int4*>(slots + (size_t(d) * T + slot) * l.combineMsgBytes) + i);
+        }
+#pragma unroll
+        for (int u = 0; u < kSourcesAtOnce; ++u)
+          if (have[u]) device::fmaBf16x8(acc, v[u], 1.0f);
       }
       static_cast<int4*>(p.out)[int64_t(b) * chunks + i] = device::packBf16x8(acc);
     }
   }
 
   __syncthreads();
-  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[3], gridDim.x);
-  __syncthreads();
-  if (!s.last) return;
   if (tid == 0) {
-    state->blocksDone[3] = 0;
-    state->combineRecvSeq = seq + 1;
-    if (endsSend) state->combineSendSeq = s.sendSeq + 1;
+    ll::endBlockCall(c, kHalfCombineRecv, seq);
+    if (endsSend) ll::endBlockCall(c, kHalfCombineSend, s.sendSeq);
   }
   // Everything r added to the signal in this parity is ours to count: its rows of this call (or
   // its rejection), and rejections of earlier calls; its next call here waits for our ack. The
-  // value that ended our wait has it all (r adds nothing more here before that ack); a rejecting
-  // rank, which waited for acknowledgements instead, reads the signal now.
-  if (tid < R) {
+  // value that ended a block's wait has it all (r adds nothing more here before that ack); a
+  // rejecting rank, which waited for acknowledgements instead, reads the signal now. One block
+  // stores the marks: block 0 where each block acknowledges for itself (this parity's next call,
+  // a later kernel, reads them), else the last to arrive.
+  auto storeMark = [&] {
     *ll::receivedMark(c, 1, parity, tid) =
         p.rejectCode != 0 ? peers.read(tid, kSigCombineData + int(parity)) : s.seen[tid];
+  };
+  if constexpr (!Net::kCrossesNodes) {
+    // This block has read its rows (the barrier above followed its last loads of them).
+    if (tid < R) {
+      if (blockIdx.x == 0) storeMark();
+      peers.signalRelaxed(tid, kSigCombineAck, ll::ackShare());
+    }
+    return;
+  }
+  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[kHalfCombineRecv], gridDim.x);
+  __syncthreads();
+  if (!s.last) return;
+  if (tid == 0) state->blocksDone[kHalfCombineRecv] = 0;
+  if (tid < R) {
+    storeMark();
     peers.signal(tid, kSigCombineAck, 1);
   }
 }

@@ -14,8 +14,9 @@
 // Receive: wait for every source's counts; a local expert's rows start, for source r, after the
 // rows of sources < r (prefix over the per-expert counts), so rows are ordered by source rank and
 // then token index, the reference backend's order. Warps copy the messages into the rows of
-// their local experts as each source's messages land, and record the handle; the last block
-// acknowledges each source.
+// their local experts as each source's messages land, and record the handle; then each source is
+// acknowledged: by each block for itself in a group with no network peer, else by the last block
+// (ll_layout.h, kLLAckPerCall). Each block keeps its own call numbers (LLState).
 //
 // A rank that rejected the call (p.rejectCode) sends no token and, in place of its token total for
 // each destination, the reject word (reject.h): a negative count, which its peers record as that
@@ -183,13 +184,7 @@ __device__ void rankToken(const LLDispatchParams& p, int b, const TokenInputs& i
   if (tid < 32) {
     // Lane k < K: choice k checked (an id out of range or a repeat is none; reported by the
     // counts block), its rank, and whether it is the token's first choice on that rank.
-    int e = tid < K && device::isExpertId(in.id, p.c.numExperts) ? int(in.id) : -1;
-    bool repeat = false;
-    for (int j = 0; j < K; ++j) {
-      const int other = __shfl_sync(kFullMask, e, j);  // every lane: a shuffle is warp-wide
-      repeat |= j < lane && e >= 0 && other == e;
-    }
-    e = repeat ? -1 : e;
+    const int e = device::warpCheckedChoice(tid < K ? in.id : -1, K, p.c.numExperts, lane);
     const int d = e >= 0 ? rankOf.of(e) : -1;
     bool first = d >= 0;
     for (int j = 0; j < K; ++j) {
@@ -395,17 +390,17 @@ static_assert(4 * kLLMaxRanks <= kLLThreads, "a thread per rank (four per rank i
 
 struct SendFlags {
   bool last;
-  uint32_t sendSeq;  // the send half's call number, for the receive half's arrival in a fused launch
+  uint32_t sendSeq;  // the send half's call number, ended by the receive half in a fused launch
   char* msgs[kLLMaxTopk];
   TokenRanks ranks;
   int sentTo[kLLMaxRanks];       // messages this block sent to each rank
   char* lsaBases[kLLMaxRanks];  // the window's base at each rank on our node
 };
 
-// `arrive`: the send half counts its own blocks' arrival (a send-only launch); in a launch with
-// the receive half, that half's arrival also ends the send half's call.
+// `ends`: a send-only launch, where this half ends the block's call; in a launch with the receive
+// half, that half ends both.
 template <class Net>
-__device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& flags, bool arrive) {
+__device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& flags, bool ends) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
@@ -415,24 +410,27 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   const int tid = threadIdx.x;
 
   stamp(p, kTraceSendStart);
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchSendSeq);
+  // The block's first step issues every load it needs before any of them is waited for: the call
+  // number, the block's first token (ids, weights, row), the window base of each peer on our node
+  // (kept in a register: storing it to shared memory now would stall this thread's next loads
+  // behind it), and last the acknowledgements (an acquire: the thread's later loads would wait
+  // for it). Parity `parity` of a destination still holds our call seq-2 until it acknowledged it;
+  // the acknowledgements are checked after the counting or the first token's ranking (neither
+  // touches a peer), so the round trips overlap.
+  const uint32_t seq = ll::blockCalls(c, kHalfDispatchSend);
   const uint32_t parity = seq & 1u;
-  // Parity `parity` of a destination still holds our call seq-2 until it acknowledged it. The
-  // acknowledgement is read now, beside the sequence number, and checked after the counting or
-  // the first token's ranking (neither touches a peer), so the round trips overlap.
-  const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
-  // Loaded with the acknowledgements (the same round trip): where our messages go on our node, and
-  // the block's first token (its ids, weights and row).
-  if (tid < R && !peers.viaNet(tid)) flags.lsaBases[tid] = peers.net.lsa.peerBase(tid);
   TokenInputs in;
   if (int(blockIdx.x) < p.numTokens) loadToken(p, blockIdx.x, in);
+  char* const lsaBase = tid < R && !peers.viaNet(tid) ? peers.net.lsa.peerBase(tid) : nullptr;
+  const uint64_t ackSeen = tid < R ? peers.read(tid, kSigDispatchAck) : 0;
   // Waited for (when not yet seen) by a block before its first store to a peer; true when a
   // destination never acknowledged: the block then sends nothing. The barrier also orders each
   // acknowledgement before every thread's stores to that destination.
   auto ackFailed = [&] {
     bool acked = true;
-    if (tid < R && seq >= 2 && ackSeen < uint64_t(seq - 1))
-      acked = peers.wait(tid, kSigDispatchAck, seq - 1, c.timeoutNs, err, kPhaseLLDispatchSend);
+    const uint64_t ackedCalls = uint64_t(seq - 1) * ll::ackPerCall<Net>();
+    if (tid < R && seq >= 2 && ackSeen < ackedCalls)
+      acked = peers.wait(tid, kSigDispatchAck, ackedCalls, c.timeoutNs, err, kPhaseLLDispatchSend);
     const bool failed = __syncthreads_or(!acked);
     stamp(p, kTraceAcked);
     return failed;
@@ -445,6 +443,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
     const Totals totals = carveTotals(smem, c.numExperts);
     countTotals(p, totals, err);
     stamp(p, kTraceLoaded);
+    if (tid < R) flags.lsaBases[tid] = lsaBase;  // read after ackFailed's barrier
     failed = ackFailed();
     if (!failed) {
       const size_t countsAt = l.dispatchCounts + (size_t(parity) * R + c.rank) * l.countsBytes;
@@ -463,7 +462,10 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
     }
   }
 
-  if (tid < R) flags.sentTo[tid] = 0;
+  if (tid < R) {
+    flags.sentTo[tid] = 0;
+    flags.lsaBases[tid] = lsaBase;  // read after rankToken's barriers
+  }
   for (int b = blockIdx.x; !failed && b < p.numTokens; b += gridDim.x) {
     rankToken(p, b, in, flags.ranks);
     TokenInputs next;  // loads while this token is sent
@@ -484,14 +486,7 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   if (tid == 0) flags.sendSeq = seq;
   __syncthreads();
   stamp(p, kTraceArrived);
-  if (!arrive) return;
-  if (tid == 0) flags.last = device::arriveLast(&state->blocksDone[0], gridDim.x);
-  __syncthreads();
-  if (flags.last && tid == 0) {
-    state->blocksDone[0] = 0;
-    state->dispatchSendSeq = seq + 1;
-  }
-  stamp(p, kTraceSignaled);
+  if (ends && tid == 0) ll::endBlockCall(c, kHalfDispatchSend, seq);
 }
 
 // ------------------------------------------------------------------------------------------ receive
@@ -608,7 +603,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const RecvShared s = carveRecv(smem, R);
 
   stamp(p, kTraceRecvStart);
-  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(&state->dispatchRecvSeq);
+  const uint32_t seq = ll::blockCalls(c, kHalfDispatchRecv);
   const uint32_t parity = seq & 1u;
   auto counts = [&](int r) {
     return reinterpret_cast<const int*>(c.local + l.dispatchCounts + (size_t(parity) * R + r) * l.countsBytes);
@@ -752,14 +747,25 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   // A failed wait left messages uncopied: no acknowledgement (the group is closed after it).
   const bool failed = __syncthreads_or(!ok);
   stamp(p, kTraceCopied);
-  if (tid == 0) flags.last = !failed && device::arriveLast(&state->blocksDone[1], gridDim.x);
+  if (failed) return;
+  if (tid == 0) {
+    ll::endBlockCall(c, kHalfDispatchRecv, seq);
+    if (endsSend) ll::endBlockCall(c, kHalfDispatchSend, flags.sendSeq);
+  }
+  if constexpr (!Net::kCrossesNodes) {
+    // This block has read its messages (the barrier above followed its last loads of them): it
+    // acknowledges its share to every source itself. The marks are read by this parity's next
+    // call, a later kernel.
+    if (tid < R) {
+      if (blockIdx.x == 0) *ll::receivedMark(c, 0, parity, tid) = s.want[tid];
+      peers.signalRelaxed(tid, kSigDispatchAck, ll::ackShare());
+    }
+    return;
+  }
+  if (tid == 0) flags.last = device::arriveLast(&state->blocksDone[kHalfDispatchRecv], gridDim.x);
   __syncthreads();
   if (!flags.last) return;
-  if (tid == 0) {
-    state->blocksDone[1] = 0;
-    state->dispatchRecvSeq = seq + 1;
-    if (endsSend) state->dispatchSendSeq = flags.sendSeq + 1;
-  }
+  if (tid == 0) state->blocksDone[kHalfDispatchRecv] = 0;
   // Every block has read its messages: the sources may reuse this parity.
   if (tid < R) {
     *ll::receivedMark(c, 0, parity, tid) = s.want[tid];

@@ -2,7 +2,7 @@
 // the format of one dispatched token. Host code plans it; kernels read it.
 //
 // Window (offsets from the window base, each region 256-byte aligned):
-//   state            LLState: sequence numbers and block counters (local use only)
+//   state            LLState: each block's call numbers, block counters (local use only)
 //   signals          uint64 [kLLSignalKinds][R peers]: monotonic counters that peers add to
 //                    (LSA and the emulated network; GIN keeps its own signals, same indices)
 //   received         uint64 [2 ops][2 parities][R peers]: what the data signals held after our
@@ -29,6 +29,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/limits.h"
+
 namespace ncclep {
 
 // What a rank that rejected a combine adds to each peer's combine data signal instead of rows
@@ -41,7 +43,7 @@ constexpr uint64_t kLLRejectAdd = uint64_t(1) << kLLRejectShift;
 enum LLSignalKind : int {
   kSigDispatchCounts = 0,  // +1 per call: peer's counts for us (this call's parity) are in place
   kSigDispatchData = 1,    // 2 parities: +n per n of peer's messages that landed in that parity
-  kSigDispatchAck = 3,     // +1 per call: peer has read our messages, we may reuse the parity
+  kSigDispatchAck = 3,     // per call (see kLLAckPerCall): peer has read our messages, we may reuse the parity
   kSigCombineData = 4,     // 2 parities: +n per n 16-byte chunks of combined rows that landed
   kSigCombineAck = 6,
   kSigCombineWeights = 7,  // +1 per combine: peer's weights for its tokens here (if the call has
@@ -49,12 +51,19 @@ enum LLSignalKind : int {
   kLLSignalKinds = 8,
 };
 
+// What a call adds to each source's acknowledgement signal (kSigDispatchAck, kSigCombineAck). In a
+// group with no network peer each block acknowledges its sources as it finishes (no block waits
+// for the others' arrival): block 0 adds kLLAckPerCall - (blocks - 1), every other block 1, so a
+// call adds kLLAckPerCall whatever the rank's grid. Across the network the last block to arrive
+// adds 1 (one network signal per call, not one per block). ll_receive.cuh: ackPerCall.
+constexpr uint64_t kLLAckPerCall = uint64_t(1) << 16;  // > kLLMaxBlocks
+static_assert(kLLAckPerCall > uint64_t(kLLMaxBlocks), "block 0's share stays positive");
+
+enum LLHalf : int { kHalfDispatchSend = 0, kHalfDispatchRecv, kHalfCombineSend, kHalfCombineRecv };
+
 struct LLState {
-  uint32_t dispatchSendSeq;
-  uint32_t dispatchRecvSeq;
-  uint32_t combineSendSeq;
-  uint32_t combineRecvSeq;
-  uint32_t blocksDone[4];  // one arrival counter per phase (a fused launch counts in its receive's)
+  uint32_t calls[4][kLLMaxBlocks];  // [LLHalf][block]: the calls of that half this block finished
+  uint32_t blocksDone[4];  // one arrival counter per half (a fused launch counts in its receive's)
   uint32_t aborted;        // set with the error word: waiters poll this (device memory), not the
                            // host-mapped word, whose PCIe reads would slow every spin
 };

@@ -25,7 +25,7 @@ enum LLTraceStep : int {
   kTraceRouted,     // the block's first token ranked (its slots and rows known)
   kTraceSent,       // all the block's tokens stored
   kTraceArrived,    // after this block's data signals (each a release at system scope)
-  kTraceSignaled,   // after the send half's arrival count (a send-only launch)
+  kTraceSignaled,   // (not stamped: a send-only launch ends without an arrival count)
   kTraceRecvStart,
   kTraceFlagsSeen,  // every source's counts acquired (its data is awaited per warp)
   kTraceCopied,     // the block's messages copied into the outputs

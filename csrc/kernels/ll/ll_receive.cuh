@@ -8,6 +8,28 @@
 namespace ncclep {
 namespace ll {
 
+// What a completed call adds to each source's acknowledgement signal (ll_layout.h, kLLAckPerCall).
+template <class Net>
+__device__ __forceinline__ constexpr uint64_t ackPerCall() {
+  return Net::kCrossesNodes ? 1 : kLLAckPerCall;
+}
+
+// This block's share of a call's acknowledgement where every block acknowledges for itself.
+__device__ __forceinline__ uint64_t ackShare() {
+  return blockIdx.x == 0 ? kLLAckPerCall - (gridDim.x - 1) : 1;
+}
+
+// The calls of `half` (LLHalf) this block has finished: the number of the call it works on now.
+__device__ __forceinline__ uint32_t blockCalls(const LLCommon& c, int half) {
+  const LLState* state = reinterpret_cast<const LLState*>(c.local + c.layout.state);
+  return *reinterpret_cast<const volatile uint32_t*>(&state->calls[half][blockIdx.x]);
+}
+
+__device__ __forceinline__ void endBlockCall(const LLCommon& c, int half, uint32_t seq) {
+  LLState* state = reinterpret_cast<LLState*>(c.local + c.layout.state);
+  state->calls[half][blockIdx.x] = seq + 1;
+}
+
 // The received-data mark of (op, parity, peer): local, written only by our receive halves.
 __device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uint32_t parity, int peer) {
   return reinterpret_cast<uint64_t*>(c.local + c.layout.receivedAt(op, parity, peer));
