@@ -15,6 +15,23 @@ from dist_pool import DistPool
 
 _pools: dict[tuple[int, str], DistPool] = {}
 
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def cpu_process_env(*paths: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CPU test's subprocess, the same on any host: the repository (and
+    ``paths``) importable, one OpenMP thread, no launcher's variables, and no GPU visible (on a GPU
+    host the default backend would be CUDA, and two processes on one GPU fail)."""
+    env = {name: value for name, value in os.environ.items() if name not in LAUNCH_VARS}
+    env.update(
+        PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, *paths)),
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    env.update(extra)
+    return env
+
 
 def pool(world_size: int, backend: str = "gloo") -> DistPool:
     key = (world_size, backend)

@@ -5,7 +5,6 @@ table). A benchmark is not a timed test: nothing here asserts a speed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -14,22 +13,20 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import LAUNCH_VARS, ROOT, cpu_process_env
 
 from ncclep import _native
 from ncclep.bench import cli, report, timing
 from ncclep.bench.runner import Inputs, row_bytes, traffic
 from ncclep.bench.workloads import Case, case_routing, mask_entries
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tokens", "16", "--hidden", "256", "--experts", "8", "--topk", "4", "--iters", "3", "--warmup", "1"]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for var in LAUNCH_VARS:
-        env.pop(var, None)
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=cpu_process_env(), capture_output=True, text=True, timeout=240
+    )
 
 
 def _check_results(data: dict[str, Any], modes: set[str]) -> None:
@@ -102,9 +99,12 @@ def test_torchrun_json_to_stdout_and_one_token_moves_data(tmp_path: Path) -> Non
 
 
 @pytest.fixture
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+def cpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI in this process sees no launcher and no GPU, as on a CPU machine, whatever the host."""
     for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 def test_host_overhead_script_times_every_method(tmp_path: Path) -> None:
@@ -139,10 +139,8 @@ def test_host_overhead_script_times_every_method(tmp_path: Path) -> None:
     ],
 )
 def test_arguments_are_checked_against_each_other(
-    argv: list[str], message: str, no_launcher: None, capsys: pytest.CaptureFixture[str]
+    argv: list[str], message: str, cpu_host: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if "--backend" in argv and "cuda" in argv and torch.cuda.is_available():
-        pytest.skip("GPUs are visible")
     with pytest.raises(SystemExit) as exc:
         cli.parse_args(argv)
     assert exc.value.code == 2
@@ -150,7 +148,7 @@ def test_arguments_are_checked_against_each_other(
 
 
 def test_bad_arguments_fail_before_spawning(
-    no_launcher: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cpu_host: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def spawn(*_args: object) -> int:
         raise AssertionError("spawned processes with bad arguments")
@@ -170,7 +168,7 @@ def test_bad_arguments_fail_before_spawning(
     assert "pip install 'ncclep[plot]'" in capsys.readouterr().err
 
 
-def test_sms_sweep_arguments(no_launcher: None) -> None:
+def test_sms_sweep_arguments(cpu_host: None) -> None:
     assert cli.parse_args(["--mode", "ht", "--sms", "8,16,24"]).sms == [8, 16, 24]
     assert cli.parse_args(["--sms", "24"]).sms == [24]  # --mode all: the HT cases sweep
     assert cli.parse_args(["--mode", "ht"]).sms is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ROOT, cpu_process_env
 
 from ncclep import InvalidArgument, NcclepError, deep_ep, fp8
 from ncclep.deep_ep import budget, deferred, scales
@@ -23,7 +23,6 @@ from ncclep.deep_ep.buffer import _num_nodes
 from ncclep.deep_ep.layout import dispatch_layout
 from ncclep.deep_ep.utils import EventHandle, EventOverlap
 
-ROOT = Path(__file__).resolve().parents[1]
 ALIAS = ROOT / "ncclep" / "deep_ep" / "alias"
 PACKAGE = ROOT / "ncclep" / "deep_ep"
 
@@ -184,7 +183,7 @@ def test_ll_path_reads_nothing_on_the_host() -> None:
 
 
 def _python(code: str, switch: str | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ALIAS)]))
+    env = cpu_process_env(ALIAS)
     env.pop("NCCLEP_DEEP_EP", None)
     if switch is not None:
         env["NCCLEP_DEEP_EP"] = switch
@@ -216,10 +215,7 @@ def test_alias_with_the_switch_is_ncclep_deep_ep(tmp_path: Path) -> None:
 
 
 def test_deep_ep_v1_script_runs_with_the_switch(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ALIAS)]), NCCLEP_DEEP_EP="1")
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE"):
-        env.pop(var, None)
+    env = cpu_process_env(ALIAS, NCCLEP_DEEP_EP="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
         [*cmd, str(ROOT / "examples" / "deep_ep_v1.py")],
@@ -266,7 +262,7 @@ def test_buffer_lifecycle(world2: Any) -> None:
 def test_overhead_script_runs(mode: list[str], tmp_path: Path) -> None:
     """``python -m ncclep.deep_ep.overhead`` (the measurement docs/deep_ep.md reports), tiny sizes."""
     out = tmp_path / "overhead.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = cpu_process_env()
     args = ["--iters", "2", "--warmup", "1", "--hidden", "128", "--ll-tokens", "4", "--ht-tokens", "8", *mode]
     done = subprocess.run(
         [sys.executable, "-m", "ncclep.deep_ep.overhead", *args, "--json", str(out)],

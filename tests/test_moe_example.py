@@ -8,7 +8,6 @@ End to end on CPU (subprocesses, tiny sizes): decode and train ``--check``, fp8,
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ROOT, cpu_process_env
 
 import ncclep
 from ncclep import testing
 from ncclep.moe import DenseMoE, EPMoE, route
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "moe_layer.py"
 TINY = ["--tokens", "8", "--hidden", "128", "--experts", "8", "--topk", "2", "--ffn", "64"]
 PASS = re.compile(r"check: max relative error (\S+) \(tolerance \S+\): PASS")
@@ -122,10 +121,9 @@ def test_router_weights_are_renormalised_top_k() -> None:
 
 
 def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE"):
-        env.pop(var, None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=cpu_process_env(), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -177,7 +175,7 @@ def test_torchrun_decode_check_bench_and_graph_skip(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = cpu_process_env()
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), "--mode", "train", "--fp8"],
         cwd=tmp_path,

@@ -6,20 +6,19 @@ it on the CUDA kernels."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, cpu_process_env
 from helpers import bench_script, soak_worker
 
 import ncclep
 from ncclep import testing as ncclep_testing
 from ncclep.handles import HTHandle, LLHandle
 
-ROOT = Path(__file__).resolve().parents[1]
 # 40 LL calls: replays at 3, 7, ..., 39 (10); eager checks at 0, 10, 20, 30; replays checked every
 # 10 // 4 = 2nd, and the last (call 39): 6. 20 HT calls: 5 replays, eager checks at 0 and 10,
 # replays 0, 2, 4 checked.
@@ -76,16 +75,7 @@ def test_soak_reports_corrupted_outputs(world2) -> None:  # type: ignore[no-unty
 def test_soak_command_line_exit_status(tmp_path: Path) -> None:
     """Standalone on 2 spawned CPU processes: the table on stdout, the JSON, exit status 1 on a
     mismatch."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for var in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "TORCHELASTIC_RUN_ID",
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-    ):
-        env.pop(var, None)
+    env = cpu_process_env()
     out = tmp_path / "soak.json"
     cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--nprocs", "2", *TINY, "--self-test-corrupt"]
     proc = subprocess.run(

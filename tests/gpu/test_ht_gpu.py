@@ -47,6 +47,7 @@ def _device() -> torch.device:
 
 # (world, nodes) of the tests that run everywhere, with readable ids.
 WORLDS = [
+    pytest.param(1, 1, id="1gpu"),  # every message to itself: what a one-GPU host can check
     pytest.param(2, 1, id="2gpu"),
     pytest.param(4, 1, id="4gpu"),
     pytest.param(2, 2, id="2gpu-virtual2"),  # one rank per node: every forwarder is the destination
@@ -112,7 +113,7 @@ def _inputs(
         world_size=dist.get_world_size(),
         generator=g,
         masked=3 if routing == "uniform" else 0,
-        hot_rank=1,
+        hot_rank=min(1, dist.get_world_size() - 1),
     )
     if routing == "uniform" and tokens > 4:
         idx[3::11] = -1
@@ -360,6 +361,7 @@ def _many_iterations(count: int, nodes: int = 1) -> list[str]:
 
 # The 2-GPU runs are the original intranode tests; the virtual-node one runs the hierarchical path.
 LONG_WORLDS = [
+    pytest.param(1, 1, id="1gpu"),  # every message to itself: what a one-GPU host can check
     pytest.param(2, 1, id="2gpu"),
     pytest.param(4, 2, id="4gpu-virtual2"),
     pytest.param(8, 2, id="8gpu-virtual2"),
