@@ -32,6 +32,20 @@ __device__ __forceinline__ uint64_t loadRelaxedGpu(const uint64_t* ptr) {
   return value;
 }
 
+// Words another GPU reads (or writes) that carry their own data and their call's epoch, with
+// nothing else published with them: relaxed at system scope, so the 64-bit word is single-copy
+// atomic, a load never sees a stale L1 copy, and no fence is paid (st.release.sys is a MEMBAR.SYS,
+// a wait for every earlier store to land, then the store).
+__device__ __forceinline__ void storeRelaxedSys(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t loadRelaxedSys(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
 // Adds to a counter another GPU reads; ordered after this thread's earlier stores (release).
 __device__ __forceinline__ void addRelease(uint64_t* ptr, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");

@@ -31,13 +31,23 @@ __device__ __forceinline__ uint32_t callSeq(const HTCommon& c) {
   return *reinterpret_cast<const volatile uint32_t*>(&state(c)->seq);
 }
 
-// A flag word written by a peer with release semantics carries `epoch` in its upper half.
+// How a word with the call's epoch in its upper half is read: kAcquire for a flag a peer stored
+// with release semantics to publish what it wrote before; kRelaxed for a word that carries its own
+// data and publishes nothing else (the dispatch counts).
+enum class EpochLoad { kAcquire, kRelaxed };
+
+// Waits until the word at `flag`, written by `peer`, carries `epoch` in its upper half; `value`: the
+// last word read.
+template <EpochLoad kLoad = EpochLoad::kAcquire>
 __device__ __forceinline__ bool waitEpoch(const uint64_t* flag, uint32_t epoch, uint64_t* value,
                                           const HTCommon& c, int phase, int peer) {
   uint64_t v = 0;
   const bool ok = device::waitUntil<device::FlagBackoff>(
-      [&] { v = device::loadAcquire(flag); return uint32_t(v >> 32) == epoch; }, c.timeoutNs, sink(c), phase, peer,
-      int(epoch));
+      [&] {
+        v = kLoad == EpochLoad::kAcquire ? device::loadAcquire(flag) : device::loadRelaxedSys(flag);
+        return uint32_t(v >> 32) == epoch;
+      },
+      c.timeoutNs, sink(c), phase, peer, int(epoch));
   *value = v;
   return ok;
 }
@@ -291,6 +301,12 @@ struct StreamShare {
 __device__ __forceinline__ StreamShare shareStreams(int w, int warps, int streams) {
   if (warps >= streams) return {w % streams, streams, w / streams, (warps - 1 - w % streams) / streams + 1};
   return {w, warps, 0, 1};
+}
+
+// Offset of source `source`'s L + 1 count words of parity `parity` in a window (ht_layout.h,
+// `counts`): word e < L its tokens for local expert e, word L its tokens in all.
+__device__ __forceinline__ size_t countsAt(const HTLayout& l, uint32_t parity, int source) {
+  return l.counts + ((size_t(parity) * l.nRanks + size_t(source)) * (size_t(l.numLocalExperts) + 1)) * 8;
 }
 
 __device__ __forceinline__ char* slotPtr(char* base, const HTLayout& l, int src, int slot) {

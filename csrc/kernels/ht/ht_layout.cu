@@ -15,11 +15,15 @@
 // -1 where b has no choice k) are group offset + tile offset + rank in the tile, in token order.
 //
 // The block that counts the last group knows the column totals (its offset plus its count) and
-// sends every destination d our per-local-expert counts, then a flag (epoch << 32 | tokens for d).
-// Its extra warp waits, while the others count, until d has read the counts' parity in its previous
-// call, so that wait is off the path. A rank that rejected the call has no token (no group: block 0
-// sends) and puts its reject word (reject.h) in the flag in place of the tokens. The kernel is the
-// only place that reports bad ids.
+// sends every destination d our counts for it: per local expert of d, then the tokens for d, each
+// in a 64-bit word (epoch << 32) | count of its own (ht_layout.h, `counts`), stored relaxed. There
+// is no flag and no fence: a word is complete when it carries the call's epoch (a 64-bit aligned
+// store is single-copy atomic), and nothing else is published with it, so d polls the words
+// themselves (ht_dispatch.cu). A release flag cost a MEMBAR.SYS here, a wait for every count store
+// to land across NVLink before the flag left. Its extra warp waits, while the others count, until d
+// has read the counts' parity in its previous call, so that wait is off the path. A rank that
+// rejected the call has no token (no group: block 0 sends) and puts its reject word (reject.h) in
+// the tokens word in place of the tokens. The kernel is the only place that reports bad ids.
 //
 // With the hierarchical path (c.hier), the last group's block leaves the totals in the `totals`
 // region instead, and the internode dispatch kernel sends the counts through the transport.
@@ -192,12 +196,12 @@ __global__ void __launch_bounds__(kCountThreads, 1) htCountKernel(const __grid_c
       peerBase[lane] = lsa.peerBase(lane);
       ht::waitPeerDone(c, lsa, lane, seq >= 1 ? seq - 1 : 0, kPhaseHTLayout);
     }
-    blockSync();  // our wait before the tile warps' count stores
-    blockSync();  // their count stores before our flags (release is cumulative)
+    blockSync();  // our wait (and peerBase) before the stores, the totals before our reads
+    // The tokens words, alongside the tile warps' per-expert words: no word waits for another.
     if (lane < R) {
       const uint32_t tokens = p.rejectCode != 0 ? rejectWord(p.rejectCode) : uint32_t(total(lane));
-      char* flag = peerBase[lane] + l.countFlags + (size_t(parity) * R + c.rank) * 8;
-      device::storeRelease(reinterpret_cast<uint64_t*>(flag), (uint64_t(epoch) << 32) | tokens);
+      uint64_t* word = reinterpret_cast<uint64_t*>(peerBase[lane] + ht::countsAt(l, parity, c.rank)) + L;
+      device::storeRelaxedSys(word, (uint64_t(epoch) << 32) | tokens);
     }
     return;
   }
@@ -263,12 +267,16 @@ __global__ void __launch_bounds__(kCountThreads, 1) htCountKernel(const __grid_c
     for (int col = threadIdx.x; col < cols; col += kTileThreads) totals[col] = total(col);
     return;
   }
-  blockSync();  // the peer warp's wait before our stores into the peers' counts
+  // After the peer warp's wait: d has read this parity's words, those of our dispatch two calls ago
+  // (or older). Their older epoch is what tells d they are not this call's; a word is never seen
+  // half-written (one 64-bit store), so the words need no order among themselves and no fence.
+  blockSync();
+  const uint64_t tag = uint64_t(epoch) << 32;
+  const size_t ours = ht::countsAt(l, parity, c.rank);
   for (int i = threadIdx.x; i < R * L; i += kTileThreads) {
     const int d = i / L, e = i % L;
-    *reinterpret_cast<int32_t*>(peerBase[d] + l.counts + ((size_t(parity) * R + c.rank) * L + e) * 4) = total(R + i);
+    device::storeRelaxedSys(reinterpret_cast<uint64_t*>(peerBase[d] + ours) + e, tag | uint32_t(total(R + i)));
   }
-  blockSync();  // the stores before the peer warp's flags
 }
 
 // Raises the count kernel's dynamic shared memory limit past the default 48 KB (about 480 experts

@@ -4,8 +4,10 @@
 // Window regions (offsets from the window base, each 256-byte aligned):
 //   state       HTState: the call sequence number, block arrival counters, the abort flag, and
 //               `done`, which peers read before they write into our slots again
-//   countFlags  uint64 [2 parities][R sources]: (epoch << 32) | tokens the source sends us
-//   counts      int32  [2][R sources][L local experts]: the source's tokens per local expert
+//   counts      uint64 [2 parities][R sources][L + 1]: what the source sends us in its dispatch of
+//               that parity, every word (epoch << 32) | value and complete by itself (no flag):
+//               word e < L its tokens for our local expert e, word L its tokens for us, or its
+//               reject word (reject.h) when it rejected the call (see ht_layout.cu)
 //   groupScan   uint64 [maxGroups][R + E]  local: per group of kHTTileGroup tiles and column (tokens
 //               per destination rank, then per expert), (epoch << 32) | the group's count, or, with
 //               bit 31 set, the count of groups 0..g: the count kernel's look-back scan over groups
@@ -97,7 +99,6 @@ struct HTState {
 
 struct HTLayout {
   size_t state;
-  size_t countFlags;
   size_t counts;
   size_t groupScan;
   size_t expertPos;
@@ -165,8 +166,7 @@ inline bool planHTLayout(size_t base, int nRanks, int maxTokens, int numExperts,
     at = htAlignUp(at + count * bytes, 256);
   };
   take(&l.state, 1, sizeof(HTState));
-  take(&l.countFlags, 2 * R, 8);
-  take(&l.counts, 2 * R * size_t(l.numLocalExperts), 4);
+  take(&l.counts, 2 * R * (size_t(l.numLocalExperts) + 1), 8);
   take(&l.groupScan, size_t((l.maxTiles + kHTTileGroup - 1) / kHTTileGroup) * (R + size_t(numExperts)), 8);
   take(&l.expertPos, T * K, 4);
   take(&l.rowCount, R * T, 4);
