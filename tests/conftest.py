@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,18 @@ def cpu_process_env(*paths: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+# torchrun as this interpreter's module: no activated virtual environment needed
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def run_cpu_process(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """``cmd`` as a CPU test's subprocess (in :func:`cpu_process_env` unless ``env``), output captured."""
+    env = cpu_process_env() if env is None else env
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def pool(world_size: int, backend: str = "gloo") -> DistPool:

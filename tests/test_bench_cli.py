@@ -5,7 +5,6 @@ table). A benchmark is not a timed test: nothing here asserts a speed."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import LAUNCH_VARS, ROOT, cpu_process_env
+from conftest import LAUNCH_VARS, ROOT, TORCHRUN, run_cpu_process
 
 from ncclep import _native
 from ncclep.bench import cli, report, timing
@@ -21,12 +20,6 @@ from ncclep.bench.runner import Inputs, row_bytes, traffic
 from ncclep.bench.workloads import Case, case_routing, mask_entries
 
 TINY = ["--tokens", "16", "--hidden", "256", "--experts", "8", "--topk", "4", "--iters", "3", "--warmup", "1"]
-
-
-def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cmd, cwd=tmp_path, env=cpu_process_env(), capture_output=True, text=True, timeout=240
-    )
 
 
 def _check_results(data: dict[str, Any], modes: set[str]) -> None:
@@ -51,7 +44,7 @@ def _header_line(stdout: str) -> list[str]:
 def test_standalone_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    proc = _run(
+    proc = run_cpu_process(
         [sys.executable, "-m", "ncclep.bench", *TINY, "--validate", "--plot", "--out", str(out)], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,11 +70,10 @@ def test_standalone_run_writes_table_json_and_plot(tmp_path: Path) -> None:
 def test_torchrun_json_to_stdout_and_one_token_moves_data(tmp_path: Path) -> None:
     """Under torchrun (its ranks, not spawned ones) with ``--json -``: stdout is the JSON alone
     (the table on stderr), and a 1-token top-8 LL batch keeps most of its entries: it moves bytes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "ncclep.bench", "--mode", "ll", "--dtype", "fp8", "--tokens", "1,16", "--topk", "8"]
-    cmd += ["--experts", "16", "--hidden", "256", "--iters", "3", "--warmup", "1", "--validate"]
-    cmd += ["--json", "-"]
-    proc = _run(cmd, tmp_path)
+    cmd = [*TORCHRUN, "-m", "ncclep.bench", "--mode", "ll", "--dtype", "fp8", "--tokens", "1,16"]
+    cmd += ["--topk", "8", "--experts", "16", "--hidden", "256", "--iters", "3", "--warmup", "1"]
+    cmd += ["--validate", "--json", "-"]
+    proc = run_cpu_process(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
     assert "host us" in proc.stderr  # the table went to stderr
@@ -112,7 +104,7 @@ def test_host_overhead_script_times_every_method(tmp_path: Path) -> None:
     out = tmp_path / "host.json"
     script = str(ROOT / "bench" / "host_overhead.py")
     args = ["--iters", "5", "--rounds", "1", "--warmup", "1", "--json", str(out)]
-    run = _run([sys.executable, script, *args], tmp_path)
+    run = run_cpu_process([sys.executable, script, *args], tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"ll_dispatch", "ll_combine", "ll_pair", "ht_dispatch", "ht_combine", "ht_pair"}
@@ -375,7 +367,7 @@ def test_gpu_figures(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "ncclep.bench", "--nprocs", "2", "--iters", "5", "--warmup", "2"]
     base += ["--sets", "2", "--validate", "--dtype", "fp8"]
     for extra in (["--mode", "ll", "--tokens", "1,32"], ["--mode", "ht", "--tokens", "256", "--sms", "8,16"]):
-        proc = _run([*base, *extra, "--json", str(out)], tmp_path)
+        proc = run_cpu_process([*base, *extra, "--json", str(out)], tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         data = json.loads(out.read_text())
         assert data["meta"]["gpu"] is True

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, cpu_process_env
+from conftest import ROOT, TORCHRUN, cpu_process_env, run_cpu_process
 
 from ncclep import InvalidArgument, NcclepError, deep_ep, fp8
 from ncclep.deep_ep import budget, deferred, scales
@@ -187,9 +187,7 @@ def _python(code: str, switch: str | None, tmp_path: Path) -> subprocess.Complet
     env.pop("NCCLEP_DEEP_EP", None)
     if switch is not None:
         env["NCCLEP_DEEP_EP"] = switch
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_cpu_process([sys.executable, "-c", code], tmp_path, env, timeout=120)
 
 
 @pytest.mark.parametrize("switch", [None, "0", ""])
@@ -216,15 +214,7 @@ def test_alias_with_the_switch_is_ncclep_deep_ep(tmp_path: Path) -> None:
 
 def test_deep_ep_v1_script_runs_with_the_switch(tmp_path: Path) -> None:
     env = cpu_process_env(ALIAS, NCCLEP_DEEP_EP="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*cmd, str(ROOT / "examples" / "deep_ep_v1.py")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cpu_process([*TORCHRUN, str(ROOT / "examples" / "deep_ep_v1.py")], tmp_path, env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "deep_ep ncclep.deep_ep.buffer: LL ok" in done.stdout and "HT ok" in done.stdout, done.stdout
 
@@ -262,16 +252,9 @@ def test_buffer_lifecycle(world2: Any) -> None:
 def test_overhead_script_runs(mode: list[str], tmp_path: Path) -> None:
     """``python -m ncclep.deep_ep.overhead`` (the measurement docs/deep_ep.md reports), tiny sizes."""
     out = tmp_path / "overhead.json"
-    env = cpu_process_env()
     args = ["--iters", "2", "--warmup", "1", "--hidden", "128", "--ll-tokens", "4", "--ht-tokens", "8", *mode]
-    done = subprocess.run(
-        [sys.executable, "-m", "ncclep.deep_ep.overhead", *args, "--json", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [sys.executable, "-m", "ncclep.deep_ep.overhead", *args, "--json", str(out)]
+    done = run_cpu_process(cmd, tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert "ll_combine (weights at the combine)" in results and "dispatch bf16, exact size" in results

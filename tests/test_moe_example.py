@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, cpu_process_env
+from conftest import ROOT, TORCHRUN, run_cpu_process
 
 import ncclep
 from ncclep import testing
@@ -121,9 +121,7 @@ def test_router_weights_are_renormalised_top_k() -> None:
 
 
 def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=cpu_process_env(), capture_output=True, text=True, timeout=240
-    )
+    proc = run_cpu_process(cmd, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -164,9 +162,7 @@ def _timings(out: str) -> list[tuple[str, float]]:
 
 
 def test_torchrun_decode_check_bench_and_graph_skip(tmp_path: Path) -> None:
-    # torchrun as this interpreter's module, so the test runs without the venv's bin/ on PATH
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd = [*torchrun, str(EXAMPLE), "--mode", "decode", *TINY]
+    cmd = [*TORCHRUN, str(EXAMPLE), "--mode", "decode", *TINY]
     out = _run([*cmd, "--check", "--bench", "--graph", "--iters", "3", "--warmup", "1"], tmp_path).stdout
     assert "decode: 2 ranks" in out and "bf16" in out
     _passed(out)
@@ -175,13 +171,5 @@ def test_torchrun_decode_check_bench_and_graph_skip(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
-    env = cpu_process_env()
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--mode", "train", "--fp8"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cpu_process([sys.executable, str(EXAMPLE), "--mode", "train", "--fp8"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "for --mode decode" in proc.stderr

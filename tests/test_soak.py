@@ -6,13 +6,12 @@ it on the CUDA kernels."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cpu_process_env
+from conftest import ROOT, run_cpu_process
 from helpers import bench_script, soak_worker
 
 import ncclep
@@ -75,12 +74,9 @@ def test_soak_reports_corrupted_outputs(world2) -> None:  # type: ignore[no-unty
 def test_soak_command_line_exit_status(tmp_path: Path) -> None:
     """Standalone on 2 spawned CPU processes: the table on stdout, the JSON, exit status 1 on a
     mismatch."""
-    env = cpu_process_env()
     out = tmp_path / "soak.json"
     cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--nprocs", "2", *TINY, "--self-test-corrupt"]
-    proc = subprocess.run(
-        [*cmd, "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_cpu_process([*cmd, "--json", str(out)], tmp_path, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "ncclep soak: 2x CPU" in proc.stdout and "mismatch: ll call 0 rank" in proc.stdout
     assert proc.stdout.rstrip().endswith("FAIL")
