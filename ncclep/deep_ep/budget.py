@@ -18,6 +18,7 @@ WINDOW_GRANULARITY = 2 << 20  # csrc/core/buffer_plan.h kWindowGranularity
 REGION_ALIGN = 256
 LL_STATE_BYTES = 4 * 4 * 1024 + 4 * 4 + 4  # sizeof(LLState): calls[4][kLLMaxBlocks], blocksDone[4], aborted
 LL_SIGNAL_KINDS = 8
+LL_MARKS = 2 * 4  # received-data marks per peer: 2 ops x kLLMarkSlots
 
 
 def _align(value: int, to: int) -> int:
@@ -46,7 +47,7 @@ def _ll_plan_bytes(num_experts: int, max_tokens: int, hidden: int, max_topk: int
         per_parity * 16,
         slots * weights,
     ]
-    regions = [LL_STATE_BYTES, LL_SIGNAL_KINDS * world_size * 8, 4 * world_size * 8, *messages, *messages]
+    regions = [LL_STATE_BYTES, LL_SIGNAL_KINDS * world_size * 8, LL_MARKS * world_size * 8, *messages, *messages]
     end = _align(CONTROL_BYTES, REGION_ALIGN)
     for size in regions:
         end = _align(end + size, REGION_ALIGN)

@@ -305,11 +305,15 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   const int tid = threadIdx.x;
   const int chunks = p.hidden / 8;
 
-  // First step, in one round trip: thread r loads our marks of rank r (both parities, before the
+  // First step, in one round trip: thread r loads our marks of rank r (every slot, before the
   // sequence number is known), threads R + 2r + q read (acquire) its data signal of parity q.
   if (tid < R) {
-    const uint64_t marks[2] = {*ll::receivedMark(c, 1, 0, tid), *ll::receivedMark(c, 1, 1, tid)};
-    s.mark[tid] = marks[parity];
+    uint64_t marks[kLLMarkSlots];
+#pragma unroll
+    for (uint32_t slot = 0; slot < kLLMarkSlots; ++slot) marks[slot] = *ll::receivedMark(c, 1, slot, tid);
+    const uint32_t slot = seq % kLLMarkSlots;
+    static_assert(kLLMarkSlots == 4, "the selection below");
+    s.mark[tid] = slot == 0 ? marks[0] : slot == 1 ? marks[1] : slot == 2 ? marks[2] : marks[3];
     s.rejected[tid] = 0;
   } else if (tid < 3 * R) {
     ll::readDataSignal(peers, kSigCombineData, R, parity, tid, s.seen);
@@ -361,14 +365,18 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   // stores the marks: block 0 where each block acknowledges for itself (this parity's next call,
   // a later kernel, reads them), else the last to arrive.
   auto storeMark = [&] {
-    *ll::receivedMark(c, 1, parity, tid) =
+    *ll::receivedMark(c, 1, seq + 2, tid) =
         p.rejectCode != 0 ? peers.read(tid, kSigCombineData + int(parity)) : s.seen[tid];
   };
   if constexpr (!Net::kCrossesNodes) {
-    // This block has read its rows (the barrier above followed its last loads of them).
+    // This block has read its rows (the barrier above followed its last loads of them). A
+    // rejecting rank reads its data signal once our acknowledgement reaches it
+    // (waitPeerDoneWithCall): where this launch's send half added rows to that signal, the
+    // acknowledgement is a release, so that the add is seen first.
     if (tid < R) {
       if (blockIdx.x == 0) storeMark();
-      peers.signalRelaxed(tid, kSigCombineAck, ll::ackShare());
+      if (endsSend && s.chunksTo[tid] > 0) peers.signal(tid, kSigCombineAck, ll::ackShare());
+      else peers.signalRelaxed(tid, kSigCombineAck, ll::ackShare());
     }
     return;
   }

@@ -619,7 +619,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   } else if (tid < 3 * R) {
     ll::readDataSignal(peers, kSigDispatchData, R, parity, tid, s.seen);
   } else if (tid < 4 * R) {
-    s.mark[tid - 3 * R] = *ll::receivedMark(c, 0, parity, tid - 3 * R);
+    s.mark[tid - 3 * R] = *ll::receivedMark(c, 0, seq, tid - 3 * R);
   }
   if (__syncthreads_or(!ok)) return;
   stamp(p, kTraceFlagsSeen);
@@ -757,7 +757,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     // acknowledges its share to every source itself. The marks are read by this parity's next
     // call, a later kernel.
     if (tid < R) {
-      if (blockIdx.x == 0) *ll::receivedMark(c, 0, parity, tid) = s.want[tid];
+      if (blockIdx.x == 0) *ll::receivedMark(c, 0, seq + 2, tid) = s.want[tid];
       peers.signalRelaxed(tid, kSigDispatchAck, ll::ackShare());
     }
     return;
@@ -768,7 +768,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   if (tid == 0) state->blocksDone[kHalfDispatchRecv] = 0;
   // Every block has read its messages: the sources may reuse this parity.
   if (tid < R) {
-    *ll::receivedMark(c, 0, parity, tid) = s.want[tid];
+    *ll::receivedMark(c, 0, seq + 2, tid) = s.want[tid];
     peers.signal(tid, kSigDispatchAck, 1);
   }
 }

@@ -5,8 +5,9 @@
 //   state            LLState: each block's call numbers, block counters (local use only)
 //   signals          uint64 [kLLSignalKinds][R peers]: monotonic counters that peers add to
 //                    (LSA and the emulated network; GIN keeps its own signals, same indices)
-//   received         uint64 [2 ops][2 parities][R peers]: what the data signals held after our
-//                    last completed receive (local use), so a call waits for old + this call's
+//   received         uint64 [2 ops][kLLMarkSlots][R peers]: what the data signals held after our
+//                    receive of the call two before (local use), so a call waits for old + this
+//                    call's (ll_receive.cuh: receivedMark)
 //   dispatchCounts   int32 [2 parities][R sources][L + 1]: tokens the source sent per local
 //                    expert, then the tokens it sent us
 //   dispatchSlots    [2][R sources][T slots][dispatchMsgBytes]
@@ -59,6 +60,12 @@ enum LLSignalKind : int {
 constexpr uint64_t kLLAckPerCall = uint64_t(1) << 16;  // > kLLMaxBlocks
 static_assert(kLLAckPerCall > uint64_t(kLLMaxBlocks), "block 0's share stays positive");
 
+// Received-data marks kept per op and peer: call n reads slot n % 4, which call n - 2 (the same
+// parity) wrote at its end, and writes slot (n + 2) % 4. Four, not two, so that a block that ends
+// call n early never overwrites the mark a slower block of call n has still to read (each block
+// reads the marks as it starts its receive; one block writes them when it is done).
+constexpr uint32_t kLLMarkSlots = 4;
+
 enum LLHalf : int { kHalfDispatchSend = 0, kHalfDispatchRecv, kHalfCombineSend, kHalfCombineRecv };
 
 struct LLState {
@@ -97,8 +104,8 @@ struct LLLayout {
 #if defined(__CUDACC__)
   __host__ __device__
 #endif
-  size_t receivedAt(int op, uint32_t parity, int peer) const {  // op: 0 dispatch, 1 combine
-    return received + ((size_t(op) * 2 + parity) * size_t(nRanks) + size_t(peer)) * 8;
+  size_t receivedAt(int op, uint32_t call, int peer) const {  // op: 0 dispatch, 1 combine
+    return received + ((size_t(op) * kLLMarkSlots + call % kLLMarkSlots) * size_t(nRanks) + size_t(peer)) * 8;
   }
 
 #if defined(__CUDACC__)
@@ -148,7 +155,7 @@ inline bool planLLLayout(size_t base, int nRanks, int maxTokens, int numLocalExp
     return true;
   };
   const bool ok = take(&l.state, 1, sizeof(LLState)) && take(&l.signals, size_t(kLLSignalKinds) * nRanks, 8) &&
-                  take(&l.received, 4 * size_t(nRanks), 8) &&
+                  take(&l.received, 2 * kLLMarkSlots * size_t(nRanks), 8) &&
                   take(&l.dispatchCounts, perParity, l.countsBytes) &&
                   take(&l.dispatchSlots, slots, l.dispatchMsgBytes) &&
                   take(&l.combineSlots, slots, l.combineMsgBytes) && take(&l.rejects, perParity, 16) &&

@@ -30,9 +30,10 @@ __device__ __forceinline__ void endBlockCall(const LLCommon& c, int half, uint32
   state->calls[half][blockIdx.x] = seq + 1;
 }
 
-// The received-data mark of (op, parity, peer): local, written only by our receive halves.
-__device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uint32_t parity, int peer) {
-  return reinterpret_cast<uint64_t*>(c.local + c.layout.receivedAt(op, parity, peer));
+// The received-data mark that call `call` of `op` reads for `peer` (ll_layout.h, kLLMarkSlots):
+// local, written only by our receive halves, as `call + 2`'s at the end of `call`.
+__device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uint32_t call, int peer) {
+  return reinterpret_cast<uint64_t*>(c.local + c.layout.receivedAt(op, call, peer));
 }
 
 // Thread R + 2r + q (tid, R <= tid < 3R) reads (acquire) rank r's data signal of parity q, so that
