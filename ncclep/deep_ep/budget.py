@@ -47,7 +47,8 @@ def _ll_plan_bytes(num_experts: int, max_tokens: int, hidden: int, max_topk: int
         per_parity * 16,
         slots * weights,
     ]
-    regions = [LL_STATE_BYTES, LL_SIGNAL_KINDS * world_size * 8, LL_MARKS * world_size * 8, *messages, *messages]
+    control = [LL_STATE_BYTES, LL_SIGNAL_KINDS * world_size * 8, LL_MARKS * world_size * 8]
+    regions = [*control, *messages, *messages]
     end = _align(CONTROL_BYTES, REGION_ALIGN)
     for size in regions:
         end = _align(end + size, REGION_ALIGN)
