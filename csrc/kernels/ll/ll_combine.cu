@@ -364,30 +364,17 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   // rejecting rank, which waited for acknowledgements instead, reads the signal now. One block
   // stores the marks: block 0 where each block acknowledges for itself (this parity's next call,
   // a later kernel, reads them), else the last to arrive.
-  auto storeMark = [&] {
-    *ll::receivedMark(c, 1, seq + 2, tid) =
-        p.rejectCode != 0 ? peers.read(tid, kSigCombineData + int(parity)) : s.seen[tid];
-  };
-  if constexpr (!Net::kCrossesNodes) {
-    // This block has read its rows (the barrier above followed its last loads of them). A
-    // rejecting rank reads its data signal once our acknowledgement reaches it
-    // (waitPeerDoneWithCall): where this launch's send half added rows to that signal, the
-    // acknowledgement is a release, so that the add is seen first.
-    if (tid < R) {
-      if (blockIdx.x == 0) storeMark();
-      if (endsSend && s.chunksTo[tid] > 0) peers.signal(tid, kSigCombineAck, ll::ackShare());
-      else peers.signalRelaxed(tid, kSigCombineAck, ll::ackShare());
-    }
-    return;
-  }
-  if (tid == 0) s.last = device::arriveLast(&state->blocksDone[kHalfCombineRecv], gridDim.x);
-  __syncthreads();
-  if (!s.last) return;
-  if (tid == 0) state->blocksDone[kHalfCombineRecv] = 0;
-  if (tid < R) {
-    storeMark();
-    peers.signal(tid, kSigCombineAck, 1);
-  }
+  // This block has read its rows (the barrier above followed its last loads of them). A
+  // rejecting rank reads its data signal once our acknowledgement reaches it
+  // (waitPeerDoneWithCall): where this launch's send half added rows to that signal, the
+  // acknowledgement is a release, so that the add is seen first.
+  ll::acknowledgeSources(
+      c, peers, kHalfCombineRecv, kSigCombineAck, s.last,
+      [&](int r) {
+        *ll::receivedMark(c, 1, seq + 2, r) =
+            p.rejectCode != 0 ? peers.read(r, kSigCombineData + int(parity)) : s.seen[r];
+      },
+      [&](int r) { return endsSend && s.chunksTo[r] > 0; });
 }
 
 template <class Net>

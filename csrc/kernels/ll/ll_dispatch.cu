@@ -752,25 +752,10 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     ll::endBlockCall(c, kHalfDispatchRecv, seq);
     if (endsSend) ll::endBlockCall(c, kHalfDispatchSend, flags.sendSeq);
   }
-  if constexpr (!Net::kCrossesNodes) {
-    // This block has read its messages (the barrier above followed its last loads of them): it
-    // acknowledges its share to every source itself. The marks are read by this parity's next
-    // call, a later kernel.
-    if (tid < R) {
-      if (blockIdx.x == 0) *ll::receivedMark(c, 0, seq + 2, tid) = s.want[tid];
-      peers.signalRelaxed(tid, kSigDispatchAck, ll::ackShare());
-    }
-    return;
-  }
-  if (tid == 0) flags.last = device::arriveLast(&state->blocksDone[kHalfDispatchRecv], gridDim.x);
-  __syncthreads();
-  if (!flags.last) return;
-  if (tid == 0) state->blocksDone[kHalfDispatchRecv] = 0;
-  // Every block has read its messages: the sources may reuse this parity.
-  if (tid < R) {
-    *ll::receivedMark(c, 0, seq + 2, tid) = s.want[tid];
-    peers.signal(tid, kSigDispatchAck, 1);
-  }
+  // This block has read its messages (the barrier above followed its last loads of them).
+  ll::acknowledgeSources(
+      c, peers, kHalfDispatchRecv, kSigDispatchAck, flags.last,
+      [&](int r) { *ll::receivedMark(c, 0, seq + 2, r) = s.want[r]; }, [](int) { return false; });
 }
 
 template <class Net>

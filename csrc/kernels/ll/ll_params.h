@@ -25,8 +25,7 @@ enum LLTraceStep : int {
   kTraceRouted,     // the block's first token ranked (its slots and rows known)
   kTraceSent,       // all the block's tokens stored
   kTraceArrived,    // after this block's data signals (each a release at system scope)
-  kTraceSignaled,   // (not stamped: a send-only launch ends without an arrival count)
-  kTraceRecvStart,
+  kTraceRecvStart = 6,  // (5 unused: it was the send half's arrival count, which is gone)
   kTraceFlagsSeen,  // every source's counts acquired (its data is awaited per warp)
   kTraceCopied,     // the block's messages copied into the outputs
   kTraceLoaded,     // the last block: our tokens counted per expert and rank (others: after acked)

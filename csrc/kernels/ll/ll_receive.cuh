@@ -3,7 +3,9 @@
 
 #include <cstdint>
 
+#include "common/memory_order.cuh"
 #include "kernels/ll/ll_params.h"
+#include "transport/peers.cuh"
 
 namespace ncclep {
 namespace ll {
@@ -34,6 +36,36 @@ __device__ __forceinline__ void endBlockCall(const LLCommon& c, int half, uint32
 // local, written only by our receive halves, as `call + 2`'s at the end of `call`.
 __device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uint32_t call, int peer) {
   return reinterpret_cast<uint64_t*>(c.local + c.layout.receivedAt(op, call, peer));
+}
+
+// The end of a receive half (`half`, LLHalf), called by every thread of the block after the barrier
+// that followed its last loads of the sources' data: the marks for call seq + 2 stored once
+// (storeMark(r) by thread r), then each source acknowledged on signal `ackKind`, so that it may
+// reuse this parity. In a group with no network peer each block adds its own share (relaxed: it
+// publishes nothing, unless release(r) says it must order an earlier add of this thread that r
+// reads through the acknowledgement) and block 0 stores the marks: no block waits for the others.
+// Across the network the last block to arrive (`last`, shared memory) does both.
+template <class Net, class StoreMark, class Release>
+__device__ __forceinline__ void acknowledgeSources(const LLCommon& c, const transport::Peers<Net>& peers, int half,
+                                                   int ackKind, bool& last, StoreMark storeMark, Release release) {
+  const int tid = threadIdx.x, R = c.nRanks;
+  if constexpr (!Net::kCrossesNodes) {
+    if (tid < R) {
+      if (blockIdx.x == 0) storeMark(tid);
+      if (release(tid)) peers.signal(tid, ackKind, ackShare());
+      else peers.signalRelaxed(tid, ackKind, ackShare());
+    }
+    return;
+  }
+  LLState* state = reinterpret_cast<LLState*>(c.local + c.layout.state);
+  if (tid == 0) last = device::arriveLast(&state->blocksDone[half], gridDim.x);
+  __syncthreads();
+  if (!last) return;
+  if (tid == 0) state->blocksDone[half] = 0;
+  if (tid < R) {
+    storeMark(tid);
+    peers.signal(tid, ackKind, 1);
+  }
 }
 
 // Thread R + 2r + q (tid, R <= tid < 3R) reads (acquire) rank r's data signal of parity q, so that
