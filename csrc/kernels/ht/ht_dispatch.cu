@@ -74,7 +74,7 @@ __device__ void dispatchSend(const HTDispatchParams& p, uint32_t seq) {
 // word with our epoch is complete and there is nothing to order after it. A word of an older epoch
 // is the same parity's from two calls ago (the source waited for our `done` of that call before it
 // stored this one): wait for this call's. A source of which a word did not arrive (the wait timed
-// out and reported it) counts as sending nothing, as when its count flag did not arrive before.
+// out and reported it) counts as sending nothing.
 __device__ void dispatchRecv(const HTDispatchParams& p, uint32_t seq, Shared& sh) {
   const HTCommon& c = p.c;
   const HTLayout& l = c.layout;
