@@ -66,14 +66,19 @@ class ExpectedRow:
 
 
 def ll_dispatch_expected(
-    cfg: GroupConfig, rank: int, world: list[RankInputs], use_fp8: bool, ue8m0: bool
+    cfg: GroupConfig,
+    rank: int,
+    world: list[RankInputs],
+    use_fp8: bool,
+    ue8m0: bool,
+    round_scale: bool = False,
 ) -> list[list[ExpectedRow]]:
     """For each local expert, its rows in order: (source rank, token index) ascending."""
     experts: list[list[ExpectedRow]] = [[] for _ in range(cfg.num_local_experts)]
     for src, inp in enumerate(world):
         for b in range(inp.x.shape[0]):
             row = inp.x[b : b + 1]
-            q, s = fp8.quantize(row, ue8m0) if use_fp8 else (row, None)
+            q, s = fp8.quantize(row, ue8m0, round_scale) if use_fp8 else (row, None)
             for k in range(inp.topk_idx.shape[1]):
                 e = int(inp.topk_idx[b, k])
                 if e >= 0 and _owner(e, cfg) == rank:
@@ -82,6 +87,16 @@ def ll_dispatch_expected(
                         ExpectedRow(src, b, q[0], None if s is None else s[0], w)
                     )
     return experts
+
+
+def scaled_expert(num_experts: int) -> Any:
+    """An expert for combine checks: ``expert_fn(e, rows)`` = rows times (e + 1) / num_experts, in
+    bf16, so that every expert's rows differ and a row summed under the wrong expert shows."""
+
+    def expert_fn(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return (rows.float() * ((expert + 1) / num_experts)).to(torch.bfloat16)
+
+    return expert_fn
 
 
 def ll_combine_expected(cfg: GroupConfig, rank: int, world: list[RankInputs], expert_fn: Any) -> torch.Tensor:

@@ -59,8 +59,6 @@ ncclepResult_t DeviceGuard::set(int device) {
   return ncclepSuccess;
 }
 
-namespace {
-
 static_assert(sizeof(ncclepUniqueId) == sizeof(ncclUniqueId), "ncclepUniqueId must wrap ncclUniqueId");
 
 ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
@@ -106,6 +104,8 @@ ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cud
                     cudaDevice, count);
   return ncclepSuccess;
 }
+
+namespace {
 
 // Whether the loaded NCCL (version code `runtime`) can run kernels compiled against our headers;
 // `needsGin`: the group spans several LSA teams. The rule, from NCCL's source (dev_runtime.cc,
@@ -254,12 +254,9 @@ ncclepResult_t replanForNodes(ncclepGroup* g) {
   return ncclepSuccess;
 }
 
-ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
-  DeviceGuard guard;
-  NCCLEP_CHECK(guard.set(g->cudaDevice));
+}  // namespace
 
-  // Local resources first, so that no failure after here leaves peers waiting
-  // in a collective we never join, except failures of the collectives themselves.
+ncclepResult_t createLocalResources(ncclepGroup* g) {
   NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
                     "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
   NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
@@ -283,6 +280,18 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   std::memset(g->errorHost, 0, sizeof(DeviceError));
   NCCLEP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&g->errorDevice), g->errorHost, 0),
                     "cudaHostGetDevicePointer(error word)");
+  return ncclepSuccess;
+}
+
+namespace {
+
+ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
+  DeviceGuard guard;
+  NCCLEP_CHECK(guard.set(g->cudaDevice));
+
+  // Local resources first, so that no failure after here leaves peers waiting
+  // in a collective we never join, except failures of the collectives themselves.
+  NCCLEP_CHECK(createLocalResources(g));
 
   ncclUniqueId id;
   std::memcpy(&id, &uniqueId, sizeof(id));
@@ -312,9 +321,9 @@ ncclepResult_t createGroup(ncclepGroup* g, const ncclepUniqueId& uniqueId) {
   return replanForNodes(g);
 }
 
-// Collective teardown in reverse order of creation. `graceful` is false when
-// creation failed part-way (peers may not join a collective): the comm is
-// aborted instead, which also drops its registrations.
+}  // namespace
+
+// Aborting the comm (not `graceful`) also drops its registrations.
 ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
   ncclepResult_t first = ncclepSuccess;
   std::string firstMsg;
@@ -325,6 +334,12 @@ ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
     }
   };
 
+  if (g->loopback) {  // no NCCL: the windows are the loopback set's, freed with its last group
+    if (g->broken) g->loopback->leak = true;
+    g->window = nullptr;
+    g->windowPtr = nullptr;
+    g->loopback.reset();
+  }
   if (g->broken) {
     // A kernel of this group may still spin on a barrier: anything that
     // synchronises the device (cudaFree, comm teardown) could hang forever.
@@ -397,7 +412,6 @@ ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
   return first;
 }
 
-}  // namespace
 }  // namespace ncclep
 
 using ncclep::setError;

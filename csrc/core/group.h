@@ -3,7 +3,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -13,6 +15,10 @@
 #include "core/buffer_plan.h"
 #include "kernels/bringup/lsa_check.h"
 #include "ncclep.h"
+
+namespace ncclep {
+struct LoopbackWindows;  // core/loopback.cc
+}
 
 struct ncclepGroup {
   int rank = -1;
@@ -26,6 +32,8 @@ struct ncclepGroup {
   ncclWindow_t window = nullptr;
   ncclDevComm devComm{};
   bool devCommCreated = false;
+  // Set on the groups of ncclepLoopbackCreate (every rank on one device, no NCCL); shared by them.
+  std::shared_ptr<ncclep::LoopbackWindows> loopback;
 
   int lsaRank = -1;
   int lsaSize = 0;
@@ -54,6 +62,29 @@ struct ncclepGroup {
 };
 
 namespace ncclep {
+
+// The windows of a loopback set (ncclepLoopbackCreate): every rank's at base + rank * stride, as
+// NCCL lays out an LSA team's, so that the kernels' ncclGetLsaPointer finds them.
+struct LoopbackWindows {
+  bool leak = false;  // a kernel may still run: keep the memory
+  ~LoopbackWindows();
+  uintptr_t base = 0;
+  size_t stride = 0;
+  size_t reserved = 0;
+  size_t mapped = 0;  // bytes mapped at each rank's window
+  std::vector<unsigned long long> handles;  // CUmemGenericAllocationHandle per rank; 0 until made
+  void* deviceWindows = nullptr;            // ncclWindow_vidmem[nRanks] in device memory
+};
+
+// Group creation's steps, shared by ncclepGroupCreate and ncclepLoopbackCreate.
+ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
+                               const ncclepGroupConfig_t* config, size_t* windowBytes, BufferPlan* planOut);
+// What the group needs on its device before any peer is involved: the LSA check's result, the
+// error word, the SM count, the virtual nodes.
+ncclepResult_t createLocalResources(ncclepGroup* g);
+// Teardown in reverse order of creation; collective unless `graceful` is false (creation failed
+// part-way: the comm is aborted).
+ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful);
 
 // Makes `device` current for the scope and restores the previous device.
 class DeviceGuard {

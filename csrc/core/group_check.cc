@@ -34,6 +34,8 @@ ncclepResult_t waitEvent(cudaEvent_t event, double timeoutSeconds, bool* timedOu
 ncclepResult_t checkLsa(ncclepGroup* g, cudaStream_t stream, int* ok) {
   if (g->broken)
     return setError(ncclepInvalidUsage, "ncclepGroupCheckLsa: the group timed out earlier and can only be destroyed");
+  if (g->loopback)  // the check's barrier lives in the NCCL device communicator, which it has not
+    return setError(ncclepUnsupported, "ncclepGroupCheckLsa: not available on a loopback group");
   if (!g->devCommCreated)
     return setError(ncclepUnsupported, "ncclepGroupCheckLsa: NCCL device API unavailable: %s",
                     g->deviceApiError.c_str());

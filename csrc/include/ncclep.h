@@ -170,6 +170,19 @@ NCCLEP_API ncclepResult_t ncclepGroupGetInfo(ncclepGroup_t group, ncclepGroupInf
  */
 NCCLEP_API ncclepResult_t ncclepGroupCheckLsa(ncclepGroup_t group, cudaStream_t stream, int* ok);
 
+/*
+ * Every rank of a group, in this process and on one device, without NCCL: for testing the
+ * kernels' protocols where one GPU is all there is. groups[r] (nRanks entries) is rank r's group,
+ * made as ncclepGroupCreate would make it on one NVLink host of nRanks GPUs; config->virtualNodes
+ * or NCCLEP_VIRTUAL_NODES splits it into nodes as there. Every rank's kernels must run at once:
+ * issue each rank's calls on a stream of its own, before waiting on any. So that they fit, the
+ * ranks' kernels together may use at most the device's SMs (config->numSms; ncclepInvalidArgument
+ * otherwise). Not for speed: every peer is this GPU's own memory. ncclepGroupCheckLsa is not
+ * available on these groups. Destroy each with ncclepGroupDestroy (not collective here).
+ */
+NCCLEP_API ncclepResult_t ncclepLoopbackCreate(ncclepGroup_t* groups, int nRanks, int cudaDevice,
+                                               const ncclepGroupConfig_t* config);
+
 /* ------------------------------------------------------------------------------------------
  * What the kernels can serve. These need no group, device or NCCL call: bindings and launchers
  * ask here instead of restating the limits (the Python package reads them through ncclep._C).

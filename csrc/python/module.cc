@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -130,6 +131,9 @@ class Communicator {
     check(ncclepGroupGetInfo(group_, &info));
     if (!info.deviceApiAvailable) deviceApiError_ = ncclepGetLastError();
   }
+
+  // Adopts a group made elsewhere (ncclepLoopbackCreate).
+  explicit Communicator(ncclepGroup_t group) : group_(group) {}
 
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -621,6 +625,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("mode"), py::arg("num_experts"), py::arg("max_tokens_per_rank"), py::arg("hidden"),
       py::arg("max_topk"), py::arg("world_size"));
+
+  m.def(
+      "loopback",
+      [](int worldSize, int cudaDevice, int mode, int numExperts, int maxTokensPerRank, int hidden, int maxTopk,
+         int numSms, double timeoutSeconds, int virtualNodes) {
+        ncclepGroupConfig_t config = makeConfig(mode, numExperts, maxTokensPerRank, hidden, maxTopk, numSms,
+                                                timeoutSeconds, 0, virtualNodes);
+        std::vector<ncclepGroup_t> groups(size_t(std::max(worldSize, 1)), nullptr);
+        check(ncclepLoopbackCreate(groups.data(), worldSize, cudaDevice, &config));
+        py::list out;
+        for (ncclepGroup_t g : groups) out.append(py::cast(new Communicator(g), py::return_value_policy::take_ownership));
+        return out;
+      },
+      py::arg("world_size"), py::arg("cuda_device"), py::arg("mode"), py::arg("num_experts"),
+      py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("max_topk"), py::arg("num_sms"),
+      py::arg("timeout_s"), py::arg("virtual_nodes") = 0,
+      "every rank's Communicator of a group on one device, without NCCL (ncclepLoopbackCreate): for tests");
 
   py::class_<Communicator>(m, "Communicator")
       .def(py::init<const py::bytes&, int, int, int, int, int, int, int, int, int, double, size_t, int>(),

@@ -22,13 +22,6 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return testing.relative_error(out.cpu(), ref.cpu())
 
 
-def _expert_fn(num_experts: int):  # type: ignore[no-untyped-def]
-    def fn(expert: int, rows: torch.Tensor) -> torch.Tensor:
-        return (rows.float() * ((expert + 1) / num_experts)).to(torch.bfloat16)
-
-    return fn
-
-
 def _check_ll(group: Group, case: Case, inp: Any) -> str | None:
     cfg, rank = group.config, group.rank
     use_fp8 = case.dtype == "fp8"
@@ -44,7 +37,7 @@ def _check_ll(group: Group, case: Case, inp: Any) -> str | None:
             want = torch.stack([r.payload for r in rows])
             if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
                 return f"expert {e}: payload differs"
-    fn = _expert_fn(cfg.num_experts)
+    fn = testing.scaled_expert(cfg.num_experts)
     dense = out.x.float() if not use_fp8 else fp8.dequantize(out.x, out.scales)
     expert_out = torch.stack(
         [fn(rank * cfg.num_local_experts + e, dense[e]) for e in range(cfg.num_local_experts)]

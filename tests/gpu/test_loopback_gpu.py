@@ -1,0 +1,273 @@
+"""GPU, one device: every rank of a group in this process (``ncclep._C.loopback``: the ranks'
+windows on this GPU, no NCCL), each rank's calls on a stream of its own. The LL kernels'
+multi-rank protocols (call numbers, received-data marks, acknowledgements, the emulated network of
+virtual nodes) against the per-token oracle of :mod:`ncclep.testing`, where one GPU is all there
+is. Every peer is this GPU's memory: nothing here says anything about speed, and test_ll_gpu.py
+on several GPUs stays the check over NVLink and NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import ncclep
+from ncclep import _native, fp8, testing
+from ncclep.config import MODE_IDS, GroupConfig
+from ncclep.cuda_ll import CudaLL
+from ncclep.handles import LLDispatchOutput
+from ncclep.workloads import make_routing
+
+pytestmark = pytest.mark.gpu
+
+EXPERTS, T, HIDDEN = 32, 40, 7168  # small: the oracle loops over tokens in Python
+TIMEOUT_S = 20.0
+# (use_fp8, ue8m0, round_scale) of each payload; fp8 scales: fp32, UE8M0 bytes, fp32 powers of two
+PAYLOADS = {
+    "bf16": (False, False, False),
+    "fp8": (True, False, False),
+    "ue8m0": (True, True, False),
+    "pow2": (True, False, True),
+}
+
+
+@dataclass
+class LoopbackGroup:
+    cfg: GroupConfig
+    ranks: list[CudaLL]
+    streams: list[torch.cuda.Stream]
+
+    def close(self) -> None:
+        for r in self.ranks:
+            r.comm.close()
+
+
+def loopback_group(world: int, nodes: int, sms: int | None) -> LoopbackGroup:
+    """Every rank of an LL group on this GPU; ``sms`` None: the device's SMs shared evenly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not ncclep.cuda_extension_available():
+        pytest.skip("needs the ncclep CUDA extension (pip install -e . on a CUDA host)")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    # Streams share the device's hardware queues beyond CUDA_DEVICE_MAX_CONNECTIONS: a rank queued
+    # behind a peer that waits for it would never start.
+    if world >= int(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")):
+        pytest.skip(f"{world} ranks' streams need CUDA_DEVICE_MAX_CONNECTIONS > {world}")
+    if sms is None:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count // world
+    cfg = GroupConfig(EXPERTS, T, HIDDEN, "ll", world, max_topk=8, num_sms=sms, timeout_s=TIMEOUT_S)
+    comms = _native.module().loopback(
+        world, dev.index, MODE_IDS["ll"], EXPERTS, T, HIDDEN, 8, sms, TIMEOUT_S, virtual_nodes=nodes
+    )
+    assert comms[0].info()["node_size"] == world // nodes
+    return LoopbackGroup(
+        cfg, [CudaLL(cfg, r, c, dev) for r, c in enumerate(comms)], [torch.cuda.Stream(dev) for _ in comms]
+    )
+
+
+@dataclass
+class Call:
+    """One LL dispatch + combine of every rank: inputs on the CPU (the oracle's) and the device."""
+
+    payload: str
+    split: bool  # send and receive halves as separate launches
+    world: list[testing.RankInputs]
+    device: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _calls(seed: int, world: int, count: int, hidden: int) -> list[Call]:
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    routings = ("random", "skewed", "hot")
+    calls = []
+    for i in range(count):
+        topk = (1, 8)[(i // 3) % 2]
+        routing = routings[(i // 2) % 3]
+        if routing == "hot" and topk > EXPERTS // world:
+            routing = "random"
+        ranks = []
+        for r in range(world):
+            tokens = [T, 0, 17, 1][(i + r) % 4]
+            x = (torch.randn(tokens, hidden, generator=g) * 3).to(torch.bfloat16)
+            hot = min(1, world - 1)
+            idx, w = make_routing(
+                routing, tokens, EXPERTS, topk, world_size=world, generator=g, masked=2, hot_rank=hot
+            )
+            ranks.append(testing.RankInputs(x, idx, w))
+        payload = list(PAYLOADS)[i % len(PAYLOADS)]
+        device = [(r.x.to(dev), r.topk_idx.to(dev), r.topk_weights.to(dev)) for r in ranks]  # type: ignore[union-attr]
+        calls.append(Call(payload, i % 3 == 1, ranks, device))
+    return calls
+
+
+@dataclass
+class Result:
+    dispatched: LLDispatchOutput
+    combined: torch.Tensor
+
+
+def _expert_out(group: LoopbackGroup, rank: int, out: LLDispatchOutput) -> torch.Tensor:
+    local = group.cfg.num_local_experts
+    expert_fn = testing.scaled_expert(EXPERTS)
+    dense = out.x.float() if out.scales is None else fp8.dequantize(out.x, _scales(out))
+    return torch.stack([expert_fn(rank * local + e, dense[e]) for e in range(local)])
+
+
+def _format(call: Call, i: int) -> tuple[bool, bool, bool, bool]:
+    use_fp8, ue8m0, round_scale = PAYLOADS[call.payload]
+    column_major = use_fp8 and (i // len(PAYLOADS)) % 2 == 1  # the scales as grouped GEMMs read them
+    return use_fp8, ue8m0, column_major, round_scale
+
+
+def _in_lockstep(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
+    """Each step of each call issued on every rank, then waited for on the host.
+
+    Besides a check of its own, it loads every kernel the calls use: CUDA loads a module at its
+    first launch (lazily, by default), and a load waits for the device's running kernels, which
+    here would be ranks spinning on peers whose work the host has yet to issue."""
+    results: list[list[Result]] = []
+    for i, call in enumerate(calls):
+        fmt = _format(call, i)
+        outs = []
+        for r, rank in enumerate(group.ranks):
+            with torch.cuda.stream(group.streams[r]):
+                x, idx, w = call.device[r]
+                send = rank.dispatch_send if call.split else rank.dispatch
+                outs.append(send(x, idx, w, *fmt))
+        if call.split:
+            for r, rank in enumerate(group.ranks):
+                with torch.cuda.stream(group.streams[r]):
+                    outs[r] = rank.dispatch_recv(outs[r])
+        torch.cuda.synchronize()
+        expert_outs = []
+        for r in range(len(group.ranks)):
+            with torch.cuda.stream(group.streams[r]):
+                expert_outs.append(_expert_out(group, r, outs[r]))
+        torch.cuda.synchronize()
+        combined = []
+        for r, rank in enumerate(group.ranks):
+            with torch.cuda.stream(group.streams[r]):
+                if call.split:
+                    combined.append(rank.combine_send(expert_outs[r], outs[r].handle))
+                else:
+                    combined.append(rank.combine(expert_outs[r], outs[r].handle))
+        if call.split:
+            for r, rank in enumerate(group.ranks):
+                with torch.cuda.stream(group.streams[r]):
+                    combined[r] = rank.combine_recv(combined[r])
+        torch.cuda.synchronize()
+        results.append([Result(o, c) for o, c in zip(outs, combined, strict=True)])
+    return results
+
+
+def _ahead(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
+    """Every call of rank 0, then every call of rank 1, ..., each rank on its stream, no wait on
+    the host in between: a rank's kernels meet its peers' only on the device, and a rank may be
+    calls ahead of one whose work is not even issued yet. The kernels are loaded already
+    (_in_lockstep)."""
+    results: list[list[Result]] = [[] for _ in calls]
+    for r, rank in enumerate(group.ranks):
+        with torch.cuda.stream(group.streams[r]):
+            for i, call in enumerate(calls):
+                x, idx, w = call.device[r]
+                fmt = _format(call, i)
+                if call.split:
+                    out = rank.dispatch_recv(rank.dispatch_send(x, idx, w, *fmt))
+                else:
+                    out = rank.dispatch(x, idx, w, *fmt)
+                expert_out = _expert_out(group, r, out)
+                if call.split:
+                    combined = rank.combine_recv(rank.combine_send(expert_out, out.handle))
+                else:
+                    combined = rank.combine(expert_out, out.handle)
+                results[i].append(Result(out, combined))
+    torch.cuda.synchronize()
+    return results
+
+
+def _scales(out: LLDispatchOutput) -> torch.Tensor:
+    """The output's scales one per 128 columns (UE8M0 comes packed four to an int32)."""
+    assert out.scales is not None
+    return fp8.unpack_ue8m0(out.scales) if out.scales.dtype == torch.int32 else out.scales
+
+
+def _dispatch_problem(out: LLDispatchOutput, expected: list[list[testing.ExpectedRow]]) -> str | None:
+    counts = out.expert_counts.cpu().tolist()
+    for e, rows in enumerate(expected):
+        if counts[e] != len(rows):
+            return f"expert {e}: {counts[e]} rows, expected {len(rows)}"
+        if not rows:
+            continue
+        got = out.x[e, : len(rows)].cpu()
+        if not torch.equal(got.view(torch.uint8), torch.stack([r.payload for r in rows]).view(torch.uint8)):
+            return f"expert {e}: payload differs"
+        if out.scales is not None:
+            got_scales = fp8.scales_to_float(_scales(out)[e, : len(rows)].cpu())
+            want = torch.stack([fp8.scales_to_float(r.scales) for r in rows])  # type: ignore[arg-type]
+            if not torch.equal(got_scales, want):
+                return f"expert {e}: scales differ"
+    return None
+
+
+def _problems(group: LoopbackGroup, calls: list[Call], results: list[list[Result]]) -> list[str]:
+    problems = []
+    cfg = group.cfg
+    for r, rank in enumerate(group.ranks):
+        error = rank.comm.device_error()
+        if error is not None:
+            problems.append(f"rank {r}: device error {error}")
+    for i, (call, result) in enumerate(zip(calls, results, strict=True)):
+        use_fp8, ue8m0, round_scale = PAYLOADS[call.payload]
+        oracle_world = call.world
+        if use_fp8:  # the experts saw dequantised rows: so does the combine's oracle
+            oracle_world = [
+                testing.RankInputs(
+                    fp8.dequantize(*fp8.quantize(w.x, ue8m0, round_scale)), w.topk_idx, w.topk_weights
+                )
+                for w in call.world
+            ]
+        for r, got in enumerate(result):
+            what = f"call {i} ({call.payload}{' split' if call.split else ''}) rank {r}"
+            expected = testing.ll_dispatch_expected(cfg, r, call.world, use_fp8, ue8m0, round_scale)
+            problem = _dispatch_problem(got.dispatched, expected)
+            if problem:
+                problems.append(f"{what}: {problem}")
+                continue
+            want = testing.ll_combine_expected(cfg, r, oracle_world, testing.scaled_expert(EXPERTS))
+            err = testing.relative_error(got.combined.cpu(), want) if want.numel() else 0.0
+            if err > testing.COMBINE_TOLERANCE:
+                problems.append(f"{what}: combine relative error {err:.3g}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "world,nodes,sms",
+    [(2, 1, None), (2, 2, None), (4, 1, None), (4, 2, None), (4, 1, 3), (4, 2, 3), (8, 1, None)],
+)
+def test_ll_loopback_matches_oracle(world: int, nodes: int, sms: int | None) -> None:
+    """24 calls of every rank (payloads, split halves, top-k 1 and 8, token counts 0 to T changing
+    every call), in lockstep and then issued all at once: every rank's dispatch bit-exact, its
+    combine within tolerance."""
+    group = loopback_group(world, nodes, sms)
+    try:
+        for hidden in (2048, HIDDEN):
+            calls = _calls(world * 100 + nodes * 10 + hidden, world, 24, hidden)
+            torch.cuda.synchronize()  # the inputs are on the device before any rank's stream reads them
+            assert _problems(group, calls, _in_lockstep(group, calls)) == []
+            assert _problems(group, calls, _ahead(group, calls)) == []
+    finally:
+        group.close()
+
+
+def test_loopback_refuses_more_sms_than_the_device() -> None:
+    """Every rank's kernels must fit on the device at once, or the first to spin would starve the
+    rest: a group that would not fit is refused with the SMs it may use."""
+    if not torch.cuda.is_available() or not ncclep.cuda_extension_available():
+        pytest.skip("needs a CUDA GPU and the extension")
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    with pytest.raises(RuntimeError, match="do not fit"):
+        dev = torch.cuda.current_device()
+        _native.module().loopback(2, dev, MODE_IDS["ll"], EXPERTS, T, HIDDEN, 8, sms, 5.0)
