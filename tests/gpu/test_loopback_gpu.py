@@ -1,15 +1,17 @@
 """GPU, one device: every rank of a group in this process (``ncclep._C.loopback``: the ranks'
-windows on this GPU, no NCCL), each rank's calls on a stream of its own. The LL kernels'
-multi-rank protocols (call numbers, received-data marks, acknowledgements, the emulated network of
-virtual nodes) against the per-token oracle of :mod:`ncclep.testing`, where one GPU is all there
-is. Every peer is this GPU's memory: nothing here says anything about speed, and test_ll_gpu.py
-on several GPUs stays the check over NVLink and NCCL.
+windows on this GPU, no NCCL), each rank's calls on a stream of its own. The kernels' multi-rank
+protocols (LL: call numbers, received-data marks, acknowledgements; HT: counts, epochs, the
+combine's rows; both: the emulated network of virtual nodes) against the per-token oracle of
+:mod:`ncclep.testing`, where one GPU is all there is. Every peer is this GPU's memory: nothing here
+says anything about speed, and test_ll_gpu.py / test_ht_gpu.py on several GPUs stay the check over
+NVLink and NCCL.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -17,8 +19,9 @@ import torch
 import ncclep
 from ncclep import _native, fp8, testing
 from ncclep.config import MODE_IDS, GroupConfig
+from ncclep.cuda_ht import CudaHT
 from ncclep.cuda_ll import CudaLL
-from ncclep.handles import LLDispatchOutput
+from ncclep.handles import HTDispatchOutput, LLDispatchOutput
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -37,16 +40,28 @@ PAYLOADS = {
 @dataclass
 class LoopbackGroup:
     cfg: GroupConfig
-    ranks: list[CudaLL]
+    ranks: list[Any]  # CudaLL or CudaHT, by mode
     streams: list[torch.cuda.Stream]
+
+    side: torch.cuda.Stream
+    busy: torch.Tensor
+
+    def hold_the_sms(self) -> None:
+        """A matmul on another stream, issued before a receive half: the receive's blocks then start
+        as the matmul's finish, tens of µs apart, so one may end its call before another has begun
+        it (what the first to end writes must not be what the last still has to read)."""
+        with torch.cuda.stream(self.side):
+            torch.mm(self.busy, self.busy)
 
     def close(self) -> None:
         for r in self.ranks:
             r.comm.close()
 
 
-def loopback_group(world: int, nodes: int, sms: int | None) -> LoopbackGroup:
-    """Every rank of an LL group on this GPU; ``sms`` None: the device's SMs shared evenly."""
+def loopback_group(
+    world: int, nodes: int, sms: int | None, timeout_s: float = TIMEOUT_S, mode: str = "ll"
+) -> LoopbackGroup:
+    """Every rank of a group on this GPU; ``sms`` None: the device's SMs shared evenly."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if not ncclep.cuda_extension_available():
@@ -58,13 +73,18 @@ def loopback_group(world: int, nodes: int, sms: int | None) -> LoopbackGroup:
         pytest.skip(f"{world} ranks' streams need CUDA_DEVICE_MAX_CONNECTIONS > {world}")
     if sms is None:
         sms = torch.cuda.get_device_properties(dev).multi_processor_count // world
-    cfg = GroupConfig(EXPERTS, T, HIDDEN, "ll", world, max_topk=8, num_sms=sms, timeout_s=TIMEOUT_S)
+    cfg = GroupConfig(EXPERTS, T, HIDDEN, mode, world, max_topk=8, num_sms=sms, timeout_s=timeout_s)
     comms = _native.module().loopback(
-        world, dev.index, MODE_IDS["ll"], EXPERTS, T, HIDDEN, 8, sms, TIMEOUT_S, virtual_nodes=nodes
+        world, dev.index, MODE_IDS[mode], EXPERTS, T, HIDDEN, 8, sms, timeout_s, virtual_nodes=nodes
     )
+    backend = CudaLL if mode == "ll" else CudaHT
     assert comms[0].info()["node_size"] == world // nodes
     return LoopbackGroup(
-        cfg, [CudaLL(cfg, r, c, dev) for r, c in enumerate(comms)], [torch.cuda.Stream(dev) for _ in comms]
+        cfg,
+        [backend(cfg, r, c, dev) for r, c in enumerate(comms)],
+        [torch.cuda.Stream(dev) for _ in comms],
+        torch.cuda.Stream(dev),
+        torch.randn(8192, 8192, device=dev).to(torch.bfloat16),
     )
 
 
@@ -109,6 +129,12 @@ class Result:
     combined: torch.Tensor
 
 
+def call_inputs(call: Call, rank: int) -> tuple[torch.Tensor, ...]:
+    """Rank ``rank``'s dispatch arguments of ``call`` on the device, in ``CudaLL.dispatch`` order."""
+    use_fp8, ue8m0, round_scale = PAYLOADS[call.payload]
+    return (*call.device[rank], use_fp8, ue8m0, False, round_scale)
+
+
 def _expert_out(group: LoopbackGroup, rank: int, out: LLDispatchOutput) -> torch.Tensor:
     local = group.cfg.num_local_experts
     expert_fn = testing.scaled_expert(EXPERTS)
@@ -138,6 +164,7 @@ def _in_lockstep(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
                 send = rank.dispatch_send if call.split else rank.dispatch
                 outs.append(send(x, idx, w, *fmt))
         if call.split:
+            group.hold_the_sms()
             for r, rank in enumerate(group.ranks):
                 with torch.cuda.stream(group.streams[r]):
                     outs[r] = rank.dispatch_recv(outs[r])
@@ -155,6 +182,7 @@ def _in_lockstep(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
                 else:
                     combined.append(rank.combine(expert_outs[r], outs[r].handle))
         if call.split:
+            group.hold_the_sms()
             for r, rank in enumerate(group.ranks):
                 with torch.cuda.stream(group.streams[r]):
                     combined[r] = rank.combine_recv(combined[r])
@@ -258,6 +286,177 @@ def test_ll_loopback_matches_oracle(world: int, nodes: int, sms: int | None) -> 
             torch.cuda.synchronize()  # the inputs are on the device before any rank's stream reads them
             assert _problems(group, calls, _in_lockstep(group, calls)) == []
             assert _problems(group, calls, _ahead(group, calls)) == []
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 2)])
+def test_ll_loopback_missing_peer_times_out_cleanly(world: int, nodes: int) -> None:
+    """The last rank never calls: every other rank's dispatch gives up at the deadline and names it,
+    without a fault on the device, and a new group on the same device then works."""
+    group = loopback_group(world, nodes, None, timeout_s=2.0)
+    calls = _calls(7, world, 1, HIDDEN)
+    torch.cuda.synchronize()
+    try:
+        for r, rank in enumerate(group.ranks[:-1]):
+            with torch.cuda.stream(group.streams[r]):
+                rank.dispatch(*call_inputs(calls[0], r))
+        torch.cuda.synchronize()  # raises if a kernel faulted
+        for r, rank in enumerate(group.ranks[:-1]):
+            error = rank.comm.device_error()
+            assert error is not None and error[0] == "timeout", (r, error)
+    finally:
+        group.close()
+    group = loopback_group(world, nodes, None)
+    try:
+        calls = _calls(8, world, 4, HIDDEN)
+        torch.cuda.synchronize()
+        assert _problems(group, calls, _in_lockstep(group, calls)) == []
+    finally:
+        group.close()
+
+
+# ------------------------------------------------------------------------------------------ HT
+
+HT_LAYOUTS = [("flat", 1), ("expert_major", 1), ("expert_major", 16)]
+
+
+@dataclass
+class HTCall:
+    layout: str
+    alignment: int
+    world: list[testing.RankInputs]  # x as dispatched: bf16, or the fp8 rows
+    scales: list[torch.Tensor | None]
+    device: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]
+
+
+def _ht_calls(seed: int, world: int, count: int) -> list[HTCall]:
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    calls = []
+    for i in range(count):
+        layout, alignment = HT_LAYOUTS[i % len(HT_LAYOUTS)]
+        topk = (1, 8)[(i // 2) % 2]
+        payload = ("bf16", "fp8", "ue8m0")[(i // 3) % 3]
+        ranks, scales, device = [], [], []
+        for r in range(world):
+            tokens = [T, 0, 17, 1][(i + r) % 4]
+            x = (torch.randn(tokens, HIDDEN, generator=g) * 3 + 0.01).to(torch.bfloat16)
+            idx, w = make_routing("random", tokens, EXPERTS, topk, world_size=world, generator=g, masked=2)
+            s = None
+            if payload != "bf16":
+                x, s = fp8.quantize(x, ue8m0=payload == "ue8m0")
+            ranks.append(testing.RankInputs(x, idx, w))
+            scales.append(s)
+            ids = idx.to(torch.int32) if i % 2 else idx
+            device.append((x.to(dev), None if s is None else s.to(dev), ids.to(dev), w.to(dev)))
+        calls.append(HTCall(layout, alignment, ranks, scales, device))
+    return calls
+
+
+def _ht_dense(out: HTDispatchOutput) -> torch.Tensor:
+    return out.x.float() if out.scales is None else fp8.dequantize(out.x, out.scales)
+
+
+def _ht_lockstep(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
+    """As _in_lockstep, for HT: every rank's dispatch, then every rank's expert rows (each row
+    times its rank + 1), then every rank's combine."""
+    results = []
+    for call in calls:
+        outs = []
+        for r, rank in enumerate(group.ranks):
+            with torch.cuda.stream(group.streams[r]):
+                outs.append(rank.dispatch(*call.device[r], call.layout, call.alignment))
+        torch.cuda.synchronize()
+        rows = []
+        for r in range(len(group.ranks)):
+            with torch.cuda.stream(group.streams[r]):
+                rows.append((_ht_dense(outs[r]) * (r + 1)).to(torch.bfloat16))
+        torch.cuda.synchronize()
+        combined = []
+        for r, rank in enumerate(group.ranks):
+            with torch.cuda.stream(group.streams[r]):
+                combined.append(rank.combine(rows[r], outs[r].handle, None)[0])
+        torch.cuda.synchronize()
+        results.append(list(zip(outs, combined, strict=True)))
+    return results
+
+
+def _ht_ahead(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
+    """As _ahead, for HT: every call of rank 0, then of rank 1, ..., no wait on the host."""
+    results: list[list[tuple[Any, Any]]] = [[] for _ in calls]
+    for r, rank in enumerate(group.ranks):
+        with torch.cuda.stream(group.streams[r]):
+            for i, call in enumerate(calls):
+                out = rank.dispatch(*call.device[r], call.layout, call.alignment)
+                rows = (_ht_dense(out) * (r + 1)).to(torch.bfloat16)
+                results[i].append((out, rank.combine(rows, out.handle, None)[0]))
+    torch.cuda.synchronize()
+    return results
+
+
+def _ht_problem(
+    cfg: GroupConfig, r: int, call: HTCall, out: HTDispatchOutput, combined: torch.Tensor
+) -> str | None:
+    rows, counts = testing.ht_dispatch_expected(cfg, r, call.world, call.layout, call.alignment)
+    if out.expert_counts.cpu().tolist() != counts:
+        return f"expert_counts {out.expert_counts.cpu().tolist()} != {counts}"
+    if int(out.num_recv[0]) != len(rows):
+        return f"num_recv {int(out.num_recv[0])} != {len(rows)}"
+    x, ids = out.x.cpu(), out.topk_idx.cpu()
+    weights = out.topk_weights.cpu() if out.topk_weights is not None else None
+    scales = out.scales.cpu() if out.scales is not None else None
+    for n, row in enumerate(rows):
+        if row is None:
+            continue
+        if not torch.equal(x[n].view(torch.uint8), call.world[row.src].x[row.token].view(torch.uint8)):
+            return f"row {n} payload differs"
+        source_scales = call.scales[row.src]
+        if scales is not None and source_scales is not None:
+            want = fp8.scales_to_float(source_scales[row.token])
+            if not torch.equal(fp8.scales_to_float(scales[n]), want):
+                return f"row {n} scales differ"
+        if ids[n].tolist() != row.local_ids:
+            return f"row {n} expert ids {ids[n].tolist()} != {row.local_ids}"
+        if weights is not None and weights[n].tolist() != row.weights:
+            return f"row {n} weights differ"
+    oracle_world = [
+        testing.RankInputs(w.x if s is None else fp8.dequantize(w.x, s), w.topk_idx, w.topk_weights)
+        for w, s in zip(call.world, call.scales, strict=True)
+    ]
+    want = testing.ht_combine_expected(
+        cfg, r, oracle_world, call.layout, lambda d, _e, x: (x.float() * (d + 1)).to(torch.bfloat16)
+    )
+    if want.numel() and testing.relative_error(combined.cpu(), want) > testing.COMBINE_TOLERANCE:
+        return f"combine relative error {testing.relative_error(combined.cpu(), want):.3g}"
+    return None
+
+
+def _ht_problems(
+    group: LoopbackGroup, calls: list[HTCall], results: list[list[tuple[Any, Any]]]
+) -> list[str]:
+    problems = [
+        f"rank {r}: device error {e}" for r, b in enumerate(group.ranks) if (e := b.comm.device_error())
+    ]
+    for i, (call, result) in enumerate(zip(calls, results, strict=True)):
+        for r, (out, combined) in enumerate(result):
+            problem = _ht_problem(group.cfg, r, call, out, combined)
+            if problem:
+                problems.append(f"call {i} ({call.layout}/{call.alignment}) rank {r}: {problem}")
+    return problems
+
+
+@pytest.mark.parametrize("world,nodes,sms", [(2, 1, None), (4, 1, None), (4, 2, None), (4, 1, 4), (4, 2, 6)])
+def test_ht_loopback_matches_oracle(world: int, nodes: int, sms: int | None) -> None:
+    """18 HT calls of every rank (layouts, alignments, bf16 / fp8 / UE8M0, top-k 1 and 8, int32
+    and int64 ids, token counts 0 to T), in lockstep and then issued all at once: every rank's
+    dispatch exact, its combine within tolerance."""
+    group = loopback_group(world, nodes, sms, mode="ht")
+    try:
+        calls = _ht_calls(world * 10 + nodes, world, 18)
+        torch.cuda.synchronize()
+        assert _ht_problems(group, calls, _ht_lockstep(group, calls)) == []
+        assert _ht_problems(group, calls, _ht_ahead(group, calls)) == []
     finally:
         group.close()
 
