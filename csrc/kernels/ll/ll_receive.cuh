@@ -22,7 +22,7 @@ __device__ __forceinline__ uint64_t ackShare() {
 // The calls of `half` (LLHalf) this block has finished: the number of the call it works on now.
 __device__ __forceinline__ uint64_t blockCalls(const LLCommon& c, int half) {
   const LLState* state = reinterpret_cast<const LLState*>(c.local + c.layout.state);
-  return *reinterpret_cast<const volatile uint32_t*>(&state->calls[half][blockIdx.x]);
+  return *reinterpret_cast<const volatile uint64_t*>(&state->calls[half][blockIdx.x]);
 }
 
 __device__ __forceinline__ void endBlockCall(const LLCommon& c, int half, uint64_t seq) {
