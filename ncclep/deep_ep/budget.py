@@ -16,7 +16,8 @@ DEFAULT_LL_MAX_TOPK = 16  # the LL kernels' largest top-k, when the extension ca
 CONTROL_BYTES = 64 << 10  # csrc/core/buffer_plan.h kControlBytes
 WINDOW_GRANULARITY = 2 << 20  # csrc/core/buffer_plan.h kWindowGranularity
 REGION_ALIGN = 256
-LL_STATE_BYTES = 4 * 4 * 1024 + 4 * 4 + 4  # sizeof(LLState): calls[4][kLLMaxBlocks], blocksDone[4], aborted
+# sizeof(LLState): uint64 calls[4][kLLMaxBlocks], uint32 blocksDone[4] and aborted, padding to 8 bytes
+LL_STATE_BYTES = 8 * 4 * 1024 + 4 * 4 + 4 + 4
 LL_SIGNAL_KINDS = 8
 LL_MARKS = 2 * 4  # received-data marks per peer: 2 ops x kLLMarkSlots
 

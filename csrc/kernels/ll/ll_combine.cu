@@ -58,7 +58,7 @@ struct CombineShared {
   int rejected[kLLMaxRanks];  // receive: the rank rejected this call (its rows count as none)
   uint64_t mark[kLLMaxRanks];  // receive: our received-data mark of each rank in this parity
   uint64_t seen[kLLMaxRanks];  // receive: each rank's data signal (acquired), last read
-  uint32_t sendSeq;            // the send half's call, ended by the receive half in a fused launch
+  uint64_t sendSeq;            // the send half's call, ended by the receive half in a fused launch
   bool last;
 };
 
@@ -83,11 +83,11 @@ __device__ __forceinline__ void expectRows(const LLCombineParams& p, CombineShar
 // A rejecting rank's stand-in for its rows (block 0): its `rejects` word, then kLLRejectAdd, to
 // each rank; the same thread puts (network) and signals, so the signal covers the word.
 template <class Net>
-__device__ void sendRejection(const LLCombineParams& p, const transport::Peers<Net>& peers, uint32_t seq) {
+__device__ void sendRejection(const LLCombineParams& p, const transport::Peers<Net>& peers, uint64_t seq) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const uint32_t parity = seq & 1u;
-  const uint64_t word = (uint64_t(seq + 1) << 32) | rejectWord(p.rejectCode);
+  const uint32_t parity = uint32_t(seq) & 1u;
+  const uint64_t word = (uint64_t(uint32_t(seq + 1)) << 32) | rejectWord(p.rejectCode);  // a 32-bit epoch
   for (int d = threadIdx.x; d < c.nRanks; d += blockDim.x) {
     const size_t at = l.rejectAt(l.rejects, parity, c.rank), stage = l.rejectAt(l.stageRejects, parity, d);
     *peers.template target<uint64_t>(d, at, stage) = word;
@@ -99,10 +99,10 @@ __device__ void sendRejection(const LLCombineParams& p, const transport::Peers<N
 // Block 0: our tokens' combine weights into their slots at each rank (if the call has them), then
 // +1 on every rank's weights signal (every call, so that the signals count calls).
 template <class Net>
-__device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net>& peers, uint32_t seq) {
+__device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net>& peers, uint64_t seq) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
-  const uint32_t parity = seq & 1u;
+  const uint32_t parity = uint32_t(seq) & 1u;
   const int R = c.nRanks, KM = l.maxTopk, K = p.topk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const bool weights = p.topk > 0 && p.rejectCode == 0;
@@ -138,9 +138,9 @@ __device__ void sendWeights(const LLCombineParams& p, const transport::Peers<Net
 // leaves in seen[r] the value that ended the wait. False after a failed wait.
 template <class Net>
 __device__ bool waitRows(const LLCombineParams& p, const transport::Peers<Net>& peers, const device::ErrorSink& err,
-                         uint32_t seq, int r, uint64_t need, CombineShared& s) {
+                         uint64_t seq, int r, uint64_t need, CombineShared& s) {
   const LLCommon& c = p.c;
-  const uint32_t parity = seq & 1u;
+  const uint32_t parity = uint32_t(seq) & 1u;
   const int kind = kSigCombineData + int(parity);
   uint64_t base = s.mark[r], seen = s.seen[r];
   for (;;) {
@@ -151,7 +151,7 @@ __device__ bool waitRows(const LLCombineParams& p, const transport::Peers<Net>& 
     if (adds == 0) return true;
     const uint64_t word =
         device::loadAcquire(reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, parity, r)));
-    if (uint32_t(word >> 32) == seq + 1) {
+    if (uint32_t(word >> 32) == uint32_t(seq + 1)) {
       s.rejected[r] = 1;
       if (blockIdx.x == 0) device::reportError(err, kDevicePeerRejected, kPhaseLLCombineRecv, r, rejectReason(uint32_t(word)));
       return true;
@@ -163,14 +163,14 @@ __device__ bool waitRows(const LLCombineParams& p, const transport::Peers<Net>& 
 // The rejecting rank's wait for rank r: r acknowledged this call, or rejected it too.
 template <class Net>
 __device__ bool waitPeerDoneWithCall(const LLCombineParams& p, const transport::Peers<Net>& peers,
-                                     const device::ErrorSink& err, uint32_t seq, int r) {
+                                     const device::ErrorSink& err, uint64_t seq, int r) {
   const LLCommon& c = p.c;
   const uint64_t* word =
-      reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, seq & 1u, r));
+      reinterpret_cast<const uint64_t*>(c.local + c.layout.rejectAt(c.layout.rejects, uint32_t(seq) & 1u, r));
   return device::waitUntil<device::SignalBackoff>(
       [&] {
         return peers.read(r, kSigCombineAck) >= (uint64_t(seq) + 1) * ll::ackPerCall<Net>() ||
-               uint32_t(device::loadAcquire(word) >> 32) == seq + 1;
+               uint32_t(device::loadAcquire(word) >> 32) == uint32_t(seq + 1);
       },
       c.timeoutNs, err, kPhaseLLCombineRecv, r, int32_t(seq + 1));
 }
@@ -186,8 +186,8 @@ __device__ void combineSend(const LLCombineParams& p, CombineShared& s, bool end
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = ll::blockCalls(c, kHalfCombineSend);
-  const uint32_t parity = seq & 1u;
+  const uint64_t seq = ll::blockCalls(c, kHalfCombineSend);
+  const uint32_t parity = uint32_t(seq) & 1u;
   const int R = c.nRanks, T = l.maxTokens, KM = l.maxTopk;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
 
@@ -299,8 +299,8 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
   LLState* state = reinterpret_cast<LLState*>(c.local + l.state);
   const device::ErrorSink err{c.error, &state->aborted};
-  const uint32_t seq = ll::blockCalls(c, kHalfCombineRecv);
-  const uint32_t parity = seq & 1u;
+  const uint64_t seq = ll::blockCalls(c, kHalfCombineRecv);
+  const uint32_t parity = uint32_t(seq) & 1u;
   const int R = c.nRanks, T = l.maxTokens;
   const int tid = threadIdx.x;
   const int chunks = p.hidden / 8;
@@ -311,7 +311,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
     uint64_t marks[kLLMarkSlots];
 #pragma unroll
     for (uint32_t slot = 0; slot < kLLMarkSlots; ++slot) marks[slot] = *ll::receivedMark(c, 1, slot, tid);
-    const uint32_t slot = seq % kLLMarkSlots;
+    const uint32_t slot = uint32_t(seq % kLLMarkSlots);
     static_assert(kLLMarkSlots == 4, "the selection below");
     s.mark[tid] = slot == 0 ? marks[0] : slot == 1 ? marks[1] : slot == 2 ? marks[2] : marks[3];
     s.rejected[tid] = 0;

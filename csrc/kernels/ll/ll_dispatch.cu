@@ -390,7 +390,7 @@ static_assert(4 * kLLMaxRanks <= kLLThreads, "a thread per rank (four per rank i
 
 struct SendFlags {
   bool last;
-  uint32_t sendSeq;  // the send half's call number, ended by the receive half in a fused launch
+  uint64_t sendSeq;  // the send half's call number, ended by the receive half in a fused launch
   char* msgs[kLLMaxTopk];
   TokenRanks ranks;
   int sentTo[kLLMaxRanks];       // messages this block sent to each rank
@@ -417,8 +417,8 @@ __device__ void dispatchSend(const LLDispatchParams& p, char* smem, SendFlags& f
   // for it). Parity `parity` of a destination still holds our call seq-2 until it acknowledged it;
   // the acknowledgements are checked after the counting or the first token's ranking (neither
   // touches a peer), so the round trips overlap.
-  const uint32_t seq = ll::blockCalls(c, kHalfDispatchSend);
-  const uint32_t parity = seq & 1u;
+  const uint64_t seq = ll::blockCalls(c, kHalfDispatchSend);
+  const uint32_t parity = uint32_t(seq) & 1u;
   TokenInputs in;
   if (int(blockIdx.x) < p.numTokens) loadToken(p, blockIdx.x, in);
   char* const lsaBase = tid < R && !peers.viaNet(tid) ? peers.net.lsa.peerBase(tid) : nullptr;
@@ -603,8 +603,8 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const RecvShared s = carveRecv(smem, R);
 
   stamp(p, kTraceRecvStart);
-  const uint32_t seq = ll::blockCalls(c, kHalfDispatchRecv);
-  const uint32_t parity = seq & 1u;
+  const uint64_t seq = ll::blockCalls(c, kHalfDispatchRecv);
+  const uint32_t parity = uint32_t(seq) & 1u;
   auto counts = [&](int r) {
     return reinterpret_cast<const int*>(c.local + l.dispatchCounts + (size_t(parity) * R + r) * l.countsBytes);
   };

@@ -69,7 +69,10 @@ constexpr uint32_t kLLMarkSlots = 4;
 enum LLHalf : int { kHalfDispatchSend = 0, kHalfDispatchRecv, kHalfCombineSend, kHalfCombineRecv };
 
 struct LLState {
-  uint32_t calls[4][kLLMaxBlocks];  // [LLHalf][block]: the calls of that half this block finished
+  // [LLHalf][block]: the calls of that half this block finished. 64-bit, as the signal counters
+  // they are compared with: 32 bits wrap after 2^32 calls (days of decode), and then every wait
+  // for a peer's counts or acknowledgement would pass at once.
+  uint64_t calls[4][kLLMaxBlocks];
   uint32_t blocksDone[4];  // one arrival counter per half (a fused launch counts in its receive's)
   uint32_t aborted;        // set with the error word: waiters poll this (device memory), not the
                            // host-mapped word, whose PCIe reads would slow every spin
@@ -104,7 +107,7 @@ struct LLLayout {
 #if defined(__CUDACC__)
   __host__ __device__
 #endif
-  size_t receivedAt(int op, uint32_t call, int peer) const {  // op: 0 dispatch, 1 combine
+  size_t receivedAt(int op, uint64_t call, int peer) const {  // op: 0 dispatch, 1 combine
     return received + ((size_t(op) * kLLMarkSlots + call % kLLMarkSlots) * size_t(nRanks) + size_t(peer)) * 8;
   }
 

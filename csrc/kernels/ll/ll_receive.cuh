@@ -22,19 +22,19 @@ __device__ __forceinline__ uint64_t ackShare() {
 }
 
 // The calls of `half` (LLHalf) this block has finished: the number of the call it works on now.
-__device__ __forceinline__ uint32_t blockCalls(const LLCommon& c, int half) {
+__device__ __forceinline__ uint64_t blockCalls(const LLCommon& c, int half) {
   const LLState* state = reinterpret_cast<const LLState*>(c.local + c.layout.state);
-  return *reinterpret_cast<const volatile uint32_t*>(&state->calls[half][blockIdx.x]);
+  return *reinterpret_cast<const volatile uint64_t*>(&state->calls[half][blockIdx.x]);
 }
 
-__device__ __forceinline__ void endBlockCall(const LLCommon& c, int half, uint32_t seq) {
+__device__ __forceinline__ void endBlockCall(const LLCommon& c, int half, uint64_t seq) {
   LLState* state = reinterpret_cast<LLState*>(c.local + c.layout.state);
   state->calls[half][blockIdx.x] = seq + 1;
 }
 
 // The received-data mark that call `call` of `op` reads for `peer` (ll_layout.h, kLLMarkSlots):
 // local, written only by our receive halves, as `call + 2`'s at the end of `call`.
-__device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uint32_t call, int peer) {
+__device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uint64_t call, int peer) {
   return reinterpret_cast<uint64_t*>(c.local + c.layout.receivedAt(op, call, peer));
 }
 
