@@ -334,12 +334,7 @@ ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
     }
   };
 
-  if (g->loopback) {  // no NCCL: the windows are the loopback set's, freed with its last group
-    if (g->broken) g->loopback->leak = true;
-    g->window = nullptr;
-    g->windowPtr = nullptr;
-    g->loopback.reset();
-  }
+  if (g->loopback && g->broken) g->loopback->leak = true;  // a kernel may still run: keep the windows
   if (g->broken) {
     // A kernel of this group may still spin on a barrier: anything that
     // synchronises the device (cudaFree, comm teardown) could hang forever.
@@ -349,6 +344,14 @@ ncclepResult_t destroyGroup(ncclepGroup* g, bool graceful) {
 
   DeviceGuard guard;
   if (g->cudaDevice >= 0) note(guard.set(g->cudaDevice));
+
+  if (g->loopback) {  // no NCCL: the windows belong to the loopback set and go with its last group
+    const cudaError_t e = cudaDeviceSynchronize();  // as the graceful teardown: our kernels end first
+    if (e != cudaSuccess) note(cudaFailure(e, "cudaDeviceSynchronize before destroying a loopback group"));
+    g->window = nullptr;
+    g->windowPtr = nullptr;
+    g->loopback.reset();
+  }
 
   if (graceful && g->comm != nullptr) {
     cudaError_t e = cudaDeviceSynchronize();
