@@ -256,10 +256,7 @@ ncclepResult_t replanForNodes(ncclepGroup* g) {
 
 }  // namespace
 
-ncclepResult_t createLocalResources(ncclepGroup* g) {
-  NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
-                    "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
-  NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+ncclepResult_t resolveDeviceShape(ncclepGroup* g) {
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->deviceSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
   if (g->config.mode != NCCLEP_MODE_HT && groupKernelSms(g) > kLLMaxBlocks)
@@ -275,6 +272,14 @@ ncclepResult_t createLocalResources(ncclepGroup* g) {
       return setError(ncclepInvalidArgument, "NCCLEP_VIRTUAL_NODES=%s: must be an integer in [1, %d]", v, g->nRanks);
     g->virtualNodes = int(n);
   }
+  return ncclepSuccess;
+}
+
+ncclepResult_t createLocalResources(ncclepGroup* g) {
+  NCCLEP_CHECK(resolveDeviceShape(g));
+  NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
+                    "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
+  NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   NCCLEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&g->errorHost), sizeof(DeviceError), cudaHostAllocMapped),
                     "cudaHostAlloc(error word)");
   std::memset(g->errorHost, 0, sizeof(DeviceError));
