@@ -256,6 +256,18 @@ ncclepResult_t replanForNodes(ncclepGroup* g) {
 
 }  // namespace
 
+std::unique_ptr<ncclepGroup> newGroup(int rank, int nRanks, int cudaDevice, const ncclepGroupConfig_t& config,
+                                      size_t windowBytes, const BufferPlan& plan) {
+  auto g = std::make_unique<ncclepGroup>();
+  g->rank = rank;
+  g->nRanks = nRanks;
+  g->cudaDevice = cudaDevice;
+  g->config = config;
+  g->windowBytes = windowBytes;
+  g->plan = plan;
+  return g;
+}
+
 ncclepResult_t resolveDeviceShape(ncclepGroup* g) {
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->deviceSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
@@ -448,13 +460,7 @@ extern "C" ncclepResult_t ncclepGroupCreate(ncclepGroup_t* out, ncclepUniqueId u
   ncclep::BufferPlan plan;
   NCCLEP_CHECK(ncclep::checkCreateArgs(out, nRanks, rank, cudaDevice, config, &windowBytes, &plan));
 
-  std::unique_ptr<ncclepGroup> g(new ncclepGroup());
-  g->rank = rank;
-  g->nRanks = nRanks;
-  g->cudaDevice = cudaDevice;
-  g->config = *config;
-  g->windowBytes = windowBytes;
-  g->plan = plan;
+  std::unique_ptr<ncclepGroup> g = ncclep::newGroup(rank, nRanks, cudaDevice, *config, windowBytes, plan);
 
   ncclepResult_t res = ncclep::createGroup(g.get(), uniqueId);
   if (res != ncclepSuccess) {

@@ -80,6 +80,9 @@ struct LoopbackWindows {
 // Group creation's steps, shared by ncclepGroupCreate and ncclepLoopbackCreate.
 ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
                                const ncclepGroupConfig_t* config, size_t* windowBytes, BufferPlan* planOut);
+// A group object with checkCreateArgs' results, nothing created yet.
+std::unique_ptr<ncclepGroup> newGroup(int rank, int nRanks, int cudaDevice, const ncclepGroupConfig_t& config,
+                                      size_t windowBytes, const BufferPlan& plan);
 // The device's SMs and the virtual nodes (config or NCCLEP_VIRTUAL_NODES); allocates nothing.
 ncclepResult_t resolveDeviceShape(ncclepGroup* g);
 // What the group needs on its device before any peer is involved: resolveDeviceShape, then the

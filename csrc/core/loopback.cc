@@ -158,14 +158,8 @@ extern "C" ncclepResult_t ncclepLoopbackCreate(ncclepGroup_t* groups, int nRanks
   PartialGroups made;
   made.groups.reserve(size_t(nRanks));
   for (int r = 0; r < nRanks; ++r) {
-    made.groups.push_back(std::make_unique<ncclepGroup>());
+    made.groups.push_back(ncclep::newGroup(r, nRanks, cudaDevice, *config, windowBytes, plan));
     ncclepGroup* g = made.groups.back().get();
-    g->rank = r;
-    g->nRanks = nRanks;
-    g->cudaDevice = cudaDevice;
-    g->config = *config;
-    g->plan = plan;
-    g->windowBytes = windowBytes;
     g->lsaRank = r;
     g->lsaSize = nRanks;
     g->nLsaTeams = 1;
