@@ -21,6 +21,7 @@ from ncclep import _native, fp8, testing
 from ncclep.config import MODE_IDS, GroupConfig
 from ncclep.cuda_ht import CudaHT
 from ncclep.cuda_ll import CudaLL
+from ncclep.errors import CommError, InvalidArgument
 from ncclep.handles import HTDispatchOutput, LLDispatchOutput
 from ncclep.workloads import make_routing
 
@@ -286,6 +287,114 @@ def test_ll_loopback_matches_oracle(world: int, nodes: int, sms: int | None) -> 
             torch.cuda.synchronize()  # the inputs are on the device before any rank's stream reads them
             assert _problems(group, calls, _in_lockstep(group, calls)) == []
             assert _problems(group, calls, _ahead(group, calls)) == []
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 2)])
+def test_ll_loopback_rejected_dispatch_reaches_every_peer(world: int, nodes: int) -> None:
+    """The last rank rejects a dispatch (it takes part with its reason and no tokens): every other
+    rank's call returns, its next read of the error word names that rank and the reason, and the
+    calls after it are exact on every rank."""
+    group = loopback_group(world, nodes, None)
+    bad = world - 1
+    calls = _calls(9, world, 4, HIDDEN)
+    torch.cuda.synchronize()
+    try:
+        assert _problems(group, calls[:1], _in_lockstep(group, calls[:1])) == []  # loads the kernels
+        for r, rank in enumerate(group.ranks):
+            with torch.cuda.stream(group.streams[r]):
+                if r == bad:
+                    with pytest.raises(InvalidArgument):
+                        rank.reject("ll_dispatch", InvalidArgument("x must be bf16", reason="dtype"))
+                else:
+                    rank.dispatch(*call_inputs(calls[1], r))
+        torch.cuda.synchronize()
+        for rank in group.ranks[:bad]:
+            with pytest.raises(CommError) as info:
+                rank.raise_device_error()
+            assert info.value.reason == "peer_rejected" and info.value.peer == bad, info.value
+            assert info.value.group_usable
+        assert group.ranks[bad].comm.device_error() is None
+        assert _problems(group, calls[2:], _in_lockstep(group, calls[2:])) == []
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 2)])
+def test_ll_loopback_cuda_graphs_replayed_together(world: int, nodes: int) -> None:
+    """Each rank's dispatch -> experts -> combine captured in a CUDA graph of its own; the ranks'
+    graphs replayed on their streams at once, 20 times with new inputs: every combine matches the
+    oracle."""
+    group = loopback_group(world, nodes, None)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    local = group.cfg.num_local_experts
+    scale = torch.linspace(0.5, 1.5, local, device=dev).view(-1, 1, 1)
+    g = torch.Generator().manual_seed(31)
+
+    def inputs() -> list[testing.RankInputs]:
+        out = []
+        for _ in range(world):
+            x = (torch.randn(T, HIDDEN, generator=g) * 3).to(torch.bfloat16)
+            idx, w = make_routing("random", T, EXPERTS, 8, world_size=world, generator=g, masked=2)
+            out.append(testing.RankInputs(x, idx, w))
+        return out
+
+    static = [tuple(t.to(dev) for t in (i.x, i.topk_idx, i.topk_weights)) for i in inputs()]  # type: ignore[union-attr]
+
+    def dispatch(r: int) -> LLDispatchOutput:
+        return group.ranks[r].dispatch(*static[r], False, False, False, False)
+
+    def experts(d: LLDispatchOutput) -> torch.Tensor:
+        return (d.x.float() * scale).to(torch.bfloat16)
+
+    def combine(r: int, d: LLDispatchOutput, y: torch.Tensor) -> torch.Tensor:
+        return group.ranks[r].combine(y, d.handle)
+
+    try:
+        torch.cuda.synchronize()
+        for _ in range(2):  # each step of every rank, in lockstep: loads every kernel the graphs use
+            ds = []
+            for r in range(world):
+                with torch.cuda.stream(group.streams[r]):
+                    ds.append(dispatch(r))
+            torch.cuda.synchronize()
+            ys = [experts(d) for d in ds]
+            torch.cuda.synchronize()
+            for r in range(world):
+                with torch.cuda.stream(group.streams[r]):
+                    combine(r, ds[r], ys[r])
+            torch.cuda.synchronize()
+        graphs, outs = [], []
+        for r in range(world):  # capturing runs nothing: no rank waits for another here
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                d = dispatch(r)
+                outs.append(combine(r, d, experts(d)))
+            graphs.append(graph)
+        torch.cuda.synchronize()
+
+        def expert_fn(e: int, row: torch.Tensor) -> torch.Tensor:
+            return (row.float() * scale.view(-1)[e % local].cpu()).to(torch.bfloat16)
+
+        problems = []
+        for replay in range(20):
+            world_inputs = inputs()
+            for r, i in enumerate(world_inputs):
+                for dst, src in zip(static[r], (i.x, i.topk_idx, i.topk_weights), strict=True):
+                    dst.copy_(src)
+            torch.cuda.synchronize()
+            for r in range(world):
+                with torch.cuda.stream(group.streams[r]):
+                    graphs[r].replay()
+            torch.cuda.synchronize()
+            for r in range(world):
+                want = testing.ll_combine_expected(group.cfg, r, world_inputs, expert_fn)
+                err = testing.relative_error(outs[r].cpu(), want)
+                if err > testing.COMBINE_TOLERANCE:
+                    problems.append(f"replay {replay} rank {r}: combine relative error {err:.3g}")
+        assert problems == []
+        assert [rank.comm.device_error() for rank in group.ranks] == [None] * world
     finally:
         group.close()
 
