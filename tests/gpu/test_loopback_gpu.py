@@ -10,8 +10,9 @@ NVLink and NCCL.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from ncclep.handles import HTDispatchOutput, LLDispatchOutput
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
+T_ = TypeVar("T_")
 
 EXPERTS, T, HIDDEN = 32, 40, 7168  # small: the oracle loops over tokens in Python
 TIMEOUT_S = 20.0
@@ -53,6 +55,15 @@ class LoopbackGroup:
         it (what the first to end writes must not be what the last still has to read)."""
         with torch.cuda.stream(self.side):
             torch.mm(self.busy, self.busy)
+
+    def each_rank(self, step: Callable[[int, Any], T_]) -> list[T_]:
+        """``step(rank index, rank's backend)`` issued for every rank on that rank's stream, in
+        rank order, without waiting: what each returned."""
+        out = []
+        for r, rank in enumerate(self.ranks):
+            with torch.cuda.stream(self.streams[r]):
+                out.append(step(r, rank))
+        return out
 
     def close(self) -> None:
         for r in self.ranks:
@@ -155,41 +166,27 @@ def _in_lockstep(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
     Besides a check of its own, it loads every kernel the calls use: CUDA loads a module at its
     first launch (lazily, by default), and a load waits for the device's running kernels, which
     here would be ranks spinning on peers whose work the host has yet to issue."""
-    results: list[list[Result]] = []
-    for i, call in enumerate(calls):
-        fmt = _format(call, i)
-        outs = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                x, idx, w = call.device[r]
-                send = rank.dispatch_send if call.split else rank.dispatch
-                outs.append(send(x, idx, w, *fmt))
-        if call.split:
-            group.hold_the_sms()
-            for r, rank in enumerate(group.ranks):
-                with torch.cuda.stream(group.streams[r]):
-                    outs[r] = rank.dispatch_recv(outs[r])
-        torch.cuda.synchronize()
-        expert_outs = []
-        for r in range(len(group.ranks)):
-            with torch.cuda.stream(group.streams[r]):
-                expert_outs.append(_expert_out(group, r, outs[r]))
-        torch.cuda.synchronize()
-        combined = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                if call.split:
-                    combined.append(rank.combine_send(expert_outs[r], outs[r].handle))
-                else:
-                    combined.append(rank.combine(expert_outs[r], outs[r].handle))
-        if call.split:
-            group.hold_the_sms()
-            for r, rank in enumerate(group.ranks):
-                with torch.cuda.stream(group.streams[r]):
-                    combined[r] = rank.combine_recv(combined[r])
-        torch.cuda.synchronize()
-        results.append([Result(o, c) for o, c in zip(outs, combined, strict=True)])
-    return results
+    return [_lockstep_call(group, call, _format(call, i)) for i, call in enumerate(calls)]
+
+
+def _lockstep_call(group: LoopbackGroup, call: Call, fmt: tuple[bool, bool, bool, bool]) -> list[Result]:
+    sent = group.each_rank(
+        lambda r, rank: (rank.dispatch_send if call.split else rank.dispatch)(*call.device[r], *fmt)
+    )
+    if call.split:
+        group.hold_the_sms()
+    outs = group.each_rank(lambda r, rank: rank.dispatch_recv(sent[r])) if call.split else sent
+    torch.cuda.synchronize()
+    expert_outs = group.each_rank(lambda r, _: _expert_out(group, r, outs[r]))
+    torch.cuda.synchronize()
+    combining = group.each_rank(
+        lambda r, rank: (rank.combine_send if call.split else rank.combine)(expert_outs[r], outs[r].handle)
+    )
+    if call.split:
+        group.hold_the_sms()
+    combined = group.each_rank(lambda r, rank: rank.combine_recv(combining[r])) if call.split else combining
+    torch.cuda.synchronize()
+    return [Result(o, c) for o, c in zip(outs, combined, strict=True)]
 
 
 def _ahead(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
@@ -384,9 +381,7 @@ def test_ll_loopback_cuda_graphs_replayed_together(world: int, nodes: int) -> No
                 for dst, src in zip(static[r], (i.x, i.topk_idx, i.topk_weights), strict=True):
                     dst.copy_(src)
             torch.cuda.synchronize()
-            for r in range(world):
-                with torch.cuda.stream(group.streams[r]):
-                    graphs[r].replay()
+            group.each_rank(lambda r, _: graphs[r].replay())
             torch.cuda.synchronize()
             for r in range(world):
                 want = testing.ll_combine_expected(group.cfg, r, world_inputs, expert_fn)
@@ -470,25 +465,17 @@ def _ht_dense(out: HTDispatchOutput) -> torch.Tensor:
 def _ht_lockstep(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
     """As _in_lockstep, for HT: every rank's dispatch, then every rank's expert rows (each row
     times its rank + 1), then every rank's combine."""
-    results = []
-    for call in calls:
-        outs = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                outs.append(rank.dispatch(*call.device[r], call.layout, call.alignment))
-        torch.cuda.synchronize()
-        rows = []
-        for r in range(len(group.ranks)):
-            with torch.cuda.stream(group.streams[r]):
-                rows.append((_ht_dense(outs[r]) * (r + 1)).to(torch.bfloat16))
-        torch.cuda.synchronize()
-        combined = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                combined.append(rank.combine(rows[r], outs[r].handle, None)[0])
-        torch.cuda.synchronize()
-        results.append(list(zip(outs, combined, strict=True)))
-    return results
+    return [_ht_lockstep_call(group, call) for call in calls]
+
+
+def _ht_lockstep_call(group: LoopbackGroup, call: HTCall) -> list[tuple[Any, Any]]:
+    outs = group.each_rank(lambda r, rank: rank.dispatch(*call.device[r], call.layout, call.alignment))
+    torch.cuda.synchronize()
+    rows = group.each_rank(lambda r, _: (_ht_dense(outs[r]) * (r + 1)).to(torch.bfloat16))
+    torch.cuda.synchronize()
+    combined = group.each_rank(lambda r, rank: rank.combine(rows[r], outs[r].handle, None)[0])
+    torch.cuda.synchronize()
+    return list(zip(outs, combined, strict=True))
 
 
 def _ht_ahead(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
