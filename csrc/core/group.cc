@@ -256,10 +256,19 @@ ncclepResult_t replanForNodes(ncclepGroup* g) {
 
 }  // namespace
 
-ncclepResult_t createLocalResources(ncclepGroup* g) {
-  NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
-                    "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
-  NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+std::unique_ptr<ncclepGroup> newGroup(int rank, int nRanks, int cudaDevice, const ncclepGroupConfig_t& config,
+                                      size_t windowBytes, const BufferPlan& plan) {
+  auto g = std::make_unique<ncclepGroup>();
+  g->rank = rank;
+  g->nRanks = nRanks;
+  g->cudaDevice = cudaDevice;
+  g->config = config;
+  g->windowBytes = windowBytes;
+  g->plan = plan;
+  return g;
+}
+
+ncclepResult_t resolveDeviceShape(ncclepGroup* g) {
   NCCLEP_CUDA_CHECK(cudaDeviceGetAttribute(&g->deviceSms, cudaDevAttrMultiProcessorCount, g->cudaDevice),
                     "cudaDeviceGetAttribute(multiProcessorCount)");
   if (g->config.mode != NCCLEP_MODE_HT && groupKernelSms(g) > kLLMaxBlocks)
@@ -275,6 +284,14 @@ ncclepResult_t createLocalResources(ncclepGroup* g) {
       return setError(ncclepInvalidArgument, "NCCLEP_VIRTUAL_NODES=%s: must be an integer in [1, %d]", v, g->nRanks);
     g->virtualNodes = int(n);
   }
+  return ncclepSuccess;
+}
+
+ncclepResult_t createLocalResources(ncclepGroup* g) {
+  NCCLEP_CHECK(resolveDeviceShape(g));
+  NCCLEP_CUDA_CHECK(cudaMalloc(&g->checkResult, sizeof(kernels::LsaCheckResult)),
+                    "cudaMalloc(%zu) for the LSA check result", sizeof(kernels::LsaCheckResult));
+  NCCLEP_CUDA_CHECK(cudaEventCreateWithFlags(&g->checkDone, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   NCCLEP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&g->errorHost), sizeof(DeviceError), cudaHostAllocMapped),
                     "cudaHostAlloc(error word)");
   std::memset(g->errorHost, 0, sizeof(DeviceError));
@@ -443,13 +460,7 @@ extern "C" ncclepResult_t ncclepGroupCreate(ncclepGroup_t* out, ncclepUniqueId u
   ncclep::BufferPlan plan;
   NCCLEP_CHECK(ncclep::checkCreateArgs(out, nRanks, rank, cudaDevice, config, &windowBytes, &plan));
 
-  std::unique_ptr<ncclepGroup> g(new ncclepGroup());
-  g->rank = rank;
-  g->nRanks = nRanks;
-  g->cudaDevice = cudaDevice;
-  g->config = *config;
-  g->windowBytes = windowBytes;
-  g->plan = plan;
+  std::unique_ptr<ncclepGroup> g = ncclep::newGroup(rank, nRanks, cudaDevice, *config, windowBytes, plan);
 
   ncclepResult_t res = ncclep::createGroup(g.get(), uniqueId);
   if (res != ncclepSuccess) {

@@ -73,14 +73,20 @@ struct LoopbackWindows {
   size_t reserved = 0;
   size_t mapped = 0;  // bytes mapped at each rank's window
   std::vector<unsigned long long> handles;  // CUmemGenericAllocationHandle per rank; 0 until made
+  std::vector<unsigned char> mappedAt;      // 1 where a rank's window is mapped
   void* deviceWindows = nullptr;            // ncclWindow_vidmem[nRanks] in device memory
 };
 
 // Group creation's steps, shared by ncclepGroupCreate and ncclepLoopbackCreate.
 ncclepResult_t checkCreateArgs(ncclepGroup_t* out, int nRanks, int rank, int cudaDevice,
                                const ncclepGroupConfig_t* config, size_t* windowBytes, BufferPlan* planOut);
-// What the group needs on its device before any peer is involved: the LSA check's result, the
-// error word, the SM count, the virtual nodes.
+// A group object with checkCreateArgs' results, nothing created yet.
+std::unique_ptr<ncclepGroup> newGroup(int rank, int nRanks, int cudaDevice, const ncclepGroupConfig_t& config,
+                                      size_t windowBytes, const BufferPlan& plan);
+// The device's SMs and the virtual nodes (config or NCCLEP_VIRTUAL_NODES); allocates nothing.
+ncclepResult_t resolveDeviceShape(ncclepGroup* g);
+// What the group needs on its device before any peer is involved: resolveDeviceShape, then the
+// LSA check's result and the error word.
 ncclepResult_t createLocalResources(ncclepGroup* g);
 // Teardown in reverse order of creation; collective unless `graceful` is false (creation failed
 // part-way: the comm is aborted).

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/errors.h"
@@ -78,6 +79,7 @@ ncclepResult_t mapWindows(LoopbackWindows* w, int nRanks, int device, size_t byt
   w->base = uintptr_t(base);
   w->reserved = w->stride * size_t(nRanks);
   w->handles.assign(size_t(nRanks), 0);
+  w->mappedAt.assign(size_t(nRanks), 0);
   CUmemAccessDesc access{};
   access.location = prop.location;
   access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
@@ -86,6 +88,7 @@ ncclepResult_t mapWindows(LoopbackWindows* w, int nRanks, int device, size_t byt
     LOOPBACK_CU_CHECK(d.create(&h, w->mapped, &prop, 0), "cuMemCreate");
     w->handles[size_t(r)] = h;
     LOOPBACK_CU_CHECK(d.map(base + r * w->stride, w->mapped, 0, h, 0), "cuMemMap");
+    w->mappedAt[size_t(r)] = 1;
     LOOPBACK_CU_CHECK(d.setAccess(base + r * w->stride, w->mapped, &access, 1), "cuMemSetAccess");
   }
   for (int r = 0; r < nRanks; ++r)  // as ncclepGroupCreate: no stale word may survive
@@ -114,9 +117,8 @@ LoopbackWindows::~LoopbackWindows() {
   cudaDeviceSynchronize();
   if (deviceWindows != nullptr) cudaFree(deviceWindows);
   for (size_t r = 0; r < handles.size(); ++r) {
-    if (handles[r] == 0) continue;
-    d.unmap(CUdeviceptr(base + r * stride), mapped);
-    d.release(handles[r]);
+    if (mappedAt[r]) d.unmap(CUdeviceptr(base + r * stride), mapped);
+    if (handles[r] != 0) d.release(handles[r]);
   }
   if (reserved != 0) d.unreserve(CUdeviceptr(base), reserved);
 }
@@ -124,6 +126,22 @@ LoopbackWindows::~LoopbackWindows() {
 }  // namespace ncclep
 
 using ncclep::setError;
+
+namespace {
+
+// Tears down the groups made so far unless released: ncclepLoopbackCreate's every early return
+// and exception. Keeps the failure's message (teardown may set its own).
+struct PartialGroups {
+  std::vector<std::unique_ptr<ncclepGroup>> groups;
+  ~PartialGroups() {
+    if (groups.empty()) return;
+    std::string text = ncclepGetLastError();
+    for (auto& g : groups) ncclep::destroyGroup(g.get(), /*graceful=*/false);
+    ncclep::storeLastError(std::move(text));
+  }
+};
+
+}  // namespace
 
 extern "C" ncclepResult_t ncclepLoopbackCreate(ncclepGroup_t* groups, int nRanks, int cudaDevice,
                                                const ncclepGroupConfig_t* config) {
@@ -136,45 +154,43 @@ extern "C" ncclepResult_t ncclepLoopbackCreate(ncclepGroup_t* groups, int nRanks
   NCCLEP_CHECK(ncclep::checkCreateArgs(groups, nRanks, 0, cudaDevice, config, &windowBytes, &plan));
   ncclep::DeviceGuard guard;
   NCCLEP_CHECK(guard.set(cudaDevice));
-  auto windows = std::make_shared<ncclep::LoopbackWindows>();
-  NCCLEP_CHECK(ncclep::mapWindows(windows.get(), nRanks, cudaDevice, windowBytes));
 
-  std::vector<std::unique_ptr<ncclepGroup>> made;
-  auto fail = [&](ncclepResult_t res) {
-    const std::string msg = ncclepGetLastError();
-    for (auto& g : made) ncclep::destroyGroup(g.get(), /*graceful=*/false);
-    return setError(res, "%s", msg.c_str());
-  };
+  PartialGroups made;
+  made.groups.reserve(size_t(nRanks));
   for (int r = 0; r < nRanks; ++r) {
-    made.emplace_back(new ncclepGroup());
-    ncclepGroup* g = made.back().get();
-    g->rank = r;
-    g->nRanks = nRanks;
-    g->cudaDevice = cudaDevice;
-    g->config = *config;
-    g->plan = plan;
-    g->loopback = windows;
-    g->windowBytes = windowBytes;
-    g->windowPtr = reinterpret_cast<void*>(windows->base + r * windows->stride);
-    g->window = static_cast<ncclWindow_vidmem*>(windows->deviceWindows) + r;
-    ncclepResult_t res = ncclep::createLocalResources(g);
-    if (res != ncclepSuccess) return fail(res);
-    if (nRanks % g->virtualNodes != 0)
-      return fail(setError(ncclepInvalidArgument, "ncclepLoopbackCreate: %d virtual nodes do not divide %d ranks",
-                           g->virtualNodes, nRanks));
+    made.groups.push_back(ncclep::newGroup(r, nRanks, cudaDevice, *config, windowBytes, plan));
+    ncclepGroup* g = made.groups.back().get();
     g->lsaRank = r;
     g->lsaSize = nRanks;
     g->nLsaTeams = 1;
+  }
+  // What every rank shares, checked before any memory is taken.
+  ncclepGroup* first = made.groups.front().get();
+  NCCLEP_CHECK(ncclep::resolveDeviceShape(first));
+  if (nRanks % first->virtualNodes != 0)
+    return setError(ncclepInvalidArgument, "ncclepLoopbackCreate: %d virtual nodes do not divide %d ranks",
+                    first->virtualNodes, nRanks);
+  first->nodeSize = nRanks / first->virtualNodes;
+  const int sms = ncclep::groupKernelSms(first);
+  if (nRanks * sms > first->deviceSms)
+    return setError(ncclepInvalidArgument,
+                    "ncclepLoopbackCreate: %d ranks' kernels of %d SMs each do not fit on the device's %d SMs at "
+                    "once (fewer ranks, or numSms <= %d where the mode allows so few)",
+                    nRanks, sms, first->deviceSms, first->deviceSms / nRanks);
+
+  auto windows = std::make_shared<ncclep::LoopbackWindows>();
+  NCCLEP_CHECK(ncclep::mapWindows(windows.get(), nRanks, cudaDevice, windowBytes));
+  for (int r = 0; r < nRanks; ++r) {
+    ncclepGroup* g = made.groups[size_t(r)].get();
+    g->loopback = windows;
+    g->windowPtr = reinterpret_cast<void*>(windows->base + r * windows->stride);
+    g->window = static_cast<ncclWindow_vidmem*>(windows->deviceWindows) + r;
+    NCCLEP_CHECK(ncclep::createLocalResources(g));
     g->nodeSize = nRanks / g->virtualNodes;
     g->devCommCreated = true;  // the kernels' one use of it, ncclGetLsaPointer, reads g->window
-    const int sms = ncclep::groupKernelSms(g);
-    if (nRanks * sms > g->deviceSms)
-      return fail(setError(ncclepInvalidArgument,
-                           "ncclepLoopbackCreate: %d ranks' kernels of %d SMs each do not fit on the device's %d SMs "
-                           "at once (set numSms <= %d)",
-                           nRanks, sms, g->deviceSms, g->deviceSms / nRanks));
   }
-  for (int r = 0; r < nRanks; ++r) groups[r] = made[size_t(r)].release();
+  for (int r = 0; r < nRanks; ++r) groups[r] = made.groups[size_t(r)].release();
+  made.groups.clear();
   return ncclepSuccess;
   NCCLEP_API_CATCH
 }

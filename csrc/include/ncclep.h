@@ -177,8 +177,10 @@ NCCLEP_API ncclepResult_t ncclepGroupCheckLsa(ncclepGroup_t group, cudaStream_t 
  * or NCCLEP_VIRTUAL_NODES splits it into nodes as there. Every rank's kernels must run at once:
  * issue each rank's calls on a stream of its own, before waiting on any. So that they fit, the
  * ranks' kernels together may use at most the device's SMs (config->numSms; ncclepInvalidArgument
- * otherwise). Not for speed: every peer is this GPU's own memory. ncclepGroupCheckLsa is not
- * available on these groups. Destroy each with ncclepGroupDestroy (not collective here).
+ * otherwise). The ranks' streams need hardware queues of their own: CUDA_DEVICE_MAX_CONNECTIONS
+ * (default 8) above nRanks, or a rank may queue behind a peer that waits for it. Not for speed:
+ * every peer is this GPU's own memory. ncclepGroupCheckLsa is not available on these groups.
+ * Destroy each with ncclepGroupDestroy (not collective here).
  */
 NCCLEP_API ncclepResult_t ncclepLoopbackCreate(ncclepGroup_t* groups, int nRanks, int cudaDevice,
                                                const ncclepGroupConfig_t* config);

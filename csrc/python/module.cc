@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -634,8 +635,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                 timeoutSeconds, 0, virtualNodes);
         std::vector<ncclepGroup_t> groups(size_t(std::max(worldSize, 1)), nullptr);
         check(ncclepLoopbackCreate(groups.data(), worldSize, cudaDevice, &config));
+        std::vector<std::unique_ptr<Communicator>> owned;  // each group owned by exactly one thing
+        size_t adopted = 0;
+        try {
+          owned.reserve(groups.size());
+          for (; adopted < groups.size(); ++adopted) owned.emplace_back(new Communicator(groups[adopted]));
+        } catch (...) {
+          for (size_t i = adopted; i < groups.size(); ++i) ncclepGroupDestroy(groups[i]);
+          throw;
+        }
         py::list out;
-        for (ncclepGroup_t g : groups) out.append(py::cast(new Communicator(g), py::return_value_policy::take_ownership));
+        for (auto& c : owned) {
+          py::object o = py::cast(c.get(), py::return_value_policy::take_ownership);
+          c.release();
+          out.append(o);
+        }
         return out;
       },
       py::arg("world_size"), py::arg("cuda_device"), py::arg("mode"), py::arg("num_experts"),

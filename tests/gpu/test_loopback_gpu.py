@@ -10,8 +10,9 @@ NVLink and NCCL.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -21,10 +22,12 @@ from ncclep import _native, fp8, testing
 from ncclep.config import MODE_IDS, GroupConfig
 from ncclep.cuda_ht import CudaHT
 from ncclep.cuda_ll import CudaLL
+from ncclep.errors import CommError, InvalidArgument
 from ncclep.handles import HTDispatchOutput, LLDispatchOutput
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
+T_ = TypeVar("T_")
 
 EXPERTS, T, HIDDEN = 32, 40, 7168  # small: the oracle loops over tokens in Python
 TIMEOUT_S = 20.0
@@ -52,6 +55,15 @@ class LoopbackGroup:
         it (what the first to end writes must not be what the last still has to read)."""
         with torch.cuda.stream(self.side):
             torch.mm(self.busy, self.busy)
+
+    def each_rank(self, step: Callable[[int, Any], T_]) -> list[T_]:
+        """``step(rank index, rank's backend)`` issued for every rank on that rank's stream, in
+        rank order, without waiting: what each returned."""
+        out = []
+        for r, rank in enumerate(self.ranks):
+            with torch.cuda.stream(self.streams[r]):
+                out.append(step(r, rank))
+        return out
 
     def close(self) -> None:
         for r in self.ranks:
@@ -154,41 +166,27 @@ def _in_lockstep(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
     Besides a check of its own, it loads every kernel the calls use: CUDA loads a module at its
     first launch (lazily, by default), and a load waits for the device's running kernels, which
     here would be ranks spinning on peers whose work the host has yet to issue."""
-    results: list[list[Result]] = []
-    for i, call in enumerate(calls):
-        fmt = _format(call, i)
-        outs = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                x, idx, w = call.device[r]
-                send = rank.dispatch_send if call.split else rank.dispatch
-                outs.append(send(x, idx, w, *fmt))
-        if call.split:
-            group.hold_the_sms()
-            for r, rank in enumerate(group.ranks):
-                with torch.cuda.stream(group.streams[r]):
-                    outs[r] = rank.dispatch_recv(outs[r])
-        torch.cuda.synchronize()
-        expert_outs = []
-        for r in range(len(group.ranks)):
-            with torch.cuda.stream(group.streams[r]):
-                expert_outs.append(_expert_out(group, r, outs[r]))
-        torch.cuda.synchronize()
-        combined = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                if call.split:
-                    combined.append(rank.combine_send(expert_outs[r], outs[r].handle))
-                else:
-                    combined.append(rank.combine(expert_outs[r], outs[r].handle))
-        if call.split:
-            group.hold_the_sms()
-            for r, rank in enumerate(group.ranks):
-                with torch.cuda.stream(group.streams[r]):
-                    combined[r] = rank.combine_recv(combined[r])
-        torch.cuda.synchronize()
-        results.append([Result(o, c) for o, c in zip(outs, combined, strict=True)])
-    return results
+    return [_lockstep_call(group, call, _format(call, i)) for i, call in enumerate(calls)]
+
+
+def _lockstep_call(group: LoopbackGroup, call: Call, fmt: tuple[bool, bool, bool, bool]) -> list[Result]:
+    sent = group.each_rank(
+        lambda r, rank: (rank.dispatch_send if call.split else rank.dispatch)(*call.device[r], *fmt)
+    )
+    if call.split:
+        group.hold_the_sms()
+    outs = group.each_rank(lambda r, rank: rank.dispatch_recv(sent[r])) if call.split else sent
+    torch.cuda.synchronize()
+    expert_outs = group.each_rank(lambda r, _: _expert_out(group, r, outs[r]))
+    torch.cuda.synchronize()
+    combining = group.each_rank(
+        lambda r, rank: (rank.combine_send if call.split else rank.combine)(expert_outs[r], outs[r].handle)
+    )
+    if call.split:
+        group.hold_the_sms()
+    combined = group.each_rank(lambda r, rank: rank.combine_recv(combining[r])) if call.split else combining
+    torch.cuda.synchronize()
+    return [Result(o, c) for o, c in zip(outs, combined, strict=True)]
 
 
 def _ahead(group: LoopbackGroup, calls: list[Call]) -> list[list[Result]]:
@@ -291,6 +289,112 @@ def test_ll_loopback_matches_oracle(world: int, nodes: int, sms: int | None) -> 
 
 
 @pytest.mark.parametrize("world,nodes", [(2, 1), (4, 2)])
+def test_ll_loopback_rejected_dispatch_reaches_every_peer(world: int, nodes: int) -> None:
+    """The last rank rejects a dispatch (it takes part with its reason and no tokens): every other
+    rank's call returns, its next read of the error word names that rank and the reason, and the
+    calls after it are exact on every rank."""
+    group = loopback_group(world, nodes, None)
+    bad = world - 1
+    calls = _calls(9, world, 4, HIDDEN)
+    torch.cuda.synchronize()
+    try:
+        assert _problems(group, calls[:1], _in_lockstep(group, calls[:1])) == []  # loads the kernels
+        for r, rank in enumerate(group.ranks):
+            with torch.cuda.stream(group.streams[r]):
+                if r == bad:
+                    with pytest.raises(InvalidArgument):
+                        rank.reject("ll_dispatch", InvalidArgument("x must be bf16", reason="dtype"))
+                else:
+                    rank.dispatch(*call_inputs(calls[1], r))
+        torch.cuda.synchronize()
+        for rank in group.ranks[:bad]:
+            with pytest.raises(CommError) as info:
+                rank.raise_device_error()
+            assert info.value.reason == "peer_rejected" and info.value.peer == bad, info.value
+            assert info.value.group_usable
+        assert group.ranks[bad].comm.device_error() is None
+        assert _problems(group, calls[2:], _in_lockstep(group, calls[2:])) == []
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 2)])
+def test_ll_loopback_cuda_graphs_replayed_together(world: int, nodes: int) -> None:
+    """Each rank's dispatch -> experts -> combine captured in a CUDA graph of its own; the ranks'
+    graphs replayed on their streams at once, 20 times with new inputs: every combine matches the
+    oracle."""
+    group = loopback_group(world, nodes, None)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    local = group.cfg.num_local_experts
+    scale = torch.linspace(0.5, 1.5, local, device=dev).view(-1, 1, 1)
+    g = torch.Generator().manual_seed(31)
+
+    def inputs() -> list[testing.RankInputs]:
+        out = []
+        for _ in range(world):
+            x = (torch.randn(T, HIDDEN, generator=g) * 3).to(torch.bfloat16)
+            idx, w = make_routing("random", T, EXPERTS, 8, world_size=world, generator=g, masked=2)
+            out.append(testing.RankInputs(x, idx, w))
+        return out
+
+    static = [tuple(t.to(dev) for t in (i.x, i.topk_idx, i.topk_weights)) for i in inputs()]  # type: ignore[union-attr]
+
+    def dispatch(r: int) -> LLDispatchOutput:
+        return group.ranks[r].dispatch(*static[r], False, False, False, False)
+
+    def experts(d: LLDispatchOutput) -> torch.Tensor:
+        return (d.x.float() * scale).to(torch.bfloat16)
+
+    def combine(r: int, d: LLDispatchOutput, y: torch.Tensor) -> torch.Tensor:
+        return group.ranks[r].combine(y, d.handle)
+
+    try:
+        torch.cuda.synchronize()
+        for _ in range(2):  # each step of every rank, in lockstep: loads every kernel the graphs use
+            ds = []
+            for r in range(world):
+                with torch.cuda.stream(group.streams[r]):
+                    ds.append(dispatch(r))
+            torch.cuda.synchronize()
+            ys = [experts(d) for d in ds]
+            torch.cuda.synchronize()
+            for r in range(world):
+                with torch.cuda.stream(group.streams[r]):
+                    combine(r, ds[r], ys[r])
+            torch.cuda.synchronize()
+        graphs, outs = [], []
+        for r in range(world):  # capturing runs nothing: no rank waits for another here
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                d = dispatch(r)
+                outs.append(combine(r, d, experts(d)))
+            graphs.append(graph)
+        torch.cuda.synchronize()
+
+        def expert_fn(e: int, row: torch.Tensor) -> torch.Tensor:
+            return (row.float() * scale.view(-1)[e % local].cpu()).to(torch.bfloat16)
+
+        problems = []
+        for replay in range(20):
+            world_inputs = inputs()
+            for r, i in enumerate(world_inputs):
+                for dst, src in zip(static[r], (i.x, i.topk_idx, i.topk_weights), strict=True):
+                    dst.copy_(src)
+            torch.cuda.synchronize()
+            group.each_rank(lambda r, _: graphs[r].replay())
+            torch.cuda.synchronize()
+            for r in range(world):
+                want = testing.ll_combine_expected(group.cfg, r, world_inputs, expert_fn)
+                err = testing.relative_error(outs[r].cpu(), want)
+                if err > testing.COMBINE_TOLERANCE:
+                    problems.append(f"replay {replay} rank {r}: combine relative error {err:.3g}")
+        assert problems == []
+        assert [rank.comm.device_error() for rank in group.ranks] == [None] * world
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("world,nodes", [(2, 1), (4, 2)])
 def test_ll_loopback_missing_peer_times_out_cleanly(world: int, nodes: int) -> None:
     """The last rank never calls: every other rank's dispatch gives up at the deadline and names it,
     without a fault on the device, and a new group on the same device then works."""
@@ -361,25 +465,17 @@ def _ht_dense(out: HTDispatchOutput) -> torch.Tensor:
 def _ht_lockstep(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
     """As _in_lockstep, for HT: every rank's dispatch, then every rank's expert rows (each row
     times its rank + 1), then every rank's combine."""
-    results = []
-    for call in calls:
-        outs = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                outs.append(rank.dispatch(*call.device[r], call.layout, call.alignment))
-        torch.cuda.synchronize()
-        rows = []
-        for r in range(len(group.ranks)):
-            with torch.cuda.stream(group.streams[r]):
-                rows.append((_ht_dense(outs[r]) * (r + 1)).to(torch.bfloat16))
-        torch.cuda.synchronize()
-        combined = []
-        for r, rank in enumerate(group.ranks):
-            with torch.cuda.stream(group.streams[r]):
-                combined.append(rank.combine(rows[r], outs[r].handle, None)[0])
-        torch.cuda.synchronize()
-        results.append(list(zip(outs, combined, strict=True)))
-    return results
+    return [_ht_lockstep_call(group, call) for call in calls]
+
+
+def _ht_lockstep_call(group: LoopbackGroup, call: HTCall) -> list[tuple[Any, Any]]:
+    outs = group.each_rank(lambda r, rank: rank.dispatch(*call.device[r], call.layout, call.alignment))
+    torch.cuda.synchronize()
+    rows = group.each_rank(lambda r, _: (_ht_dense(outs[r]) * (r + 1)).to(torch.bfloat16))
+    torch.cuda.synchronize()
+    combined = group.each_rank(lambda r, rank: rank.combine(rows[r], outs[r].handle, None)[0])
+    torch.cuda.synchronize()
+    return list(zip(outs, combined, strict=True))
 
 
 def _ht_ahead(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
