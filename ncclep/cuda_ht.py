@@ -65,13 +65,17 @@ class CudaHT:
         has_weights: bool,
         layout: str,
         alignment: int,
+        shared: bool,
     ) -> Any:
         scales = (x_scales.shape[1], x_scales.dtype) if x_scales is not None else None
         key = (x.shape[1], x.dtype, scales, topk_idx.shape[1], topk_idx.dtype, has_weights, layout, alignment)
-        plan = self._dispatch_plans.get(key)
+        plan = self._dispatch_plans.get((*key, shared))
         if plan is None:
             specs = outputs.ht_dispatch_specs(self.cfg, outputs.TOKENS, *key)
-            plan = self._dispatch_plans[key] = outputs.plan(self._c, self._c.HT_DISPATCH_OUTPUTS, specs)
+            share_from = outputs.SHARE_AFTER_FIRST if shared else None
+            plan = self._dispatch_plans[(*key, shared)] = outputs.plan(
+                self._c, self._c.HT_DISPATCH_OUTPUTS, specs, share_from
+            )
         return plan
 
     def dispatch_send(
@@ -93,8 +97,14 @@ class CudaHT:
         topk_weights: torch.Tensor | None,
         layout: str,
         alignment: int,
+        *,
+        separate_storage: bool = False,
     ) -> HTDispatchOutput:
-        plan = self._dispatch_plan(x, x_scales, topk_idx, topk_weights is not None, layout, alignment)
+        """``separate_storage``: every output its own allocation (a custom op's outputs); else the
+        outputs after ``x`` share one allocation per dtype (``outputs.plan``)."""
+        plan = self._dispatch_plan(
+            x, x_scales, topk_idx, topk_weights is not None, layout, alignment, not separate_storage
+        )
         try:
             out = self.comm.ht_dispatch(
                 plan, x, x_scales, topk_idx, topk_weights, LAYOUT_IDS[layout], alignment

@@ -54,7 +54,7 @@ class CudaLL:
         self._c = c
         self._pending = c.DeviceErrorPending
         self.phase_send, self.phase_recv, self.phase_all = c.PHASE_SEND, c.PHASE_RECV, c.PHASE_ALL
-        self._dispatch_plans: dict[tuple[int, bool, bool], Any] = {}
+        self._dispatch_plans: dict[tuple[int, bool, bool, bool, bool], Any] = {}
         self._combine_plans: dict[int, Any] = {}
 
     def raise_device_error(self) -> None:
@@ -73,21 +73,26 @@ class CudaLL:
 
     # ------------------------------------------------------------------------------ dispatch
 
-    def _dispatch_plan(self, hidden: int, use_fp8: bool, ue8m0: bool, column_major_scales: bool) -> Any:
-        key = (hidden, use_fp8, ue8m0, column_major_scales)
+    def _dispatch_plan(
+        self, hidden: int, use_fp8: bool, ue8m0: bool, column_major_scales: bool, shared: bool
+    ) -> Any:
+        key = (hidden, use_fp8, ue8m0, column_major_scales, shared)
         plan = self._dispatch_plans.get(key)
         if plan is None:
             specs = outputs.ll_dispatch_specs(
                 self.cfg, outputs.TOKENS, hidden, use_fp8, ue8m0, column_major_scales
             )
-            plan = self._dispatch_plans[key] = outputs.plan(self._c, self._c.LL_DISPATCH_OUTPUTS, specs)
+            share_from = outputs.SHARE_AFTER_FIRST if shared else None
+            plan = self._dispatch_plans[key] = outputs.plan(
+                self._c, self._c.LL_DISPATCH_OUTPUTS, specs, share_from
+            )
         return plan
 
     def _dispatch(
-        self, phases: int, inputs: tuple[Any, ...], out: list[torch.Tensor] | None
+        self, phases: int, inputs: tuple[Any, ...], out: list[torch.Tensor] | None, shared: bool = True
     ) -> list[torch.Tensor]:
         x, idx, w, use_fp8, ue8m0, column_major_scales, round_scale = inputs
-        plan = self._dispatch_plan(x.shape[1], use_fp8, ue8m0, column_major_scales)
+        plan = self._dispatch_plan(x.shape[1], use_fp8, ue8m0, column_major_scales, shared)
         try:
             return self.comm.ll_dispatch(
                 plan, x, idx, w, use_fp8, ue8m0, phases, out, self.trace, round_scale
@@ -104,9 +109,13 @@ class CudaLL:
         ue8m0: bool,
         column_major_scales: bool = False,
         round_scale: bool = False,
+        *,
+        separate_storage: bool = False,
     ) -> LLDispatchOutput:
+        """``separate_storage``: every output its own allocation (a custom op's outputs); else the
+        outputs after ``x`` share one allocation per dtype (``outputs.plan``)."""
         inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales, round_scale)
-        return outputs.ll_dispatch_output(self._dispatch(self.phase_all, inputs, None))
+        return outputs.ll_dispatch_output(self._dispatch(self.phase_all, inputs, None, not separate_storage))
 
     def dispatch_send(
         self,

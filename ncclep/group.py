@@ -438,7 +438,10 @@ class Group:
             float8_e8m0fnu; None without fp8), ``expert_counts [L]`` int32 on the device, and the
             :class:`LLHandle` for :meth:`ll_combine`. ``L`` local experts, ``R`` ranks,
             ``T = max_tokens_per_rank``. Rows of expert e are ordered by source rank, then token
-            index; rows past ``expert_counts[e]`` are padding with unspecified contents.
+            index; rows past ``expert_counts[e]`` are padding with unspecified contents. On
+            the CUDA backend, outside ``torch.compile`` and autograd, the outputs after ``x`` are
+            views of one allocation per dtype (fewer allocations, less host time): each is a tensor
+            of its own, but resizing one in place would move the others.
 
         Raises:
             InvalidArgument: a dtype, shape, device or size outside the above; nothing is moved,
@@ -557,7 +560,8 @@ class Group:
             num_recv [1] int32, expert_counts [L] int32, handle)``; ``topk_idx`` has the dtype of
             the given one. ``N`` is the worst case for the layout (``group.config.ht_num_rows``),
             so no host sync is needed; ``num_recv`` says how many rows are used. Unused rows have
-            ``topk_idx`` -1 and weight 0.
+            ``topk_idx`` -1 and weight 0. The outputs after ``x`` may share one allocation per
+            dtype, as in :meth:`ll_dispatch`.
 
         Raises:
             InvalidArgument: bad dtype, shape, device, size, layout or alignment (nothing moved;

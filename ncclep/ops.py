@@ -95,7 +95,9 @@ def ll_dispatch(
     the last four are the :class:`ncclep.LLHandle`. Raises ``InvalidArgument`` / ``CommError``
     as the method does (the method validates; the op trusts its caller)."""
     backend = registry.lookup(group).backend
-    out = backend.dispatch(x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale)
+    out = backend.dispatch(
+        x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale, separate_storage=True
+    )
     return _ll_dispatch_tensors(out, x)
 
 
@@ -185,7 +187,9 @@ def ht_dispatch(
     int32)``
     with ``N = group.config.ht_num_rows(K, layout, alignment)``; ``send_pos, recv_slot,
     recv_counts`` and ``topk_idx`` form the :class:`ncclep.HTHandle`."""
-    out = registry.lookup(group).backend.dispatch(x, x_scales, topk_idx, topk_weights, layout, alignment)
+    out = registry.lookup(group).backend.dispatch(
+        x, x_scales, topk_idx, topk_weights, layout, alignment, separate_storage=True
+    )
     return _ht_dispatch_tensors(out, x)
 
 

@@ -42,11 +42,20 @@ def allocate(specs: Specs, new: Allocator) -> dict[str, torch.Tensor | None]:
     return {name: None if spec is None else new(*spec) for name, spec in specs.items()}
 
 
-def plan(c: Any, names: Sequence[str], specs: Specs) -> Any:
-    """``ncclep._C.OutputPlan`` of ``specs`` in the order of the C call's outputs (``names``)."""
+SHARE_AFTER_FIRST = 1
+"""``plan``'s ``share_from`` for an eager dispatch: its first output (the rows, the largest, often
+dropped first) allocated alone, the others one allocation per dtype."""
+
+
+def plan(c: Any, names: Sequence[str], specs: Specs, share_from: int | None = None) -> Any:
+    """``ncclep._C.OutputPlan`` of ``specs`` in the order of the C call's outputs (``names``).
+
+    ``share_from``: the outputs from that index on that have one dtype are views of one allocation
+    (an allocation costs microseconds of host time, a view a fraction of one). Only for calls that
+    do not go through a torch custom op, whose outputs may not share storage."""
     if set(names) != set(specs):
         raise AssertionError(f"outputs {sorted(specs)} do not match the C call's {sorted(names)}")
-    return c.OutputPlan([specs[name] for name in names])
+    return c.OutputPlan([specs[name] for name in names], -1 if share_from is None else share_from)
 
 
 # --------------------------------------------------------------------------------------- LL

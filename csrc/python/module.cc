@@ -523,9 +523,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("DeviceErrorPending") = py::handle(deviceErrorPending);
 
   py::class_<OutputPlan>(m, "OutputPlan")
-      .def(py::init<const py::list&>(), py::arg("specs"),
+      .def(py::init<const py::list&, int>(), py::arg("specs"), py::arg("share_from") = -1,
            "(shape, dtype), (shape, dtype, strides) or None per output; -1 in a shape stands for the call's "
-           "token count")
+           "token count. share_from >= 0: the outputs from that index on that have one dtype are views of one "
+           "allocation (eager calls only: a custom op's outputs may not share storage)")
       .def("__len__", &OutputPlan::size);
 
   ncclep::python::bindDispatchLayout(m);

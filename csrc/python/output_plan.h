@@ -6,6 +6,7 @@
 #include <ATen/cuda/EmptyTensor.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -18,7 +19,10 @@ namespace ncclep::python {
 // call to call); an output with strides has no such dimension.
 class __attribute__((visibility("hidden"))) OutputPlan {
  public:
-  explicit OutputPlan(const pybind11::list& specs) {
+  // `shareFrom`: outputs from this index on that have one dtype are views of one allocation (each
+  // dtype its own, so that torch.save can still write them); -1: every output its own allocation.
+  // A torch custom op may not return outputs that share storage, so only the eager calls use it.
+  explicit OutputPlan(const pybind11::list& specs, int shareFrom = -1) {
     for (const auto& item : specs) {
       if (item.is_none()) {
         specs_.emplace_back(std::nullopt);
@@ -31,34 +35,49 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       if (spec.size() == 3) s.strides = spec[2].cast<std::vector<int64_t>>();
       specs_.emplace_back(std::move(s));
     }
+    // Each output's allocation: its own (-1), or the index of the first output of its dtype from shareFrom on.
+    shared_.assign(specs_.size(), -1);
+    for (size_t i = shareFrom < 0 ? specs_.size() : size_t(shareFrom); i < specs_.size(); ++i) {
+      if (!specs_[i]) continue;
+      shared_[i] = int(i);
+      for (size_t j = size_t(shareFrom); j < i; ++j)
+        if (shared_[j] == int(j) && specs_[j]->dtype == specs_[i]->dtype) {
+          shared_[i] = int(j);
+          break;
+        }
+    }
+    for (size_t i = 0; i < specs_.size(); ++i) {
+      if (shared_[i] != int(i)) continue;
+      size_t members = 0;
+      for (size_t j = i; j < specs_.size(); ++j) members += shared_[j] == int(i);
+      if (members == 1) shared_[i] = -1;  // alone: allocated as such
+    }
   }
 
   size_t size() const { return specs_.size(); }
 
   // Undefined tensors where the spec is None (Python sees None). CUDA outputs come from the caching
-  // allocator directly, not through the dispatcher's at::empty: ~5 µs less for an LL dispatch's
-  // seven outputs on a slow host (bench/NOTES.md, session 12).
+  // allocator directly, not through the dispatcher's at::empty, and outputs that share an allocation
+  // are views made here: an allocation costs ~5 µs on a slow host after an idle spell, a view a
+  // fraction of one (bench/NOTES.md, sessions 12 and 19).
   std::vector<at::Tensor> allocate(int64_t tokens, const at::Device& device) const {
-    std::vector<at::Tensor> out;
-    out.reserve(specs_.size());
+    std::vector<at::Tensor> out(specs_.size());
     std::vector<int64_t> shape;
     const bool cuda = device.is_cuda();
-    for (const auto& spec : specs_) {
-      if (!spec) {
-        out.emplace_back();
-        continue;
-      }
+    for (size_t i = 0; i < specs_.size(); ++i) {
+      const auto& spec = specs_[i];
+      if (!spec || shared_[i] >= 0) continue;
       if (!spec->strides.empty()) {
-        out.push_back(cuda ? at::Tensor(at::detail::empty_strided_cuda(spec->shape, spec->strides, spec->dtype, device))
-                           : at::empty_strided(spec->shape, spec->strides, cpuOptions(*spec, device)));
+        out[i] = cuda ? at::Tensor(at::detail::empty_strided_cuda(spec->shape, spec->strides, spec->dtype, device))
+                      : at::empty_strided(spec->shape, spec->strides, cpuOptions(spec->dtype, device));
         continue;
       }
-      shape = spec->shape;
-      for (auto& d : shape)
-        if (d == -1) d = tokens;
-      out.push_back(cuda ? at::Tensor(at::detail::empty_cuda(shape, spec->dtype, device, std::nullopt))
-                         : at::empty(shape, cpuOptions(*spec, device)));
+      shapeOf(*spec, tokens, shape);
+      out[i] = cuda ? at::Tensor(at::detail::empty_cuda(shape, spec->dtype, device, std::nullopt))
+                    : at::empty(shape, cpuOptions(spec->dtype, device));
     }
+    for (size_t first = 0; first < specs_.size(); ++first)
+      if (shared_[first] == int(first)) allocateShared(first, tokens, device, out);
     return out;
   }
 
@@ -69,12 +88,55 @@ class __attribute__((visibility("hidden"))) OutputPlan {
     std::vector<int64_t> strides;  // empty: contiguous
   };
   std::vector<std::optional<Spec>> specs_;
+  std::vector<int> shared_;  // per output: -1 (its own allocation) or the first output of its shared one
 
-  static at::TensorOptions cpuOptions(const Spec& spec, const at::Device& device) {
-    return at::TensorOptions().dtype(spec.dtype).device(device);
+  static constexpr size_t kAlign = 256;  // each view's first byte: what the caching allocator gives a block
+
+  static void shapeOf(const Spec& spec, int64_t tokens, std::vector<int64_t>& shape) {
+    shape = spec.shape;
+    for (auto& d : shape)
+      if (d == -1) d = tokens;
+  }
+
+  // The outputs whose allocation starts at `first`: one byte tensor, each output a view of its own
+  // span (the storage is untyped; a view's offset counts its own elements).
+  void allocateShared(size_t first, int64_t tokens, const at::Device& device, std::vector<at::Tensor>& out) const {
+    std::vector<std::vector<int64_t>> shapes(specs_.size()), strides(specs_.size());
+    std::vector<size_t> at(specs_.size());
+    size_t bytes = 0;
+    for (size_t i = first; i < specs_.size(); ++i) {
+      if (shared_[i] != int(first)) continue;
+      const Spec& spec = *specs_[i];
+      const size_t item = c10::elementSize(spec.dtype);
+      if (spec.strides.empty()) {
+        shapeOf(spec, tokens, shapes[i]);
+        strides[i].assign(shapes[i].size(), 1);
+        for (size_t d = shapes[i].size(); d-- > 1;) strides[i][d - 1] = strides[i][d] * std::max<int64_t>(shapes[i][d], 1);
+      } else {
+        shapes[i] = spec.shape;
+        strides[i] = spec.strides;
+      }
+      at[i] = bytes;
+      bytes += (at::detail::computeStorageNbytes(shapes[i], strides[i], item) + kAlign - 1) / kAlign * kAlign;
+    }
+    const int64_t total = static_cast<int64_t>(bytes);
+    at::Tensor base = device.is_cuda() ? at::Tensor(at::detail::empty_cuda({total}, at::kByte, device, std::nullopt))
+                                       : at::empty({total}, cpuOptions(at::kByte, device));
+    for (size_t i = first; i < specs_.size(); ++i) {
+      if (shared_[i] != int(first)) continue;
+      const at::ScalarType dtype = specs_[i]->dtype;
+      at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
+                                                                 c10::scalarTypeToTypeMeta(dtype));
+      view.unsafeGetTensorImpl()->set_sizes_and_strides(
+          shapes[i], strides[i], static_cast<int64_t>(at[i] / c10::elementSize(dtype)));
+      out[i] = std::move(view);
+    }
+  }
+
+  static at::TensorOptions cpuOptions(at::ScalarType dtype, const at::Device& device) {
+    return at::TensorOptions().dtype(dtype).device(device);
   }
 };
-
 inline const void* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 inline void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 inline const void* cptr(const std::optional<at::Tensor>& t) { return t ? cptr(*t) : nullptr; }

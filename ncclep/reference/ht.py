@@ -162,7 +162,11 @@ class ReferenceHT(ReferenceBackend):
         topk_weights: torch.Tensor | None,
         layout: str,
         alignment: int,
+        *,
+        separate_storage: bool = False,
     ) -> HTDispatchOutput:
+        """``separate_storage``: taken for the CUDA backend's interface; these outputs always have
+        their own storage."""
         return self.dispatch_recv(self.dispatch_send(x, x_scales, topk_idx, topk_weights, layout, alignment))
 
     def combine(

@@ -174,7 +174,11 @@ class ReferenceLL(ReferenceBackend):
         ue8m0: bool,
         column_major_scales: bool = False,
         round_scale: bool = False,
+        *,
+        separate_storage: bool = False,
     ) -> LLDispatchOutput:
+        """``separate_storage``: taken for the CUDA backend's interface; these outputs always have
+        their own storage."""
         state = self.dispatch_send(
             x, topk_idx, topk_weights, use_fp8, ue8m0, column_major_scales, round_scale
         )
