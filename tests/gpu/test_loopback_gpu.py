@@ -432,6 +432,8 @@ class HTCall:
     world: list[testing.RankInputs]  # x as dispatched: bf16, or the fp8 rows
     scales: list[torch.Tensor | None]
     device: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]
+    cached: list[torch.Tensor]  # per rank, rows sent again along the dispatch's handle (a backward)
+    cached_device: list[torch.Tensor]
 
 
 def _ht_calls(seed: int, world: int, count: int) -> list[HTCall]:
@@ -442,7 +444,7 @@ def _ht_calls(seed: int, world: int, count: int) -> list[HTCall]:
         layout, alignment = HT_LAYOUTS[i % len(HT_LAYOUTS)]
         topk = (1, 8)[(i // 2) % 2]
         payload = ("bf16", "fp8", "ue8m0")[(i // 3) % 3]
-        ranks, scales, device = [], [], []
+        ranks, scales, device, cached = [], [], [], []
         for r in range(world):
             tokens = [T, 0, 17, 1][(i + r) % 4]
             x = (torch.randn(tokens, HIDDEN, generator=g) * 3 + 0.01).to(torch.bfloat16)
@@ -454,7 +456,13 @@ def _ht_calls(seed: int, world: int, count: int) -> list[HTCall]:
             scales.append(s)
             ids = idx.to(torch.int32) if i % 2 else idx
             device.append((x.to(dev), None if s is None else s.to(dev), ids.to(dev), w.to(dev)))
-        calls.append(HTCall(layout, alignment, ranks, scales, device))
+            # any dtype and width: fp32 rows of 96, or bf16 rows as wide as the dispatch's
+            cached.append(
+                torch.randn(tokens, 96, generator=g)
+                if i % 2
+                else torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16)
+            )
+        calls.append(HTCall(layout, alignment, ranks, scales, device, cached, [c.to(dev) for c in cached]))
     return calls
 
 
@@ -462,38 +470,43 @@ def _ht_dense(out: HTDispatchOutput) -> torch.Tensor:
     return out.x.float() if out.scales is None else fp8.dequantize(out.x, out.scales)
 
 
-def _ht_lockstep(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
+HTResult = tuple[HTDispatchOutput, torch.Tensor, torch.Tensor]  # dispatch, combine, cached dispatch
+
+
+def _ht_lockstep(group: LoopbackGroup, calls: list[HTCall]) -> list[list[HTResult]]:
     """As _in_lockstep, for HT: every rank's dispatch, then every rank's expert rows (each row
-    times its rank + 1), then every rank's combine."""
+    times its rank + 1), then every rank's combine, then every rank's cached dispatch."""
     return [_ht_lockstep_call(group, call) for call in calls]
 
 
-def _ht_lockstep_call(group: LoopbackGroup, call: HTCall) -> list[tuple[Any, Any]]:
+def _ht_lockstep_call(group: LoopbackGroup, call: HTCall) -> list[HTResult]:
     outs = group.each_rank(lambda r, rank: rank.dispatch(*call.device[r], call.layout, call.alignment))
     torch.cuda.synchronize()
     rows = group.each_rank(lambda r, _: (_ht_dense(outs[r]) * (r + 1)).to(torch.bfloat16))
     torch.cuda.synchronize()
     combined = group.each_rank(lambda r, rank: rank.combine(rows[r], outs[r].handle, None)[0])
     torch.cuda.synchronize()
-    return list(zip(outs, combined, strict=True))
+    cached = group.each_rank(lambda r, rank: rank.dispatch_cached(call.cached_device[r], outs[r].handle))
+    torch.cuda.synchronize()
+    return list(zip(outs, combined, cached, strict=True))
 
 
-def _ht_ahead(group: LoopbackGroup, calls: list[HTCall]) -> list[list[tuple[Any, Any]]]:
+def _ht_ahead(group: LoopbackGroup, calls: list[HTCall]) -> list[list[HTResult]]:
     """As _ahead, for HT: every call of rank 0, then of rank 1, ..., no wait on the host."""
-    results: list[list[tuple[Any, Any]]] = [[] for _ in calls]
+    results: list[list[HTResult]] = [[] for _ in calls]
     for r, rank in enumerate(group.ranks):
         with torch.cuda.stream(group.streams[r]):
             for i, call in enumerate(calls):
                 out = rank.dispatch(*call.device[r], call.layout, call.alignment)
                 rows = (_ht_dense(out) * (r + 1)).to(torch.bfloat16)
-                results[i].append((out, rank.combine(rows, out.handle, None)[0]))
+                combined = rank.combine(rows, out.handle, None)[0]
+                results[i].append((out, combined, rank.dispatch_cached(call.cached_device[r], out.handle)))
     torch.cuda.synchronize()
     return results
 
 
-def _ht_problem(
-    cfg: GroupConfig, r: int, call: HTCall, out: HTDispatchOutput, combined: torch.Tensor
-) -> str | None:
+def _ht_problem(cfg: GroupConfig, r: int, call: HTCall, result: HTResult) -> str | None:
+    out, combined, cached = result
     rows, counts = testing.ht_dispatch_expected(cfg, r, call.world, call.layout, call.alignment)
     if out.expert_counts.cpu().tolist() != counts:
         return f"expert_counts {out.expert_counts.cpu().tolist()} != {counts}"
@@ -516,6 +529,12 @@ def _ht_problem(
             return f"row {n} expert ids {ids[n].tolist()} != {row.local_ids}"
         if weights is not None and weights[n].tolist() != row.weights:
             return f"row {n} weights differ"
+    cached_rows = cached.cpu()
+    for n in range(cached_rows.shape[0]):
+        row = rows[n] if n < len(rows) else None
+        want = call.cached[row.src][row.token] if row is not None else torch.zeros_like(cached_rows[n])
+        if not torch.equal(cached_rows[n], want):
+            return f"cached dispatch: row {n} differs"
     oracle_world = [
         testing.RankInputs(w.x if s is None else fp8.dequantize(w.x, s), w.topk_idx, w.topk_weights)
         for w, s in zip(call.world, call.scales, strict=True)
@@ -528,15 +547,13 @@ def _ht_problem(
     return None
 
 
-def _ht_problems(
-    group: LoopbackGroup, calls: list[HTCall], results: list[list[tuple[Any, Any]]]
-) -> list[str]:
+def _ht_problems(group: LoopbackGroup, calls: list[HTCall], results: list[list[HTResult]]) -> list[str]:
     problems = [
         f"rank {r}: device error {e}" for r, b in enumerate(group.ranks) if (e := b.comm.device_error())
     ]
     for i, (call, result) in enumerate(zip(calls, results, strict=True)):
-        for r, (out, combined) in enumerate(result):
-            problem = _ht_problem(group.cfg, r, call, out, combined)
+        for r, rank_result in enumerate(result):
+            problem = _ht_problem(group.cfg, r, call, rank_result)
             if problem:
                 problems.append(f"call {i} ({call.layout}/{call.alignment}) rank {r}: {problem}")
     return problems
@@ -546,7 +563,8 @@ def _ht_problems(
 def test_ht_loopback_matches_oracle(world: int, nodes: int, sms: int | None) -> None:
     """18 HT calls of every rank (layouts, alignments, bf16 / fp8 / UE8M0, top-k 1 and 8, int32
     and int64 ids, token counts 0 to T), in lockstep and then issued all at once: every rank's
-    dispatch exact, its combine within tolerance."""
+    dispatch exact, its combine within tolerance, and a cached dispatch of other rows (fp32 or
+    bf16) along the dispatch's handle exact."""
     group = loopback_group(world, nodes, sms, mode="ht")
     try:
         calls = _ht_calls(world * 10 + nodes, world, 18)
