@@ -111,7 +111,8 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       if (spec.strides.empty()) {
         shapeOf(spec, tokens, shapes[i]);
         strides[i].assign(shapes[i].size(), 1);
-        for (size_t d = shapes[i].size(); d-- > 1;) strides[i][d - 1] = strides[i][d] * std::max<int64_t>(shapes[i][d], 1);
+        for (size_t d = shapes[i].size(); d-- > 1;)
+          strides[i][d - 1] = strides[i][d] * std::max<int64_t>(shapes[i][d], 1);
       } else {
         shapes[i] = spec.shape;
         strides[i] = spec.strides;
@@ -137,6 +138,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
     return at::TensorOptions().dtype(dtype).device(device);
   }
 };
+
 inline const void* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 inline void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 inline const void* cptr(const std::optional<at::Tensor>& t) { return t ? cptr(*t) : nullptr; }
