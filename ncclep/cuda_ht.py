@@ -72,7 +72,7 @@ class CudaHT:
         plan = self._dispatch_plans.get((*key, shared))
         if plan is None:
             specs = outputs.ht_dispatch_specs(self.cfg, outputs.TOKENS, *key)
-            share_from = outputs.SHARE_AFTER_FIRST if shared else None
+            share_from = outputs.SHARE_AFTER_PAYLOAD if shared else None
             plan = self._dispatch_plans[(*key, shared)] = outputs.plan(
                 self._c, self._c.HT_DISPATCH_OUTPUTS, specs, share_from
             )
@@ -101,7 +101,7 @@ class CudaHT:
         separate_storage: bool = False,
     ) -> HTDispatchOutput:
         """``separate_storage``: every output its own allocation (a custom op's outputs); else the
-        outputs after ``x`` share one allocation per dtype (``outputs.plan``)."""
+        outputs after ``x`` and its scales share one allocation per dtype (``outputs.plan``)."""
         plan = self._dispatch_plan(
             x, x_scales, topk_idx, topk_weights is not None, layout, alignment, not separate_storage
         )

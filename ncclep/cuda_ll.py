@@ -82,7 +82,7 @@ class CudaLL:
             specs = outputs.ll_dispatch_specs(
                 self.cfg, outputs.TOKENS, hidden, use_fp8, ue8m0, column_major_scales
             )
-            share_from = outputs.SHARE_AFTER_FIRST if shared else None
+            share_from = outputs.SHARE_AFTER_PAYLOAD if shared else None
             plan = self._dispatch_plans[key] = outputs.plan(
                 self._c, self._c.LL_DISPATCH_OUTPUTS, specs, share_from
             )
@@ -113,7 +113,7 @@ class CudaLL:
         separate_storage: bool = False,
     ) -> LLDispatchOutput:
         """``separate_storage``: every output its own allocation (a custom op's outputs); else the
-        outputs after ``x`` share one allocation per dtype (``outputs.plan``)."""
+        outputs after ``x`` and its scales share one allocation per dtype (``outputs.plan``)."""
         inputs = (x, idx, w, use_fp8, ue8m0, column_major_scales, round_scale)
         return outputs.ll_dispatch_output(self._dispatch(self.phase_all, inputs, None, not separate_storage))
 

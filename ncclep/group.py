@@ -439,9 +439,12 @@ class Group:
             :class:`LLHandle` for :meth:`ll_combine`. ``L`` local experts, ``R`` ranks,
             ``T = max_tokens_per_rank``. Rows of expert e are ordered by source rank, then token
             index; rows past ``expert_counts[e]`` are padding with unspecified contents. On
-            the CUDA backend, outside ``torch.compile`` and autograd, the outputs after ``x`` are
-            views of one allocation per dtype (fewer allocations, less host time): each is a tensor
-            of its own, but resizing one in place would move the others.
+            the CUDA backend, when the call does not go through the custom op (eager calls with
+            nothing tracing them, and ``send_only``), ``expert_counts`` and the handle's tensors
+            are views of one allocation per dtype (fewer allocations, less host time; ``x`` and
+            ``scales`` have their own). Each is a tensor of its own, but growing one in place
+            (``resize_``, an ``out=`` larger than it) writes over the next, and freeing the
+            storage of one (``untyped_storage().resize_(0)``) frees them all.
 
         Raises:
             InvalidArgument: a dtype, shape, device or size outside the above; nothing is moved,
@@ -560,8 +563,8 @@ class Group:
             num_recv [1] int32, expert_counts [L] int32, handle)``; ``topk_idx`` has the dtype of
             the given one. ``N`` is the worst case for the layout (``group.config.ht_num_rows``),
             so no host sync is needed; ``num_recv`` says how many rows are used. Unused rows have
-            ``topk_idx`` -1 and weight 0. The outputs after ``x`` may share one allocation per
-            dtype, as in :meth:`ll_dispatch`.
+            ``topk_idx`` -1 and weight 0. The outputs after ``x`` and ``scales`` may share one
+            allocation per dtype, as in :meth:`ll_dispatch`.
 
         Raises:
             InvalidArgument: bad dtype, shape, device, size, layout or alignment (nothing moved;

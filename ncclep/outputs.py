@@ -42,9 +42,10 @@ def allocate(specs: Specs, new: Allocator) -> dict[str, torch.Tensor | None]:
     return {name: None if spec is None else new(*spec) for name, spec in specs.items()}
 
 
-SHARE_AFTER_FIRST = 1
-"""``plan``'s ``share_from`` for an eager dispatch: its first output (the rows, the largest, often
-dropped first) allocated alone, the others one allocation per dtype."""
+SHARE_AFTER_PAYLOAD = 2
+"""``plan``'s ``share_from`` for an eager dispatch: the rows and their scales (outputs 0 and 1 of
+both modes' dispatch; the payload, large, often dropped before the rest) allocated alone, the small
+outputs after them (counts, ids, weights, the handle) one allocation per dtype."""
 
 
 def plan(c: Any, names: Sequence[str], specs: Specs, share_from: int | None = None) -> Any:
@@ -55,6 +56,8 @@ def plan(c: Any, names: Sequence[str], specs: Specs, share_from: int | None = No
     do not go through a torch custom op, whose outputs may not share storage."""
     if set(names) != set(specs):
         raise AssertionError(f"outputs {sorted(specs)} do not match the C call's {sorted(names)}")
+    if share_from == SHARE_AFTER_PAYLOAD and tuple(names[:share_from]) != ("x", "scales"):
+        raise AssertionError(f"the payload is not the first outputs of {tuple(names)}")
     return c.OutputPlan([specs[name] for name in names], -1 if share_from is None else share_from)
 
 

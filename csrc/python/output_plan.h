@@ -32,7 +32,11 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       if (spec.size() != 2 && spec.size() != 3)
         throw pybind11::value_error("an output spec is (shape, dtype), (shape, dtype, strides) or None");
       Spec s{spec[0].cast<std::vector<int64_t>>(), spec[1].cast<at::ScalarType>(), {}};
-      if (spec.size() == 3) s.strides = spec[2].cast<std::vector<int64_t>>();
+      if (spec.size() == 3) {
+        s.strides = spec[2].cast<std::vector<int64_t>>();
+        for (int64_t d : s.shape)
+          if (d < 0) throw pybind11::value_error("an output spec with strides has a fixed shape (no -1)");
+      }
       specs_.emplace_back(std::move(s));
     }
     // Each output's allocation: its own (-1), or the index of the first output of its dtype from shareFrom on.
@@ -90,7 +94,9 @@ class __attribute__((visibility("hidden"))) OutputPlan {
   std::vector<std::optional<Spec>> specs_;
   std::vector<int> shared_;  // per output: -1 (its own allocation) or the first output of its shared one
 
-  static constexpr size_t kAlign = 256;  // each view's first byte: what the caching allocator gives a block
+  // Each view starts 256-byte aligned (the allocation itself is 512-aligned on CUDA): more than the
+  // kernels' 16-byte vector accesses and TMA's 16 bytes need.
+  static constexpr size_t kAlign = 256;
 
   static void shapeOf(const Spec& spec, int64_t tokens, std::vector<int64_t>& shape) {
     shape = spec.shape;
@@ -102,7 +108,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
   // span (the storage is untyped; a view's offset counts its own elements).
   void allocateShared(size_t first, int64_t tokens, const at::Device& device, std::vector<at::Tensor>& out) const {
     std::vector<std::vector<int64_t>> shapes(specs_.size()), strides(specs_.size());
-    std::vector<size_t> at(specs_.size());
+    std::vector<size_t> offsets(specs_.size());
     size_t bytes = 0;
     for (size_t i = first; i < specs_.size(); ++i) {
       if (shared_[i] != int(first)) continue;
@@ -117,7 +123,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
         shapes[i] = spec.shape;
         strides[i] = spec.strides;
       }
-      at[i] = bytes;
+      offsets[i] = bytes;
       bytes += (at::detail::computeStorageNbytes(shapes[i], strides[i], item) + kAlign - 1) / kAlign * kAlign;
     }
     const int64_t total = static_cast<int64_t>(bytes);
@@ -129,7 +135,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
                                                                  c10::scalarTypeToTypeMeta(dtype));
       view.unsafeGetTensorImpl()->set_sizes_and_strides(
-          shapes[i], strides[i], static_cast<int64_t>(at[i] / c10::elementSize(dtype)));
+          shapes[i], strides[i], static_cast<int64_t>(offsets[i] / c10::elementSize(dtype)));
       out[i] = std::move(view);
     }
   }
