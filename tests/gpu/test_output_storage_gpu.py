@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import gpu_pool
+from helpers import bits
 from torch.overrides import TorchFunctionMode
 
 import ncclep
@@ -45,11 +46,6 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return first, first + (last + 1) * t.element_size()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s elements as integers of their width, to compare floats bit for bit (NaN too)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 def _check_storage(eager: list[torch.Tensor], traced: list[torch.Tensor], payload: int) -> None:
     """``eager``/``traced``: the outputs, the first ``payload`` of them x and its scales."""
     small = eager[payload:]
@@ -77,7 +73,7 @@ def _check_storage(eager: list[torch.Tensor], traced: list[torch.Tensor], payloa
     buffer.seek(0)
     for a, b in zip(eager, torch.load(buffer), strict=True):
         assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride())
-        assert torch.equal(_bits(a).cpu(), _bits(b).cpu())
+        assert torch.equal(bits(a).cpu(), bits(b).cpu())
 
 
 def _ll_tensors(out: ncclep.LLDispatchOutput) -> list[torch.Tensor]:
@@ -131,9 +127,9 @@ def _outputs_share_per_dtype(seed: int) -> bool:
             for a, b in zip(eager.handle.tensors(), traced.handle.tensors(), strict=True):
                 assert torch.equal(a, b)
             for e, n in enumerate(eager.expert_counts.tolist()):  # rows past the counts are padding
-                assert torch.equal(_bits(eager.x[e, :n]), _bits(traced.x[e, :n]))
+                assert torch.equal(bits(eager.x[e, :n]), bits(traced.x[e, :n]))
                 if use_fp8:
-                    assert torch.equal(_bits(eager.scales[e, :n]), _bits(traced.scales[e, :n]))
+                    assert torch.equal(bits(eager.scales[e, :n]), bits(traced.scales[e, :n]))
             y = torch.randn(eager.x.shape, generator=g).to(torch.bfloat16).to(dev)
             assert torch.equal(ll.ll_combine(y, eager.handle), ll.ll_combine(y, traced.handle))
     with ncclep.Group(EXPERTS, TOKENS, HIDDEN, mode="ht", max_topk=TOPK, backend="cuda") as ht:
@@ -143,7 +139,7 @@ def _outputs_share_per_dtype(seed: int) -> bool:
                 traced_ht = ht.ht_dispatch(payload, ids, w, scales)
             _check_storage(_ht_tensors(eager_ht), _ht_tensors(traced_ht), 1 + (scales is not None))
             n = int(eager_ht.num_recv.item())
-            assert torch.equal(_bits(eager_ht.x[:n]), _bits(traced_ht.x[:n]))
+            assert torch.equal(bits(eager_ht.x[:n]), bits(traced_ht.x[:n]))
             small = 1 + (scales is not None)
             for a, b in zip(_ht_tensors(eager_ht)[small:], _ht_tensors(traced_ht)[small:], strict=True):
                 assert torch.equal(a, b)
