@@ -69,11 +69,12 @@ class CudaHT:
     ) -> Any:
         scales = (x_scales.shape[1], x_scales.dtype) if x_scales is not None else None
         key = (x.shape[1], x.dtype, scales, topk_idx.shape[1], topk_idx.dtype, has_weights, layout, alignment)
-        plan = self._dispatch_plans.get((*key, shared))
+        plan_key = (*key, shared)
+        plan = self._dispatch_plans.get(plan_key)
         if plan is None:
             specs = outputs.ht_dispatch_specs(self.cfg, outputs.TOKENS, *key)
             share_from = outputs.SHARE_AFTER_PAYLOAD if shared else None
-            plan = self._dispatch_plans[(*key, shared)] = outputs.plan(
+            plan = self._dispatch_plans[plan_key] = outputs.plan(
                 self._c, self._c.HT_DISPATCH_OUTPUTS, specs, share_from
             )
         return plan

@@ -86,8 +86,10 @@ def routing_for_call(
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of ``t`` (so NaNs, -0.0 and fp8 compare bit for bit)."""
-    return t.contiguous().view(torch.uint8)
+    """The raw bytes of ``t`` (so NaNs, -0.0 and fp8 compare bit for bit). Copied into row-major
+    strides first: ``contiguous()`` keeps a view whose last dimension has size 1 and stride > 1
+    (a column of column-major scales), which ``view`` cannot reinterpret."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t).view(torch.uint8)
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -4,9 +4,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/EmptyTensor.h>
+#include <c10/util/strides.h>
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -39,22 +39,17 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       }
       specs_.emplace_back(std::move(s));
     }
-    // Each output's allocation: its own (-1), or the index of the first output of its dtype from shareFrom on.
+    // Outputs from shareFrom on that share a dtype form one allocation, led by the first of them;
+    // an output alone of its dtype keeps its own allocation (-1).
     shared_.assign(specs_.size(), -1);
     for (size_t i = shareFrom < 0 ? specs_.size() : size_t(shareFrom); i < specs_.size(); ++i) {
-      if (!specs_[i]) continue;
-      shared_[i] = int(i);
-      for (size_t j = size_t(shareFrom); j < i; ++j)
-        if (shared_[j] == int(j) && specs_[j]->dtype == specs_[i]->dtype) {
-          shared_[i] = int(j);
-          break;
-        }
-    }
-    for (size_t i = 0; i < specs_.size(); ++i) {
-      if (shared_[i] != int(i)) continue;
-      size_t members = 0;
-      for (size_t j = i; j < specs_.size(); ++j) members += shared_[j] == int(i);
-      if (members == 1) shared_[i] = -1;  // alone: allocated as such
+      if (!specs_[i] || shared_[i] >= 0) continue;
+      std::vector<size_t> members{i};
+      for (size_t j = i + 1; j < specs_.size(); ++j)
+        if (specs_[j] && shared_[j] < 0 && specs_[j]->dtype == specs_[i]->dtype) members.push_back(j);
+      if (members.size() < 2) continue;
+      for (size_t m : members) shared_[m] = int(i);
+      groups_.push_back(std::move(members));
     }
   }
 
@@ -66,7 +61,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
   // fraction of one (bench/NOTES.md, sessions 12 and 19).
   std::vector<at::Tensor> allocate(int64_t tokens, const at::Device& device) const {
     std::vector<at::Tensor> out(specs_.size());
-    std::vector<int64_t> shape;
+    c10::DimVector shape;
     const bool cuda = device.is_cuda();
     for (size_t i = 0; i < specs_.size(); ++i) {
       const auto& spec = specs_[i];
@@ -80,8 +75,7 @@ class __attribute__((visibility("hidden"))) OutputPlan {
       out[i] = cuda ? at::Tensor(at::detail::empty_cuda(shape, spec->dtype, device, std::nullopt))
                     : at::empty(shape, cpuOptions(spec->dtype, device));
     }
-    for (size_t first = 0; first < specs_.size(); ++first)
-      if (shared_[first] == int(first)) allocateShared(first, tokens, device, out);
+    for (const auto& members : groups_) allocateShared(members, tokens, device, out);
     return out;
   }
 
@@ -93,50 +87,53 @@ class __attribute__((visibility("hidden"))) OutputPlan {
   };
   std::vector<std::optional<Spec>> specs_;
   std::vector<int> shared_;  // per output: -1 (its own allocation) or the first output of its shared one
+  std::vector<std::vector<size_t>> groups_;  // the outputs of each shared allocation, in order
 
   // Each view starts 256-byte aligned (the allocation itself is 512-aligned on CUDA): more than the
   // kernels' 16-byte vector accesses and TMA's 16 bytes need.
   static constexpr size_t kAlign = 256;
 
-  static void shapeOf(const Spec& spec, int64_t tokens, std::vector<int64_t>& shape) {
-    shape = spec.shape;
+  static void shapeOf(const Spec& spec, int64_t tokens, c10::DimVector& shape) {
+    shape.assign(spec.shape.begin(), spec.shape.end());
     for (auto& d : shape)
       if (d == -1) d = tokens;
   }
 
-  // The outputs whose allocation starts at `first`: one byte tensor, each output a view of its own
-  // span (the storage is untyped; a view's offset counts its own elements).
-  void allocateShared(size_t first, int64_t tokens, const at::Device& device, std::vector<at::Tensor>& out) const {
-    std::vector<std::vector<int64_t>> shapes(specs_.size()), strides(specs_.size());
-    std::vector<size_t> offsets(specs_.size());
+  // One shared allocation: one byte tensor, each member a view of its own span (the storage is
+  // untyped; a view's offset counts its own elements).
+  void allocateShared(const std::vector<size_t>& members, int64_t tokens, const at::Device& device,
+                      std::vector<at::Tensor>& out) const {
+    struct Span {
+      c10::DimVector shape, strides;
+      size_t offset;
+    };
+    c10::SmallVector<Span, 8> spans;
     size_t bytes = 0;
-    for (size_t i = first; i < specs_.size(); ++i) {
-      if (shared_[i] != int(first)) continue;
+    for (size_t i : members) {
       const Spec& spec = *specs_[i];
-      const size_t item = c10::elementSize(spec.dtype);
+      Span span;
       if (spec.strides.empty()) {
-        shapeOf(spec, tokens, shapes[i]);
-        strides[i].assign(shapes[i].size(), 1);
-        for (size_t d = shapes[i].size(); d-- > 1;)
-          strides[i][d - 1] = strides[i][d] * std::max<int64_t>(shapes[i][d], 1);
+        shapeOf(spec, tokens, span.shape);
+        span.strides = c10::contiguous_strides(span.shape);
       } else {
-        shapes[i] = spec.shape;
-        strides[i] = spec.strides;
+        span.shape.assign(spec.shape.begin(), spec.shape.end());
+        span.strides.assign(spec.strides.begin(), spec.strides.end());
       }
-      offsets[i] = bytes;
-      bytes += (at::detail::computeStorageNbytes(shapes[i], strides[i], item) + kAlign - 1) / kAlign * kAlign;
+      span.offset = bytes;
+      const size_t nbytes = at::detail::computeStorageNbytes(span.shape, span.strides, c10::elementSize(spec.dtype));
+      bytes += (nbytes + kAlign - 1) / kAlign * kAlign;
+      spans.push_back(std::move(span));
     }
     const int64_t total = static_cast<int64_t>(bytes);
     at::Tensor base = device.is_cuda() ? at::Tensor(at::detail::empty_cuda({total}, at::kByte, device, std::nullopt))
                                        : at::empty({total}, cpuOptions(at::kByte, device));
-    for (size_t i = first; i < specs_.size(); ++i) {
-      if (shared_[i] != int(first)) continue;
-      const at::ScalarType dtype = specs_[i]->dtype;
+    for (size_t m = 0; m < members.size(); ++m) {
+      const at::ScalarType dtype = specs_[members[m]]->dtype;
       at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
                                                                  c10::scalarTypeToTypeMeta(dtype));
       view.unsafeGetTensorImpl()->set_sizes_and_strides(
-          shapes[i], strides[i], static_cast<int64_t>(offsets[i] / c10::elementSize(dtype)));
-      out[i] = std::move(view);
+          spans[m].shape, spans[m].strides, static_cast<int64_t>(spans[m].offset / c10::elementSize(dtype)));
+      out[members[m]] = std::move(view);
     }
   }
 
