@@ -369,7 +369,7 @@ __device__ void combineRecv(const LLCombineParams& p, CombineShared& s, bool end
   // (waitPeerDoneWithCall): where this launch's send half added rows to that signal, the
   // acknowledgement is a release, so that the add is seen first.
   ll::acknowledgeSources(
-      c, peers, kHalfCombineRecv, kSigCombineAck, s.last,
+      c, peers, kHalfCombineRecv, kSigCombineAck, s.last, blockIdx.x == 0,
       [&](int r) {
         *ll::receivedMark(c, 1, seq + 2, r) =
             p.rejectCode != 0 ? peers.read(r, kSigCombineData + int(parity)) : s.seen[r];

@@ -16,7 +16,9 @@
 // then token index, the reference backend's order. Warps copy the messages into the rows of
 // their local experts as each source's messages land, and record the handle; then each source is
 // acknowledged: by each block for itself in a group with no network peer, else by the last block
-// (ll_layout.h, kLLAckPerCall). Each block keeps its own call numbers (LLState).
+// (ll_layout.h, kLLAckPerCall). Each block keeps its own call numbers (LLState). In a fused launch
+// on one node with at most half as many tokens as blocks, the sending blocks leave the receive to
+// the others (receivesIn).
 //
 // A rank that rejected the call (p.rejectCode) sends no token and, in place of its token total for
 // each destination, the reject word (reject.h): a negative count, which its peers record as that
@@ -590,8 +592,11 @@ struct ScaleCopy {
 };
 
 // `endsSend`: a fused launch, whose send half's call (flags.sendSeq) this half's arrival ends too.
+// The receive runs on blocks [firstBlock, grid): 0, or the first block that sent no token where the
+// senders leave the receive to the others (receivesIn). The first of them writes the outputs' counts
+// and the marks.
 template <class Net>
-__device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags, bool endsSend) {
+__device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& flags, bool endsSend, int firstBlock) {
   const LLCommon& c = p.c;
   const LLLayout& l = c.layout;
   const transport::Peers<Net> peers = transport::makePeers<Net>(c, {l.signals, l.nRanks});
@@ -601,6 +606,8 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, numWarps = blockDim.x >> 5;
   const int rowsPerExpert = R * T;
   const RecvShared s = carveRecv(smem, R);
+  const int block = int(blockIdx.x) - firstBlock, G = int(gridDim.x) - firstBlock;
+  const bool writer = block == 0;
 
   stamp(p, kTraceRecvStart);
   const uint64_t seq = ll::blockCalls(c, kHalfDispatchRecv);
@@ -632,7 +639,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
     auto tokensFrom = [&](int r) {
       const int n = __ldcg(counts(r) + L);
       if (n >= 0) return n;
-      if (blockIdx.x == 0 && keep)
+      if (writer && keep)
         device::reportError(err, kDevicePeerRejected, kPhaseLLDispatchRecv, r, rejectReason(uint32_t(n)));
       return 0;
     };
@@ -640,7 +647,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
       s.count[r] = n;
       s.start[r] = start;
       s.want[r] = s.mark[r] + uint64_t(n);
-      if (blockIdx.x == 0 && keep) p.recvSlotCounts[r] = n;
+      if (writer && keep) p.recvSlotCounts[r] = n;
     });
     if (lane == 0) s.start[R] = total;
   }
@@ -656,7 +663,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
         acc += n[u];
       }
     }
-    if (blockIdx.x == 0 && keep) p.expertCounts[e] = acc;
+    if (writer && keep) p.expertCounts[e] = acc;
   }
   __syncthreads();
   // Nothing is copied on a rejecting rank: its data is awaited here, keeping the marks exact.
@@ -668,7 +675,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const size_t rowBytes = p.useFp8 ? size_t(p.hidden) : size_t(p.hidden) * 2;
   const int scaleBytes = p.useFp8 ? (p.hidden / 128) * (p.ue8m0 ? 1 : 4) : 0;
   const int chunks = int(rowBytes / 16);
-  const int warps = int(gridDim.x) * numWarps;
+  const int warps = G * numWarps;
   int parts = total > 0 ? warps / total : 1;
   parts = parts < 1 ? 1 : (parts > 8 ? 8 : parts);
   const int perPart = (chunks + parts - 1) / parts;
@@ -676,9 +683,9 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   const char* slots = c.local + l.dispatchSlots + size_t(parity) * R * T * l.dispatchMsgBytes;
   int landed = -1;  // the source whose messages this warp last saw land
   // Items go first to the blocks that sent fewest tokens (from block numTokens % grid on): in a
-  // fused launch a block's receive starts after its send.
-  const int G = int(gridDim.x);
-  const int order = (int(blockIdx.x) + G - p.numTokens % G) % G;
+  // fused launch a block's receive starts after its send. Where the senders receive nothing, no
+  // receiving block sent a token (the counts block, last, is last in line).
+  const int order = firstBlock > 0 ? block : (block + G - p.numTokens % G) % G;
   for (int item = warp * G + order; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;
     const int r = ll::sourceOf(s.start, R, m);
@@ -735,7 +742,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
 
   // Handle entries of unused slots (R * T * KM <= kLLMaxRanks * kLLMaxEntries: 32-bit arithmetic).
   const unsigned handleEntries = keep ? unsigned(R) * T * KM : 0u;
-  for (unsigned i = blockIdx.x * blockDim.x + tid; i < handleEntries; i += gridDim.x * blockDim.x) {
+  for (unsigned i = unsigned(block) * blockDim.x + tid; i < handleEntries; i += unsigned(G) * blockDim.x) {
     const unsigned slot = i / unsigned(KM);
     const int r = int(slot / unsigned(T)), j = int(slot % unsigned(T));
     if (j >= s.count[r]) {
@@ -754,8 +761,35 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   }
   // This block has read its messages (the barrier above followed its last loads of them).
   ll::acknowledgeSources(
-      c, peers, kHalfDispatchRecv, kSigDispatchAck, flags.last,
+      c, peers, kHalfDispatchRecv, kSigDispatchAck, flags.last, writer,
       [&](int r) { *ll::receivedMark(c, 0, seq + 2, r) = s.want[r]; }, [](int) { return false; });
+}
+
+// A sending block that takes no part in the receive of a fused launch: it ends both halves' calls
+// and adds its share of each source's acknowledgement (ll_layout.h, kLLAckPerCall) at once, having
+// read none of their messages; the sum reaches a call's total only when every receiving block has
+// added its own after its reads.
+template <class Net>
+__device__ void dispatchRecvNothing(const LLDispatchParams& p, const SendFlags& flags) {
+  const LLCommon& c = p.c;
+  const transport::Peers<Net> peers = transport::makePeers<Net>(c, {c.layout.signals, c.layout.nRanks});
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    ll::endBlockCall(c, kHalfDispatchRecv, ll::blockCalls(c, kHalfDispatchRecv));
+    ll::endBlockCall(c, kHalfDispatchSend, flags.sendSeq);
+  }
+  if (tid < c.nRanks) peers.signalRelaxed(tid, kSigDispatchAck, ll::ackShare());
+}
+
+// In a fused launch on one node with few tokens, the blocks that sent a token leave the receive to
+// the blocks that sent none (at least half the grid): a sender's receive starts only after its send,
+// and with no copies left for it, its receive's own steps (the counts, the handle's share, the end)
+// would still be the launch's last (bench/NOTES.md, session 20). Across the network the last block
+// to arrive ends the call, so every block receives there.
+template <class Net>
+__device__ __forceinline__ int receivesIn(const LLDispatchParams& p, bool fused) {
+  if constexpr (Net::kCrossesNodes) return 0;
+  return fused && p.numTokens > 0 && 2 * p.numTokens <= int(gridDim.x) ? p.numTokens : 0;
 }
 
 template <class Net>
@@ -767,7 +801,10 @@ __global__ void __launch_bounds__(kLLThreads, 1) llDispatchKernel(const __grid_c
     dispatchSend<Net>(p, smem, flags, !fused);
     __syncthreads();
   }
-  if (p.phases & kLLRecv) dispatchRecv<Net>(p, smem, flags, fused);
+  if (!(p.phases & kLLRecv)) return;
+  const int firstBlock = receivesIn<Net>(p, fused);
+  if (int(blockIdx.x) < firstBlock) dispatchRecvNothing<Net>(p, flags);
+  else dispatchRecv<Net>(p, smem, flags, fused, firstBlock);
 }
 
 template <class Net>

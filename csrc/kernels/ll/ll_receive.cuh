@@ -43,15 +43,16 @@ __device__ __forceinline__ uint64_t* receivedMark(const LLCommon& c, int op, uin
 // (storeMark(r) by thread r), then each source acknowledged on signal `ackKind`, so that it may
 // reuse this parity. In a group with no network peer each block adds its own share (relaxed: it
 // publishes nothing, unless release(r) says it must order an earlier add of this thread that r
-// reads through the acknowledgement) and block 0 stores the marks: no block waits for the others.
-// Across the network the last block to arrive (`last`, shared memory) does both.
+// reads through the acknowledgement) and one block (`storesMarks`) stores the marks: no block waits
+// for the others. Across the network the last block to arrive (`last`, shared memory) does both.
 template <class Net, class StoreMark, class Release>
 __device__ __forceinline__ void acknowledgeSources(const LLCommon& c, const transport::Peers<Net>& peers, int half,
-                                                   int ackKind, bool& last, StoreMark storeMark, Release release) {
+                                                   int ackKind, bool& last, bool storesMarks, StoreMark storeMark,
+                                                   Release release) {
   const int tid = threadIdx.x, R = c.nRanks;
   if constexpr (!Net::kCrossesNodes) {
     if (tid < R) {
-      if (blockIdx.x == 0) storeMark(tid);
+      if (storesMarks) storeMark(tid);
       if (release(tid)) peers.signal(tid, ackKind, ackShare());
       else peers.signalRelaxed(tid, ackKind, ackShare());
     }
