@@ -684,7 +684,7 @@ __device__ void dispatchRecv(const LLDispatchParams& p, char* smem, SendFlags& f
   int landed = -1;  // the source whose messages this warp last saw land
   // Items go first to the blocks that sent fewest tokens (from block numTokens % grid on): in a
   // fused launch a block's receive starts after its send. Where the senders receive nothing, no
-  // receiving block sent a token (the counts block, last, is last in line).
+  // receiving block sent a token; the counts block, which sent the counts, is last in line.
   const int order = firstBlock > 0 ? block : (block + G - p.numTokens % G) % G;
   for (int item = warp * G + order; item < total * parts; item += warps) {
     const int m = item / parts, part = item % parts;

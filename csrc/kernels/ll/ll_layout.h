@@ -54,8 +54,10 @@ enum LLSignalKind : int {
 
 // What a call adds to each source's acknowledgement signal (kSigDispatchAck, kSigCombineAck). In a
 // group with no network peer each block acknowledges its sources as it finishes (no block waits
-// for the others' arrival): block 0 adds kLLAckPerCall - (blocks - 1), every other block 1, so a
-// call adds kLLAckPerCall whatever the rank's grid. Across the network the last block to arrive
+// for the others' arrival; a dispatch block that takes no part in the receive, at once, having read
+// nothing: ll_dispatch.cu, receivesIn): block 0 adds kLLAckPerCall - (blocks - 1), every other
+// block 1, so a call adds kLLAckPerCall whatever the rank's grid, and only once every block that
+// reads has added its share. Across the network the last block to arrive
 // adds 1 (one network signal per call, not one per block). ll_receive.cuh: ackPerCall.
 constexpr uint64_t kLLAckPerCall = uint64_t(1) << 16;  // > kLLMaxBlocks
 static_assert(kLLAckPerCall > uint64_t(kLLMaxBlocks), "block 0's share stays positive");

@@ -18,7 +18,8 @@ constexpr int kLLThreads = 512;
 enum LLPhase : int { kLLSend = 1, kLLRecv = 2 };
 
 // Steps stamped per block when a trace buffer is given ([numBlocks][kLLTraceSteps] uint64 ns;
-// steps a block does not reach stay as they were). First token = the block's first token.
+// steps a block does not reach stay as they were: the receive's, in a dispatch block that sent a
+// token and left the receive to the others). First token = the block's first token.
 enum LLTraceStep : int {
   kTraceSendStart = 0,
   kTraceAcked,      // after waiting for the destinations to free this parity (after the ranking)

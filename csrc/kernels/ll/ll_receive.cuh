@@ -16,7 +16,8 @@ __device__ __forceinline__ constexpr uint64_t ackPerCall() {
   return Net::kCrossesNodes ? 1 : kLLAckPerCall;
 }
 
-// This block's share of a call's acknowledgement where every block acknowledges for itself.
+// This block's share of a call's acknowledgement where every block acknowledges for itself
+// (ll_layout.h, kLLAckPerCall).
 __device__ __forceinline__ uint64_t ackShare() {
   return blockIdx.x == 0 ? kLLAckPerCall - (gridDim.x - 1) : 1;
 }
