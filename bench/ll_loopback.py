@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ncclep import _native
-from ncclep.config import MODE_IDS, GroupConfig
-from ncclep.cuda_ll import CudaLL
+from ncclep.config import GroupConfig
+from ncclep.loopback import loopback_ranks
 from ncclep.workloads import make_routing
 
 EXPERTS, MAX_TOKENS, HIDDEN, TOPK = 256, 128, 7168, 8
@@ -56,19 +55,7 @@ class Loopback:
         self.dev = torch.device("cuda", torch.cuda.current_device())
         self.layout, self.tokens, self.use_fp8 = layout, tokens, use_fp8
         cfg = GroupConfig(EXPERTS, MAX_TOKENS, HIDDEN, "ll", layout.ranks, max_topk=TOPK, num_sms=layout.sms)
-        self.comms = _native.module().loopback(
-            layout.ranks,
-            self.dev.index,
-            MODE_IDS["ll"],
-            EXPERTS,
-            MAX_TOKENS,
-            HIDDEN,
-            TOPK,
-            layout.sms,
-            cfg.timeout_s,
-            virtual_nodes=layout.nodes,
-        )
-        self.ranks = [CudaLL(cfg, r, c, self.dev) for r, c in enumerate(self.comms)]
+        self.ranks = loopback_ranks(cfg, self.dev, layout.nodes)
         self.streams = [torch.cuda.Stream(self.dev) for _ in self.ranks]
         self.gate = torch.cuda.Stream(self.dev)
         g = torch.Generator().manual_seed(1000 * layout.ranks + tokens)
@@ -106,8 +93,8 @@ class Loopback:
         torch.cuda.synchronize()
 
     def close(self) -> None:
-        for c in self.comms:
-            c.close()
+        for rank in self.ranks:
+            rank.comm.close()
 
 
 def kernel_times(lb: Loopback, iters: int) -> tuple[float, float, float]:

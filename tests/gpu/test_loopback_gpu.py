@@ -20,10 +20,9 @@ import torch
 import ncclep
 from ncclep import _native, fp8, testing
 from ncclep.config import MODE_IDS, GroupConfig
-from ncclep.cuda_ht import CudaHT
-from ncclep.cuda_ll import CudaLL
 from ncclep.errors import CommError, InvalidArgument
 from ncclep.handles import HTDispatchOutput, LLDispatchOutput
+from ncclep.loopback import loopback_ranks
 from ncclep.workloads import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -86,15 +85,12 @@ def loopback_group(
     if sms is None:
         sms = torch.cuda.get_device_properties(dev).multi_processor_count // world
     cfg = GroupConfig(EXPERTS, T, HIDDEN, mode, world, max_topk=8, num_sms=sms, timeout_s=timeout_s)
-    comms = _native.module().loopback(
-        world, dev.index, MODE_IDS[mode], EXPERTS, T, HIDDEN, 8, sms, timeout_s, virtual_nodes=nodes
-    )
-    backend = CudaLL if mode == "ll" else CudaHT
-    assert comms[0].info()["node_size"] == world // nodes
+    ranks = loopback_ranks(cfg, dev, nodes)
+    assert ranks[0].comm.info()["node_size"] == world // nodes
     return LoopbackGroup(
         cfg,
-        [backend(cfg, r, c, dev) for r, c in enumerate(comms)],
-        [torch.cuda.Stream(dev) for _ in comms],
+        list(ranks),
+        [torch.cuda.Stream(dev) for _ in ranks],
         torch.cuda.Stream(dev),
         torch.randn(8192, 8192, device=dev).to(torch.bfloat16),
     )
